@@ -1,0 +1,125 @@
+// pair_dot on CPU: out[i, s] = a_i . b_{idx[i, s]} without the N x k x D
+// gather that `(a[:, None] * b[idx]).sum(-1)` materialises.
+//
+// Backward: grad_a by rows; grad_b by an inverse index (CSR over columns) so
+// every b row sums its contributions in a fixed order: bitwise identical for
+// any thread count, unlike a scatter-add with atomics.
+#include <vector>
+
+#include "common.h"
+
+namespace relkd {
+namespace {
+
+void check_pair_dot_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& idx) {
+  check_matrix(a, "a");
+  check_matrix(b, "b");
+  check_same(a, b, "a", "b");
+  TORCH_CHECK_VALUE(a.size(1) == b.size(1), "a and b must have the same dim, got ", a.size(1),
+                    " and ", b.size(1));
+  TORCH_CHECK_VALUE(idx.dim() == 2 && idx.size(0) == a.size(0), "idx must have shape (",
+                    a.size(0), ", k), got ", idx.sizes());
+  TORCH_CHECK_VALUE(idx.scalar_type() == at::kLong, "idx must be int64, got ", idx.scalar_type());
+  if (idx.numel() > 0) {
+    const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= -1 && hi < b.size(0), "idx values must lie in [-1, ", b.size(0),
+                      "), got [", lo, ", ", hi, "]");
+  }
+}
+
+template <typename T>
+inline T dot(const T* x, const T* y, int64_t d) {
+  T acc = 0;
+  for (int64_t e = 0; e < d; ++e) acc += x[e] * y[e];
+  return acc;
+}
+
+template <typename T>
+inline void axpy(T alpha, const T* x, T* y, int64_t d) {
+  for (int64_t e = 0; e < d; ++e) y[e] += alpha * x[e];
+}
+
+at::Tensor pair_dot_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& idx_in) {
+  check_pair_dot_args(a_in, b_in, idx_in);
+  const auto a = a_in.contiguous(), b = b_in.contiguous(), idx = idx_in.contiguous();
+  const int64_t n = a.size(0), k = idx.size(1), d = a.size(1);
+  auto out = at::empty({n, k}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "pair_dot", [&] {
+    const scalar_t* pa = a.data_ptr<scalar_t>();
+    const scalar_t* pb = b.data_ptr<scalar_t>();
+    const int64_t* pi = idx.data_ptr<int64_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        for (int64_t s = 0; s < k; ++s) {
+          const int64_t j = pi[i * k + s];
+          po[i * k + s] = j < 0 ? scalar_t(0) : dot(pa + i * d, pb + j * d, d);
+        }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> pair_dot_backward_cpu(const at::Tensor& grad_in,
+                                                         const at::Tensor& a_in,
+                                                         const at::Tensor& b_in,
+                                                         const at::Tensor& idx_in, bool need_a,
+                                                         bool need_b) {
+  check_pair_dot_args(a_in, b_in, idx_in);
+  TORCH_CHECK_VALUE(grad_in.sizes() == idx_in.sizes(), "grad must have the shape of idx, got ",
+                    grad_in.sizes(), " and ", idx_in.sizes());
+  check_same(grad_in, a_in, "grad", "a");
+  const auto grad = grad_in.contiguous(), a = a_in.contiguous(), b = b_in.contiguous();
+  const auto idx = idx_in.contiguous();
+  const int64_t n = a.size(0), m = b.size(0), k = idx.size(1), d = a.size(1);
+  // A gradient that is not needed is returned as an empty tensor.
+  at::Tensor grad_a = need_a ? at::zeros_like(a) : at::empty({0}, a.options());
+  at::Tensor grad_b = need_b ? at::zeros_like(b) : at::empty({0}, b.options());
+
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "pair_dot_backward", [&] {
+    const scalar_t* pg = grad.data_ptr<scalar_t>();
+    const scalar_t* pa = a.data_ptr<scalar_t>();
+    const scalar_t* pb = b.data_ptr<scalar_t>();
+    const int64_t* pi = idx.data_ptr<int64_t>();
+    if (need_a) {
+      scalar_t* ga = grad_a.data_ptr<scalar_t>();
+      at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i)
+          for (int64_t s = 0; s < k; ++s) {
+            const int64_t j = pi[i * k + s];
+            if (j >= 0) axpy(pg[i * k + s], pb + j * d, ga + i * d, d);
+          }
+      });
+    }
+    if (need_b) {
+      // Inverse index: for every column j, the flat entries e = i * k + s
+      // with idx[e] == j, in increasing e.
+      std::vector<int64_t> start(static_cast<size_t>(m + 1), 0);
+      for (int64_t e = 0; e < n * k; ++e)
+        if (pi[e] >= 0) ++start[pi[e] + 1];
+      for (int64_t j = 0; j < m; ++j) start[j + 1] += start[j];
+      std::vector<int64_t> entries(static_cast<size_t>(start[m]));
+      std::vector<int64_t> fill(start.begin(), start.end() - 1);
+      for (int64_t e = 0; e < n * k; ++e)
+        if (pi[e] >= 0) entries[fill[pi[e]]++] = e;
+      scalar_t* gb = grad_b.data_ptr<scalar_t>();
+      at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t j = begin; j < end; ++j)
+          for (int64_t p = start[j]; p < start[j + 1]; ++p) {
+            const int64_t e = entries[p];
+            axpy(pg[e], pa + (e / k) * d, gb + j * d, d);
+          }
+      });
+    }
+  });
+  return {grad_a, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(relkd, CPU, m) {
+  m.impl("pair_dot", &pair_dot_cpu);
+  m.impl("pair_dot_backward", &pair_dot_backward_cpu);
+}
+
+}  // namespace relkd

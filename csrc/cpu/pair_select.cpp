@@ -1,0 +1,217 @@
+// pair_select on CPU: exact order statistics and top-k over all negative
+// pairs (id_i < id_j, labels differ) of x x^T, without materialising them.
+//
+// pair_histogram is one pass of a radix select on the order keys of the
+// values (common.h): per prefix of already-resolved high bits, a histogram of
+// the next 16 bits. relkd/ops.py drives the passes (2 for float32, 4 for
+// float64) and, under DDP, all-reduces each pass's histograms between them.
+// pair_topk then collects the pairs above the selected threshold key.
+#include <algorithm>
+#include <vector>
+
+#include "pairs.h"
+
+namespace relkd {
+namespace {
+
+constexpr int64_t kDigits = 1 << 16;
+
+struct SelectInputs {
+  at::Tensor x_r, x_c, lab_r, lab_c, ids_r, ids_c;
+  PairIndex ix;
+};
+
+SelectInputs select_inputs(const at::Tensor& x_r, const c10::optional<at::Tensor>& x_c,
+                           const at::Tensor& labels_r, const c10::optional<at::Tensor>& labels_c,
+                           const c10::optional<at::Tensor>& ids_r,
+                           const c10::optional<at::Tensor>& ids_c) {
+  check_matrix(x_r, "x_r");
+  const bool sym = !x_c.has_value();
+  SelectInputs in;
+  in.x_r = x_r.contiguous();
+  if (!sym) {
+    check_matrix(*x_c, "x_c");
+    check_same(x_r, *x_c, "x_r", "x_c");
+    TORCH_CHECK_VALUE(x_c->size(1) == x_r.size(1), "x_c must have dim ", x_r.size(1), ", got ",
+                      x_c->size(1));
+    TORCH_CHECK_VALUE(labels_c.has_value(), "labels_c is required when x_c is given");
+  } else {
+    TORCH_CHECK_VALUE(!labels_c.has_value() && !ids_c.has_value(),
+                      "labels_c and ids_c must be None when x_c is None (symmetric case)");
+  }
+  in.x_c = sym ? in.x_r : x_c->contiguous();
+  check_index_vector(labels_r, x_r.size(0), "labels_r");
+  check_index_vector(ids_r, x_r.size(0), "ids_r");
+  check_index_vector(labels_c, in.x_c.size(0), "labels_c");
+  check_index_vector(ids_c, in.x_c.size(0), "ids_c");
+  in.lab_r = labels_r.contiguous();
+  in.lab_c = sym ? in.lab_r : labels_c->contiguous();
+  in.ids_r = contiguous_or_empty(ids_r);
+  in.ids_c = sym ? in.ids_r : contiguous_or_empty(ids_c);
+  in.ix = PairIndex{data_or_null(in.ids_r), data_or_null(in.ids_c), data_or_null(in.lab_r),
+                    data_or_null(in.lab_c), sym};
+  return in;
+}
+
+constexpr Mask kNegative = Mask::UpperDiffLabel;
+
+template <typename T>
+at::Tensor histogram_impl(const SelectInputs& in, const at::Tensor& prefixes, int64_t shift) {
+  using K = typename KeyOf<T>::type;
+  constexpr int64_t bits = sizeof(K) * 8;
+  TORCH_CHECK_VALUE(shift >= 0 && shift % 16 == 0 && shift + 16 <= bits, "shift must be one of 0",
+                    bits > 32 ? ", 16, 32, 48" : ", 16", " for this dtype, got ", shift);
+  const bool check_prefix = shift + 16 < bits;
+  const int64_t n_prefix = prefixes.numel();
+  const int64_t* pre = prefixes.data_ptr<int64_t>();
+
+  const auto tiles = pair_tiles<kNegative>(in.ix, in.x_r.size(0), in.x_c.size(0));
+  const int64_t lanes = lane_count(tiles.size());
+  std::vector<std::vector<int64_t>> hist(lanes, std::vector<int64_t>(n_prefix * kDigits, 0));
+
+  visit_pair_tiles<kNegative, T>(in.ix, tiles, lanes, in.x_r, in.x_c, 2,
+                                 [&](int64_t lane, size_t, const TileScratch& sc) {
+    const at::Tensor w_t = sc[0], s_t = sc[1];
+    const T* w = w_t.data_ptr<T>();
+    const T* s = s_t.data_ptr<T>();
+    int64_t* h = hist[lane].data();
+    for (int64_t e = 0; e < s_t.numel(); ++e) {
+      if (w[e] == T(0)) continue;
+      const K key = order_key(s[e]);
+      const int64_t digit = int64_t((key >> shift) & K(kDigits - 1));
+      if (!check_prefix) {
+        ++h[digit];
+        continue;
+      }
+      const int64_t high = int64_t(key >> (shift + 16));
+      for (int64_t p = 0; p < n_prefix; ++p)
+        if (pre[p] == high) ++h[p * kDigits + digit];
+    }
+  });
+
+  auto out = at::zeros({n_prefix, kDigits}, prefixes.options());
+  int64_t* o = out.data_ptr<int64_t>();
+  for (const auto& h : hist)
+    for (int64_t e = 0; e < n_prefix * kDigits; ++e) o[e] += h[e];
+  return out;
+}
+
+at::Tensor pair_histogram_cpu(const at::Tensor& x_r, const c10::optional<at::Tensor>& x_c,
+                              const at::Tensor& labels_r,
+                              const c10::optional<at::Tensor>& labels_c,
+                              const c10::optional<at::Tensor>& ids_r,
+                              const c10::optional<at::Tensor>& ids_c, const at::Tensor& prefixes,
+                              int64_t shift) {
+  const auto in = select_inputs(x_r, x_c, labels_r, labels_c, ids_r, ids_c);
+  TORCH_CHECK_VALUE(prefixes.dim() == 1 && prefixes.scalar_type() == at::kLong,
+                    "prefixes must be a 1-D int64 tensor, got ", prefixes.scalar_type(), " ",
+                    prefixes.sizes());
+  const auto pre = prefixes.contiguous();
+  return AT_DISPATCH_FLOATING_TYPES(x_r.scalar_type(), "pair_histogram",
+                                    [&] { return histogram_impl<scalar_t>(in, pre, shift); });
+}
+
+// ------------------------------------------------------------------ top-k
+template <typename T>
+struct PairEntry {
+  T value;
+  int64_t i, j;  // ids, i < j
+};
+
+// Best first: larger value, then smaller (i, j).
+template <typename T>
+bool entry_before(const PairEntry<T>& a, const PairEntry<T>& b) {
+  const bool a_worse = ranks_below(a.value, 0, b.value, 0);  // equal index: values decide
+  const bool b_worse = ranks_below(b.value, 0, a.value, 0);
+  if (a_worse != b_worse) return b_worse;
+  return a.i != b.i ? a.i < b.i : a.j < b.j;
+}
+
+// Keeps the `cap` best entries of a growing list, trimming when it doubles,
+// so memory stays O(cap) however many pairs tie with the threshold.
+template <typename T>
+void trim(std::vector<PairEntry<T>>& v, int64_t cap) {
+  if ((int64_t)v.size() <= cap) return;
+  std::nth_element(v.begin(), v.begin() + cap, v.end(), entry_before<T>);
+  v.resize(cap);
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_impl(const SelectInputs& in,
+                                                         int64_t threshold_key, int64_t n_equal,
+                                                         int64_t topk) {
+  using K = typename KeyOf<T>::type;
+  const K tau = static_cast<K>(threshold_key);
+  const auto tiles = pair_tiles<kNegative>(in.ix, in.x_r.size(0), in.x_c.size(0));
+  const int64_t lanes = lane_count(tiles.size());
+  const int64_t eq_cap = std::min(n_equal, topk);
+  std::vector<std::vector<PairEntry<T>>> above(lanes), equal(lanes);
+
+  visit_pair_tiles<kNegative, T>(in.ix, tiles, lanes, in.x_r, in.x_c, 2,
+                                 [&](int64_t lane, size_t ti, const TileScratch& sc) {
+    const Tile& t = tiles[ti];
+    const at::Tensor w_t = sc[0], s_t = sc[1];
+    const T* w = w_t.data_ptr<T>();
+    const T* s = s_t.data_ptr<T>();
+    for (int64_t r = 0; r < t.rows; ++r)
+      for (int64_t c = 0; c < t.cols; ++c) {
+        const int64_t e = r * t.cols + c;
+        if (w[e] == T(0)) continue;
+        const K key = order_key(s[e]);
+        if (key < tau) continue;
+        const int64_t a = in.ix.id_r(t.r0 + r), b = in.ix.id_c(t.c0 + c);
+        const PairEntry<T> entry{s[e], std::min(a, b), std::max(a, b)};
+        auto& list = key > tau ? above[lane] : equal[lane];
+        list.push_back(entry);
+        if ((int64_t)list.size() >= 2 * std::max<int64_t>(topk, 1))
+          trim(list, key > tau ? topk : eq_cap);
+      }
+  });
+
+  std::vector<PairEntry<T>> best, ties;
+  for (int64_t l = 0; l < lanes; ++l) {
+    best.insert(best.end(), above[l].begin(), above[l].end());
+    ties.insert(ties.end(), equal[l].begin(), equal[l].end());
+  }
+  trim(best, topk);
+  trim(ties, eq_cap);
+  std::sort(best.begin(), best.end(), entry_before<T>);
+  std::sort(ties.begin(), ties.end(), entry_before<T>);
+  best.insert(best.end(), ties.begin(), ties.end());
+
+  const auto opts = in.x_r.options();
+  at::Tensor values = at::full({topk}, -std::numeric_limits<T>::infinity(), opts);
+  at::Tensor rows = at::full({topk}, -1, opts.dtype(at::kLong));
+  at::Tensor cols = at::full({topk}, -1, opts.dtype(at::kLong));
+  T* pv = values.data_ptr<T>();
+  int64_t* pr = rows.data_ptr<int64_t>();
+  int64_t* pc = cols.data_ptr<int64_t>();
+  const int64_t kept = std::min<int64_t>(topk, best.size());
+  for (int64_t e = 0; e < kept; ++e) {
+    pv[e] = best[e].value;
+    pr[e] = best[e].i;
+    pc[e] = best[e].j;
+  }
+  return {values, rows, cols};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_topk_cpu(
+    const at::Tensor& x_r, const c10::optional<at::Tensor>& x_c, const at::Tensor& labels_r,
+    const c10::optional<at::Tensor>& labels_c, const c10::optional<at::Tensor>& ids_r,
+    const c10::optional<at::Tensor>& ids_c, int64_t threshold_key, int64_t n_equal, int64_t topk) {
+  const auto in = select_inputs(x_r, x_c, labels_r, labels_c, ids_r, ids_c);
+  TORCH_CHECK_VALUE(topk >= 0, "topk must be >= 0, got ", topk);
+  TORCH_CHECK_VALUE(n_equal >= 0, "n_equal must be >= 0, got ", n_equal);
+  return AT_DISPATCH_FLOATING_TYPES(x_r.scalar_type(), "pair_topk", [&] {
+    return topk_impl<scalar_t>(in, threshold_key, n_equal, topk);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(relkd, CPU, m) {
+  m.impl("pair_histogram", &pair_histogram_cpu);
+  m.impl("pair_topk", &pair_topk_cpu);
+}
+
+}  // namespace relkd

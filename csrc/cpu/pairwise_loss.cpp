@@ -1,0 +1,260 @@
+// pairwise_loss on CPU: sum of a pair loss over all (masked) pairs of rows and
+// columns, and its gradient, tile by tile; no N x N buffer.
+//
+// The output is a scalar, so the gradient of the sum with respect to every
+// input is accumulated in the same pass over the tiles that computes the sum:
+// each tile's relation GEMMs are used once, for the value and for the
+// derivative tile, and the derivative tile is applied with two small GEMMs.
+// The autograd backward (relkd/ops.py) only scales these by grad_output. A
+// backward that recomputed the tiles would repeat the relation GEMMs.
+#include <string>
+#include <vector>
+
+#include "pair_kinds.h"
+
+namespace relkd {
+namespace {
+
+// Gradient accumulators of one lane; lane 0 writes into the outputs.
+template <typename T>
+struct LaneGrads {
+  at::Tensor s_r, s_c, t_r, t_c;  // (rows or columns) x dim, or undefined
+  std::vector<T> dn_r, dn_c;      // d/d(squared norm) of rows and columns
+};
+
+struct PairInputs {
+  at::Tensor xs_r, xt_r, xs_c, xt_c;  // xs_c, xt_c alias the rows when symmetric
+  PairIndex ix;
+  int64_t n_r, n_c;
+};
+
+at::Tensor squared_norms(const at::Tensor& x) {
+  return x.defined() ? x.to(at::kDouble).pow(2).sum(1).to(x.scalar_type()) : at::Tensor();
+}
+
+template <typename T, typename Kind>
+std::vector<at::Tensor> run_pairwise(const Kind& kind, const PairInputs& in, int64_t n_params,
+                                     bool grad_s, bool grad_t) {
+  const bool sym = in.ix.symmetric;
+  const auto tiles = pair_tiles<Kind::mask>(in.ix, in.n_r, in.n_c);
+  const int64_t lanes = lane_count(tiles.size());
+  const auto opts = in.xs_r.options();
+
+  at::Tensor ns_r, ns_c, nt_r, nt_c;
+  if (Kind::uses_norms) {
+    ns_r = squared_norms(in.xs_r);
+    ns_c = sym ? ns_r : squared_norms(in.xs_c);
+    nt_r = squared_norms(in.xt_r);
+    nt_c = sym ? nt_r : squared_norms(in.xt_c);
+  }
+
+  std::vector<LaneGrads<T>> acc(lanes);
+  for (auto& a : acc) {
+    if (grad_s) {
+      a.s_r = at::zeros_like(in.xs_r);
+      a.s_c = sym ? a.s_r : at::zeros_like(in.xs_c);
+      if (Kind::uses_norms) {
+        a.dn_r.assign(in.n_r, T(0));
+        if (!sym) a.dn_c.assign(in.n_c, T(0));
+      }
+    }
+    if (grad_t) {
+      a.t_r = at::zeros_like(in.xt_r);
+      a.t_c = sym ? a.t_r : at::zeros_like(in.xt_c);
+    }
+  }
+  std::vector<double> tile_loss(tiles.size(), 0.0), tile_dmu(tiles.size(), 0.0);
+
+  visit_pair_tiles<Kind::mask, T>(in.ix, tiles, lanes, in.xs_r, in.xs_c, 5,
+                                   [&](int64_t lane, size_t ti, const TileScratch& sc) {
+    const Tile& t = tiles[ti];
+    LaneGrads<T>& g = acc[lane];
+    const at::Tensor w = sc[0], s = sc[1], tt = sc[2], gs = sc[3], gt = sc[4];
+    const auto xs_r = in.xs_r.narrow(0, t.r0, t.rows), xs_c = in.xs_c.narrow(0, t.c0, t.cols);
+    at::Tensor xt_r, xt_c;
+    if (Kind::has_teacher) {
+      xt_r = in.xt_r.narrow(0, t.r0, t.rows);
+      xt_c = in.xt_c.narrow(0, t.c0, t.cols);
+      at::Tensor tt_out = tt;
+      tile_dot(tt_out, xt_r, xt_c);
+    }
+    std::vector<T> dn_c(Kind::uses_norms ? t.cols : 0, T(0));
+    double loss = 0, dmu = 0;
+    for (int64_t r = 0; r < t.rows; ++r) {
+      const int64_t off = r * t.cols, p = t.r0 + r;
+      TileRow<T> row{t.cols, w.data_ptr<T>() + off, s.data_ptr<T>() + off,
+                     Kind::has_teacher ? tt.data_ptr<T>() + off : nullptr,
+                     Kind::uses_norms ? ns_r.data_ptr<T>()[p] : T(0),
+                     Kind::uses_norms && Kind::has_teacher ? nt_r.data_ptr<T>()[p] : T(0),
+                     Kind::uses_norms ? ns_c.data_ptr<T>() + t.c0 : nullptr,
+                     Kind::uses_norms && Kind::has_teacher ? nt_c.data_ptr<T>() + t.c0 : nullptr,
+                     grad_s ? gs.data_ptr<T>() + off : nullptr,
+                     grad_t ? gt.data_ptr<T>() + off : nullptr, dn_c.data()};
+      RowSums sums;
+      kind.row(row, sums);
+      loss += sums.loss;
+      dmu += sums.dmu;
+      if (grad_s && Kind::uses_norms) g.dn_r[p] += T(sums.dn_r);
+    }
+    tile_loss[ti] = loss;
+    tile_dmu[ti] = dmu;
+    if (grad_s && Kind::uses_norms) {
+      std::vector<T>& dn_c_acc = sym ? g.dn_r : g.dn_c;
+      for (int64_t c = 0; c < t.cols; ++c) dn_c_acc[t.c0 + c] += dn_c[c];
+    }
+    if (grad_s) {
+      g.s_r.narrow(0, t.r0, t.rows).addmm_(gs, xs_c);
+      g.s_c.narrow(0, t.c0, t.cols).addmm_(gs.t(), xs_r);
+    }
+    if (grad_t) {
+      g.t_r.narrow(0, t.r0, t.rows).addmm_(gt, xt_c);
+      g.t_c.narrow(0, t.c0, t.cols).addmm_(gt.t(), xt_r);
+    }
+  });
+
+  // Reduce in a fixed order: tiles for the scalars, lanes for the gradients.
+  double loss = 0, dmu = 0;
+  for (size_t ti = 0; ti < tiles.size(); ++ti) {
+    loss += tile_loss[ti];
+    dmu += tile_dmu[ti];
+  }
+  LaneGrads<T>& out = acc[0];
+  for (int64_t l = 1; l < lanes; ++l) {
+    if (grad_s) {
+      out.s_r.add_(acc[l].s_r);
+      if (!sym) out.s_c.add_(acc[l].s_c);
+      for (int64_t p = 0; p < (int64_t)out.dn_r.size(); ++p) out.dn_r[p] += acc[l].dn_r[p];
+      for (int64_t q = 0; q < (int64_t)out.dn_c.size(); ++q) out.dn_c[q] += acc[l].dn_c[q];
+    }
+    if (grad_t) {
+      out.t_r.add_(acc[l].t_r);
+      if (!sym) out.t_c.add_(acc[l].t_c);
+    }
+  }
+  // The squared norm n_i = |x_i|^2 has gradient 2 x_i.
+  if (grad_s && Kind::uses_norms) {
+    auto dn = [&](const std::vector<T>& v) {
+      return at::from_blob(const_cast<T*>(v.data()), {(int64_t)v.size(), 1}, opts).clone();
+    };
+    out.s_r.add_(2 * dn(out.dn_r) * in.xs_r);
+    if (!sym) out.s_c.add_(2 * dn(out.dn_c) * in.xs_c);
+  }
+
+  const auto empty = at::empty({0}, opts);
+  auto loss_t = at::scalar_tensor(loss, opts);
+  at::Tensor grad_params = empty;
+  if (grad_s) {
+    grad_params = at::zeros({n_params}, opts);
+    if (grad_params.numel() > 0) grad_params[0].fill_(dmu);
+  }
+  return {loss_t,
+          grad_s ? out.s_r : empty,
+          grad_s && !sym ? out.s_c : empty,
+          grad_t ? out.t_r : empty,
+          grad_t && !sym ? out.t_c : empty,
+          grad_params};
+}
+
+
+// ------------------------------------------------------------ entry point
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+void check_rows(const c10::optional<at::Tensor>& t, const at::Tensor& like, int64_t rows,
+                const char* name) {
+  TORCH_CHECK_VALUE(t.has_value(), name, " is required by this kind");
+  check_matrix(*t, name);
+  check_same(*t, like, name, "xs_r");
+  TORCH_CHECK_VALUE(t->size(0) == rows, name, " must have ", rows, " rows, got ", t->size(0));
+}
+
+// Calls body(kind) with the kind named by `name`, built from params.
+template <typename T, typename F>
+void with_kind(c10::string_view name, const at::Tensor& params, F&& body) {
+  const T* p = params.data_ptr<T>();
+  const int64_t n = params.numel();
+  if (name == "cckd") {
+    TORCH_CHECK_VALUE(n >= 1, "cckd needs params = polynomial coefficients, got none");
+    body(CckdKind<T>{p, n});
+  } else if (name == "ekd_pos") {
+    TORCH_CHECK_VALUE(n >= 3 && n % 2 == 1,
+                      "ekd_pos needs params = [temperature, s_anchor..., t_anchor...], got ", n);
+    body(EkdPosKind<T>{p[0], p + 1, p + 1 + (n - 1) / 2, (n - 1) / 2});
+  } else if (name == "rkd_dist_sum") {
+    body(RkdDistSumKind<T>{});
+  } else if (name == "rkd_distance") {
+    TORCH_CHECK_VALUE(n == 2, "rkd_distance needs params = [mu_s, mu_t], got ", n);
+    body(RkdDistanceKind<T>{p[0], p[1]});
+  } else {
+    TORCH_CHECK_VALUE(false, "unknown pairwise_loss kind '", std::string(name),
+                      "' (expected cckd, ekd_pos, rkd_dist_sum, rkd_distance)");
+  }
+}
+
+Outputs pairwise_loss_cpu(c10::string_view kind_name, const at::Tensor& xs_r,
+                          const c10::optional<at::Tensor>& xt_r,
+                          const c10::optional<at::Tensor>& xs_c,
+                          const c10::optional<at::Tensor>& xt_c,
+                          const c10::optional<at::Tensor>& labels_r,
+                          const c10::optional<at::Tensor>& labels_c,
+                          const c10::optional<at::Tensor>& ids_r,
+                          const c10::optional<at::Tensor>& ids_c, const at::Tensor& params,
+                          bool grad_student, bool grad_teacher) {
+  check_matrix(xs_r, "xs_r");
+  TORCH_CHECK_VALUE(params.dim() == 1, "params must be 1-D, got ", params.dim(), "-D");
+  check_same(params, xs_r, "params", "xs_r");
+  const bool sym = !xs_c.has_value();
+  const int64_t n_r = xs_r.size(0), n_c = sym ? n_r : xs_c->size(0);
+  if (!sym) {
+    check_rows(xs_c, xs_r, n_c, "xs_c");
+    TORCH_CHECK_VALUE(xs_c->size(1) == xs_r.size(1), "xs_c must have dim ", xs_r.size(1),
+                      ", got ", xs_c->size(1));
+  }
+  TORCH_CHECK_VALUE(!sym || (!xt_c.has_value() && !labels_c.has_value() && !ids_c.has_value()),
+                    "xt_c, labels_c and ids_c must be None when xs_c is None (symmetric case)");
+  check_index_vector(labels_r, n_r, "labels_r");
+  check_index_vector(ids_r, n_r, "ids_r");
+  check_index_vector(labels_c, n_c, "labels_c");
+  check_index_vector(ids_c, n_c, "ids_c");
+
+  PairInputs in;
+  in.xs_r = xs_r.contiguous();
+  in.xs_c = sym ? in.xs_r : xs_c->contiguous();
+  in.n_r = n_r;
+  in.n_c = n_c;
+  const auto lab_r = contiguous_or_empty(labels_r), ids_r_c = contiguous_or_empty(ids_r);
+  const auto lab_c = sym ? lab_r : contiguous_or_empty(labels_c);
+  const auto ids_c_c = sym ? ids_r_c : contiguous_or_empty(ids_c);
+  in.ix = PairIndex{data_or_null(ids_r_c), data_or_null(ids_c_c), data_or_null(lab_r),
+                    data_or_null(lab_c), sym};
+  const auto prm = params.contiguous();
+
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(xs_r.scalar_type(), "pairwise_loss", [&] {
+    with_kind<scalar_t>(kind_name, prm, [&](const auto& kind) {
+      using Kind = std::decay_t<decltype(kind)>;
+      if (Kind::has_teacher) {
+        check_rows(xt_r, xs_r, n_r, "xt_r");
+        in.xt_r = xt_r->contiguous();
+        if (!sym) {
+          check_rows(xt_c, xs_r, n_c, "xt_c");
+          TORCH_CHECK_VALUE(xt_c->size(1) == xt_r->size(1), "xt_c must have dim ",
+                            xt_r->size(1), ", got ", xt_c->size(1));
+        }
+        in.xt_c = sym ? in.xt_r : xt_c->contiguous();
+      }
+      const bool labelled = Kind::mask == Mask::UpperSameLabel || Kind::mask == Mask::UpperDiffLabel;
+      TORCH_CHECK_VALUE(!labelled || (labels_r.has_value() && (sym || labels_c.has_value())),
+                        "this kind needs labels_r (and labels_c when xs_c is given)");
+      TORCH_CHECK_VALUE(!grad_teacher || Kind::teacher_grad, "kind '", std::string(kind_name),
+                        "' passes no gradient to the teacher (grad_teacher must be false)");
+      out = run_pairwise<scalar_t>(kind, in, prm.numel(), grad_student, grad_teacher);
+    });
+  });
+  return {out[0], out[1], out[2], out[3], out[4], out[5]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(relkd, CPU, m) { m.impl("pairwise_loss", &pairwise_loss_cpu); }
+
+}  // namespace relkd

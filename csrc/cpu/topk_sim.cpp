@@ -1,0 +1,219 @@
+// topk_sim on CPU: exact k-nearest-neighbour search by inner product.
+//
+// Work is split into (row block, column range) items. Each item keeps a
+// bounded heap per row, walks its column range one GEMM tile at a time and
+// offers the tile to the heaps; the heaps of the column ranges of a row are
+// merged at the end. Peak extra memory: the heaps (O(N*k) per column range)
+// plus one tile per thread, never N x M.
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+
+namespace relkd {
+namespace {
+
+constexpr int64_t kRowBlock = 256;      // query rows per work item
+constexpr int64_t kColTile = 1024;      // columns per GEMM tile
+constexpr int64_t kMinWorkItems = 8;    // split columns when there are fewer row blocks
+constexpr int64_t kChunk = 16;          // values tested against the threshold at once
+
+// The k best (value, index) pairs seen by one row, as a min-heap on the
+// mining order: the root is the worst kept pair, the one a newcomer must beat.
+template <typename T>
+struct RowHeap {
+  T* val;
+  int64_t* idx;
+  int64_t size;
+  int64_t k;
+
+  bool full() const { return size == k; }
+
+  // Every non-NaN value above this beats the root (NaN never does).
+  T threshold() const {
+    if (!full()) return -std::numeric_limits<T>::infinity();
+    return std::isnan(val[0]) ? -std::numeric_limits<T>::infinity() : val[0];
+  }
+
+  void offer(T v, int64_t j) {
+    if (size < k) {
+      int64_t pos = size++;
+      while (pos > 0) {  // sift the newcomer up past better parents
+        int64_t parent = (pos - 1) / 2;
+        if (!ranks_below(v, j, val[parent], idx[parent])) break;
+        val[pos] = val[parent];
+        idx[pos] = idx[parent];
+        pos = parent;
+      }
+      val[pos] = v;
+      idx[pos] = j;
+      return;
+    }
+    if (!ranks_below(val[0], idx[0], v, j)) return;
+    int64_t pos = 0;
+    while (true) {  // sift the newcomer down from the root
+      int64_t child = 2 * pos + 1;
+      if (child >= size) break;
+      if (child + 1 < size && ranks_below(val[child + 1], idx[child + 1], val[child], idx[child]))
+        ++child;
+      if (!ranks_below(val[child], idx[child], v, j)) break;
+      val[pos] = val[child];
+      idx[pos] = idx[child];
+      pos = child;
+    }
+    val[pos] = v;
+    idx[pos] = j;
+  }
+};
+
+struct Validity {
+  const int64_t* q_labels;  // nullptr: no label exclusion
+  const int64_t* c_labels;
+  bool exclude_self;
+  int64_t self_offset;
+
+  bool operator()(int64_t i, int64_t j) const {
+    if (exclude_self && j == i + self_offset) return false;
+    if (q_labels && c_labels && q_labels[i] == c_labels[j]) return false;
+    return true;
+  }
+};
+
+// Offers one tile row (columns c0 .. c0 + n) to a row's heap. Most values
+// fall below the heap's threshold once it is full; they are rejected a chunk
+// at a time with a branch-free comparison.
+template <typename T>
+void scan_row(RowHeap<T>& heap, T* row, const T* scale, int64_t n, int64_t i, int64_t c0,
+              const Validity& valid) {
+  if (scale) {
+    for (int64_t t = 0; t < n; ++t) row[t] *= scale[c0 + t];
+  }
+  int64_t t = 0;
+  for (; t < n && !heap.full(); ++t) {
+    if (valid(i, c0 + t)) heap.offer(row[t], c0 + t);
+  }
+  for (; t + kChunk <= n; t += kChunk) {
+    const T thr = heap.threshold();
+    bool any = false;
+    for (int64_t u = 0; u < kChunk; ++u) any |= row[t + u] > thr;
+    if (!any) continue;
+    for (int64_t u = 0; u < kChunk; ++u) {
+      if (row[t + u] > thr && valid(i, c0 + t + u)) heap.offer(row[t + u], c0 + t + u);
+    }
+  }
+  for (; t < n; ++t) {
+    if (valid(i, c0 + t)) heap.offer(row[t], c0 + t);
+  }
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> topk_sim_impl(const at::Tensor& q, const at::Tensor& c, int64_t k,
+                                                 const at::Tensor& q_labels,
+                                                 const at::Tensor& c_labels,
+                                                 const at::Tensor& c_scale, bool exclude_self,
+                                                 int64_t self_offset) {
+  const int64_t n = q.size(0), m = c.size(0);
+  auto values = at::empty({n, k}, q.options());
+  auto indices = at::empty({n, k}, q.options().dtype(at::kLong));
+  if (n == 0) return {values, indices};
+
+  const int64_t row_blocks = ceil_div(n, kRowBlock);
+  const int64_t col_tiles = std::max<int64_t>(1, ceil_div(m, kColTile));
+  // The split depends on the shapes only, never on the thread count, so the
+  // same call gives the same tiles (and bitwise the same values) everywhere.
+  const int64_t splits = std::min(col_tiles, std::max<int64_t>(1, ceil_div(kMinWorkItems, row_blocks)));
+  const int64_t tiles_per_split = ceil_div(col_tiles, splits);
+
+  // heap storage: [split][row][k]
+  std::vector<T> heap_val(static_cast<size_t>(splits * n * k));
+  std::vector<int64_t> heap_idx(static_cast<size_t>(splits * n * k));
+  std::vector<int64_t> heap_size(static_cast<size_t>(splits * n), 0);
+
+  const Validity valid{data_or_null(q_labels), data_or_null(c_labels), exclude_self, self_offset};
+  const T* scale = c_scale.defined() ? c_scale.data_ptr<T>() : nullptr;
+
+  at::parallel_for(0, row_blocks * splits, 1, [&](int64_t begin, int64_t end) {
+    auto tile = at::empty({kRowBlock, kColTile}, q.options());
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t rb = item / splits, split = item % splits;
+      const int64_t r0 = rb * kRowBlock, rows = std::min(kRowBlock, n - r0);
+      const int64_t tile_begin = split * tiles_per_split;
+      const int64_t tile_end = std::min(col_tiles, tile_begin + tiles_per_split);
+      std::vector<RowHeap<T>> heaps(rows);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t slot = split * n + r0 + r;
+        heaps[r] = RowHeap<T>{heap_val.data() + slot * k, heap_idx.data() + slot * k, 0, k};
+      }
+      const auto q_blk = q.narrow(0, r0, rows);
+      for (int64_t ct = tile_begin; ct < tile_end; ++ct) {
+        const int64_t c0 = ct * kColTile, cols = std::min(kColTile, m - c0);
+        if (cols <= 0) break;
+        auto out = tile.narrow(0, 0, rows).narrow(1, 0, cols);
+        tile_dot(out, q_blk, c.narrow(0, c0, cols));
+        T* base = out.data_ptr<T>();
+        const int64_t ld = out.stride(0);
+        for (int64_t r = 0; r < rows; ++r)
+          scan_row(heaps[r], base + r * ld, scale, cols, r0 + r, c0, valid);
+      }
+      for (int64_t r = 0; r < rows; ++r) heap_size[split * n + r0 + r] = heaps[r].size;
+    }
+  });
+
+  // Merge the column ranges of every row: best first, then padding.
+  T* out_val = values.data_ptr<T>();
+  int64_t* out_idx = indices.data_ptr<int64_t>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<T, int64_t>> cand;
+    for (int64_t i = begin; i < end; ++i) {
+      cand.clear();
+      for (int64_t s = 0; s < splits; ++s) {
+        const int64_t slot = s * n + i;
+        for (int64_t e = 0; e < heap_size[slot]; ++e)
+          cand.emplace_back(heap_val[slot * k + e], heap_idx[slot * k + e]);
+      }
+      std::sort(cand.begin(), cand.end(), [](const auto& a, const auto& b) {
+        return ranks_below(b.first, b.second, a.first, a.second);
+      });
+      const int64_t kept = std::min<int64_t>(k, cand.size());
+      for (int64_t e = 0; e < k; ++e) {
+        out_val[i * k + e] = e < kept ? cand[e].first : -std::numeric_limits<T>::infinity();
+        out_idx[i * k + e] = e < kept ? cand[e].second : -1;
+      }
+    }
+  });
+  return {values, indices};
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_sim_cpu(const at::Tensor& q, const at::Tensor& c, int64_t k,
+                                                const c10::optional<at::Tensor>& q_labels,
+                                                const c10::optional<at::Tensor>& c_labels,
+                                                const c10::optional<at::Tensor>& c_scale,
+                                                bool exclude_self, int64_t self_offset) {
+  check_matrix(q, "q");
+  check_matrix(c, "c");
+  check_same(q, c, "q", "c");
+  TORCH_CHECK_VALUE(q.size(1) == c.size(1), "q and c must have the same dim, got ", q.size(1),
+                    " and ", c.size(1));
+  TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
+  TORCH_CHECK_VALUE(q_labels.has_value() == c_labels.has_value(),
+                    "q_labels and c_labels must be given together");
+  check_index_vector(q_labels, q.size(0), "q_labels");
+  check_index_vector(c_labels, c.size(0), "c_labels");
+  if (c_scale.has_value()) {
+    TORCH_CHECK_VALUE(c_scale->dim() == 1 && c_scale->size(0) == c.size(0),
+                      "c_scale must have shape (", c.size(0), ",), got ", c_scale->sizes());
+    check_same(*c_scale, c, "c_scale", "c");
+  }
+  const auto qc = q.contiguous(), cc = c.contiguous();
+  const auto ql = contiguous_or_empty(q_labels), cl = contiguous_or_empty(c_labels);
+  const auto sc = contiguous_or_empty(c_scale);
+  return AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "topk_sim", [&] {
+    return topk_sim_impl<scalar_t>(qc, cc, k, ql, cl, sc, exclude_self, self_offset);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(relkd, CPU, m) { m.impl("topk_sim", &topk_sim_cpu); }
+
+}  // namespace relkd
