@@ -14,6 +14,23 @@
 
 namespace relkd {
 
+// Kernels run below autograd: the ATen calls they make on their (possibly
+// requires_grad) inputs must not record graph nodes. Every entry point opens
+// one of these.
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
+// at::parallel_for whose body also runs below autograd on the worker
+// threads: dispatch and grad-mode state are thread-local and do not follow
+// the work into OpenMP threads.
+template <typename F>
+void parallel_below_autograd(int64_t begin, int64_t end, int64_t grain, const F& body) {
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    BelowAutograd below_autograd;
+    at::NoGradGuard no_grad;
+    body(b, e);
+  });
+}
+
 // ---------------------------------------------------------------- checks
 // The Python layer validates user input with messages that name the
 // argument; these guard the ops when called directly (opcheck, users of

@@ -40,6 +40,7 @@ inline void axpy(T alpha, const T* x, T* y, int64_t d) {
 }
 
 at::Tensor pair_dot_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& idx_in) {
+  BelowAutograd below_autograd;
   check_pair_dot_args(a_in, b_in, idx_in);
   const auto a = a_in.contiguous(), b = b_in.contiguous(), idx = idx_in.contiguous();
   const int64_t n = a.size(0), k = idx.size(1), d = a.size(1);
@@ -65,6 +66,7 @@ std::tuple<at::Tensor, at::Tensor> pair_dot_backward_cpu(const at::Tensor& grad_
                                                          const at::Tensor& b_in,
                                                          const at::Tensor& idx_in, bool need_a,
                                                          bool need_b) {
+  BelowAutograd below_autograd;
   check_pair_dot_args(a_in, b_in, idx_in);
   TORCH_CHECK_VALUE(grad_in.sizes() == idx_in.sizes(), "grad must have the shape of idx, got ",
                     grad_in.sizes(), " and ", idx_in.sizes());

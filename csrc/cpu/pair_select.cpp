@@ -102,6 +102,7 @@ at::Tensor pair_histogram_cpu(const at::Tensor& x_r, const c10::optional<at::Ten
                               const c10::optional<at::Tensor>& ids_r,
                               const c10::optional<at::Tensor>& ids_c, const at::Tensor& prefixes,
                               int64_t shift) {
+  BelowAutograd below_autograd;
   const auto in = select_inputs(x_r, x_c, labels_r, labels_c, ids_r, ids_c);
   TORCH_CHECK_VALUE(prefixes.dim() == 1 && prefixes.scalar_type() == at::kLong,
                     "prefixes must be a 1-D int64 tensor, got ", prefixes.scalar_type(), " ",
@@ -199,6 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_topk_cpu(
     const at::Tensor& x_r, const c10::optional<at::Tensor>& x_c, const at::Tensor& labels_r,
     const c10::optional<at::Tensor>& labels_c, const c10::optional<at::Tensor>& ids_r,
     const c10::optional<at::Tensor>& ids_c, int64_t threshold_key, int64_t n_equal, int64_t topk) {
+  BelowAutograd below_autograd;
   const auto in = select_inputs(x_r, x_c, labels_r, labels_c, ids_r, ids_c);
   TORCH_CHECK_VALUE(topk >= 0, "topk must be >= 0, got ", topk);
   TORCH_CHECK_VALUE(n_equal >= 0, "n_equal must be >= 0, got ", n_equal);

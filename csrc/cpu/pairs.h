@@ -142,7 +142,7 @@ inline int64_t lane_count(size_t n_tiles) {
 
 template <typename F>
 void for_each_lane(int64_t lanes, F&& body) {
-  at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
+  parallel_below_autograd(0, lanes, 1, [&](int64_t begin, int64_t end) {
     for (int64_t lane = begin; lane < end; ++lane) body(lane);
   });
 }

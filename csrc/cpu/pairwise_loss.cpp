@@ -199,6 +199,7 @@ Outputs pairwise_loss_cpu(c10::string_view kind_name, const at::Tensor& xs_r,
                           const c10::optional<at::Tensor>& ids_r,
                           const c10::optional<at::Tensor>& ids_c, const at::Tensor& params,
                           bool grad_student, bool grad_teacher) {
+  BelowAutograd below_autograd;
   check_matrix(xs_r, "xs_r");
   TORCH_CHECK_VALUE(params.dim() == 1, "params must be 1-D, got ", params.dim(), "-D");
   check_same(params, xs_r, "params", "xs_r");

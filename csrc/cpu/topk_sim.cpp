@@ -132,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_impl(const at::Tensor& q, const at::
   const Validity valid{data_or_null(q_labels), data_or_null(c_labels), exclude_self, self_offset};
   const T* scale = c_scale.defined() ? c_scale.data_ptr<T>() : nullptr;
 
-  at::parallel_for(0, row_blocks * splits, 1, [&](int64_t begin, int64_t end) {
+  parallel_below_autograd(0, row_blocks * splits, 1, [&](int64_t begin, int64_t end) {
     auto tile = at::empty({kRowBlock, kColTile}, q.options());
     for (int64_t item = begin; item < end; ++item) {
       const int64_t rb = item / splits, split = item % splits;
@@ -189,6 +189,7 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_cpu(const at::Tensor& q, const at::T
                                                 const c10::optional<at::Tensor>& c_labels,
                                                 const c10::optional<at::Tensor>& c_scale,
                                                 bool exclude_self, int64_t self_offset) {
+  BelowAutograd below_autograd;
   check_matrix(q, "q");
   check_matrix(c, "c");
   check_same(q, c, "q", "c");

@@ -1,0 +1,134 @@
+"""Argument checks of the public API (SPEC §9): bad input raises a ValueError
+that names the argument and what was expected, before any kernel runs."""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("auto", "fused", "reference")
+
+
+def tensor(x, name: str, expected: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor of shape {expected}, "
+                         f"got {type(x).__name__}")
+    return x
+
+
+def embeddings(x, name: str, *, n: Optional[int] = None, dim: Optional[int] = None,
+               flatten: bool = False) -> Tensor:
+    """A floating (N, D) tensor; with flatten=True any (N, ...) is accepted."""
+    expected = "(N, D)" if n is None else f"({n}, D)" if dim is None else f"({n}, {dim})"
+    x = tensor(x, name, expected)
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor of shape {expected}, "
+                         f"got dtype {x.dtype}")
+    if x.dim() != 2 and not (flatten and x.dim() >= 2):
+        raise ValueError(f"{name}: expected shape {expected}, got {tuple(x.shape)}")
+    if n is not None and x.shape[0] != n:
+        raise ValueError(f"{name}: expected {n} rows to match fs, i.e. shape {expected}, "
+                         f"got {tuple(x.shape)}")
+    if dim is not None and x.dim() == 2 and x.shape[1] != dim:
+        raise ValueError(f"{name}: expected dim D={dim} to match fs, i.e. shape {expected}, "
+                         f"got {tuple(x.shape)}")
+    return x
+
+
+def labels(y, name: str, n: int) -> Tensor:
+    y = tensor(y, name, f"({n},)")
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+        raise ValueError(f"{name}: expected integer labels (int64 or int32) of shape ({n},), "
+                         f"got dtype {y.dtype}")
+    if y.dim() != 1 or y.shape[0] != n:
+        raise ValueError(f"{name}: expected shape ({n},), got {tuple(y.shape)}")
+    return y
+
+
+def index_matrix(idx, name: str, n: int, m: int) -> Tensor:
+    idx = tensor(idx, name, f"({n}, k)")
+    if idx.dtype != torch.int64:
+        raise ValueError(f"{name}: expected int64 of shape ({n}, k), got dtype {idx.dtype}")
+    if idx.dim() != 2 or idx.shape[0] != n or idx.shape[1] < 1:
+        raise ValueError(f"{name}: expected shape ({n}, k) with k >= 1, got {tuple(idx.shape)}")
+    if idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= m):
+        raise ValueError(f"{name}: values must lie in [-1, {m}) (-1 = padding), got "
+                         f"[{int(idx.min())}, {int(idx.max())}]")
+    return idx
+
+
+def positive_int(k, name: str) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {k!r}")
+    return k
+
+
+def non_negative_int(k, name: str) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"{name}: expected an int >= 0, got {k!r}")
+    return k
+
+
+def number(v, name: str, *, positive: bool = False, non_negative: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+        raise ValueError(f"{name}: expected a number, got {v!r}")
+    if positive and not v > 0:
+        raise ValueError(f"{name}: expected a number > 0, got {v!r}")
+    if non_negative and not v >= 0:
+        raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
+    return float(v)
+
+
+def choice(value, name: str, options: Sequence[str]) -> str:
+    if value not in options:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, options))}, "
+                         f"got {value!r}")
+    return value
+
+
+def backend(value) -> str:
+    return choice(value, "backend", BACKENDS)
+
+
+def fpr_levels(levels) -> tuple:
+    try:
+        levels = tuple(float(f) for f in levels)
+    except TypeError:
+        raise ValueError(f"fpr_levels: expected a sequence of numbers in (0, 1], "
+                         f"got {levels!r}") from None
+    if not levels or any(not 0 < f <= 1 for f in levels):
+        raise ValueError(f"fpr_levels: expected a non-empty sequence of numbers in (0, 1], "
+                         f"got {levels!r}")
+    return levels
+
+
+def same_device(**named: Optional[Tensor]) -> None:
+    present = {k: v for k, v in named.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"all tensors must be on one device, got {where}")
+
+
+def finite(**named: Optional[Tensor]) -> None:
+    """With RELKD_CHECK_FINITE=1, NaN/Inf inputs raise instead of propagating."""
+    if os.environ.get("RELKD_CHECK_FINITE", "0") != "1":
+        return
+    for name, t in named.items():
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: contains NaN or Inf (RELKD_CHECK_FINITE=1)")
+
+
+def weight_list(weights: Iterable) -> list:
+    out = []
+    for i, w in enumerate(weights):
+        w = tensor(w, f"weights[{i}]", "(F, ...)")
+        if w.dim() < 2 or not w.is_floating_point():
+            raise ValueError(f"weights[{i}]: expected a floating weight of shape (F, ...) "
+                             f"with at least 2 dims, got {w.dtype} {tuple(w.shape)}")
+        out.append(w)
+    if not out:
+        raise ValueError("weights: expected at least one Conv/Linear weight, got none")
+    return out

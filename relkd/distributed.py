@@ -1,0 +1,159 @@
+"""Global-batch relations under torch.distributed (SPEC §8).
+
+With ``process_group=`` (or ``gather=True`` under an initialised default
+group) a batch-relation loss relates each rank's rows to the columns of the
+whole global batch. The fused path computes local rows x global columns; the
+reference path computes the single-process loss on the gathered batch and
+returns 1/world of it. Either way each rank returns its *share*: the shares
+sum to the single-process loss, and each rank's gradient for its own rows is
+the single-process gradient.
+
+DDP averages parameter gradients over ranks, so a training loop that wants
+the exact global-batch gradient multiplies the share by the world size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def resolve_group(process_group=None, gather: bool = False):
+    """The process group a loss relates over, or None for a single process."""
+    if process_group is None and not gather:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group / gather=True: torch.distributed is not initialised "
+                         "(call torch.distributed.init_process_group first)")
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _comm_device(group) -> torch.device:
+    """Where collectives of this group take their tensors: gloo on the CPU,
+    NCCL on the current GPU."""
+    if dist.get_backend(group) == "gloo":
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _gather_sizes(n: int, group) -> List[int]:
+    dev = _comm_device(group)
+    sizes = [torch.zeros(1, dtype=torch.long, device=dev)
+             for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=dev), group=group)
+    return [int(s) for s in sizes]
+
+
+def _all_gather_rows(x: Tensor, sizes: List[int], group) -> Tensor:
+    """Concatenation over ranks of x (rows may differ per rank)."""
+    dev = _comm_device(group)
+    longest = max(sizes)
+    padded = x.new_zeros((longest,) + tuple(x.shape[1:]), device=dev)
+    padded[: x.shape[0]] = x.to(dev)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(x.device)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group, sizes: List[int]) -> Tensor:
+        ctx.group, ctx.sizes, ctx.rank = group, sizes, dist.get_rank(group)
+        return _all_gather_rows(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        # Every rank holds the gradient of its own loss share with respect to
+        # all rows; the gradient of the summed shares is their sum.
+        dev = _comm_device(ctx.group)
+        total = grad.contiguous().to(dev)
+        dist.all_reduce(total, group=ctx.group)
+        start = sum(ctx.sizes[: ctx.rank])
+        return total[start:start + ctx.sizes[ctx.rank]].to(grad.device), None, None
+
+
+def all_gather_with_grad(x: Tensor, group=None, sizes: Optional[List[int]] = None) -> Tensor:
+    """Rows of x from every rank, concatenated in rank order, differentiable:
+    the backward sums the column gradients of all ranks into each rank's rows.
+    Ranks may hold different numbers of rows (`sizes`, gathered if None)."""
+    group = group if group is not None else dist.group.WORLD
+    sizes = sizes if sizes is not None else _gather_sizes(x.shape[0], group)
+    if x.requires_grad and torch.is_grad_enabled():
+        return _AllGatherWithGrad.apply(x, group, sizes)
+    return _all_gather_rows(x, sizes, group)
+
+
+def gather_rows(x: Tensor, group) -> Tensor:
+    """Rows of x from every rank in rank order, without gradient."""
+    return _all_gather_rows(x, _gather_sizes(x.shape[0], group), group)
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        out = x.detach().clone().to(_comm_device(group))
+        dist.all_reduce(out, group=group)
+        return out.to(x.device)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        total = grad.detach().clone().to(_comm_device(ctx.group))
+        dist.all_reduce(total, group=ctx.group)
+        return total.to(grad.device), None
+
+
+def all_reduce_with_grad(x: Tensor, group) -> Tensor:
+    """Sum of x over ranks; the gradient of every rank's share reaches every
+    rank's x (used for global normalisers that depend on the student, RKD's mu)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return _AllReduceWithGrad.apply(x, group)
+    out = x.detach().clone().to(_comm_device(group))
+    dist.all_reduce(out, group=group)
+    return out.to(x.device)
+
+
+def all_reduce_sum(x: Tensor, group) -> Tensor:
+    """Sum of a no-grad tensor over ranks (None group: x itself)."""
+    if group is None:
+        return x
+    return all_reduce_with_grad(x.detach(), group)
+
+
+@dataclass
+class GlobalBatch:
+    """A rank's rows and the global batch they relate to. Single process:
+    the columns are the rows and offset is 0."""
+
+    fs: Tensor
+    ft: Tensor
+    y: Optional[Tensor]
+    fs_all: Tensor
+    ft_all: Tensor
+    y_all: Optional[Tensor]
+    offset: int
+    group: object = None
+
+    @property
+    def n_global(self) -> int:
+        return self.fs_all.shape[0]
+
+    @property
+    def world(self) -> int:
+        return 1 if self.group is None else dist.get_world_size(self.group)
+
+
+def global_batch(fs: Tensor, ft: Tensor, y: Optional[Tensor], group) -> GlobalBatch:
+    """Gathers fs (with grad), ft (with grad if it requires it) and y."""
+    if group is None:
+        return GlobalBatch(fs, ft, y, fs, ft, y, 0, None)
+    sizes = _gather_sizes(fs.shape[0], group)
+    offset = sum(sizes[: dist.get_rank(group)])
+    fs_all = all_gather_with_grad(fs, group, sizes)
+    ft_all = all_gather_with_grad(ft, group, sizes)
+    y_all = None if y is None else _all_gather_rows(y, sizes, group)
+    return GlobalBatch(fs, ft, y, fs_all, ft_all, y_all, offset, group)

@@ -1,0 +1,396 @@
+"""Functional forms of every relkd loss.
+
+Each function validates its arguments (ValueError naming the argument, SPEC
+§9), picks a backend and returns a 0-dim tensor: float32 for float16/bfloat16
+inputs, else the input dtype.
+
+backend:
+  "reference"  the pure-PyTorch transcription of SPEC.md (relkd.reference);
+               materialises N x N, for checking and small batches.
+  "fused"      relkd's kernels (relkd.fused over relkd.ops); raises
+               NotImplementedError where a loss or option has none.
+  "auto"       fused where available, else reference.
+
+Batch-relation losses take ``process_group=`` (or ``gather=True``) to relate
+each rank's rows to the global batch and return the rank's share (SPEC §8,
+relkd.distributed).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _validation as check
+from . import fused, ops, reference
+from .distributed import GlobalBatch, all_reduce_sum, gather_rows, global_batch, resolve_group
+from .reference import compute_dtype
+
+__all__ = [
+    "fcd_loss", "rad_loss", "coupleface_loss", "ekd_loss", "cckd_loss", "sp_loss", "rkd_loss",
+    "exclusivity_loss", "similarity_topk", "fused_losses",
+]
+
+RAD_METRICS = ("hinge", "l2", "l1")
+MINE_BY = ("teacher", "student")
+FCD_METRICS = ("l2", "cosine")
+CCKD_KERNELS = ("gaussian", "bilinear")
+DEFAULT_FPR_LEVELS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+
+
+def fused_losses() -> dict:
+    """Which losses run fused kernels with backend='auto', on which devices."""
+    devices = ops.fused_devices()
+    fused_names = ["RADLoss", "CoupleFaceLoss", "EKDLoss", "CCKDLoss", "SPLoss",
+                   "RKDLoss (distance term; angle_weight=0)", "similarity_topk"]
+    plain = ["FCDLoss", "ExclusivityLoss", "ECKDLoss"]  # O(N*D) / O(F*P): PyTorch is the fused path
+    return {**{name: devices for name in fused_names}, **{name: ["any"] for name in plain}}
+
+
+def _use_fused(loss: str, backend: str, device: torch.device, unsupported: str = "") -> bool:
+    """Backend choice: True for the fused path, False for the reference."""
+    check.backend(backend)
+    if backend == "reference":
+        return False
+    available = device.type in ops.fused_devices()
+    if backend == "fused":
+        if not ops.HAS_EXTENSION:
+            ops.require_extension(f"{loss}(backend='fused')")
+        if not available:
+            raise NotImplementedError(f"{loss}: relkd has no fused kernel for {device.type} "
+                                      f"tensors in this build; use backend='reference' or 'auto'")
+        if unsupported:
+            raise NotImplementedError(f"{loss}: {unsupported}")
+        return True
+    return available and not unsupported
+
+
+def _zero(fs: Tensor, dtype: torch.dtype) -> Tensor:
+    """A 0 loss whose gradient is zeros (not None) for fs (SPEC §9)."""
+    return fs.to(dtype).sum() * 0
+
+
+def _student_teacher(fs, ft, *, same_dim: bool, flatten: bool = False):
+    fs = check.embeddings(fs, "fs", flatten=flatten)
+    ft = check.embeddings(ft, "ft", n=fs.shape[0],
+                          dim=fs.shape[1] if same_dim else None, flatten=flatten)
+    return fs, ft
+
+
+def _by_backend(use_fused: bool, gb: GlobalBatch, fused_fn, reference_fn):
+    """Fused: this rank's share directly. Reference: the single-process loss
+    of the gathered batch, 1/world of it per rank."""
+    if use_fused:
+        return fused_fn(gb)
+    loss = reference_fn(gb.fs_all, gb.ft_all, gb.y_all)
+    return loss if gb.world == 1 else loss / gb.world
+
+
+# ------------------------------------------------------------------------ FCD
+def fcd_loss(fs: Tensor, ft: Tensor, metric: str = "l2", normalize: bool = True, *,
+             detach_teacher: bool = True, backend: str = "auto") -> Tensor:
+    """Feature consistency distillation (CoupleFace, EC-KD), SPEC §1.
+
+    l2: mean_i |x_i - z_i|^2 (x, z the L2-normalised rows; raw with
+    normalize=False); cosine: mean_i (1 - x_i . z_i).
+    fs, ft: (N, D). O(N*D): plain PyTorch is also the fused path.
+    """
+    check.choice(metric, "metric", FCD_METRICS)
+    check.backend(backend)
+    fs, ft = _student_teacher(fs, ft, same_dim=True)
+    check.same_device(fs=fs, ft=ft)
+    check.finite(fs=fs, ft=ft)
+    if fs.shape[0] == 0:
+        return _zero(fs, compute_dtype(fs, ft))
+    return reference.fcd_loss(fs, ft, metric, normalize, detach_teacher)
+
+
+# ------------------------------------------------------------------------ RAD
+def _check_rad(fs, ft, y, bank, bank_labels, indices, k, metric, margin, mine_by):
+    check.positive_int(k, "k")
+    check.choice(metric, "metric", RAD_METRICS)
+    check.number(margin, "margin")
+    check.choice(mine_by, "mine_by", MINE_BY)
+    fs, ft = _student_teacher(fs, ft, same_dim=bank is not None)
+    n = fs.shape[0]
+    if y is not None:
+        check.labels(y, "y", n)
+    if bank is not None:
+        check.embeddings(bank, "bank", dim=None)
+        if bank.shape[1] != fs.shape[1]:
+            raise ValueError(f"bank: expected shape (M, {fs.shape[1]}) to match the dim of fs, "
+                             f"got {tuple(bank.shape)}")
+        if bank_labels is not None:
+            check.labels(bank_labels, "bank_labels", bank.shape[0])
+            if y is None:
+                raise ValueError("bank_labels: excluding a row's own identity from the bank "
+                                 "needs y (labels of shape (N,))")
+    elif bank_labels is not None:
+        raise ValueError("bank_labels: given without bank")
+    if indices is not None:
+        check.index_matrix(indices, "indices", n, n if bank is None else bank.shape[0])
+    check.same_device(fs=fs, ft=ft, y=y, bank=bank, bank_labels=bank_labels, indices=indices)
+    check.finite(fs=fs, ft=ft, bank=bank)
+    return fs, ft
+
+
+def rad_loss(fs: Tensor, ft: Tensor, y: Optional[Tensor] = None, bank: Optional[Tensor] = None,
+             bank_labels: Optional[Tensor] = None, indices: Optional[Tensor] = None, *,
+             k: int = 16, metric: str = "hinge", margin: float = 0.03, mine_by: str = "teacher",
+             detach_teacher: bool = True, backend: str = "auto", process_group=None,
+             gather: bool = False) -> Tensor:
+    """Relation-aware distillation over mined informative relations
+    (CoupleFace's mutual relation distillation), SPEC §2.
+
+    L = mean over mined pairs (i, j in J_i) of phi(s_ij - t_ij), J_i = the k
+    candidates with the largest teacher (mine_by="teacher") or student
+    similarity; phi = max(0, d - margin) (hinge), d^2 (l2) or |d| (l1).
+
+    fs, ft: (N, D) student / teacher embeddings (ft may have another dim in
+    batch mode); y: (N,) labels, same-label candidates are excluded;
+    bank: (M, D) e.g. teacher class prototypes, bank_labels: (M,);
+    indices: (N, k) int64 precomputed neighbours (-1 = padding), skips mining.
+    Defaults (hinge, margin 0.03, teacher-mined) follow the one public
+    implementation of CoupleFace's idea; the paper's equations are not public.
+    """
+    fs, ft = _check_rad(fs, ft, y, bank, bank_labels, indices, k, metric, margin, mine_by)
+    group = resolve_group(process_group, gather)
+    if group is not None and indices is not None and bank is None:
+        raise ValueError("indices: precomputed batch neighbours are not supported with "
+                         "process_group / gather (their column numbers are per rank)")
+    use_fused = _use_fused("RADLoss", backend, fs.device)
+    gb = global_batch(fs, ft, y, group)
+    if bank is None and gb.n_global < 2:
+        return _zero(fs, compute_dtype(fs, ft))
+    rad = dict(k=k, metric=metric, margin=margin, mine_by=mine_by, detach_teacher=detach_teacher)
+    if use_fused:
+        return fused.rad_loss(gb, bank, bank_labels, indices, **rad)
+    idx_all = indices if indices is None or group is None else gather_rows(indices, group)
+    return _by_backend(False, gb, None, lambda f, t, yy: reference.rad_loss(
+        f, t, yy, bank, bank_labels, idx_all, **rad))
+
+
+def coupleface_loss(fs: Tensor, ft: Tensor, y: Optional[Tensor] = None,
+                    bank: Optional[Tensor] = None, bank_labels: Optional[Tensor] = None,
+                    indices: Optional[Tensor] = None, *, alpha: float = 1.0, beta: float = 1.0,
+                    k: int = 16, metric: str = "hinge", margin: float = 0.03,
+                    mine_by: str = "teacher", detach_teacher: bool = True,
+                    backend: str = "auto", process_group=None, gather: bool = False) -> Tensor:
+    """CoupleFace (feature consistency + mutual relation distillation), SPEC §2:
+    alpha * FCD(l2) + beta * RAD. Shapes and RAD options as rad_loss; fs and
+    ft must have the same dim (for FCD)."""
+    check.number(alpha, "alpha")
+    check.number(beta, "beta")
+    fs, ft = _student_teacher(fs, ft, same_dim=True)
+    rad = rad_loss(fs, ft, y, bank, bank_labels, indices, k=k, metric=metric, margin=margin,
+                   mine_by=mine_by, detach_teacher=detach_teacher, backend=backend,
+                   process_group=process_group, gather=gather)
+    fcd = fcd_loss(fs, ft, "l2", True, detach_teacher=detach_teacher, backend=backend)
+    group = resolve_group(process_group, gather)
+    if group is not None:  # the rank's share of the global mean
+        n_all = all_reduce_sum(torch.tensor(fs.shape[0], device=fs.device), group)
+        fcd = fcd * (fs.shape[0] / float(n_all))
+    return alpha * fcd + beta * rad
+
+
+# ------------------------------------------------------------------------ EKD
+def ekd_loss(fs: Tensor, ft: Tensor, y: Tensor, s_anchor: Tensor, t_anchor: Tensor, *,
+             training: bool = True, topk: int = 2000, temperature: float = 0.01,
+             fpr_levels: Sequence[float] = DEFAULT_FPR_LEVELS, momentum: float = 0.01,
+             pos_weight: float = 0.02, neg_weight: float = 0.01, backend: str = "auto",
+             process_group=None, gather: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """Evaluation-oriented knowledge distillation (EKD, CVPR 2022), SPEC §3.
+
+    L = pos_weight * mean_pos (rank_s(s) - rank_t(t))^2
+      + neg_weight * mean_{top-k hardest negatives} (rank_s(s) - rank_t(t))^2,
+    rank(v) = sum_a sigmoid((v - anchor_a) / temperature), anchors = EMA of the
+    negative-pair similarities at the FPR levels (moved only when training).
+
+    fs, ft: (N, D); y: (N,) labels (required); s_anchor, t_anchor: (A,) with
+    A = len(fpr_levels). Returns (loss, new s_anchor, new t_anchor).
+    Equal (up to floating point) to Tencent/TFace's ekd.py.
+    """
+    levels = check.fpr_levels(fpr_levels)
+    check.non_negative_int(topk, "topk")
+    check.number(temperature, "temperature", positive=True)
+    check.number(momentum, "momentum")
+    check.number(pos_weight, "pos_weight")
+    check.number(neg_weight, "neg_weight")
+    fs, ft = _student_teacher(fs, ft, same_dim=False)
+    n = fs.shape[0]
+    if y is None:
+        raise ValueError(f"y: EKD needs identity labels of shape ({n},), got None")
+    check.labels(y, "y", n)
+    for name, a in (("s_anchor", s_anchor), ("t_anchor", t_anchor)):
+        check.tensor(a, name, f"({len(levels)},)")
+        if a.dim() != 1 or a.shape[0] != len(levels):
+            raise ValueError(f"{name}: expected shape ({len(levels)},) (one per fpr level), "
+                             f"got {tuple(a.shape)}")
+    check.same_device(fs=fs, ft=ft, y=y, s_anchor=s_anchor, t_anchor=t_anchor)
+    check.finite(fs=fs, ft=ft)
+    group = resolve_group(process_group, gather)
+    dtype = compute_dtype(fs, ft)
+    gb = global_batch(fs, ft, y, group)
+    if gb.n_global < 2:
+        return _zero(fs, dtype), s_anchor.to(dtype), t_anchor.to(dtype)
+    options = dict(training=training, topk=topk, temperature=temperature, fpr_levels=levels,
+                   momentum=momentum, pos_weight=pos_weight, neg_weight=neg_weight)
+    if _use_fused("EKDLoss", backend, fs.device):
+        return fused.ekd_loss(gb, s_anchor, t_anchor, **options)
+    loss, s_new, t_new = reference.ekd_loss(gb.fs_all, gb.ft_all, gb.y_all, s_anchor, t_anchor,
+                                            **options)
+    return (loss if gb.world == 1 else loss / gb.world), s_new, t_new
+
+
+# ----------------------------------------------------------------------- CCKD
+def cckd_loss(fs: Tensor, ft: Tensor, *, kernel: str = "gaussian", gamma: float = 0.4,
+              order: int = 2, detach_teacher: bool = True, backend: str = "auto",
+              process_group=None, gather: bool = False) -> Tensor:
+    """Correlation congruence (CCKD, ICCV 2019), SPEC §4.
+
+    L = (1/N^2) sum_{i,j} (phi(s_ij) - phi(t_ij))^2 over all pairs, diagonal
+    included; phi = order-P Taylor expansion of exp(-gamma |x_i - x_j|^2) on
+    unit vectors (kernel="gaussian") or phi(u) = u (kernel="bilinear").
+    fs: (N, Ds), ft: (N, Dt).
+    """
+    check.choice(kernel, "kernel", CCKD_KERNELS)
+    check.number(gamma, "gamma")
+    check.non_negative_int(order, "order")
+    fs, ft = _student_teacher(fs, ft, same_dim=False)
+    check.same_device(fs=fs, ft=ft)
+    check.finite(fs=fs, ft=ft)
+    group = resolve_group(process_group, gather)
+    gb = global_batch(fs, ft, None, group)
+    if gb.n_global < 2:
+        return _zero(fs, compute_dtype(fs, ft))
+    options = dict(kernel=kernel, gamma=gamma, order=order, detach_teacher=detach_teacher)
+    return _by_backend(_use_fused("CCKDLoss", backend, fs.device), gb,
+                       lambda g: fused.cckd_loss(g, **options),
+                       lambda f, t, _: reference.cckd_loss(f, t, **options))
+
+
+# ------------------------------------------------------------------------- SP
+def sp_loss(fs: Tensor, ft: Tensor, *, detach_teacher: bool = True, backend: str = "auto",
+            process_group=None, gather: bool = False) -> Tensor:
+    """Similarity-preserving distillation (SP, ICCV 2019), SPEC §5.
+
+    L = (1/N^2) |rownorm(Fs Fs^T) - rownorm(Ft Ft^T)|_F^2 on the flattened,
+    unnormalised features fs: (N, ...), ft: (N, ...). The fused path uses the
+    Gram identity (O(N D^2), no N x N) when D < N.
+    """
+    fs, ft = _student_teacher(fs, ft, same_dim=False, flatten=True)
+    check.same_device(fs=fs, ft=ft)
+    check.finite(fs=fs, ft=ft)
+    group = resolve_group(process_group, gather)
+    gb = global_batch(fs, ft, None, group)
+    if gb.n_global < 2:
+        return _zero(fs, compute_dtype(fs, ft))
+    return _by_backend(_use_fused("SPLoss", backend, fs.device), gb,
+                       lambda g: fused.sp_loss(g, detach_teacher=detach_teacher),
+                       lambda f, t, _: reference.sp_loss(f, t, detach_teacher=detach_teacher))
+
+
+# ------------------------------------------------------------------------ RKD
+def rkd_loss(fs: Tensor, ft: Tensor, *, distance_weight: float = 25.0,
+             angle_weight: float = 50.0, backend: str = "auto", process_group=None,
+             gather: bool = False) -> Tensor:
+    """Relational knowledge distillation (RKD, CVPR 2019), SPEC §6.
+
+    L = distance_weight * mean smoothL1(d_s / mu_s, d_t / mu_t)
+      + angle_weight * mean smoothL1(angle_s, angle_t)
+    on raw embeddings fs: (N, Ds), ft: (N, Dt); teacher side without gradient.
+    The fused path computes the distance term only: the angle term is O(N^3)
+    and runs on the reference path (backend="auto" falls back to it when
+    angle_weight != 0; backend="fused" raises).
+    """
+    check.number(distance_weight, "distance_weight")
+    check.number(angle_weight, "angle_weight")
+    fs, ft = _student_teacher(fs, ft, same_dim=False)
+    check.same_device(fs=fs, ft=ft)
+    check.finite(fs=fs, ft=ft)
+    group = resolve_group(process_group, gather)
+    gb = global_batch(fs, ft, None, group)
+    if gb.n_global < 2:
+        return _zero(fs, compute_dtype(fs, ft))
+    unsupported = ("the fused path has no angle term (O(N^3)); set angle_weight=0 or use "
+                   "backend='reference'") if angle_weight != 0 else ""
+    return _by_backend(_use_fused("RKDLoss", backend, fs.device, unsupported), gb,
+                       lambda g: fused.rkd_loss(g, distance_weight=distance_weight),
+                       lambda f, t, _: reference.rkd_loss(f, t, distance_weight=distance_weight,
+                                                          angle_weight=angle_weight))
+
+
+# ------------------------------------------------------------------- EC-KD
+def _weights_of(weights) -> list:
+    if isinstance(weights, torch.nn.Module):
+        return [m.weight for m in weights.modules()
+                if isinstance(m, (torch.nn.modules.conv._ConvNd, torch.nn.Linear))
+                and m.weight is not None]
+    if isinstance(weights, Tensor):
+        return [weights]
+    return list(weights)
+
+
+def exclusivity_loss(weights, *, backend: str = "auto") -> Tensor:
+    """Exclusivity of filters (EC-KD), SPEC §7: summed over weights of
+    (1/(F(F-1))) sum_{i != j} sum_p |w_ip| |w_jp| on row-normalised w (F, P).
+
+    weights: a tensor (F, ...), a list of them, or an nn.Module (every
+    Conv/Linear weight). O(F*P) by the column-sum identity; the exact
+    weighting of the EC-KD paper is not public, this form is relkd's.
+    """
+    check.backend(backend)
+    ws = check.weight_list(_weights_of(weights))
+    check.same_device(**{f"weights[{i}]": w for i, w in enumerate(ws)})
+    if backend == "reference":
+        return reference.exclusivity_loss(ws)
+    total = fused.exclusivity_term(ws[0])
+    for w in ws[1:]:
+        total = total + fused.exclusivity_term(w)
+    return total
+
+
+# ------------------------------------------------------------------- mining
+def similarity_topk(a: Tensor, b: Optional[Tensor] = None, k: Optional[int] = None,
+                    a_labels: Optional[Tensor] = None, b_labels: Optional[Tensor] = None,
+                    exclude_self: bool = True, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """Exact k-nearest-neighbour search by cosine similarity, SPEC §2.
+
+    For every row of a: (N, D), the k rows of b: (M, D) (or of a itself when
+    b is None) with the largest cosine similarity, sorted descending, ties to
+    the smaller index. Candidates with a_labels[i] == b_labels[j] are
+    skipped; with b None, exclude_self skips j == i. Returns (values,
+    indices), each (N, k); slots without a valid candidate hold (-inf, -1).
+    Values are float32 for half inputs. Fused memory: O(N*k) plus one tile,
+    so b may hold millions of rows (e.g. identity prototypes).
+    """
+    if k is None:
+        raise ValueError("k: expected an int >= 1, got None (k is required)")
+    check.positive_int(k, "k")
+    a = check.embeddings(a, "a")
+    if b is not None:
+        b = check.embeddings(b, "b", dim=None)
+        if b.shape[1] != a.shape[1]:
+            raise ValueError(f"b: expected shape (M, {a.shape[1]}) to match the dim of a, "
+                             f"got {tuple(b.shape)}")
+    if a_labels is not None:
+        check.labels(a_labels, "a_labels", a.shape[0])
+    if b_labels is not None:
+        if b is None:
+            raise ValueError("b_labels: given without b (with b None, a_labels serve both)")
+        check.labels(b_labels, "b_labels", b.shape[0])
+    check.same_device(a=a, b=b, a_labels=a_labels, b_labels=b_labels)
+    check.finite(a=a, b=b)
+    if not _use_fused("similarity_topk", backend, a.device):
+        return reference.similarity_topk(a, b, k, a_labels, b_labels, exclude_self)
+    dtype = compute_dtype(a) if b is None else compute_dtype(a, b)
+    x = reference.normalize(a, dtype).contiguous()
+    if b is None:
+        labels = None if a_labels is None else a_labels.long()
+        return ops.topk_sim(x, x, k, labels, labels, None, exclude_self, 0)
+    c = b.to(dtype).contiguous()
+    inv_norm = 1.0 / c.norm(dim=1).clamp(min=reference.EPS)
+    use_labels = a_labels is not None and b_labels is not None
+    return ops.topk_sim(x, c, k, a_labels.long() if use_labels else None,
+                        b_labels.long() if use_labels else None, inv_norm, False, 0)

@@ -1,0 +1,204 @@
+"""Fused implementations of the relation losses (``backend="fused"``).
+
+Normalisation and the O(N*k) arithmetic on mined pairs stay in PyTorch;
+everything that touches all N^2 (or N x M) pairs is a relkd op (ops.py), so
+no function here allocates a relation matrix. Each takes a GlobalBatch: a
+process's rows against the columns of the (possibly distributed) batch, and
+returns the process's share of the loss (the whole loss for one process).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops, reference
+from .distributed import GlobalBatch, all_reduce_sum, all_reduce_with_grad
+from .reference import EPS, compute_dtype, normalize, teacher
+
+
+def _columns(gb: GlobalBatch, all_rows: Tensor, prepare) -> Optional[Tensor]:
+    """The column operand of a pair op: None when the columns are the rows
+    (one process), else the prepared global batch."""
+    return None if gb.group is None else prepare(all_rows)
+
+
+def _row_ids(gb: GlobalBatch) -> Optional[Tensor]:
+    if gb.group is None:
+        return None
+    return gb.offset + torch.arange(gb.fs.shape[0], device=gb.fs.device)
+
+
+# ------------------------------------------------------------------------ RAD
+def rad_loss(gb: GlobalBatch, bank: Optional[Tensor], bank_labels: Optional[Tensor],
+             indices: Optional[Tensor], *, k: int, metric: str, margin: float, mine_by: str,
+             detach_teacher: bool) -> Tensor:
+    """SPEC §2 with topk_sim mining and pair_dot relations (never N x k x D)."""
+    dtype = compute_dtype(gb.fs, gb.ft) if bank is None else compute_dtype(gb.fs, gb.ft, bank)
+    x = normalize(gb.fs, dtype)
+    z = normalize(teacher(gb.ft, detach_teacher), dtype)
+    y = None if gb.y is None else gb.y.long()
+    if bank is None:
+        x_c = x if gb.group is None else normalize(gb.fs_all, dtype)
+        z_c = z if gb.group is None else normalize(teacher(gb.ft_all, detach_teacher), dtype)
+        if indices is None:
+            q, c = (z, z_c) if mine_by == "teacher" else (x, x_c)
+            y_c = None if gb.y_all is None else gb.y_all.long()
+            indices = ops.topk_sim(q.detach(), c.detach(), k, y, y_c, None, True, gb.offset)[1]
+        s = ops.pair_dot(x, x_c, indices)
+        t = ops.pair_dot(z, z_c, indices)
+    else:
+        # Relations to the normalised bank without copying it: scale the raw
+        # dot products by the bank rows' inverse norms.
+        b = bank.detach().to(dtype).contiguous()
+        inv_norm = 1.0 / b.norm(dim=1).clamp(min=EPS)
+        if indices is None:
+            q = z if mine_by == "teacher" else x
+            c_labels = None if bank_labels is None else bank_labels.long()
+            indices = ops.topk_sim(q.detach(), b, k, y if c_labels is not None else None,
+                                   c_labels, inv_norm)[1]
+        scale = inv_norm[indices.clamp(min=0)]
+        s = ops.pair_dot(x, b, indices) * scale
+        t = ops.pair_dot(z, b, indices) * scale
+    mined = indices >= 0
+    phi = reference.rad_phi(s - t, metric, margin)
+    total = torch.where(mined, phi, torch.zeros_like(phi)).sum()
+    count = all_reduce_sum(mined.sum(), gb.group)
+    return total / count.clamp(min=1).to(dtype)
+
+
+# ----------------------------------------------------------------------- CCKD
+def cckd_loss(gb: GlobalBatch, *, kernel: str, gamma: float, order: int,
+              detach_teacher: bool) -> Tensor:
+    """SPEC §4: pairwise_loss('cckd') over all N^2 pairs, / N^2."""
+    dtype = compute_dtype(gb.fs, gb.ft)
+    x = normalize(gb.fs, dtype)
+    z = normalize(teacher(gb.ft, detach_teacher), dtype)
+    x_c = _columns(gb, gb.fs_all, lambda f: normalize(f, dtype))
+    z_c = _columns(gb, gb.ft_all, lambda f: normalize(teacher(f, detach_teacher), dtype))
+    coef = torch.tensor(reference.cckd_coefficients(kernel, gamma, order), dtype=dtype,
+                        device=x.device)
+    total = ops.pairwise_loss("cckd", x, z, x_c, z_c, params=coef)
+    return total / (gb.n_global ** 2)
+
+
+# ------------------------------------------------------------------------ EKD
+def ekd_loss(gb: GlobalBatch, s_anchor: Tensor, t_anchor: Tensor, *, training: bool,
+             topk: int, temperature: float, fpr_levels: Sequence[float], momentum: float,
+             pos_weight: float, neg_weight: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """SPEC §3: exact global thresholds and top-k negatives by
+    negative_pair_select, the positive term by pairwise_loss('ekd_pos')."""
+    dtype = compute_dtype(gb.fs, gb.ft)
+    single = gb.group is None
+    x = normalize(gb.fs, dtype)
+    z = normalize(gb.ft.detach(), dtype)
+    x_c = x if single else normalize(gb.fs_all, dtype)
+    z_c = z if single else normalize(gb.ft_all.detach(), dtype)
+    y, y_all = gb.y.long(), gb.y_all.long()
+    # Column operands of the selection: None = the rows themselves.
+    sel_x, sel_z, sel_y = (None, None, None) if single else (x_c.detach(), z_c, y_all)
+    group_name = "" if single else gb.group.group_name
+    divisors = reference.fpr_divisors(fpr_levels)
+
+    thr_s, _, top_i, top_j, n_neg = ops.negative_pair_select(
+        x.detach(), y, divisors, topk, sel_x, sel_y, gb.offset, group_name)
+    s_anchor, t_anchor = s_anchor.to(dtype), t_anchor.to(dtype)
+    if training:
+        thr_t = ops.negative_pair_select(z, y, divisors, 0, sel_z, sel_y, gb.offset,
+                                         group_name)[0]
+        has_neg = n_neg > 0
+        s_anchor = torch.where(has_neg, momentum * thr_s + (1 - momentum) * s_anchor, s_anchor)
+        t_anchor = torch.where(has_neg, momentum * thr_t + (1 - momentum) * t_anchor, t_anchor)
+
+    # Positive pairs: sorted by label, they sit in diagonal blocks of tiles
+    # and pairwise_loss skips every other tile.
+    params = torch.cat([s_anchor.new_tensor([temperature]), s_anchor, t_anchor])
+    perm_r = torch.argsort(y, stable=True)
+    if single:
+        pos_sum = ops.pairwise_loss("ekd_pos", x[perm_r], z[perm_r], labels_r=y[perm_r],
+                                    params=params)
+    else:
+        perm_c = torch.argsort(y_all, stable=True)
+        pos_sum = ops.pairwise_loss("ekd_pos", x[perm_r], z[perm_r], x_c[perm_c], z_c[perm_c],
+                                    y[perm_r], y_all[perm_c], gb.offset + perm_r, perm_c,
+                                    params)
+    n_pos = ops.positive_pair_count(y_all)
+    loss_pos = pos_sum / n_pos.clamp(min=1).to(dtype)
+
+    # Hard negatives: this process's rows among the global top-k pairs.
+    n_rows = x.shape[0]
+    local = (top_i >= gb.offset) & (top_i < gb.offset + n_rows)
+    rows = (top_i - gb.offset).clamp(0, max(n_rows - 1, 0))
+    cols_idx = top_j.clamp(min=0)
+    s_hard = (x[rows] * x_c[cols_idx]).sum(1)
+    t_hard = (z[rows] * z_c[cols_idx]).sum(1)
+    diff = (reference.ekd_rank(s_hard, s_anchor, temperature)
+            - reference.ekd_rank(t_hard, t_anchor, temperature))
+    n_hard = (top_i >= 0).sum()
+    loss_neg = torch.where(local, diff * diff, torch.zeros_like(diff)).sum()
+    loss_neg = loss_neg / n_hard.clamp(min=1).to(dtype)
+    return pos_weight * loss_pos + neg_weight * loss_neg, s_anchor, t_anchor
+
+
+# ------------------------------------------------------------------------- SP
+def sp_loss(gb: GlobalBatch, *, detach_teacher: bool) -> Tensor:
+    """SPEC §5. D < N: the Gram identity, O(N D^2) and no N x N at all,
+    accumulated in float64 because it subtracts two O(N) sums to get a small
+    loss. D >= N: the direct form, whose N x N rows cost no more than N x D."""
+    dtype = compute_dtype(gb.fs, gb.ft)
+    n = gb.fs.shape[0]
+    n_all = gb.n_global
+    f_s = gb.fs.reshape(n, -1)
+    f_t = teacher(gb.ft, detach_teacher).reshape(n, -1)
+    a_s = gb.fs_all.reshape(n_all, -1)
+    a_t = teacher(gb.ft_all, detach_teacher).reshape(n_all, -1)
+    if max(f_s.shape[1], f_t.shape[1]) >= n_all:
+        g_s = F.normalize(f_s.to(dtype) @ a_s.to(dtype).T, p=2.0, dim=1, eps=EPS)
+        g_t = F.normalize(f_t.to(dtype) @ a_t.to(dtype).T, p=2.0, dim=1, eps=EPS)
+        return (g_s - g_t).pow(2).sum() / (n_all * n_all)
+    wide = torch.float64
+    f_s, f_t, a_s, a_t = (t.to(wide) for t in (f_s, f_t, a_s, a_t))
+    r_s2 = ((f_s @ (a_s.T @ a_s)) * f_s).sum(1).clamp(min=0)  # |row i of Fs Fs^T|^2
+    r_t2 = ((f_t @ (a_t.T @ a_t)) * f_t).sum(1).clamp(min=0)
+    cross = ((f_s @ (a_s.T @ a_t)) * f_t).sum(1)  # row i of Gs . row i of Gt
+    m_s2 = r_s2.clamp(min=EPS * EPS)  # max(|row|, eps)^2
+    m_t2 = r_t2.clamp(min=EPS * EPS)
+    terms = r_s2 / m_s2 + r_t2 / m_t2 - 2 * cross / torch.sqrt(m_s2 * m_t2)
+    return (terms.sum() / (n_all * n_all)).to(dtype)
+
+
+# ------------------------------------------------------------------------ RKD
+def rkd_loss(gb: GlobalBatch, *, distance_weight: float) -> Tensor:
+    """SPEC §6, distance term: mu by a pairwise_loss('rkd_dist_sum') pass, then
+    pairwise_loss('rkd_distance'); the gradient reaches the student's mu."""
+    dtype = compute_dtype(gb.fs, gb.ft)
+    e_s, e_t = gb.fs.to(dtype), gb.ft.detach().to(dtype)
+    c_s = _columns(gb, gb.fs_all, lambda f: f.to(dtype))
+    c_t = _columns(gb, gb.ft_all, lambda f: f.detach().to(dtype))
+    ids = _row_ids(gb)
+    n = gb.n_global
+    pairs = n * (n - 1)
+    dist_s = ops.pairwise_loss("rkd_dist_sum", e_s, None, c_s, None, ids_r=ids)
+    with torch.no_grad():
+        dist_t = ops.pairwise_loss("rkd_dist_sum", e_t, None, c_t, None, ids_r=ids)
+    if gb.group is not None:
+        dist_s = all_reduce_with_grad(dist_s, gb.group)
+        dist_t = all_reduce_sum(dist_t, gb.group)
+    params = torch.stack([dist_s / pairs, dist_t / pairs])
+    total = ops.pairwise_loss("rkd_distance", e_s, e_t, c_s, c_t, ids_r=ids, params=params)
+    return distance_weight * total / (n * n)
+
+
+def exclusivity_term(w: Tensor) -> Tensor:
+    """SPEC §7 by the O(F P) identity (1/(F(F-1))) sum_p [(sum_i |w_ip|)^2 - sum_i w_ip^2]."""
+    w = w.reshape(w.shape[0], -1)
+    w = F.normalize(w.to(compute_dtype(w)), p=2.0, dim=1, eps=EPS)
+    n_filters = w.shape[0]
+    if n_filters < 2:
+        return w.sum() * 0
+    col = w.abs().sum(0)
+    return ((col * col).sum() - (w * w).sum()) / (n_filters * (n_filters - 1))
+
+

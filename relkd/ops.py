@@ -1,0 +1,308 @@
+"""The fused operators, as torch.library sees them: a fake (meta) kernel and an
+autograd formula for every op of csrc/ops.cpp, so the ops work under
+torch.compile(fullgraph=True) and pass torch.library.opcheck; plus thin
+Python wrappers with keyword arguments, and `negative_pair_select`, the
+driver of EKD's exact global order statistics.
+"""
+from __future__ import annotations
+
+import struct
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+try:
+    from . import _C  # noqa: F401  (loading it registers torch.ops.relkd.*)
+
+    EXTENSION_ERROR: Optional[str] = None
+except ImportError as exc:  # not built: only backend="reference" works
+    EXTENSION_ERROR = str(exc)
+
+HAS_EXTENSION = EXTENSION_ERROR is None
+DIGITS = 1 << 16  # radix of the order-statistics passes (csrc/cpu/pair_select.cpp)
+
+
+def fused_devices() -> List[str]:
+    """Device types that have compiled relkd kernels."""
+    if not HAS_EXTENSION:
+        return []
+    return ["cpu"] + (["cuda"] if torch._C._dispatch_has_kernel_for_dispatch_key(
+        "relkd::topk_sim", "CUDA") else [])
+
+
+# ------------------------------------------------------------- fake kernels
+if HAS_EXTENSION:
+
+    @torch.library.register_fake("relkd::topk_sim")
+    def _topk_sim_fake(q, c, k, q_labels=None, c_labels=None, c_scale=None,
+                       exclude_self=False, self_offset=0):
+        n = q.shape[0]
+        return q.new_empty(n, k), q.new_empty(n, k, dtype=torch.long)
+
+    @torch.library.register_fake("relkd::pair_dot")
+    def _pair_dot_fake(a, b, idx):
+        return a.new_empty(idx.shape)
+
+    @torch.library.register_fake("relkd::pair_dot_backward")
+    def _pair_dot_backward_fake(grad, a, b, idx, need_a, need_b):
+        return (torch.empty_like(a) if need_a else a.new_empty(0),
+                torch.empty_like(b) if need_b else b.new_empty(0))
+
+    @torch.library.register_fake("relkd::pairwise_loss")
+    def _pairwise_loss_fake(kind, xs_r, xt_r, xs_c, xt_c, labels_r, labels_c, ids_r, ids_c,
+                            params, grad_student, grad_teacher):
+        empty = xs_r.new_empty(0)
+        rect = xs_c is not None
+        return (
+            xs_r.new_empty(()),
+            torch.empty_like(xs_r) if grad_student else empty,
+            torch.empty_like(xs_c) if grad_student and rect else empty,
+            torch.empty_like(xt_r) if grad_teacher else empty,
+            torch.empty_like(xt_c) if grad_teacher and rect else empty,
+            torch.empty_like(params) if grad_student else empty,
+        )
+
+    @torch.library.register_fake("relkd::pair_histogram")
+    def _pair_histogram_fake(x_r, x_c, labels_r, labels_c, ids_r, ids_c, prefixes, shift):
+        return prefixes.new_empty(prefixes.shape[0], DIGITS)
+
+    @torch.library.register_fake("relkd::pair_topk")
+    def _pair_topk_fake(x_r, x_c, labels_r, labels_c, ids_r, ids_c, threshold_key, n_equal, topk):
+        return (x_r.new_empty(topk), x_r.new_empty(topk, dtype=torch.long),
+                x_r.new_empty(topk, dtype=torch.long))
+
+    # ------------------------------------------------------------ autograd
+    def _pair_dot_setup(ctx, inputs, output):
+        a, b, idx = inputs
+        ctx.save_for_backward(a, b, idx)
+
+    def _pair_dot_backward(ctx, grad):
+        a, b, idx = ctx.saved_tensors
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_a, grad_b = torch.ops.relkd.pair_dot_backward(grad.contiguous(), a, b, idx,
+                                                           need_a, need_b)
+        return (grad_a if need_a else None, grad_b if need_b else None, None)
+
+    torch.library.register_autograd("relkd::pair_dot", _pair_dot_backward,
+                                    setup_context=_pair_dot_setup)
+
+    # pairwise_loss returns the gradient of its scalar output with respect to
+    # each input, computed in the same tile pass (csrc/cpu/pairwise_loss.cpp);
+    # backward scales them by the incoming gradient.
+    _PAIRWISE_GRAD_SLOTS = {1: 1, 2: 3, 3: 2, 4: 4, 9: 5}  # input index -> output index
+
+    def _pairwise_setup(ctx, inputs, output):
+        ctx.save_for_backward(*output[1:])
+        ctx.input_dims = {i: inputs[i].dim() for i in _PAIRWISE_GRAD_SLOTS if inputs[i] is not None}
+
+    def _pairwise_backward(ctx, grad_loss, *_):
+        saved = ctx.saved_tensors
+        grads: List[Optional[Tensor]] = [None] * 12
+        for inp, out in _PAIRWISE_GRAD_SLOTS.items():
+            if not ctx.needs_input_grad[inp]:
+                continue
+            grad = saved[out - 1]
+            if grad.dim() != ctx.input_dims[inp]:  # an empty placeholder: not computed
+                raise RuntimeError(
+                    "relkd::pairwise_loss: a gradient was requested that the forward did not "
+                    "compute; call it with grad_student / grad_teacher set for inputs that "
+                    "require grad (relkd.ops.pairwise_loss does this)")
+            grads[inp] = grad_loss * grad
+        return tuple(grads)
+
+    torch.library.register_autograd("relkd::pairwise_loss", _pairwise_backward,
+                                    setup_context=_pairwise_setup)
+
+
+def require_extension(what: str) -> None:
+    if not HAS_EXTENSION:
+        raise RuntimeError(
+            f"{what} needs the compiled extension relkd._C, which failed to load "
+            f"({EXTENSION_ERROR}). Build it with `pip install --no-build-isolation .`, "
+            "or use backend='reference'.")
+
+
+# --------------------------------------------------------------- wrappers
+def topk_sim(q: Tensor, c: Tensor, k: int, q_labels: Optional[Tensor] = None,
+             c_labels: Optional[Tensor] = None, c_scale: Optional[Tensor] = None,
+             exclude_self: bool = False, self_offset: int = 0) -> Tuple[Tensor, Tensor]:
+    """Per row of q, the k largest c_scale[j] * q_i . c_j over valid j
+    (csrc/ops.cpp). No gradient."""
+    return torch.ops.relkd.topk_sim(q, c, k, q_labels, c_labels, c_scale, exclude_self,
+                                    self_offset)
+
+
+def pair_dot(a: Tensor, b: Tensor, idx: Tensor) -> Tensor:
+    """out[i, s] = a_i . b_{idx[i, s]} (0 where idx is -1), differentiable."""
+    return torch.ops.relkd.pair_dot(a, b, idx)
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def pairwise_loss(kind: str, xs_r: Tensor, xt_r: Optional[Tensor] = None,
+                  xs_c: Optional[Tensor] = None, xt_c: Optional[Tensor] = None,
+                  labels_r: Optional[Tensor] = None, labels_c: Optional[Tensor] = None,
+                  ids_r: Optional[Tensor] = None, ids_c: Optional[Tensor] = None,
+                  params: Optional[Tensor] = None) -> Tensor:
+    """Differentiable sum of a pair loss over all masked (row, column) pairs;
+    columns default to the rows. See csrc/cpu/pair_kinds.h for the kinds."""
+    if params is None:
+        params = xs_r.new_empty(0)
+    grad_s = _needs_grad(xs_r, xs_c, params)
+    grad_t = _needs_grad(xt_r, xt_c)
+    return torch.ops.relkd.pairwise_loss(kind, xs_r, xt_r, xs_c, xt_c, labels_r, labels_c,
+                                         ids_r, ids_c, params, grad_s, grad_t)[0]
+
+
+# ------------------------------------------------- EKD order statistics
+def same_label_counts(labels: Tensor) -> Tensor:
+    """For every sample, how many samples (itself included) share its label."""
+    ordered = torch.sort(labels).values
+    return (torch.searchsorted(ordered, labels, right=True)
+            - torch.searchsorted(ordered, labels, right=False))
+
+
+def positive_pair_count(labels: Tensor) -> Tensor:
+    """Number of unordered pairs i < j with equal labels (0-dim int64)."""
+    return (same_label_counts(labels) - 1).sum() // 2
+
+
+def key_bits(dtype: torch.dtype) -> int:
+    return 64 if dtype == torch.float64 else 32
+
+
+def key_to_value(key: int, bits: int) -> float:
+    """Inverse of order_key (csrc/cpu/common.h)."""
+    sign = 1 << (bits - 1)
+    mask = (1 << bits) - 1
+    if key == 0:
+        return float("nan")
+    raw = (key & ~sign) if key & sign else (~key & mask)
+    if bits == 32:
+        return struct.unpack("<f", struct.pack("<I", raw))[0]
+    return struct.unpack("<d", struct.pack("<Q", raw))[0]
+
+
+def as_int64(key: int) -> int:
+    """A 64-bit key's bit pattern as a signed int (the schema's `int`)."""
+    return key - (1 << 64) if key >= 1 << 63 else key
+
+
+def radix_select(histogram, targets: Sequence[int], bits: int, all_reduce=None):
+    """Exact keys at the given 0-based descending positions among the pairs
+    that `histogram(prefixes, shift)` counts, 16 bits per pass. Returns
+    (keys, n_above) with n_above[t] = number of pairs with a larger key."""
+    prefix = [0] * len(targets)
+    remaining = list(targets)
+    for shift in range(bits - 16, -1, -16):
+        uniq = sorted(set(prefix))
+        hist = histogram(torch.tensor(uniq, dtype=torch.long), shift)
+        if all_reduce is not None:
+            all_reduce(hist)
+        # from_top[p, d] = number of keys with this prefix and digit >= DIGITS - 1 - d
+        from_top = hist.flip(1).cumsum(1).cpu()
+        for t in range(len(targets)):
+            row = from_top[uniq.index(prefix[t])]
+            pos = int(torch.searchsorted(row, torch.tensor([remaining[t]]), right=True))
+            pos = min(pos, DIGITS - 1)  # only reachable if the counts were inconsistent
+            remaining[t] -= int(row[pos - 1]) if pos > 0 else 0
+            prefix[t] = (prefix[t] << 16) | (DIGITS - 1 - pos)
+    return prefix, [t - r for t, r in zip(targets, remaining)]
+
+
+def _process_group(name: str):
+    if not name:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
+def _merge_top_pairs(values: Tensor, rows: Tensor, cols: Tensor, topk: int):
+    """Best `topk` of candidate pairs: value descending (NaN last), then (i, j)."""
+    keep = rows >= 0
+    values, rows, cols = values[keep], rows[keep], cols[keep]
+    order = torch.sort(cols, stable=True).indices
+    order = order[torch.sort(rows[order], stable=True).indices]
+    key = values[order]
+    key = torch.where(torch.isnan(key), torch.full_like(key, -float("inf")), key)
+    order = order[torch.sort(key, descending=True, stable=True).indices][:topk]
+    pad = topk - len(order)
+    return (torch.cat([values[order], values.new_full((pad,), -float("inf"))]),
+            torch.cat([rows[order], rows.new_full((pad,), -1)]),
+            torch.cat([cols[order], cols.new_full((pad,), -1)]))
+
+
+@torch.library.custom_op("relkd::negative_pair_select", mutates_args=())
+def negative_pair_select(x: Tensor, labels: Tensor, divisors: List[int], topk: int,
+                         x_cols: Optional[Tensor], labels_cols: Optional[Tensor],
+                         row_offset: int, group_name: str
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """EKD's selection over the negative pairs (i < j, labels differ) of the
+    similarities x_i . x_j (SPEC §3.2-3.3, 3.7), exact, without N x N memory.
+
+    Rows are x (global ids row_offset + r); columns are x_cols (global ids =
+    positions), or x itself when x_cols is None. Under DDP (group_name set)
+    every pass's histograms are all-reduced and top-k candidates all-gathered,
+    so every rank returns the same global result.
+
+    Returns (thresholds, top_values, top_i, top_j, n_neg): the values at the
+    descending positions n_neg // q for q in divisors; the `topk` pairs with
+    the largest similarity (ties to the smaller (i, j)), padded with
+    (-inf, -1, -1); the number of negative pairs. With no negative pair the
+    thresholds are 0.
+    """
+    group = _process_group(group_name)
+    all_labels = labels if labels_cols is None else labels_cols
+    n = all_labels.shape[0]
+    n_neg = n * (n - 1) // 2 - int(positive_pair_count(all_labels))
+    thresholds = x.new_zeros(len(divisors))
+    top = (x.new_full((topk,), -float("inf")), labels.new_full((topk,), -1, dtype=torch.long),
+           labels.new_full((topk,), -1, dtype=torch.long))
+    n_neg_t = torch.tensor(n_neg, dtype=torch.long, device=x.device)
+    if n_neg == 0:
+        return (thresholds, *top, n_neg_t)
+
+    rect = x_cols is not None
+    ids_r = (row_offset + torch.arange(len(x), device=x.device)) if rect else None
+    common = (x, x_cols, labels.long(), None if labels_cols is None else labels_cols.long(),
+              ids_r, None)
+    all_reduce = None
+    if group is not None:
+        import torch.distributed as dist
+
+        def all_reduce(t):
+            dist.all_reduce(t, group=group)
+
+    bits = key_bits(x.dtype)
+    k_eff = min(topk, n_neg)
+    targets = [n_neg // q for q in divisors] + ([k_eff - 1] if k_eff > 0 else [])
+    keys, n_above = radix_select(
+        lambda prefixes, shift: torch.ops.relkd.pair_histogram(*common, prefixes.to(x.device),
+                                                               shift),
+        targets, bits, all_reduce)
+    thresholds = torch.tensor([key_to_value(k, bits) for k in keys[:len(divisors)]],
+                              dtype=x.dtype, device=x.device)
+    if k_eff > 0:
+        n_equal = k_eff - n_above[-1]
+        top = torch.ops.relkd.pair_topk(*common, as_int64(keys[-1]), n_equal, topk)
+        if group is not None:
+            import torch.distributed as dist
+
+            world = dist.get_world_size(group)
+            gathered = [[torch.empty_like(t) for _ in range(world)] for t in top]
+            for parts, t in zip(gathered, top):
+                dist.all_gather(parts, t, group=group)
+            top = _merge_top_pairs(*(torch.cat(parts) for parts in gathered), topk)
+    return (thresholds, *top, n_neg_t)
+
+
+@negative_pair_select.register_fake
+def _negative_pair_select_fake(x, labels, divisors, topk, x_cols, labels_cols, row_offset,
+                               group_name):
+    return (x.new_empty(len(divisors)), x.new_empty(topk),
+            x.new_empty(topk, dtype=torch.long), x.new_empty(topk, dtype=torch.long),
+            x.new_empty((), dtype=torch.long))
