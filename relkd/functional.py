@@ -42,6 +42,7 @@ DEFAULT_FPR_LEVELS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 def fused_losses() -> dict:
     """Which losses run fused kernels with backend='auto', on which devices."""
     devices = ops.fused_devices()
+    devices = list(devices)
     fused_names = ["RADLoss", "CoupleFaceLoss", "EKDLoss", "CCKDLoss", "SPLoss",
                    "RKDLoss (distance term; angle_weight=0)", "similarity_topk"]
     plain = ["FCDLoss", "ExclusivityLoss", "ECKDLoss"]  # O(N*D) / O(F*P): PyTorch is the fused path

@@ -23,12 +23,19 @@ HAS_EXTENSION = EXTENSION_ERROR is None
 DIGITS = 1 << 16  # radix of the order-statistics passes (csrc/cpu/pair_select.cpp)
 
 
-def fused_devices() -> List[str]:
-    """Device types that have compiled relkd kernels."""
+def _compiled_devices() -> Tuple[str, ...]:
     if not HAS_EXTENSION:
-        return []
-    return ["cpu"] + (["cuda"] if torch._C._dispatch_has_kernel_for_dispatch_key(
-        "relkd::topk_sim", "CUDA") else [])
+        return ()
+    cuda = torch._C._dispatch_has_kernel_for_dispatch_key("relkd::topk_sim", "CUDA")
+    return ("cpu", "cuda") if cuda else ("cpu",)
+
+
+FUSED_DEVICES = _compiled_devices()  # fixed at import: a constant to torch.compile
+
+
+def fused_devices() -> Tuple[str, ...]:
+    """Device types that have compiled relkd kernels."""
+    return FUSED_DEVICES
 
 
 # ------------------------------------------------------------- fake kernels
@@ -52,15 +59,18 @@ if HAS_EXTENSION:
     @torch.library.register_fake("relkd::pairwise_loss")
     def _pairwise_loss_fake(kind, xs_r, xt_r, xs_c, xt_c, labels_r, labels_c, ids_r, ids_c,
                             params, grad_student, grad_teacher):
-        empty = xs_r.new_empty(0)
         rect = xs_c is not None
+
+        def grad_or_placeholder(like, computed):
+            return torch.empty_like(like) if computed else xs_r.new_empty(0)
+
         return (
             xs_r.new_empty(()),
-            torch.empty_like(xs_r) if grad_student else empty,
-            torch.empty_like(xs_c) if grad_student and rect else empty,
-            torch.empty_like(xt_r) if grad_teacher else empty,
-            torch.empty_like(xt_c) if grad_teacher and rect else empty,
-            torch.empty_like(params) if grad_student else empty,
+            grad_or_placeholder(xs_r, grad_student),
+            grad_or_placeholder(xs_c, grad_student and rect),
+            grad_or_placeholder(xt_r, grad_teacher),
+            grad_or_placeholder(xt_c, grad_teacher and rect),
+            grad_or_placeholder(params, grad_student),
         )
 
     @torch.library.register_fake("relkd::pair_histogram")
@@ -97,6 +107,11 @@ if HAS_EXTENSION:
         ctx.input_dims = {i: inputs[i].dim() for i in _PAIRWISE_GRAD_SLOTS if inputs[i] is not None}
 
     def _pairwise_backward(ctx, grad_loss, *_):
+        if torch.is_grad_enabled():
+            # The saved gradients are constants to autograd: a second
+            # derivative through them would be silently wrong.
+            raise RuntimeError("relkd::pairwise_loss supports first-order gradients only "
+                               "(create_graph=True / double backward is not supported)")
         saved = ctx.saved_tensors
         grads: List[Optional[Tensor]] = [None] * 12
         for inp, out in _PAIRWISE_GRAD_SLOTS.items():

@@ -140,18 +140,19 @@ std::vector<at::Tensor> run_pairwise(const Kind& kind, const PairInputs& in, int
     if (!sym) out.s_c.add_(2 * dn(out.dn_c) * in.xs_c);
   }
 
-  const auto empty = at::empty({0}, opts);
+  // Placeholders for gradients not asked for: distinct tensors (outputs must not alias).
+  auto empty = [&] { return at::empty({0}, opts); };
   auto loss_t = at::scalar_tensor(loss, opts);
-  at::Tensor grad_params = empty;
+  at::Tensor grad_params = empty();
   if (grad_s) {
     grad_params = at::zeros({n_params}, opts);
     if (grad_params.numel() > 0) grad_params[0].fill_(dmu);
   }
   return {loss_t,
-          grad_s ? out.s_r : empty,
-          grad_s && !sym ? out.s_c : empty,
-          grad_t ? out.t_r : empty,
-          grad_t && !sym ? out.t_c : empty,
+          grad_s ? out.s_r : empty(),
+          grad_s && !sym ? out.s_c : empty(),
+          grad_t ? out.t_r : empty(),
+          grad_t && !sym ? out.t_c : empty(),
           grad_params};
 }
 

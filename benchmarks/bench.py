@@ -1,0 +1,529 @@
+"""Speed and memory benchmark of relkd's losses and similarity_topk.
+
+For every loss it times the forward pass and forward+backward with the fused
+kernels, the eager reference (which materialises N x N) and the reference
+under torch.compile; for similarity_topk it times the fused kernel against
+chunked torch.mm + topk (several chunk sizes; the best is the baseline) and
+against the bare matrix product of the same shapes (the physical floor). All
+backends of a shape run in one process on the same inputs. It reports the
+median time over repeats, the peak extra memory of one pass and ratios:
+
+  speedup vs eager    eager reference median / this median  (JSON ratio_vs_eager)
+  memory vs eager     this peak extra / eager reference's    (memory_ratio_vs_eager)
+  vs best chunked     best chunked median / this median      (ratio_vs_chunked)
+  x GEMM floor        this median / best bare-GEMM median    (time_over_gemm_floor)
+
+Peak extra memory: on CPU the high-water mark of the resident set of a fresh
+child process per case (forked from a server that has imported torch and
+relkd): tiny warm-up, inputs built, high-water mark reset to the current RSS
+(/proc/self/clear_refs; where that is impossible, ru_maxrss after the inputs
+is the baseline), one pass, peak minus baseline. On CUDA,
+torch.cuda.max_memory_allocated after reset_peak_memory_stats, in process.
+
+Default sweep (fp32, D=256; tens of minutes on 2 CPU cores):
+  N=4096   each loss: fused, reference, compiled reference; 5 repeats
+  N=8192   each loss: fused, reference; 2 repeats (the memory comparison)
+  N=32768  each loss: fused only (the reference needs tens of GB); 2 repeats
+  similarity_topk N=4096 x M=262144, D=256, k=100: fused, chunked torch
+           (chunks 4096, 16384, 65536), bare GEMM floor; 3 repeats
+--quick: losses at N=1024, D=128 (fused and reference) and similarity_topk
+1024 x 16384, D=128: under a minute on 2 cores.
+
+Usage (from the repository root):
+  python3 benchmarks/bench.py --quick
+  python3 benchmarks/bench.py --json benchmarks/results/latest-cpu.json
+  python3 benchmarks/bench.py --only losses --sizes 8192 --losses cckd,ekd
+  python3 benchmarks/bench.py --only topk --topk-shape 4096,262144 --repeats 1
+  python3 benchmarks/bench.py --sizes 4096 --no-compile --no-memory
+  python3 benchmarks/bench.py --case '{"op": "cckd", "backend": "fused",
+                                       "mode": "fwd+bwd", "n": 8192, "d": 256}'
+The last form measures one case's peak extra memory in this process and
+prints it as JSON (what each child does). The Markdown tables go to stdout,
+progress to stderr.
+
+TORCHINDUCTOR_COMPILE_THREADS defaults to 1 here, so that no pool of compile
+workers competes with the timed runs for the cores.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+for path in (str(REPO_ROOT), str(BENCH_DIR)):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import torch  # noqa: E402
+
+import cases  # noqa: E402
+import relkd  # noqa: E402
+from cases import LOSS_NAMES, TOPK, Case  # noqa: E402
+
+FULL_LOSS_SIZES = (4096, 8192, 32768)
+QUICK_LOSS_SIZES = (1024,)
+FULL_DIM, QUICK_DIM = 256, 128
+FULL_TOPK_SHAPE, QUICK_TOPK_SHAPE = (4096, 262144), (1024, 16384)
+TOPK_K = 100
+CHUNK_SIZES = (4096, 16384, 65536)
+TOPK_REFERENCE_MAX_ELEMENTS = 1 << 22  # the reference sorts all N x M similarities
+MEMORY_TIMEOUT_S = 3600
+
+
+@dataclass
+class Plan:
+    """Which backends run at a size, and how often."""
+    backends: Sequence[str]
+    repeats: int
+    warmups: int  # full-size warm-up runs ("compiled" always gets >= 2)
+
+
+def loss_plan(n: int, quick: bool) -> Plan:
+    """Per batch size: eager and compiled reference only where their N x N
+    matrices are affordable; fewer repeats where one pass takes seconds."""
+    if quick:
+        return Plan(("fused", "reference", "compiled"), repeats=3, warmups=1)
+    if n <= 4096:
+        return Plan(("fused", "reference", "compiled"), repeats=5, warmups=1)
+    if n <= 8192:
+        return Plan(("fused", "reference"), repeats=2, warmups=1)
+    return Plan(("fused",), repeats=2, warmups=0)
+
+
+def topk_plan(n: int, m: int, quick: bool) -> Plan:
+    backends = ["fused", "chunked", "gemm"]
+    if n * m <= TOPK_REFERENCE_MAX_ELEMENTS:
+        backends[1:1] = ["reference", "compiled"]
+    return Plan(tuple(backends), repeats=3, warmups=1)
+
+
+@dataclass
+class Measurement:
+    """A case with its plan and, once run, its results."""
+    case: Case
+    repeats: int
+    warmups: int
+    times_s: List[float] = field(default_factory=list)
+    error: Optional[str] = None
+    memory: Dict = field(default_factory=dict)
+
+    @property
+    def median_s(self) -> Optional[float]:
+        return statistics.median(self.times_s) if self.times_s else None
+
+
+# ------------------------------------------------------------------ the sweep
+def build_sweep(args) -> List[Measurement]:
+    """Every measurement the arguments select, grouped by shape."""
+    sweep: List[Measurement] = []
+    passes = [p for p in args.passes if p in cases.PASSES]
+    if args.only in ("all", "losses"):
+        for n in args.sizes:
+            plan = loss_plan(n, args.quick)
+            for op in args.losses:
+                for backend in selected(plan.backends, args):
+                    for mode in passes:
+                        case = cases.make_case(op, backend, mode, n, args.dim, dtype=args.dtype,
+                                               device=args.device, seed=args.seed)
+                        sweep.append(planned(case, plan, args))
+    if args.only in ("all", "topk") and "fwd" in passes:
+        n, m = args.topk_shape
+        plan = topk_plan(n, m, args.quick)
+        chunks = sorted({min(c, m) for c in args.chunks})
+        for backend in selected(plan.backends, args):
+            for chunk in chunks if backend in ("chunked", "gemm") else [None]:
+                case = Case(TOPK, backend, "fwd", n, args.dim, m=m, k=args.topk_k, chunk=chunk,
+                            dtype=args.dtype, device=args.device, seed=args.seed)
+                sweep.append(planned(case, plan, args))
+    return sweep
+
+
+def selected(backends: Sequence[str], args) -> List[str]:
+    return [b for b in backends if b in args.backends and (b != "compiled" or args.compile)]
+
+
+def planned(case: Case, plan: Plan, args) -> Measurement:
+    warmups = max(plan.warmups, 2) if case.backend == "compiled" else plan.warmups
+    return Measurement(case, args.repeats or plan.repeats, warmups)
+
+
+# ------------------------------------------------------------------- timing
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_runs(run: Callable[[], None], repeats: int, warmups: int, device: str) -> List[float]:
+    """Wall-clock seconds of `repeats` calls of run() after `warmups` calls."""
+    for _ in range(warmups):
+        run()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def time_measurement(measurement: Measurement, inputs) -> None:
+    case = measurement.case
+    try:
+        cases.warm_up_tiny(case)
+        run = cases.prepare(case, inputs)
+        measurement.times_s = time_runs(run, measurement.repeats, measurement.warmups,
+                                        case.device)
+    except Exception as exc:  # noqa: BLE001 - e.g. a compilation failure: recorded
+        measurement.error = f"{type(exc).__name__}: {exc}".strip()[:2000]
+
+
+# ------------------------------------------------------------------- memory
+_MEMORY_CONTEXT = None
+
+
+def memory_context():
+    """A forkserver whose server has imported torch and relkd: every memory
+    child is a fresh process (its own RSS high-water mark, no OpenMP state
+    inherited from the timing runs) without paying the imports again."""
+    global _MEMORY_CONTEXT
+    if _MEMORY_CONTEXT is None:
+        _MEMORY_CONTEXT = multiprocessing.get_context("forkserver")
+        _MEMORY_CONTEXT.set_forkserver_preload(["torch", "relkd", "cases"])
+    return _MEMORY_CONTEXT
+
+
+def measure_memory_in_subprocess(case: Case, timeout_s: float = MEMORY_TIMEOUT_S) -> Dict:
+    """cases.probe_peak_memory(case) in a child process; errors (including
+    the child being killed, e.g. out of memory) come back as memory_error."""
+    context = memory_context()
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=cases.child_probe, args=(case.to_json(), sender))
+    child.start()
+    sender.close()
+    try:
+        if not receiver.poll(timeout_s):
+            child.terminate()
+            return {"memory_error": f"timed out after {timeout_s:.0f} s"}
+        status, payload = receiver.recv()
+    except EOFError:
+        status, payload = "error", None
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+            child.join()
+    if status == "ok":
+        return payload
+    return {"memory_error": payload or f"memory child exited with code {child.exitcode}"}
+
+
+def measure_memory(measurement: Measurement) -> None:
+    case = measurement.case
+    if measurement.error is not None:
+        return  # the op itself failed: nothing to measure
+    if case.device.startswith("cuda"):
+        try:
+            measurement.memory = cases.probe_peak_memory(case)
+        except Exception as exc:  # noqa: BLE001
+            measurement.memory = {"memory_error": f"{type(exc).__name__}: {exc}"}
+    else:
+        measurement.memory = measure_memory_in_subprocess(case)
+
+
+# ------------------------------------------------------------------ running
+def run_sweep(sweep: List[Measurement], measure_peak: bool) -> None:
+    """Time every measurement (inputs shared by all cases of a shape), then
+    measure its peak memory; progress on stderr."""
+    inputs_by_key: Dict[tuple, object] = {}
+    for index, measurement in enumerate(sweep, 1):
+        case = measurement.case
+        key = cases.inputs_key(case)
+        if key not in inputs_by_key:
+            inputs_by_key.clear()  # one shape at a time
+            started = time.perf_counter()
+            inputs_by_key[key] = cases.build_inputs(case)
+            log(f"inputs for {case.name}: {time.perf_counter() - started:.1f} s")
+        started = time.perf_counter()
+        time_measurement(measurement, inputs_by_key[key])
+        timed = time.perf_counter() - started
+        if measure_peak:
+            measure_memory(measurement)
+        log(f"[{index}/{len(sweep)}] {case.name} {describe_backend(case.backend, case.chunk)} {case.mode}: "
+            f"{format_time(measurement.median_s) if measurement.times_s else 'error'} "
+            f"(timing {timed:.1f} s, total {time.perf_counter() - started:.1f} s)"
+            + (f" error: {measurement.error[:200]}" if measurement.error else ""))
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------- ratios
+def to_records(sweep: List[Measurement]) -> List[Dict]:
+    """One JSON record per measurement, with the ratios against the eager
+    reference (same op, shape and pass), the best chunked baseline and the
+    best bare-GEMM floor."""
+    def best_median(backend: str, case: Case) -> Optional[float]:
+        medians = [m.median_s for m in sweep
+                   if m.case.backend == backend and m.median_s is not None
+                   and cases.inputs_key(m.case) == cases.inputs_key(case)
+                   and m.case.mode == case.mode and m.case.op == case.op]
+        return min(medians) if medians else None
+
+    def eager(case: Case) -> Optional[Measurement]:
+        for m in sweep:
+            if (m.case.backend == "reference" and m.case.op == case.op and m.case.mode == case.mode
+                    and cases.inputs_key(m.case) == cases.inputs_key(case)):
+                return m
+        return None
+
+    records = []
+    for m in sweep:
+        case = m.case
+        record = {
+            "case": case.name, "kind": case.kind, "op": case.op, "backend": case.backend,
+            "chunk": case.chunk, "N": case.n, "D": case.d, "M": case.m, "k": case.k,
+            "dtype": case.dtype, "device": case.device, "pass": case.mode,
+            "repeats": m.repeats, "warmups": m.warmups, "median_s": m.median_s,
+            "times_s": m.times_s, "peak_extra_bytes": m.memory.get("peak_extra_bytes"),
+            "memory_method": m.memory.get("memory_method"),
+            "ratio_vs_eager": None, "memory_ratio_vs_eager": None,
+            "error": m.error, "memory_error": m.memory.get("memory_error"),
+        }
+        reference = eager(case)
+        if reference is not None and reference.median_s and m.median_s:
+            record["ratio_vs_eager"] = reference.median_s / m.median_s
+        ref_memory = reference.memory.get("peak_extra_bytes") if reference else None
+        if ref_memory and record["peak_extra_bytes"] is not None:
+            record["memory_ratio_vs_eager"] = record["peak_extra_bytes"] / ref_memory
+        if case.kind == "topk":
+            chunked, gemm = best_median("chunked", case), best_median("gemm", case)
+            record["ratio_vs_chunked"] = chunked / m.median_s if chunked and m.median_s else None
+            record["time_over_gemm_floor"] = m.median_s / gemm if gemm and m.median_s else None
+            record["best_of_backend"] = (m.median_s is not None
+                                         and m.median_s == best_median(case.backend, case))
+        records.append(record)
+    return records
+
+
+# ------------------------------------------------------------------ machine
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_commit() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info(device: str) -> Dict:
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "relkd": relkd.__version__, "python": platform.python_version(),
+        "platform": platform.platform(), "device": device, "git_commit": git_commit(),
+        "fused_devices": relkd.ops.fused_devices(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+# ------------------------------------------------------------------ tables
+def format_time(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds * 1e6:.3g} us"
+
+
+def format_bytes(size: Optional[float]) -> str:
+    if size is None:
+        return "-"
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size:.0f} B"
+
+
+def format_ratio(ratio: Optional[float], suffix: str = "x") -> str:
+    if ratio is None:
+        return "-"
+    return f"{ratio:.3g}{suffix}"
+
+
+def format_percent(ratio: Optional[float]) -> str:
+    return "-" if ratio is None else f"{100 * ratio:.3g}%"
+
+
+def describe_backend(backend: str, chunk: Optional[int] = None) -> str:
+    names = {"reference": "reference (eager)", "compiled": "reference + torch.compile",
+             "chunked": "chunked torch", "gemm": "bare GEMM"}
+    name = names.get(backend, backend)
+    return f"{name} (chunk {chunk})" if chunk else name
+
+
+def time_cell(record: Dict) -> str:
+    if record["error"]:
+        return "error: " + record["error"].splitlines()[0][:80].replace("|", "/")
+    return format_time(record["median_s"])
+
+
+def memory_cell(record: Dict) -> str:
+    if record["memory_error"]:
+        return "error: " + record["memory_error"].splitlines()[0][:60].replace("|", "/")
+    return format_bytes(record["peak_extra_bytes"])
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    right = [i for i, h in enumerate(headers) if i >= 3]
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join("---:" if i in right else "---" for i in range(len(headers))) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def loss_table(records: List[Dict]) -> str:
+    headers = ["loss", "N x D", "pass", "backend", "median", "peak extra memory",
+               "speedup vs eager", "memory vs eager"]
+    rows = [[r["op"], f"{r['N']} x {r['D']}", r["pass"], describe_backend(r["backend"], r["chunk"]),
+             time_cell(r), memory_cell(r), format_ratio(r["ratio_vs_eager"]),
+             format_percent(r["memory_ratio_vs_eager"])]
+            for r in records if r["kind"] == "loss"]
+    return markdown_table(headers, rows)
+
+
+def topk_table(records: List[Dict]) -> str:
+    headers = ["N x M, D, k", "backend", "best", "median", "peak extra memory",
+               "speedup vs best chunked", "x bare-GEMM floor"]
+    rows = [[f"{r['N']} x {r['M']}, {r['D']}, {r['k']}", describe_backend(r["backend"], r["chunk"]),
+             "*" if r["best_of_backend"] and r["backend"] in ("chunked", "gemm") else "",
+             time_cell(r), memory_cell(r), format_ratio(r["ratio_vs_chunked"]),
+             format_ratio(r["time_over_gemm_floor"])]
+            for r in records if r["kind"] == "topk"]
+    return markdown_table(headers, rows)
+
+
+def report(machine: Dict, records: List[Dict]) -> str:
+    threads = f"{machine['torch_threads']} threads"
+    where = machine.get("gpu") or f"{machine['cpu']} ({threads})"
+    parts = [f"relkd {machine['relkd']} benchmark: {where}, torch {machine['torch']}, "
+             f"{machine['date']}. Median of repeats; peak extra memory of one pass."]
+    if any(r["kind"] == "loss" for r in records):
+        parts += ["", "Losses (fp32 unless noted):", "", loss_table(records)]
+    if any(r["kind"] == "topk" for r in records):
+        parts += ["", "similarity_topk (exact cosine k-NN; * = fastest chunk size):", "",
+                  topk_table(records)]
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------- CLI
+def int_list(text: str) -> List[int]:
+    return [int(part) for part in text.split(",") if part]
+
+
+def name_list(choices: Sequence[str]) -> Callable[[str], List[str]]:
+    def parse(text: str) -> List[str]:
+        names = [part.strip() for part in text.split(",") if part.strip()]
+        unknown = [n for n in names if n not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {list(choices)}")
+        return names
+    return parse
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sweep, under a minute on 2 cores")
+    parser.add_argument("--only", choices=("all", "losses", "topk"), default="all")
+    parser.add_argument("--sizes", type=int_list, help="loss batch sizes N (default 4096,8192,32768)")
+    parser.add_argument("--dim", type=int, help=f"embedding dim D (default {FULL_DIM}, quick {QUICK_DIM})")
+    parser.add_argument("--losses", type=name_list(LOSS_NAMES), default=list(LOSS_NAMES))
+    parser.add_argument("--backends", type=name_list(cases.TOPK_BACKENDS),
+                        default=list(cases.TOPK_BACKENDS), help="restrict backends")
+    parser.add_argument("--passes", type=name_list(cases.PASSES), default=list(cases.PASSES))
+    parser.add_argument("--repeats", type=int, help="timed repeats (default: per size)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="include the torch.compile'd reference (default: on, off in --quick)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="skip the peak-memory children")
+    parser.add_argument("--topk-shape", type=int_list,
+                        help="similarity_topk N,M (default 4096,262144; quick 1024,16384)")
+    parser.add_argument("--topk-k", type=int, default=TOPK_K)
+    parser.add_argument("--chunks", type=int_list, default=list(CHUNK_SIZES),
+                        help="chunk sizes of the chunked-torch and GEMM baselines")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16",
+                                                               "float64"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument("--case", help="measure one case's peak memory in this process (JSON)")
+    args = parser.parse_args(argv)
+    args.sizes = args.sizes or list(QUICK_LOSS_SIZES if args.quick else FULL_LOSS_SIZES)
+    args.dim = args.dim or (QUICK_DIM if args.quick else FULL_DIM)
+    args.topk_shape = tuple(args.topk_shape or (QUICK_TOPK_SHAPE if args.quick else FULL_TOPK_SHAPE))
+    if len(args.topk_shape) != 2:
+        parser.error("--topk-shape takes N,M")
+    if args.compile is None:
+        args.compile = not args.quick
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.case:
+        print(json.dumps(cases.probe_peak_memory(Case(**json.loads(args.case)))))
+        return 0
+    sweep = build_sweep(args)
+    if not sweep:
+        log("nothing selected")
+        return 1
+    started = time.perf_counter()
+    run_sweep(sweep, args.memory)
+    log(f"done in {time.perf_counter() - started:.1f} s")
+    machine = machine_info(args.device)
+    records = to_records(sweep)
+    print(report(machine, records))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        config = {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+                  for k, v in vars(args).items() if k != "case"}
+        args.json.write_text(json.dumps({"machine": machine, "config": config,
+                                         "records": records}, indent=1) + "\n")
+        log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

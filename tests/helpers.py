@@ -1,0 +1,68 @@
+"""Shared test utilities: inputs, label patterns, the FlashAttention-style
+tolerance pattern, and running a loss for its value and gradient."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from relkd import ops
+
+requires_extension = pytest.mark.skipif(not ops.HAS_EXTENSION,
+                                        reason=f"relkd._C not built: {ops.EXTENSION_ERROR}")
+
+LABEL_PATTERNS = ("same", "distinct", "random")
+
+
+def embeddings(n: int, d: int, seed: int, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+
+
+def correlated(base: torch.Tensor, seed: int, noise: float = 0.5) -> torch.Tensor:
+    """A 'teacher' related to `base`, so relations are neither equal nor unrelated."""
+    return base + noise * embeddings(*base.shape, seed, base.dtype)
+
+
+def labels(pattern: str, n: int, seed: int) -> torch.Tensor:
+    if pattern == "same":
+        return torch.zeros(n, dtype=torch.long)
+    if pattern == "distinct":
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, max(1, n // 3), (n,), generator=g)  # duplicates guaranteed
+
+
+def value_and_grad(fn, fs: torch.Tensor, *args, **kwargs):
+    """(loss, d loss / d fs) of fn(fs, *args, **kwargs); a tuple result's [0] is the loss."""
+    fs = fs.detach().clone().requires_grad_(True)
+    out = fn(fs, *args, **kwargs)
+    loss = out[0] if isinstance(out, tuple) else out
+    (grad,) = torch.autograd.grad(loss, fs, allow_unused=True)
+    return loss.detach(), (torch.zeros_like(fs) if grad is None else grad)
+
+
+def assert_bounded_error(fused, same_precision, exact, what: str, factor: float = 2.0,
+                         floor: float = 2e-6):
+    """The fused result's error against the float64 reference is at most
+    `factor` times the same-precision reference's error, plus a tiny floor
+    relative to the result's magnitude (FlashAttention's test pattern)."""
+    exact = exact.double()
+    assert not torch.isnan(fused).any(), f"{what}: fused result has NaN"
+    err_fused = (fused.double() - exact).abs().max().item() if fused.numel() else 0.0
+    err_ref = (same_precision.double() - exact).abs().max().item() if fused.numel() else 0.0
+    scale = exact.abs().max().item() if exact.numel() else 0.0
+    bound = factor * err_ref + floor * max(scale, 1e-3)
+    assert err_fused <= bound, (f"{what}: fused error {err_fused:.3e} > bound {bound:.3e} "
+                                f"(same-precision reference error {err_ref:.3e}, scale {scale:.3e})")
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

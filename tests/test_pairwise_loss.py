@@ -1,0 +1,185 @@
+"""pairwise_loss (DESIGN primitive 3), every kind, against the N x N sum it
+replaces: values and gradients (student, teacher where allowed, RKD's mu),
+the symmetric case against rectangular row blocks with global ids (the DDP
+case), label-sorted rows (EKD), gradcheck, opcheck and determinism."""
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relkd import ops, reference
+
+from helpers import (LABEL_PATTERNS, assert_bounded_error, correlated, embeddings, labels,
+                     num_threads, requires_extension)
+
+pytestmark = requires_extension
+KINDS = ("cckd", "ekd_pos", "rkd_dist_sum", "rkd_distance")
+
+
+def unit(x):
+    return reference.normalize(x, x.dtype)
+
+
+def inputs(kind, n, d, seed, dtype, pattern="random"):
+    """(xs, xt, labels, params) as the losses pass them to the op."""
+    xs = embeddings(n, d, seed, dtype)
+    xt = correlated(xs, seed + 1, 0.7)
+    y = labels(pattern, n, seed)
+    if kind == "cckd":
+        coef = reference.cckd_coefficients("gaussian", 0.4, 3)
+        return unit(xs), unit(xt), None, torch.tensor(coef, dtype=dtype)
+    if kind == "ekd_pos":
+        anchors = torch.linspace(-0.3, 0.6, 6, dtype=dtype)
+        params = torch.cat([torch.tensor([0.2], dtype=dtype), anchors, anchors + 0.05])
+        return unit(xs), unit(xt), y, params
+    if kind == "rkd_dist_sum":
+        return xs, None, None, xs.new_empty(0)
+    return xs, xt, None, torch.tensor([1.3, 0.9], dtype=dtype)
+
+
+def direct(kind, xs, xt, y, params):
+    """The same sum over the full N x N matrices, in plain PyTorch."""
+    n = xs.shape[0]
+    off = ~torch.eye(n, dtype=torch.bool)
+    if kind == "cckd":
+        coef = params.tolist()
+        diff = reference.polynomial(coef, xs @ xs.T) - reference.polynomial(coef, xt @ xt.T)
+        return (diff * diff).sum()
+    if kind == "ekd_pos":
+        a = (params.numel() - 1) // 2
+        t, s_anchor, t_anchor = params[0].item(), params[1:1 + a], params[1 + a:]
+        iu = torch.triu_indices(n, n, 1)
+        pos = y[iu[0]] == y[iu[1]]
+        s = (xs @ xs.T)[iu[0], iu[1]][pos]
+        tt = (xt @ xt.T)[iu[0], iu[1]][pos]
+        diff = reference.ekd_rank(s, s_anchor, t) - reference.ekd_rank(tt, t_anchor, t)
+        return (diff * diff).sum()
+    if kind == "rkd_dist_sum":
+        return reference.rkd_pdist(xs)[off].sum()
+    psi_s = reference.rkd_pdist(xs) / params[0]
+    psi_t = reference.rkd_pdist(xt) / params[1].detach()  # the teacher's mu gets no gradient
+    return torch.nn.functional.smooth_l1_loss(psi_s[off], psi_t[off], reduction="sum")
+
+
+def grads_of(fn, kind, xs, xt, y, params):
+    """(value, d/dxs, d/dxt or None, d/dparams or None)."""
+    xs = xs.detach().clone().requires_grad_()
+    xt = None if xt is None else xt.detach().clone().requires_grad_(kind == "cckd")
+    params = params.detach().clone().requires_grad_(kind == "rkd_distance")
+    value = fn(kind, xs, xt, y, params)
+    wrt = [xs] + ([xt] if kind == "cckd" else []) + ([params] if kind == "rkd_distance" else [])
+    got = torch.autograd.grad(value, wrt)
+    return [value.detach()] + list(got)
+
+
+def fused(kind, xs, xt, y, params):
+    return ops.pairwise_loss(kind, xs, xt, labels_r=y, params=params)
+
+
+@given(kind=st.sampled_from(KINDS), n=st.integers(1, 300), d=st.integers(1, 130),
+       pattern=st.sampled_from(LABEL_PATTERNS), dtype=st.sampled_from([torch.float32,
+                                                                       torch.float64]),
+       seed=st.integers(0, 2**16))
+def test_matches_the_full_matrix(kind, n, d, pattern, dtype, seed):
+    args = inputs(kind, n, d, seed, dtype, pattern)
+    got = grads_of(fused, kind, *args)
+    same = grads_of(direct, kind, *args)
+    exact = grads_of(direct, kind, *(None if a is None else a.double() if a.is_floating_point()
+                                     else a for a in args))
+    for g, s, e, what in zip(got, same, exact, ("loss", "grad xs", "grad 2", "grad 3")):
+        assert g.dtype == dtype
+        if dtype == torch.float64:
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12, msg=f"{kind} {what}")
+        else:
+            assert_bounded_error(g, s, e, f"{kind} {what}", factor=4.0)
+
+
+def rect_in_chunks(kind, xs, xt, y, params, bounds):
+    """Sum over row blocks of (rows x all columns) calls with global row ids,
+    as one DDP rank per block computes it."""
+    total = 0
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        ids = torch.arange(lo, hi)
+        total = total + ops.pairwise_loss(
+            kind, xs[lo:hi], None if xt is None else xt[lo:hi], xs,
+            None if xt is None else xt, None if y is None else y[lo:hi], y, ids, None, params)
+    return total
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_row_blocks_with_global_ids_sum_to_the_whole(kind):
+    args = inputs(kind, 300, 20, seed=3, dtype=torch.float64)
+    whole = grads_of(fused, kind, *args)
+    blocks = grads_of(lambda *a: rect_in_chunks(*a, bounds=[0, 37, 290, 300]), kind, *args)
+    for w, b in zip(whole, blocks):
+        torch.testing.assert_close(b, w, rtol=1e-10, atol=1e-12)
+
+
+def test_ekd_pos_is_invariant_to_sorting_rows_by_label():
+    xs, xt, y, params = inputs("ekd_pos", 280, 9, seed=4, dtype=torch.float64)
+    perm = torch.argsort(y, stable=True)
+    plain = grads_of(fused, "ekd_pos", xs, xt, y, params)
+    xs_p = xs.detach().clone().requires_grad_()
+    value = ops.pairwise_loss("ekd_pos", xs_p[perm], xt[perm], labels_r=y[perm], params=params)
+    (grad,) = torch.autograd.grad(value, xs_p)
+    torch.testing.assert_close(value, plain[0], rtol=1e-10, atol=0)
+    torch.testing.assert_close(grad, plain[1], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck(kind):
+    xs, xt, y, params = inputs(kind, 9, 4, seed=5, dtype=torch.float64)
+    xs.requires_grad_()
+    if kind == "cckd":
+        xt.requires_grad_()
+    # RKD differentiates the student's mu only (params[0]); the teacher's is a constant.
+    head = params[:1].clone().requires_grad_(kind == "rkd_distance")
+    tail = params[1:]
+    assert torch.autograd.gradcheck(
+        lambda a, b, p: ops.pairwise_loss(kind, a, b, labels_r=y, params=torch.cat([p, tail])),
+        (xs, xt, head))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rect", [False, True])
+def test_opcheck(kind, rect):
+    xs, xt, y, params = inputs(kind, 40, 6, seed=6, dtype=torch.float32)
+    xs.requires_grad_()
+    teacher_grad = kind == "cckd"
+    if teacher_grad:
+        xt.requires_grad_()
+    if kind == "rkd_distance":
+        params.requires_grad_()
+    if rect:
+        cols = (xs.detach().clone().requires_grad_(), None if xt is None else xt.detach().clone())
+        args = (kind, xs[:10].detach().requires_grad_(), None if xt is None else xt[:10], cols[0],
+                cols[1], None if y is None else y[:10], y, torch.arange(10) + 5, None, params,
+                True, teacher_grad)
+    else:
+        args = (kind, xs, xt, None, None, y, None, None, None, params, True, teacher_grad)
+    torch.library.opcheck(torch.ops.relkd.pairwise_loss.default, args)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_deterministic(threads):
+    xs, xt, _, coef = inputs("cckd", 700, 32, seed=7, dtype=torch.float32)
+    with num_threads(threads):
+        runs = [grads_of(fused, "cckd", xs, xt, None, coef) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_double_backward_is_refused_not_silently_wrong():
+    xs, xt, _, coef = inputs("cckd", 20, 4, seed=8, dtype=torch.float64)
+    xs.requires_grad_()
+    loss = ops.pairwise_loss("cckd", xs, xt, params=coef)
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad(loss, xs, create_graph=True)
+
+
+def test_taylor_coefficients_sum_to_the_kernel():
+    # phi(1) = exp(-2g) * sum_p (2g)^p / p! -> 1 as the order grows.
+    coef = reference.cckd_coefficients("gaussian", 0.4, 30)
+    assert math.isclose(sum(coef), 1.0, rel_tol=1e-12)

@@ -1,0 +1,143 @@
+"""topk_sim (DESIGN primitive 1) and relkd.similarity_topk: fused vs the
+reference, by value (near-ties may swap indices in float32), exactly where
+ties are exact; label and self exclusion, padding, M >> N, opcheck."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import relkd
+from relkd import ops, reference
+
+from helpers import LABEL_PATTERNS, embeddings, labels, num_threads, requires_extension
+
+pytestmark = requires_extension
+
+
+def check_mining(values, indices, a, b, k, valid, atol):
+    """Mining is right if each row holds min(k, #valid) distinct valid
+    candidates, sorted descending, whose float64 similarities equal the k
+    largest valid float64 similarities up to atol, then padding."""
+    x = reference.normalize(a.double(), torch.float64)
+    c = x if b is None else reference.normalize(b.double(), torch.float64)
+    sim = x @ c.T
+    want_v, _ = reference.topk_rows(sim, valid, k)
+    n_valid = valid.sum(1).clamp(max=k)
+    for i in range(len(x)):
+        kept = int(n_valid[i])
+        idx = indices[i, :kept]
+        assert (indices[i, kept:] == -1).all() and torch.isinf(values[i, kept:]).all()
+        assert len(set(idx.tolist())) == kept and (idx >= 0).all()
+        assert valid[i, idx].all(), f"row {i}: an excluded candidate was mined"
+        assert (values[i, :kept].diff() <= atol).all(), f"row {i}: not sorted"
+        torch.testing.assert_close(sim[i, idx], want_v[i, :kept], atol=atol, rtol=0)
+        torch.testing.assert_close(values[i, :kept].double(), sim[i, idx], atol=atol, rtol=0)
+
+
+def batch_valid(n, y, exclude_self):
+    valid = torch.ones(n, n, dtype=torch.bool)
+    if exclude_self:
+        valid &= ~torch.eye(n, dtype=torch.bool)
+    if y is not None:
+        valid &= y[:, None] != y[None, :]
+    return valid
+
+
+@given(n=st.integers(1, 300), d=st.integers(1, 130), k_extra=st.integers(-300, 5),
+       dtype=st.sampled_from([torch.float32, torch.float64]),
+       pattern=st.sampled_from(LABEL_PATTERNS + ("none",)), exclude_self=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_batch_mode_property(n, d, k_extra, dtype, pattern, exclude_self, seed):
+    k = max(1, n + k_extra)
+    a = embeddings(n, d, seed, dtype)
+    y = None if pattern == "none" else labels(pattern, n, seed)
+    values, indices = relkd.similarity_topk(a, k=k, a_labels=y, exclude_self=exclude_self,
+                                            backend="fused")
+    assert values.dtype == dtype and indices.shape == (n, k)
+    atol = 1e-12 if dtype == torch.float64 else 2e-6
+    check_mining(values, indices, a, None, k, batch_valid(n, y, exclude_self), atol)
+    if dtype == torch.float64:  # no near-ties at this precision: indices agree exactly
+        ref_v, ref_i = relkd.similarity_topk(a, k=k, a_labels=y, exclude_self=exclude_self,
+                                             backend="reference")
+        assert torch.equal(indices, ref_i)
+
+
+@given(n=st.integers(1, 40), m=st.integers(1, 5000), d=st.integers(1, 130),
+       k=st.integers(1, 60), dtype=st.sampled_from([torch.float32, torch.float64]),
+       with_labels=st.booleans(), seed=st.integers(0, 2**16))
+def test_bank_mode_property(n, m, d, k, dtype, with_labels, seed):
+    a = embeddings(n, d, seed, dtype)
+    b = 3.0 * embeddings(m, d, seed + 1, dtype)  # unnormalised bank rows
+    ya = labels("random", n, seed) if with_labels else None
+    yb = labels("random", m, seed + 2) if with_labels else None
+    values, indices = relkd.similarity_topk(a, b, k, ya, yb, backend="fused")
+    valid = torch.ones(n, m, dtype=torch.bool)
+    if with_labels:
+        valid &= ya[:, None] != yb[None, :]
+    check_mining(values, indices, a, b, k, valid, 1e-12 if dtype == torch.float64 else 2e-6)
+
+
+def test_bank_much_larger_than_queries():
+    a = embeddings(3, 32, seed=1)
+    b = embeddings(200_000, 32, seed=2)
+    values, indices = relkd.similarity_topk(a, b, k=50, backend="fused")
+    check_mining(values, indices, a, b, 50, torch.ones(3, 200_000, dtype=torch.bool), 2e-6)
+
+
+def test_exact_ties_go_to_the_smaller_index():
+    # One-hot rows: every similarity is exactly 0 or 1, whatever the summation order.
+    eye = torch.eye(4)
+    a = torch.cat([eye, eye, eye])  # rows i, i+4, i+8 are equal
+    _, fused = relkd.similarity_topk(a, k=11, backend="fused")
+    _, ref = relkd.similarity_topk(a, k=11, backend="reference")
+    assert torch.equal(fused, ref)
+    assert fused[0].tolist() == [4, 8, 1, 2, 3, 5, 6, 7, 9, 10, 11]
+
+
+def test_label_and_self_exclusion_explicit():
+    a = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.9, 0.2]])
+    y = torch.tensor([0, 0, 1, 1])
+    _, idx = relkd.similarity_topk(a, k=3, a_labels=y, backend="fused")
+    assert idx[0].tolist() == [3, 2, -1]  # 1 shares row 0's label, 0 is itself
+    _, idx = relkd.similarity_topk(a, k=2, exclude_self=False, backend="fused")
+    assert idx[0].tolist() == [0, 1]
+
+
+def test_nan_rows_rank_below_every_number():
+    a = embeddings(6, 4, seed=3)
+    a[2] = float("nan")
+    values, idx = relkd.similarity_topk(a, k=5, backend="fused")
+    _, ref = relkd.similarity_topk(a, k=5, backend="reference")
+    assert torch.equal(idx, ref)
+    assert (idx[[0, 1, 3, 4, 5], 4] == 2).all()  # the NaN row comes last
+    assert torch.isnan(values[2]).all()  # its own similarities are NaN, still mined in order
+
+
+def test_half_inputs_mine_in_float32():
+    a = embeddings(50, 16, seed=4).half()
+    values, indices = relkd.similarity_topk(a, k=5, backend="fused")
+    assert values.dtype == torch.float32
+    check_mining(values, indices, a.float(), None, 5, batch_valid(50, None, True), 2e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_deterministic_and_independent_of_threads(threads):
+    a, b = embeddings(700, 24, seed=5), embeddings(9000, 24, seed=6)
+    with num_threads(threads):
+        first = ops.topk_sim(a, b, 17)
+        second = ops.topk_sim(a, b, 17)
+    with num_threads(3 - threads):
+        other = ops.topk_sim(a, b, 17)
+    for x, y_, z in zip(first, second, other):
+        assert torch.equal(x, y_) and torch.equal(x, z)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(dtype):
+    a, b = embeddings(40, 8, seed=7, dtype=dtype), embeddings(300, 8, seed=8, dtype=dtype)
+    la, lb = labels("random", 40, 1), labels("random", 300, 2)
+    scale = torch.rand(300, dtype=dtype) + 0.5
+    for args in [(a, b, 5, None, None, None, False, 0),
+                 (a, b, 7, la, lb, scale, False, 0),
+                 (a, a, 50, la, la, None, True, 0)]:
+        torch.library.opcheck(torch.ops.relkd.topk_sim.default, args)

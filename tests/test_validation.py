@@ -1,0 +1,239 @@
+"""Bad input (SPEC §9): one test per row of the table, for every loss it
+applies to, on both backends. A ValueError must name the argument."""
+import pytest
+import torch
+
+import relkd
+from relkd import functional as Fn
+
+from helpers import embeddings, requires_extension
+
+BACKENDS = ["reference", pytest.param("fused", marks=requires_extension)]
+ANCHORS = torch.zeros(6)
+
+
+def y_of(n):
+    return torch.arange(n) % 3
+
+
+# Each loss as fn(fs, ft, y, backend); y is ignored where the loss has no labels.
+LOSSES = {
+    "fcd": lambda fs, ft, y, b: Fn.fcd_loss(fs, ft, backend=b),
+    "rad": lambda fs, ft, y, b: Fn.rad_loss(fs, ft, y, k=3, backend=b),
+    "coupleface": lambda fs, ft, y, b: Fn.coupleface_loss(fs, ft, y, k=3, backend=b),
+    "ekd": lambda fs, ft, y, b: Fn.ekd_loss(fs, ft, y, ANCHORS, ANCHORS, backend=b)[0],
+    "cckd": lambda fs, ft, y, b: Fn.cckd_loss(fs, ft, backend=b),
+    "sp": lambda fs, ft, y, b: Fn.sp_loss(fs, ft, backend=b),
+    "rkd": lambda fs, ft, y, b: Fn.rkd_loss(fs, ft, angle_weight=0.0, backend=b),
+}
+WITH_LABELS = ["rad", "coupleface", "ekd"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", [n for n in LOSSES if n != "sp"])
+@pytest.mark.parametrize("shape", [(8,), (2, 4, 3)])
+def test_wrong_rank(name, shape, backend):
+    fs = torch.randn(*shape)
+    with pytest.raises(ValueError, match=r"fs: expected shape \(N, D\)"):
+        LOSSES[name](fs, torch.randn(*shape), y_of(shape[0]), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sp_flattens_but_needs_rows(backend):
+    with pytest.raises(ValueError, match=r"fs: expected shape \(N, D\)"):
+        Fn.sp_loss(torch.randn(8), torch.randn(8), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_n_mismatch(name, backend):
+    with pytest.raises(ValueError, match=r"ft: expected 8 rows"):
+        LOSSES[name](torch.randn(8, 4), torch.randn(7, 4), y_of(8), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["fcd", "coupleface"])
+def test_d_mismatch_where_features_are_compared(name, backend):
+    with pytest.raises(ValueError, match=r"ft: expected dim D=4"):
+        LOSSES[name](torch.randn(8, 4), torch.randn(8, 5), y_of(8), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bank_dim_mismatch(backend):
+    with pytest.raises(ValueError, match=r"bank: expected shape \(M, 4\)"):
+        Fn.rad_loss(torch.randn(8, 4), torch.randn(8, 4), bank=torch.randn(20, 5),
+                    backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["cckd", "sp", "rkd", "ekd", "rad"])
+def test_relation_losses_accept_a_different_teacher_dim(name, backend):
+    # Relations are N x N in both spaces, so a wider teacher is fine (documented).
+    loss = LOSSES[name](torch.randn(8, 4), torch.randn(8, 6), y_of(8), backend)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", WITH_LABELS)
+def test_float_labels(name, backend):
+    with pytest.raises(ValueError, match=r"y: expected integer labels"):
+        LOSSES[name](torch.randn(8, 4), torch.randn(8, 4), y_of(8).float(), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", WITH_LABELS)
+def test_label_length(name, backend):
+    with pytest.raises(ValueError, match=r"y: expected shape \(8,\)"):
+        LOSSES[name](torch.randn(8, 4), torch.randn(8, 4), y_of(7), backend)
+
+
+def test_int32_labels_are_accepted():
+    fs, ft = torch.randn(8, 4), torch.randn(8, 4)
+    a = Fn.rad_loss(fs, ft, y_of(8).int(), k=3)
+    b = Fn.rad_loss(fs, ft, y_of(8), k=3)
+    assert torch.equal(a, b)
+
+
+def test_ekd_needs_labels():
+    with pytest.raises(ValueError, match=r"y: EKD needs identity labels"):
+        Fn.ekd_loss(torch.randn(8, 4), torch.randn(8, 4), None, ANCHORS, ANCHORS)
+
+
+@pytest.mark.parametrize("k", [0, -3, 1.5, True])
+def test_k_below_one(k):
+    with pytest.raises(ValueError, match=r"k: expected an int >= 1"):
+        relkd.RADLoss(k=k)
+    with pytest.raises(ValueError, match=r"k: expected an int >= 1"):
+        Fn.rad_loss(torch.randn(8, 4), torch.randn(8, 4), k=k)
+    with pytest.raises(ValueError, match=r"k: expected an int >= 1"):
+        relkd.similarity_topk(torch.randn(8, 4), k=k)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: relkd.RADLoss(metric="cosine"),
+    lambda: relkd.RADLoss(mine_by="random"),
+    lambda: relkd.FCDLoss(metric="l3"),
+    lambda: relkd.CCKDLoss(kernel="laplace"),
+    lambda: relkd.CCKDLoss(backend="cuda"),
+    lambda: relkd.EKDLoss(fpr_levels=(0.1, 2.0)),
+    lambda: relkd.EKDLoss(temperature=0.0),
+])
+def test_unknown_or_invalid_option(make):
+    with pytest.raises(ValueError, match=r"^(metric|mine_by|kernel|backend|fpr_levels|"
+                                         r"temperature):"):
+        make()
+
+
+def test_unknown_metric_in_functional():
+    with pytest.raises(ValueError, match=r"metric: expected one of 'hinge', 'l2', 'l1'"):
+        Fn.rad_loss(torch.randn(8, 4), torch.randn(8, 4), metric="huber")
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_mixed_devices(name):
+    # The meta device stands in for a second device on a CPU-only machine.
+    fs, ft = torch.randn(8, 4), torch.randn(8, 4, device="meta")
+    with pytest.raises(ValueError, match=r"one device.*fs on cpu.*ft on meta"):
+        LOSSES[name](fs, ft, y_of(8), "reference")
+
+
+def test_mixed_devices_labels():
+    with pytest.raises(ValueError, match=r"y on meta"):
+        Fn.rad_loss(torch.randn(8, 4), torch.randn(8, 4), y_of(8).to("meta"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,n", [(name, n) for name in LOSSES for n in (0, 1)
+                                    # one row still has a feature-consistency term
+                                    if n == 0 or name not in ("fcd", "coupleface")])
+def test_fewer_than_two_rows_is_zero_with_zero_grad(name, n, backend):
+    fs = torch.randn(n, 4, requires_grad=True)
+    loss = LOSSES[name](fs, torch.randn(n, 4), y_of(n), backend)
+    loss.backward()
+    assert loss.item() == 0.0 and loss.dim() == 0
+    assert fs.grad is not None and torch.equal(fs.grad, torch.zeros_like(fs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["rad", "coupleface"])
+def test_no_valid_candidate_is_zero_rad(name, backend):
+    fs = torch.randn(6, 4, requires_grad=True)
+    ft = fs.detach().clone()  # FCD part is 0 too
+    loss = LOSSES[name](fs, ft, torch.zeros(6, dtype=torch.long), backend)  # all same label
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(fs.grad, torch.zeros_like(fs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bank_with_every_candidate_excluded(backend):
+    fs = torch.randn(4, 3, requires_grad=True)
+    loss = Fn.rad_loss(fs, torch.randn(4, 3), torch.zeros(4, dtype=torch.long),
+                       torch.randn(5, 3), torch.zeros(5, dtype=torch.long), backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(fs.grad, torch.zeros_like(fs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_similarity_topk_pads_missing_candidates(backend):
+    a = torch.randn(5, 3)
+    values, idx = relkd.similarity_topk(a, k=8, a_labels=torch.tensor([0, 0, 1, 1, 1]),
+                                        backend=backend)
+    assert (idx[:, 3:] == -1).all() and torch.isinf(values[:, 3:]).all()
+    assert (idx[0, :3] >= 2).all() and (idx[0, :3] != -1).all()
+    assert (idx[2, :2] >= 0).all() and (idx[2, 2:] == -1).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_zero_rows_give_no_nan(name, backend):
+    fs = embeddings(8, 4, seed=1)
+    ft = embeddings(8, 4, seed=2)
+    fs[3] = 0
+    ft[5] = 0
+    loss, = [LOSSES[name](fs.requires_grad_(), ft, y_of(8), backend)]
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(fs.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_nan_input_propagates(name, backend):
+    fs = embeddings(8, 4, seed=3)
+    fs[2, 1] = float("nan")
+    loss = LOSSES[name](fs, embeddings(8, 4, seed=4), y_of(8), backend)
+    assert torch.isnan(loss)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_check_finite_env_turns_nan_into_value_error(name, monkeypatch):
+    monkeypatch.setenv("RELKD_CHECK_FINITE", "1")
+    ft = embeddings(8, 4, seed=5)
+    ft[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"ft: contains NaN or Inf"):
+        LOSSES[name](embeddings(8, 4, seed=6), ft, y_of(8), "reference")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_float16_saturating_inputs_do_not_overflow(name, backend):
+    # |x|^2 of these rows is ~1e10, far beyond float16's 65504.
+    fs = (embeddings(8, 64, seed=7) * 3e4).clamp(-6e4, 6e4).half()
+    ft = (embeddings(8, 64, seed=8) * 3e4).clamp(-6e4, 6e4).half()
+    loss = LOSSES[name](fs, ft, y_of(8), backend)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+@requires_extension
+def test_ops_reject_bad_input_without_crashing():
+    a, b = torch.randn(4, 3), torch.randn(5, 3)
+    with pytest.raises(ValueError, match="idx values must lie in"):
+        relkd.ops.pair_dot(a, b, torch.tensor([[0, 5]] * 4))
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        relkd.ops.topk_sim(a, b, 0)
+    with pytest.raises(ValueError, match="q_labels must have shape"):
+        relkd.ops.topk_sim(a, b, 2, torch.zeros(3, dtype=torch.long),
+                           torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="unknown pairwise_loss kind"):
+        relkd.ops.pairwise_loss("mse", a, a)
+    with pytest.raises(ValueError, match="must have the same dim"):
+        relkd.ops.topk_sim(a, torch.randn(5, 2), 1)
