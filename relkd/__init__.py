@@ -11,6 +11,7 @@ See shared/SPEC.md (transcribed in relkd.reference) for the exact formulas.
 __version__ = "0.1.0"
 
 from . import distributed, functional, ops, reference  # noqa: E402
+from .banks import PrototypeBank, hardest_identities  # noqa: E402
 from .functional import similarity_topk  # noqa: E402
 from .losses import (  # noqa: E402
     CCKDLoss,
@@ -23,9 +24,11 @@ from .losses import (  # noqa: E402
     RKDLoss,
     SPLoss,
 )
+from .rco import RouteConstrainedTeacher  # noqa: E402
 
 __all__ = [
     "__version__", "FCDLoss", "RADLoss", "CoupleFaceLoss", "EKDLoss", "CCKDLoss", "SPLoss",
-    "RKDLoss", "ExclusivityLoss", "ECKDLoss", "similarity_topk", "functional", "reference",
-    "ops", "distributed",
+    "RKDLoss", "ExclusivityLoss", "ECKDLoss", "similarity_topk", "PrototypeBank",
+    "hardest_identities", "RouteConstrainedTeacher", "functional", "reference", "ops",
+    "distributed",
 ]

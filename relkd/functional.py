@@ -17,6 +17,7 @@ relkd.distributed).
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
@@ -47,6 +48,22 @@ def fused_losses() -> dict:
                    "RKDLoss (distance term; angle_weight=0)", "similarity_topk"]
     plain = ["FCDLoss", "ExclusivityLoss", "ECKDLoss"]  # O(N*D) / O(F*P): PyTorch is the fused path
     return {**{name: devices for name in fused_names}, **{name: ["any"] for name in plain}}
+
+
+def _full_precision(fn):
+    """Runs a loss with autocast off: inputs are upcast to float32 explicitly
+    (compute_dtype), and autocast would otherwise run the relation matmuls
+    in float16/bfloat16, below SPEC's float32 accumulation."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False):
+            if torch.cuda.is_available():
+                with torch.autocast("cuda", enabled=False):
+                    return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _use_fused(loss: str, backend: str, device: torch.device, unsupported: str = "") -> bool:
@@ -89,6 +106,7 @@ def _by_backend(use_fused: bool, gb: GlobalBatch, fused_fn, reference_fn):
 
 
 # ------------------------------------------------------------------------ FCD
+@_full_precision
 def fcd_loss(fs: Tensor, ft: Tensor, metric: str = "l2", normalize: bool = True, *,
              detach_teacher: bool = True, backend: str = "auto") -> Tensor:
     """Feature consistency distillation (CoupleFace, EC-KD), SPEC §1.
@@ -136,6 +154,7 @@ def _check_rad(fs, ft, y, bank, bank_labels, indices, k, metric, margin, mine_by
     return fs, ft
 
 
+@_full_precision
 def rad_loss(fs: Tensor, ft: Tensor, y: Optional[Tensor] = None, bank: Optional[Tensor] = None,
              bank_labels: Optional[Tensor] = None, indices: Optional[Tensor] = None, *,
              k: int = 16, metric: str = "hinge", margin: float = 0.03, mine_by: str = "teacher",
@@ -172,6 +191,7 @@ def rad_loss(fs: Tensor, ft: Tensor, y: Optional[Tensor] = None, bank: Optional[
         f, t, yy, bank, bank_labels, idx_all, **rad))
 
 
+@_full_precision
 def coupleface_loss(fs: Tensor, ft: Tensor, y: Optional[Tensor] = None,
                     bank: Optional[Tensor] = None, bank_labels: Optional[Tensor] = None,
                     indices: Optional[Tensor] = None, *, alpha: float = 1.0, beta: float = 1.0,
@@ -196,6 +216,7 @@ def coupleface_loss(fs: Tensor, ft: Tensor, y: Optional[Tensor] = None,
 
 
 # ------------------------------------------------------------------------ EKD
+@_full_precision
 def ekd_loss(fs: Tensor, ft: Tensor, y: Tensor, s_anchor: Tensor, t_anchor: Tensor, *,
              training: bool = True, topk: int = 2000, temperature: float = 0.01,
              fpr_levels: Sequence[float] = DEFAULT_FPR_LEVELS, momentum: float = 0.01,
@@ -245,6 +266,7 @@ def ekd_loss(fs: Tensor, ft: Tensor, y: Tensor, s_anchor: Tensor, t_anchor: Tens
 
 
 # ----------------------------------------------------------------------- CCKD
+@_full_precision
 def cckd_loss(fs: Tensor, ft: Tensor, *, kernel: str = "gaussian", gamma: float = 0.4,
               order: int = 2, detach_teacher: bool = True, backend: str = "auto",
               process_group=None, gather: bool = False) -> Tensor:
@@ -272,6 +294,7 @@ def cckd_loss(fs: Tensor, ft: Tensor, *, kernel: str = "gaussian", gamma: float 
 
 
 # ------------------------------------------------------------------------- SP
+@_full_precision
 def sp_loss(fs: Tensor, ft: Tensor, *, detach_teacher: bool = True, backend: str = "auto",
             process_group=None, gather: bool = False) -> Tensor:
     """Similarity-preserving distillation (SP, ICCV 2019), SPEC §5.
@@ -293,6 +316,7 @@ def sp_loss(fs: Tensor, ft: Tensor, *, detach_teacher: bool = True, backend: str
 
 
 # ------------------------------------------------------------------------ RKD
+@_full_precision
 def rkd_loss(fs: Tensor, ft: Tensor, *, distance_weight: float = 25.0,
              angle_weight: float = 50.0, backend: str = "auto", process_group=None,
              gather: bool = False) -> Tensor:
@@ -333,6 +357,7 @@ def _weights_of(weights) -> list:
     return list(weights)
 
 
+@_full_precision
 def exclusivity_loss(weights, *, backend: str = "auto") -> Tensor:
     """Exclusivity of filters (EC-KD), SPEC §7: summed over weights of
     (1/(F(F-1))) sum_{i != j} sum_p |w_ip| |w_jp| on row-normalised w (F, P).
@@ -353,6 +378,7 @@ def exclusivity_loss(weights, *, backend: str = "auto") -> Tensor:
 
 
 # ------------------------------------------------------------------- mining
+@_full_precision
 def similarity_topk(a: Tensor, b: Optional[Tensor] = None, k: Optional[int] = None,
                     a_labels: Optional[Tensor] = None, b_labels: Optional[Tensor] = None,
                     exclude_self: bool = True, backend: str = "auto") -> Tuple[Tensor, Tensor]:

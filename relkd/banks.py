@@ -1,0 +1,116 @@
+"""Memory banks for RAD's bank mode (SPEC §2).
+
+`PrototypeBank` keeps one teacher prototype per identity, an EMA of the
+teacher's normalised embeddings of that identity, as CoupleFace-style banks
+do; pass ``bank=bank.prototypes, bank_labels=bank.labels`` to RADLoss so every
+face is related to the identities it is most confused with, not only to the
+few in its batch.
+
+`hardest_identities` is the offline step for ``indices=`` mode: each
+identity's k most similar other identities among (up to millions of)
+prototypes, by exact search in chunks; index it with the batch labels,
+``indices = hard[y]``, to skip mining during training.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _validation as check
+from .distributed import gather_rows, resolve_group
+from .functional import similarity_topk
+from .reference import EPS
+
+
+class PrototypeBank(nn.Module):
+    """Teacher class prototypes, updated by label with an EMA.
+
+    prototypes: (num_classes, dim) buffer of unit rows (zero rows for
+    identities not seen yet); labels: arange(num_classes). ``update(ft, y)``
+    moves the prototype of every identity in the batch to
+    ``normalize(momentum * old + (1 - momentum) * mean of its normalised
+    embeddings)``; an identity's first batch sets it directly. Under DDP
+    (process_group / gather=True) the update uses the global batch, so
+    every rank holds the same bank.
+    """
+
+    def __init__(self, num_classes: int, dim: int, momentum: float = 0.9, *,
+                 process_group=None, gather: bool = False, device=None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        check.positive_int(num_classes, "num_classes")
+        check.positive_int(dim, "dim")
+        self.momentum = check.number(momentum, "momentum")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum: expected a number in [0, 1), got {momentum!r}")
+        self.process_group, self.gather = process_group, bool(gather)
+        self.register_buffer("prototypes", torch.zeros(num_classes, dim, device=device,
+                                                       dtype=dtype))
+        self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool, device=device))
+        self.register_buffer("labels", torch.arange(num_classes, device=device))
+
+    @torch.no_grad()
+    def update(self, ft: Tensor, y: Tensor) -> None:
+        num_classes, dim = self.prototypes.shape
+        ft = check.embeddings(ft, "ft", dim=None)
+        if ft.shape[1] != dim:
+            raise ValueError(f"ft: expected shape (N, {dim}) to match the bank, "
+                             f"got {tuple(ft.shape)}")
+        check.labels(y, "y", ft.shape[0])
+        if ft.shape[0] and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise ValueError(f"y: labels must lie in [0, {num_classes}), got "
+                             f"[{int(y.min())}, {int(y.max())}]")
+        group = resolve_group(self.process_group, self.gather)
+        if group is not None:
+            ft, y = gather_rows(ft.detach(), group), gather_rows(y, group)
+        z = F.normalize(ft.detach().to(self.prototypes.dtype), dim=1, eps=EPS)
+        y = y.long()
+        sums = torch.zeros_like(self.prototypes).index_add_(0, y, z)
+        counts = torch.zeros(num_classes, device=z.device, dtype=z.dtype).index_add_(
+            0, y, torch.ones_like(y, dtype=z.dtype))
+        present = counts > 0
+        means = sums[present] / counts[present, None]
+        old = self.prototypes[present]
+        keep = torch.where(self.seen[present, None], self.momentum, 0.0).to(z.dtype)
+        self.prototypes[present] = F.normalize(keep * old + (1 - keep) * means, dim=1, eps=EPS)
+        self.seen |= present
+
+    def active(self):
+        """(prototypes, labels) of the identities seen so far: the bank to pass
+        to RADLoss (bank=..., bank_labels=...). Unseen identities have no
+        prototype yet and must not be mined."""
+        if bool(self.seen.all()):
+            return self.prototypes, self.labels
+        return self.prototypes[self.seen], self.labels[self.seen]
+
+    def extra_repr(self) -> str:
+        c, d = self.prototypes.shape
+        return f"num_classes={c}, dim={d}, momentum={self.momentum}"
+
+
+@torch.no_grad()
+def hardest_identities(prototypes: Tensor, k: int, *, chunk_size: int = 4096,
+                       path: Optional[str] = None, backend: str = "auto") -> Tensor:
+    """For every identity, the k most similar other identities by cosine
+    similarity of the prototypes (C, D): a (C, k) int64 tensor, -1 where
+    fewer than k exist. Queries run `chunk_size` rows at a time against all
+    prototypes, so peak memory is O(chunk_size * k) beyond the prototypes.
+    With `path`, the result is also written with torch.save."""
+    prototypes = check.embeddings(prototypes, "prototypes")
+    check.positive_int(k, "k")
+    check.positive_int(chunk_size, "chunk_size")
+    n = prototypes.shape[0]
+    ids = torch.arange(n, device=prototypes.device)
+    out = torch.empty(n, k, dtype=torch.long, device=prototypes.device)
+    for lo in range(0, n, chunk_size):
+        hi = min(n, lo + chunk_size)
+        # Labels = identity ids exclude each query's own row from the candidates.
+        _, idx = similarity_topk(prototypes[lo:hi], prototypes, k, ids[lo:hi], ids,
+                                 backend=backend)
+        out[lo:hi] = idx
+    if path is not None:
+        torch.save(out.cpu(), path)
+    return out

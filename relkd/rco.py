@@ -1,0 +1,100 @@
+"""Route-constrained optimisation (RCO): Jin et al., "Knowledge Distillation
+via Route Constrained Optimization", ICCV 2019.
+
+A student learns better from the teacher's training *route* than from the
+converged teacher alone: RCO distils from a sequence of the teacher's
+intermediate checkpoints ("anchor points"), easiest first, moving to the
+next anchor as training proceeds. `RouteConstrainedTeacher` holds that
+route and serves the current anchor teacher; its embeddings feed any relkd
+loss as ``ft``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import _validation as check
+
+Checkpoint = Union[str, dict]
+
+
+class RouteConstrainedTeacher(nn.Module):
+    """Serves the teacher of the current stage of an RCO route.
+
+    teacher: an nn.Module with the teacher's architecture.
+    checkpoints: the route, in training order: state_dicts or paths to them
+    (torch.save files; a dict with a "state_dict" or "model" key also works).
+    total_steps: the student's planned number of steps; with the default
+    equal-interval schedule, anchor a serves steps
+    [a * total_steps / A, (a + 1) * total_steps / A).
+    switch_steps: alternatively, the A - 1 steps at which to move on.
+
+    Call ``step()`` once per training step; calling the module runs the
+    current anchor in eval mode without gradient. Checkpoints given as paths
+    are loaded when their stage begins, so only one is in memory at a time.
+    """
+
+    def __init__(self, teacher: nn.Module, checkpoints: Sequence[Checkpoint],
+                 total_steps: Optional[int] = None,
+                 switch_steps: Optional[Sequence[int]] = None):
+        super().__init__()
+        if not isinstance(teacher, nn.Module):
+            raise ValueError(f"teacher: expected an nn.Module, got {type(teacher).__name__}")
+        self.checkpoints = list(checkpoints)
+        if not self.checkpoints:
+            raise ValueError("checkpoints: expected at least one teacher checkpoint")
+        self.switch_steps = self._schedule(len(self.checkpoints), total_steps, switch_steps)
+        self.teacher = copy.deepcopy(teacher)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.step_count = 0
+        self.stage = -1
+        self._enter_stage(0)
+
+    @staticmethod
+    def _schedule(anchors: int, total_steps, switch_steps) -> List[int]:
+        if switch_steps is not None:
+            steps = [check.non_negative_int(s, "switch_steps") for s in switch_steps]
+            if len(steps) != anchors - 1 or steps != sorted(steps):
+                raise ValueError(f"switch_steps: expected {anchors - 1} increasing steps "
+                                 f"(one per checkpoint after the first), got {list(steps)}")
+            return steps
+        if anchors == 1:
+            return []
+        if total_steps is None:
+            raise ValueError("total_steps: required for the equal-interval schedule "
+                             "(or give switch_steps)")
+        check.positive_int(total_steps, "total_steps")
+        return [round(a * total_steps / anchors) for a in range(1, anchors)]
+
+    def stage_at(self, step: int) -> int:
+        """Index of the anchor that serves training step `step`."""
+        return sum(step >= s for s in self.switch_steps)
+
+    def _enter_stage(self, stage: int) -> None:
+        if stage == self.stage:
+            return
+        state = self.checkpoints[stage]
+        if isinstance(state, str):
+            state = torch.load(state, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state.get("model", state))
+        self.teacher.load_state_dict(state)
+        self.teacher.eval()
+        self.stage = stage
+
+    def step(self) -> None:
+        """Advance one training step, switching anchors on schedule."""
+        self.step_count += 1
+        self._enter_stage(min(self.stage_at(self.step_count), len(self.checkpoints) - 1))
+
+    @torch.no_grad()
+    def forward(self, *args, **kwargs):
+        self.teacher.eval()
+        return self.teacher(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"anchors={len(self.checkpoints)}, stage={self.stage}, "
+                f"step={self.step_count}, switch_steps={self.switch_steps}")

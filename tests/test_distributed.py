@@ -1,0 +1,120 @@
+"""Global-batch relations under DDP (SPEC §8), with the gloo backend on CPU:
+2 and 3 processes holding unequal shards of one batch. For every
+batch-relation loss and both backends: the per-rank shares sum to the loss
+of one process holding the concatenated batch, each rank's gradient equals
+that process's gradient for its rows, and EKD's anchors (and a
+PrototypeBank) are identical on every rank and equal the single-process ones."""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import relkd
+from relkd import functional as Fn
+
+from helpers import correlated, embeddings, labels, requires_extension
+
+pytestmark = [requires_extension, pytest.mark.distributed]
+N, D = 21, 8
+SHARDS = {2: [10, 11], 3: [6, 7, 8]}
+ANCHORS = torch.linspace(0.5, 0.05, 6, dtype=torch.float64)
+BANK = embeddings(40, D, seed=7, dtype=torch.float64)
+BANK_LABELS = torch.arange(40) % 9
+
+
+def batch(d=D):
+    fs = embeddings(N, d, seed=1, dtype=torch.float64)
+    return fs, correlated(fs, seed=2, noise=0.7), labels("random", N, seed=3)
+
+
+def ekd(fs, ft, y, backend, **dist_kw):
+    return Fn.ekd_loss(fs, ft, y, ANCHORS, ANCHORS + 0.02, topk=37, temperature=0.1,
+                       backend=backend, **dist_kw)
+
+
+# name -> (feature dim, fn(fs, ft, y, **dist_kw) -> loss or (loss, anchors...))
+CASES = {}
+for backend in ("fused", "reference"):
+    b = backend
+    CASES.update({
+        f"rad_{b}": (D, lambda fs, ft, y, b=b, **kw: Fn.rad_loss(
+            fs, ft, y, k=5, metric="l2", backend=b, **kw)),
+        f"rad_hinge_student_{b}": (D, lambda fs, ft, y, b=b, **kw: Fn.rad_loss(
+            fs, ft, y, k=4, margin=-0.1, mine_by="student", backend=b, **kw)),
+        f"rad_bank_{b}": (D, lambda fs, ft, y, b=b, **kw: Fn.rad_loss(
+            fs, ft, y, BANK, BANK_LABELS, k=6, metric="l1", backend=b, **kw)),
+        f"coupleface_{b}": (D, lambda fs, ft, y, b=b, **kw: Fn.coupleface_loss(
+            fs, ft, y, k=5, metric="l2", backend=b, **kw)),
+        f"ekd_{b}": (D, lambda fs, ft, y, b=b, **kw: ekd(fs, ft, y, b, **kw)),
+        f"cckd_{b}": (D, lambda fs, ft, y, b=b, **kw: Fn.cckd_loss(fs, ft, backend=b, **kw)),
+        f"sp_gram_{b}": (D, lambda fs, ft, y, b=b, **kw: Fn.sp_loss(fs, ft, backend=b, **kw)),
+        f"sp_direct_{b}": (32, lambda fs, ft, y, b=b, **kw: Fn.sp_loss(fs, ft, backend=b,
+                                                                          **kw)),
+        f"rkd_{b}": (D, lambda fs, ft, y, b=b, **kw: Fn.rkd_loss(
+            fs, ft, angle_weight=0.0, backend=b, **kw)),
+    })
+
+
+def run_case(fn, fs, ft, y, **dist_kw):
+    fs = fs.detach().clone().requires_grad_()
+    out = fn(fs, ft, y, **dist_kw)
+    loss, extra = (out[0], list(out[1:])) if isinstance(out, tuple) else (out, [])
+    loss.backward()
+    return loss.detach(), fs.grad, extra
+
+
+def worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    lo = sum(SHARDS[world][:rank])
+    rows = slice(lo, lo + SHARDS[world][rank])
+    results = {}
+    for name, (d, fn) in CASES.items():
+        fs, ft, y = batch(d)
+        results[name] = run_case(fn, fs[rows], ft[rows], y[rows], gather=True)
+    bank = relkd.PrototypeBank(9, D, momentum=0.5, gather=True, dtype=torch.float64)
+    fs, ft, y = batch()
+    bank.update(ft[rows], y[rows] % 9)
+    results["bank"] = bank.prototypes
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
+def ranks(request):
+    world = request.param
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(worker, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world, join=True)
+        yield world, [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_shares_sum_to_the_global_loss(ranks, name):
+    world, results = ranks
+    d, fn = CASES[name]
+    fs, ft, y = batch(d)
+    loss, grad, extra = run_case(fn, fs, ft, y)
+    shares = [r[name] for r in results]
+    torch.testing.assert_close(sum(s[0] for s in shares), loss, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(torch.cat([s[1] for s in shares]), grad, rtol=1e-9, atol=1e-13)
+    for e, want in enumerate(extra):  # EKD's anchors: the same on every rank
+        for s in shares:
+            torch.testing.assert_close(s[2][e], want, rtol=1e-12, atol=1e-14)
+
+
+def test_prototype_bank_is_global(ranks):
+    world, results = ranks
+    bank = relkd.PrototypeBank(9, D, momentum=0.5, dtype=torch.float64)
+    fs, ft, y = batch()
+    bank.update(ft, y % 9)
+    for r in results:
+        torch.testing.assert_close(r["bank"], bank.prototypes, rtol=1e-12, atol=1e-14)
+
+
+def test_gather_without_process_group_is_an_error():
+    with pytest.raises(ValueError, match="gather=True: torch.distributed is not initialised"):
+        Fn.cckd_loss(torch.randn(4, 3), torch.randn(4, 3), gather=True)

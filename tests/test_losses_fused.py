@@ -1,0 +1,201 @@
+"""Every loss, fused against the reference (SPEC is the oracle): property
+tests over shapes, dtypes, k and label patterns; float64 to tight tolerance,
+float32 by the FlashAttention pattern (fused error <= 2x the same-precision
+reference's error against float64). Where a loss has a discrete choice
+(RAD's mining, EKD's top-k), float32 cases fix that choice so that a
+near-tie cannot flip it differently in the two paths. Also: EKD over five
+training steps, teacher gradients, and bitwise determinism."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import relkd
+from relkd import functional as Fn
+
+from helpers import (LABEL_PATTERNS, assert_bounded_error, correlated, embeddings, labels,
+                     num_threads, requires_extension, value_and_grad)
+
+pytestmark = requires_extension
+F32, F64 = torch.float32, torch.float64
+
+
+def compare(fn, fs, *args, **kwargs):
+    """fused vs reference for loss and d/dfs; float64 tightly, float32 by the pattern."""
+    fused = value_and_grad(fn, fs, *args, backend="fused", **kwargs)
+    if fs.shape[1] == 1 and fn in NORMALIZING:
+        # Unit rows of dimension 1 are +-1 whatever fs is: the exact gradient is
+        # 0, and both paths leave only the rounding of normalize's backward.
+        ref = value_and_grad(fn, fs, *args, backend="reference", **kwargs)
+        torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-7)
+        assert fused[1].abs().max() < 1e-5 and ref[1].abs().max() < 1e-5
+        return
+    if fs.dtype == F64:
+        ref = value_and_grad(fn, fs, *args, backend="reference", **kwargs)
+        for f, r, what in zip(fused, ref, ("loss", "grad")):
+            torch.testing.assert_close(f, r, rtol=1e-9, atol=1e-13, msg=what)
+        return
+    same = value_and_grad(fn, fs, *args, backend="reference", **kwargs)
+    wide = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in args]
+    exact = value_and_grad(fn, fs.double(), *wide, backend="reference", **kwargs)
+    for f, s, e, what in zip(fused, same, exact, ("loss", "grad")):
+        assert f.dtype == F32
+        assert_bounded_error(f, s, e, what)
+
+
+NORMALIZING = (Fn.cckd_loss, Fn.rad_loss, Fn.coupleface_loss, Fn.ekd_loss)
+shapes = dict(n=st.integers(1, 300), d=st.integers(1, 130), seed=st.integers(0, 2**16))
+dtypes = st.sampled_from([F32, F64])
+
+
+@given(**shapes, d_t=st.integers(1, 130), dtype=dtypes,
+       kernel=st.sampled_from(["gaussian", "bilinear"]), order=st.integers(0, 4))
+def test_cckd(n, d, seed, d_t, dtype, kernel, order):
+    fs, ft = embeddings(n, d, seed, dtype), embeddings(n, d_t, seed + 1, dtype)
+    compare(Fn.cckd_loss, fs, ft, kernel=kernel, order=order)
+
+
+@given(**shapes, d_t=st.integers(1, 130), dtype=dtypes)
+def test_sp_both_regimes(n, d, seed, d_t, dtype):
+    # D < N takes the Gram identity, D >= N the direct form.
+    fs, ft = embeddings(n, d, seed, dtype), embeddings(n, d_t, seed + 1, dtype)
+    compare(Fn.sp_loss, fs, ft)
+
+
+@given(**shapes, dtype=dtypes, scale=st.sampled_from([0.01, 1.0, 30.0]))
+def test_rkd_distance(n, d, seed, dtype, scale):
+    fs = scale * embeddings(n, d, seed, dtype)
+    ft = correlated(fs, seed + 1)
+    compare(Fn.rkd_loss, fs, ft, angle_weight=0.0)
+
+
+rad_options = dict(k_extra=st.integers(-300, 5), pattern=st.sampled_from(LABEL_PATTERNS),
+                   mine_by=st.sampled_from(["teacher", "student"]))
+
+
+@given(**shapes, **rad_options, metric=st.sampled_from(["hinge", "l2", "l1"]),
+       coupleface=st.booleans())
+def test_rad_float64_end_to_end(n, d, seed, k_extra, pattern, mine_by, metric, coupleface):
+    fs = embeddings(n, d, seed, F64)
+    ft, y = correlated(fs, seed + 1), labels(pattern, n, seed)
+    fn = Fn.coupleface_loss if coupleface else Fn.rad_loss
+    compare(fn, fs, ft, y, k=max(1, n + k_extra), metric=metric, margin=0.01, mine_by=mine_by)
+
+
+@given(**shapes, **rad_options)
+def test_rad_float32_with_fixed_mining(n, d, seed, k_extra, pattern, mine_by):
+    # Mining by the fused kernel once, then the loss by both paths on those pairs.
+    fs = embeddings(n, d, seed, F32)
+    ft, y = correlated(fs, seed + 1), labels(pattern, n, seed)
+    k = max(1, n + k_extra)
+    _, idx = relkd.similarity_topk(ft if mine_by == "teacher" else fs, k=k, a_labels=y)
+    compare(Fn.rad_loss, fs, ft, y, None, None, idx, k=k, metric="l2")
+
+
+@given(n=st.integers(1, 40), m=st.integers(1, 4000), d=st.integers(1, 130),
+       k=st.integers(1, 60), seed=st.integers(0, 2**16), with_labels=st.booleans(),
+       metric=st.sampled_from(["hinge", "l2", "l1"]))
+def test_rad_bank_float64(n, m, d, k, seed, with_labels, metric):
+    fs = embeddings(n, d, seed, F64)
+    ft = correlated(fs, seed + 1)
+    bank = 2.0 * embeddings(m, d, seed + 2, F64)
+    y = labels("random", n, seed) if with_labels else None
+    bank_labels = labels("random", m, seed + 3) if with_labels else None
+    compare(Fn.rad_loss, fs, ft, y, bank, bank_labels, k=k, metric=metric, margin=0.0)
+
+
+def test_rad_bank_float32_with_fixed_mining():
+    fs = embeddings(64, 32, seed=1)
+    ft = correlated(fs, seed=2)
+    bank = embeddings(20_000, 32, seed=3)
+    _, idx = relkd.similarity_topk(ft, bank, k=30)
+    compare(Fn.rad_loss, fs, ft, None, bank, None, idx, metric="l2")
+
+
+def ekd_args(n, seed, dtype, pattern):
+    fs = embeddings(n, 16, seed, dtype)
+    ft = correlated(fs, seed + 1, 0.8)
+    anchors = torch.tensor([0.6, 0.45, 0.3, 0.2, 0.1, 0.05], dtype=dtype)
+    return fs, ft, labels(pattern, n, seed), anchors, anchors + 0.03
+
+
+@given(n=st.integers(1, 300), seed=st.integers(0, 2**16), pattern=st.sampled_from(LABEL_PATTERNS),
+       topk=st.integers(0, 3000), training=st.booleans(),
+       temperature=st.sampled_from([0.01, 0.1]))
+def test_ekd_float64_end_to_end(n, seed, pattern, topk, training, temperature):
+    compare(Fn.ekd_loss, *ekd_args(n, seed, F64, pattern), topk=topk, training=training,
+            temperature=temperature)
+
+
+@given(n=st.integers(2, 300), seed=st.integers(0, 2**16), pattern=st.sampled_from(LABEL_PATTERNS))
+def test_ekd_float32_all_negatives_selected(n, seed, pattern):
+    # topk >= the number of negative pairs: no top-k boundary to flip.
+    compare(Fn.ekd_loss, *ekd_args(n, seed, F32, pattern), topk=n * n, temperature=0.1)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_ekd_five_training_steps_with_anchors(dtype):
+    fused_mod = relkd.EKDLoss(topk=300 if dtype == F64 else 10**6, temperature=0.05,
+                              momentum=0.2, backend="fused")
+    ref_mod = relkd.EKDLoss(topk=fused_mod.topk, temperature=0.05, momentum=0.2,
+                            backend="reference")
+    y = labels("random", 200, 1)
+    for step in range(5):
+        fs = embeddings(200, 24, 10 + step, dtype)
+        ft = correlated(fs, 20 + step, 0.6)
+        got = value_and_grad(fused_mod, fs, ft, y)
+        want = value_and_grad(ref_mod, fs, ft, y)
+        tol = dict(rtol=1e-9, atol=1e-13) if dtype == F64 else dict(rtol=2e-4, atol=1e-7)
+        torch.testing.assert_close(got[0], want[0], **tol)
+        torch.testing.assert_close(got[1], want[1], **tol)
+        torch.testing.assert_close(fused_mod.s_anchor, ref_mod.s_anchor, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(fused_mod.t_anchor, ref_mod.t_anchor, rtol=1e-6, atol=1e-7)
+    assert (fused_mod.s_anchor != 0).all()
+
+
+@pytest.mark.parametrize("name", ["cckd", "sp", "rad"])
+def test_teacher_gradient_when_not_detached(name):
+    fs = embeddings(120, 20, seed=5, dtype=F64)
+    ft = correlated(fs, seed=6)
+    y = labels("random", 120, 7)
+    fns = {"cckd": lambda t, backend: Fn.cckd_loss(fs, t, detach_teacher=False, backend=backend),
+           "sp": lambda t, backend: Fn.sp_loss(fs, t, detach_teacher=False, backend=backend),
+           "rad": lambda t, backend: Fn.rad_loss(fs, t, y, k=7, metric="l2",
+                                                 detach_teacher=False, backend=backend)}
+    got = value_and_grad(fns[name], ft, backend="fused")
+    want = value_and_grad(fns[name], ft, backend="reference")
+    assert want[1].abs().max() > 0
+    torch.testing.assert_close(got[1], want[1], rtol=1e-9, atol=1e-13)
+
+
+DETERMINISM_CASES = {
+    "rad": lambda fs, ft, y: Fn.rad_loss(fs, ft, y, k=20),
+    "coupleface": lambda fs, ft, y: Fn.coupleface_loss(fs, ft, y, k=20),
+    "ekd": lambda fs, ft, y: Fn.ekd_loss(fs, ft, y, torch.zeros(6), torch.zeros(6))[0],
+    "cckd": lambda fs, ft, y: Fn.cckd_loss(fs, ft),
+    "sp": lambda fs, ft, y: Fn.sp_loss(fs, ft),
+    "rkd": lambda fs, ft, y: Fn.rkd_loss(fs, ft, angle_weight=0.0),
+}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("name", list(DETERMINISM_CASES))
+def test_bitwise_deterministic(name, threads):
+    fs = embeddings(600, 48, seed=8)
+    ft = correlated(fs, seed=9)
+    y = labels("random", 600, 10)
+    with num_threads(threads):
+        first = value_and_grad(DETERMINISM_CASES[name], fs, ft, y)
+        second = value_and_grad(DETERMINISM_CASES[name], fs, ft, y)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_auto_picks_fused_and_rkd_angle_falls_back():
+    fs, ft = embeddings(50, 8, seed=11), embeddings(50, 8, seed=12)
+    auto = Fn.rkd_loss(fs, ft)  # angle_weight=50: only the reference has the angle term
+    torch.testing.assert_close(auto, Fn.rkd_loss(fs, ft, backend="reference"))
+    with pytest.raises(NotImplementedError, match="angle"):
+        Fn.rkd_loss(fs, ft, backend="fused")
+    for fn in (Fn.cckd_loss, Fn.sp_loss):
+        assert torch.equal(fn(fs, ft), fn(fs, ft, backend="fused"))

@@ -1,0 +1,122 @@
+"""pair_select (DESIGN primitive 4): EKD's order statistics and top-k over all
+negative pairs, exact (the values sorting gives), without materialising the
+pairs; ties to the smaller (i, j); row blocks combined as under DDP; opcheck."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relkd import ops, reference
+
+from helpers import LABEL_PATTERNS, embeddings, labels, requires_extension
+
+pytestmark = requires_extension
+
+
+def negative_pairs(x, y):
+    """(values, i, j) of the negative pairs i < j in row-major order."""
+    iu = torch.triu_indices(len(x), len(x), 1)
+    neg = y[iu[0]] != y[iu[1]]
+    return (x @ x.T)[iu[0], iu[1]][neg], iu[0][neg], iu[1][neg]
+
+
+def sorted_reference(x, y, divisors, topk):
+    values, rows, cols = negative_pairs(x, y)
+    order = reference.sort_desc_nan_last(values)
+    n = len(values)
+    thresholds = values[order][[n // q for q in divisors]] if n else None
+    hard = order[:topk]
+    return thresholds, values[hard], rows[hard], cols[hard], n
+
+
+@given(n=st.integers(2, 300), d=st.integers(1, 130), pattern=st.sampled_from(LABEL_PATTERNS),
+       topk=st.integers(0, 3000), dtype=st.sampled_from([torch.float32, torch.float64]),
+       seed=st.integers(0, 2**16))
+def test_matches_sorting(n, d, pattern, topk, dtype, seed):
+    x = reference.normalize(embeddings(n, d, seed, dtype), dtype)
+    y = labels(pattern, n, seed)
+    divisors = [10, 100, 1000, 7]
+    thr, top_v, top_i, top_j, n_neg = ops.negative_pair_select(x, y, divisors, topk, None, None,
+                                                               0, "")
+    ref_thr, ref_v, ref_i, ref_j, ref_n = sorted_reference(x, y, divisors, topk)
+    assert int(n_neg) == ref_n
+    if ref_n == 0:
+        assert (thr == 0).all() and (top_i == -1).all()
+        return
+    # The selected values are the kernel's own tile products: equal to the full
+    # product's up to rounding.
+    tol = 1e-14 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(thr, ref_thr, atol=tol, rtol=0)
+    kept = min(topk, ref_n)
+    torch.testing.assert_close(top_v[:kept], ref_v, atol=tol, rtol=0)
+    assert (top_i[kept:] == -1).all() and (top_j[kept:] == -1).all()
+    pairs = set(zip(top_i[:kept].tolist(), top_j[:kept].tolist()))
+    assert len(pairs) == kept and all(y[i] != y[j] and i < j for i, j in pairs)
+    if dtype == torch.float64:
+        assert torch.equal(top_i[:kept], ref_i) and torch.equal(top_j[:kept], ref_j)
+
+
+def test_ties_go_to_the_smaller_pair():
+    # One-hot rows: every negative similarity is exactly 0 or 1.
+    x = torch.eye(3).repeat(4, 1)  # rows r and r + 3k are equal
+    y = torch.arange(12)
+    _, top_v, top_i, top_j, _ = ops.negative_pair_select(x, y, [10], 20, None, None, 0, "")
+    _, ref_v, ref_i, ref_j, _ = sorted_reference(x, y, [10], 20)
+    assert torch.equal(top_v, ref_v) and torch.equal(top_i, ref_i) and torch.equal(top_j, ref_j)
+    assert (top_i[:3].tolist(), top_j[:3].tolist()) == ([0, 0, 0], [3, 6, 9])
+
+
+def test_nan_ranks_below_every_number():
+    x = reference.normalize(embeddings(30, 5, seed=1), torch.float32)
+    x[4] = float("nan")
+    y = torch.arange(30)
+    _, top_v, top_i, top_j, n_neg = ops.negative_pair_select(x, y, [10], 435, None, None, 0, "")
+    finite = torch.isfinite(top_v)
+    assert finite[:406].all() and not finite[406:].any()  # 29 pairs touch row 4
+    assert ((top_i[406:] == 4) | (top_j[406:] == 4)).all()
+
+
+def test_row_blocks_combine_like_ddp_ranks():
+    """Per-block histograms summed and per-block candidates merged give the
+    same selection as one process: what the DDP path does with all_reduce."""
+    x = reference.normalize(embeddings(250, 12, seed=2, dtype=torch.float64), torch.float64)
+    y = labels("random", 250, 3)
+    whole = ops.negative_pair_select(x, y, [10, 100], 500, None, None, 0, "")
+    bounds = [0, 60, 61, 250]
+    blocks = [(torch.arange(lo, hi), x[lo:hi], y[lo:hi]) for lo, hi in zip(bounds, bounds[1:])]
+
+    def histogram(prefixes, shift):
+        return sum(torch.ops.relkd.pair_histogram(xb, x, yb, y, ids, None, prefixes, shift)
+                   for ids, xb, yb in blocks)
+
+    keys, n_above = ops.radix_select(histogram, [int(whole[4]) // 10, int(whole[4]) // 100, 499],
+                                     64)
+    values = torch.tensor([ops.key_to_value(k, 64) for k in keys[:2]], dtype=torch.float64)
+    torch.testing.assert_close(values, whole[0], atol=1e-14, rtol=0)  # tiles round differently
+    parts = [torch.ops.relkd.pair_topk(xb, x, yb, y, ids, None, ops.as_int64(keys[2]),
+                                       500 - n_above[2], 500) for ids, xb, yb in blocks]
+    merged = ops._merge_top_pairs(*(torch.cat(p) for p in zip(*parts)), 500)
+    torch.testing.assert_close(merged[0], whole[1], atol=1e-14, rtol=0)
+    assert torch.equal(merged[1], whole[2]) and torch.equal(merged[2], whole[3])
+
+
+def test_positive_pair_count():
+    y = torch.tensor([3, 1, 3, 3, 1, 7])
+    assert int(ops.positive_pair_count(y)) == 3 + 1  # three 3s, two 1s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(dtype):
+    x = reference.normalize(embeddings(60, 7, seed=4, dtype=dtype), dtype)
+    y = labels("random", 60, 5)
+    ids = torch.arange(20) + 40
+    bits = ops.key_bits(dtype)
+    prefixes = torch.tensor([0, 5], dtype=torch.long)
+    for args in [(x, None, y, None, None, None, prefixes, bits - 16),
+                 (x[40:], x, y[40:], y, ids, None, prefixes, 0)]:
+        torch.library.opcheck(torch.ops.relkd.pair_histogram.default, args)
+    key = ops.as_int64((1 << (bits - 1)) + 5)
+    for args in [(x, None, y, None, None, None, key, 3, 50),
+                 (x[40:], x, y[40:], y, ids, None, key, 0, 10)]:
+        torch.library.opcheck(torch.ops.relkd.pair_topk.default, args)
+    torch.library.opcheck(ops.negative_pair_select, (x, y, [10, 100], 30, None, None, 0, ""))
