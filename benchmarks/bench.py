@@ -13,9 +13,17 @@ median time over repeats, the peak extra memory of one pass and ratios:
   vs best chunked     best chunked median / this median      (ratio_vs_chunked)
   x GEMM floor        this median / best bare-GEMM median    (time_over_gemm_floor)
 
-Peak extra memory: on CPU the high-water mark of the resident set of a fresh
-child process per case (forked from a server that has imported torch and
-relkd): tiny warm-up, inputs built, high-water mark reset to the current RSS
+Timing: time.perf_counter around one pass (CUDA synchronised), after a
+warm-up on tiny inputs and full-size warm-ups (two for compiled, so that
+compilation is excluded); at least the planned repeats, more for fast cases
+until 0.5 s of timed runs (at most 50). A case that fails (e.g. torch.compile
+cannot compile it) records its error instead of a time.
+
+Peak extra memory: on CPU the resident-set high-water mark of a fresh child
+process per case, forked from a server that has imported torch, torch._dynamo
+and relkd (so a child starts in ~0.2 s): glibc's mmap threshold fixed (so
+freed tensors leave the RSS at once and the peak is reproducible), a tiny
+warm-up, inputs built, the high-water mark reset to the current RSS
 (/proc/self/clear_refs; where that is impossible, ru_maxrss after the inputs
 is the baseline), one pass, peak minus baseline. On CUDA,
 torch.cuda.max_memory_allocated after reset_peak_memory_stats, in process.
@@ -26,8 +34,9 @@ Default sweep (fp32, D=256; tens of minutes on 2 CPU cores):
   N=32768  each loss: fused only (the reference needs tens of GB); 2 repeats
   similarity_topk N=4096 x M=262144, D=256, k=100: fused, chunked torch
            (chunks 4096, 16384, 65536), bare GEMM floor; 3 repeats
---quick: losses at N=1024, D=128 (fused and reference) and similarity_topk
-1024 x 16384, D=128: under a minute on 2 cores.
+--quick: losses at N=1024, D=128 (fused and reference; --compile adds the
+compiled reference) and similarity_topk 1024 x 16384, D=128: about 30 s on 2
+idle cores.
 
 Usage (from the repository root):
   python3 benchmarks/bench.py --quick
@@ -39,7 +48,11 @@ Usage (from the repository root):
                                        "mode": "fwd+bwd", "n": 8192, "d": 256}'
 The last form measures one case's peak extra memory in this process and
 prints it as JSON (what each child does). The Markdown tables go to stdout,
-progress to stderr.
+progress to stderr. The JSON holds {"machine", "config", "records"}, one
+record per case, backend and pass, with median_s, times_s,
+peak_extra_bytes, the ratios above and error / memory_error. The load
+average before and after is recorded: other processes on the cores make the
+timings unreliable.
 
 TORCHINDUCTOR_COMPILE_THREADS defaults to 1 here, so that no pool of compile
 workers competes with the timed runs for the cores.
@@ -82,6 +95,8 @@ TOPK_K = 100
 CHUNK_SIZES = (4096, 16384, 65536)
 TOPK_REFERENCE_MAX_ELEMENTS = 1 << 22  # the reference sorts all N x M similarities
 MEMORY_TIMEOUT_S = 3600
+MIN_TIMED_S = 0.5   # fast cases repeat until their timed runs add up to this
+MAX_REPEATS = 50
 
 
 @dataclass
@@ -104,7 +119,9 @@ def loss_plan(n: int, quick: bool) -> Plan:
     return Plan(("fused",), repeats=2, warmups=0)
 
 
-def topk_plan(n: int, m: int, quick: bool) -> Plan:
+def topk_plan(n: int, m: int) -> Plan:
+    """The reference (and its compiled form) only where sorting all N x M
+    similarities is affordable."""
     backends = ["fused", "chunked", "gemm"]
     if n * m <= TOPK_REFERENCE_MAX_ELEMENTS:
         backends[1:1] = ["reference", "compiled"]
@@ -135,14 +152,14 @@ def build_sweep(args) -> List[Measurement]:
         for n in args.sizes:
             plan = loss_plan(n, args.quick)
             for op in args.losses:
-                for backend in selected(plan.backends, args):
-                    for mode in passes:
+                for mode in passes:
+                    for backend in selected(plan.backends, args):
                         case = cases.make_case(op, backend, mode, n, args.dim, dtype=args.dtype,
                                                device=args.device, seed=args.seed)
                         sweep.append(planned(case, plan, args))
     if args.only in ("all", "topk") and "fwd" in passes:
         n, m = args.topk_shape
-        plan = topk_plan(n, m, args.quick)
+        plan = topk_plan(n, m)
         chunks = sorted({min(c, m) for c in args.chunks})
         for backend in selected(plan.backends, args):
             for chunk in chunks if backend in ("chunked", "gemm") else [None]:
@@ -168,11 +185,13 @@ def synchronize(device: str) -> None:
 
 
 def time_runs(run: Callable[[], None], repeats: int, warmups: int, device: str) -> List[float]:
-    """Wall-clock seconds of `repeats` calls of run() after `warmups` calls."""
+    """Wall-clock seconds of calls of run() after `warmups` calls: at least
+    `repeats` calls, more (up to MAX_REPEATS) while they add up to less than
+    MIN_TIMED_S, so that millisecond cases get a stable median."""
     for _ in range(warmups):
         run()
-    times = []
-    for _ in range(repeats):
+    times: List[float] = []
+    while len(times) < repeats or (sum(times) < MIN_TIMED_S and len(times) < MAX_REPEATS):
         synchronize(device)
         start = time.perf_counter()
         run()
@@ -203,7 +222,7 @@ def memory_context():
     global _MEMORY_CONTEXT
     if _MEMORY_CONTEXT is None:
         _MEMORY_CONTEXT = multiprocessing.get_context("forkserver")
-        _MEMORY_CONTEXT.set_forkserver_preload(["torch", "relkd", "cases"])
+        _MEMORY_CONTEXT.set_forkserver_preload(["torch", "torch._dynamo", "relkd", "cases"])
     return _MEMORY_CONTEXT
 
 
@@ -263,8 +282,9 @@ def run_sweep(sweep: List[Measurement], measure_peak: bool) -> None:
         timed = time.perf_counter() - started
         if measure_peak:
             measure_memory(measurement)
-        log(f"[{index}/{len(sweep)}] {case.name} {describe_backend(case.backend, case.chunk)} {case.mode}: "
-            f"{format_time(measurement.median_s) if measurement.times_s else 'error'} "
+        result = format_time(measurement.median_s) if measurement.times_s else "error"
+        log(f"[{index}/{len(sweep)}] {case.name} {describe_backend(case.backend, case.chunk)} "
+            f"{case.mode}: {result} "
             f"(timing {timed:.1f} s, total {time.perf_counter() - started:.1f} s)"
             + (f" error: {measurement.error[:200]}" if measurement.error else ""))
 
@@ -341,14 +361,25 @@ def git_commit() -> Optional[str]:
         return None
 
 
-def machine_info(device: str) -> Dict:
+def load_average() -> Optional[List[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info(device: str, load_before: Optional[List[float]]) -> Dict:
+    """What the numbers depend on; load averages before and after the sweep
+    show whether other processes competed for the cores."""
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "relkd": relkd.__version__, "python": platform.python_version(),
+        "torch": torch.__version__, "relkd": relkd.__version__,
+        "python": platform.python_version(),
         "platform": platform.platform(), "device": device, "git_commit": git_commit(),
         "fused_devices": relkd.ops.fused_devices(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "load_average_before": load_before, "load_average_after": load_average(),
     }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
@@ -405,10 +436,12 @@ def memory_cell(record: Dict) -> str:
     return format_bytes(record["peak_extra_bytes"])
 
 
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    right = [i for i, h in enumerate(headers) if i >= 3]
-    lines = ["| " + " | ".join(headers) + " |",
-             "|" + "|".join("---:" if i in right else "---" for i in range(len(headers))) + "|"]
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
+                   text_columns: int) -> str:
+    """A Markdown table; the columns after the first `text_columns` (the
+    numbers) are right-aligned."""
+    align = ["---" if i < text_columns else "---:" for i in range(len(headers))]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -416,34 +449,40 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 def loss_table(records: List[Dict]) -> str:
     headers = ["loss", "N x D", "pass", "backend", "median", "peak extra memory",
                "speedup vs eager", "memory vs eager"]
-    rows = [[r["op"], f"{r['N']} x {r['D']}", r["pass"], describe_backend(r["backend"], r["chunk"]),
+    rows = [[r["op"], f"{r['N']} x {r['D']}", r["pass"],
+             describe_backend(r["backend"], r["chunk"]),
              time_cell(r), memory_cell(r), format_ratio(r["ratio_vs_eager"]),
              format_percent(r["memory_ratio_vs_eager"])]
             for r in records if r["kind"] == "loss"]
-    return markdown_table(headers, rows)
+    return markdown_table(headers, rows, text_columns=4)
 
 
 def topk_table(records: List[Dict]) -> str:
     headers = ["N x M, D, k", "backend", "best", "median", "peak extra memory",
                "speedup vs best chunked", "x bare-GEMM floor"]
-    rows = [[f"{r['N']} x {r['M']}, {r['D']}, {r['k']}", describe_backend(r["backend"], r["chunk"]),
+    rows = [[f"{r['N']} x {r['M']}, {r['D']}, {r['k']}",
+             describe_backend(r["backend"], r["chunk"]),
              "*" if r["best_of_backend"] and r["backend"] in ("chunked", "gemm") else "",
              time_cell(r), memory_cell(r), format_ratio(r["ratio_vs_chunked"]),
              format_ratio(r["time_over_gemm_floor"])]
             for r in records if r["kind"] == "topk"]
-    return markdown_table(headers, rows)
+    return markdown_table(headers, rows, text_columns=3)
 
 
 def report(machine: Dict, records: List[Dict]) -> str:
     threads = f"{machine['torch_threads']} threads"
     where = machine.get("gpu") or f"{machine['cpu']} ({threads})"
     parts = [f"relkd {machine['relkd']} benchmark: {where}, torch {machine['torch']}, "
-             f"{machine['date']}. Median of repeats; peak extra memory of one pass."]
+             f"{machine['date']}, load average {machine['load_average_before']} before, "
+             f"{machine['load_average_after']} after. Median of repeats; peak extra memory "
+             f"of one pass."]
     if any(r["kind"] == "loss" for r in records):
-        parts += ["", "Losses (fp32 unless noted):", "", loss_table(records)]
+        dtypes = ", ".join(sorted({r["dtype"] for r in records if r["kind"] == "loss"}))
+        parts += ["", f"Losses ({dtypes}):", "", loss_table(records)]
     if any(r["kind"] == "topk" for r in records):
-        parts += ["", "similarity_topk (exact cosine k-NN; * = fastest chunk size):", "",
-                  topk_table(records)]
+        dtypes = ", ".join(sorted({r["dtype"] for r in records if r["kind"] == "topk"}))
+        parts += ["", f"similarity_topk (exact cosine k-NN, {dtypes}; "
+                      f"* = fastest chunk size):", "", topk_table(records)]
     return "\n".join(parts)
 
 
@@ -465,14 +504,20 @@ def name_list(choices: Sequence[str]) -> Callable[[str], List[str]]:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sweep, under a minute on 2 cores")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sweep, under a minute on 2 cores")
     parser.add_argument("--only", choices=("all", "losses", "topk"), default="all")
-    parser.add_argument("--sizes", type=int_list, help="loss batch sizes N (default 4096,8192,32768)")
-    parser.add_argument("--dim", type=int, help=f"embedding dim D (default {FULL_DIM}, quick {QUICK_DIM})")
-    parser.add_argument("--losses", type=name_list(LOSS_NAMES), default=list(LOSS_NAMES))
-    parser.add_argument("--backends", type=name_list(cases.TOPK_BACKENDS),
-                        default=list(cases.TOPK_BACKENDS), help="restrict backends")
-    parser.add_argument("--passes", type=name_list(cases.PASSES), default=list(cases.PASSES))
+    parser.add_argument("--sizes", type=int_list,
+                        help="loss batch sizes N (default 4096,8192,32768; quick 1024)")
+    parser.add_argument("--dim", type=int,
+                        help=f"embedding dim D (default {FULL_DIM}, quick {QUICK_DIM})")
+    parser.add_argument("--losses", type=name_list(LOSS_NAMES), default=list(LOSS_NAMES),
+                        help=f"comma-separated subset of {','.join(LOSS_NAMES)}")
+    parser.add_argument("--backends", type=name_list(cases.BACKENDS), default=list(cases.BACKENDS),
+                        help=f"comma-separated subset of {','.join(cases.BACKENDS)} (each size "
+                             f"runs those of its plan)")
+    parser.add_argument("--passes", type=name_list(cases.PASSES), default=list(cases.PASSES),
+                        help="fwd+bwd, fwd or both (similarity_topk has fwd only)")
     parser.add_argument("--repeats", type=int, help="timed repeats (default: per size)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="include the torch.compile'd reference (default: on, off in --quick)")
@@ -483,8 +528,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--topk-k", type=int, default=TOPK_K)
     parser.add_argument("--chunks", type=int_list, default=list(CHUNK_SIZES),
                         help="chunk sizes of the chunked-torch and GEMM baselines")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16",
-                                                               "float64"))
+    parser.add_argument("--dtype", default="float32",
+                        choices=("float32", "float16", "bfloat16", "float64"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
@@ -492,7 +537,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.sizes = args.sizes or list(QUICK_LOSS_SIZES if args.quick else FULL_LOSS_SIZES)
     args.dim = args.dim or (QUICK_DIM if args.quick else FULL_DIM)
-    args.topk_shape = tuple(args.topk_shape or (QUICK_TOPK_SHAPE if args.quick else FULL_TOPK_SHAPE))
+    args.topk_shape = tuple(args.topk_shape
+                            or (QUICK_TOPK_SHAPE if args.quick else FULL_TOPK_SHAPE))
     if len(args.topk_shape) != 2:
         parser.error("--topk-shape takes N,M")
     if args.compile is None:
@@ -509,10 +555,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not sweep:
         log("nothing selected")
         return 1
+    load_before = load_average()
+    if load_before and load_before[0] > 0.5:
+        log(f"warning: load average {load_before[0]} before the sweep; other processes "
+            f"may distort the timings")
     started = time.perf_counter()
     run_sweep(sweep, args.memory)
     log(f"done in {time.perf_counter() - started:.1f} s")
-    machine = machine_info(args.device)
+    machine = machine_info(args.device, load_before)
     records = to_records(sweep)
     print(report(machine, records))
     if args.json:

@@ -143,30 +143,115 @@ def ekd_loss(gb: GlobalBatch, s_anchor: Tensor, t_anchor: Tensor, *, training: b
 
 
 # ------------------------------------------------------------------------- SP
+SP_ROW_CHUNK = 2048  # rows per float64 block of the Gram identity
+
+
+def _row_blocks(n: int):
+    return [(lo, min(n, lo + SP_ROW_CHUNK)) for lo in range(0, n, SP_ROW_CHUNK)]
+
+
+def _gram(a: Tensor, b: Tensor) -> Tensor:
+    """a^T b in float64, a block of rows at a time (no N x D float64 copy)."""
+    out = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float64, device=a.device)
+    for lo, hi in _row_blocks(a.shape[0]):
+        out += a[lo:hi].double().T @ b[lo:hi].double()
+    return out
+
+
+class _SPGramIdentity(torch.autograd.Function):
+    """SPEC §5's identity: with G = F F^T, row i of rownorm(G) has
+    |G_i|^2 = f_i^T (F^T F) f_i and G_s,i . G_t,i = f_i^T (Fs^T Ft) g_i, so
+
+        N^2 L = sum_i r_s,i / m_s,i + r_t,i / m_t,i - 2 c_i / sqrt(m_s,i m_t,i)
+
+    with r = |G_i|^2, m = max(r, eps^2), c the cross term (exact, the eps
+    clamp included). Rows f (this process's) and a (the whole batch; None in
+    one process, where it is f) are streamed in float64 blocks; only D x D
+    Gram matrices and per-row scalars are kept. The backward is written out:
+    besides the direct row terms, every row of the batch receives the
+    gradient through the Gram matrices (2 a W for F^T F, a U for Fs^T Ft).
+    Float64 because the loss subtracts two O(N) sums."""
+
+    @staticmethod
+    def forward(ctx, f_s, f_t, a_s, a_t, n_all: int):
+        ctx.single = a_s is None
+        if ctx.single:
+            a_s, a_t = f_s, f_t
+        gram_s, gram_t, cross_st = _gram(a_s, a_s), _gram(a_t, a_t), _gram(a_s, a_t)
+        r_s, r_t, cross = [], [], []
+        for lo, hi in _row_blocks(f_s.shape[0]):
+            fs, ft = f_s[lo:hi].double(), f_t[lo:hi].double()
+            r_s.append(((fs @ gram_s) * fs).sum(1))
+            r_t.append(((ft @ gram_t) * ft).sum(1))
+            cross.append(((fs @ cross_st) * ft).sum(1))
+        r_s, r_t, cross = torch.cat(r_s), torch.cat(r_t), torch.cat(cross)
+        m_s, m_t = r_s.clamp(min=0).clamp(min=EPS * EPS), r_t.clamp(min=0).clamp(min=EPS * EPS)
+        terms = r_s.clamp(min=0) / m_s + r_t.clamp(min=0) / m_t - 2 * cross / torch.sqrt(m_s * m_t)
+        ctx.save_for_backward(f_s, f_t, a_s, a_t, gram_s, gram_t, cross_st, r_s, r_t, cross)
+        ctx.n_all = n_all
+        return (terms.sum() / (n_all * n_all)).to(f_s.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        f_s, f_t, a_s, a_t, gram_s, gram_t, cross_st, r_s, r_t, cross = ctx.saved_tensors
+        scale = grad.double() / (ctx.n_all * ctx.n_all)
+        eps2 = EPS * EPS
+        m_s, m_t = r_s.clamp(min=0).clamp(min=eps2), r_t.clamp(min=0).clamp(min=eps2)
+        root = torch.sqrt(m_s * m_t)
+
+        def d_norm_term(r, m):  # d/dr of r/m - 2c/sqrt(m m'): r/m is 1 unless clamped
+            d = torch.where(r >= eps2, cross / (m * root), torch.full_like(r, 1.0 / eps2))
+            return torch.where(r >= 0, d, torch.zeros_like(d))  # clamp(min=0)
+
+        w_s = scale * d_norm_term(r_s, m_s)
+        w_t = scale * d_norm_term(r_t, m_t)
+        u = scale * (-2.0 / root)
+        need = list(ctx.needs_input_grad)
+        if ctx.single:  # the batch is the rows: their two gradient parts add up
+            need[2], need[3] = need[0], need[1]
+        grads = [torch.zeros_like(t) if need[i] else None
+                 for i, t in enumerate((f_s, f_t, a_s, a_t))] + [None]
+        w_gram_s = torch.zeros_like(gram_s)
+        w_gram_t = torch.zeros_like(gram_t)
+        u_cross = torch.zeros_like(cross_st)
+        for lo, hi in _row_blocks(f_s.shape[0]):
+            fs, ft = f_s[lo:hi].double(), f_t[lo:hi].double()
+            ws, wt, uu = w_s[lo:hi, None], w_t[lo:hi, None], u[lo:hi, None]
+            if need[0]:
+                grads[0][lo:hi] = 2 * ws * (fs @ gram_s) + uu * (ft @ cross_st.T)
+            if need[1]:
+                grads[1][lo:hi] = 2 * wt * (ft @ gram_t) + uu * (fs @ cross_st)
+            w_gram_s += (ws * fs).T @ fs
+            w_gram_t += (wt * ft).T @ ft
+            u_cross += (uu * fs).T @ ft
+        for lo, hi in _row_blocks(a_s.shape[0]):
+            as_, at_ = a_s[lo:hi].double(), a_t[lo:hi].double()
+            if need[2]:
+                grads[2][lo:hi] = 2 * as_ @ w_gram_s + at_ @ u_cross.T
+            if need[3]:
+                grads[3][lo:hi] = 2 * at_ @ w_gram_t + as_ @ u_cross
+        if ctx.single:
+            grads[0] = None if grads[0] is None else grads[0] + grads[2]
+            grads[1] = None if grads[1] is None else grads[1] + grads[3]
+            grads[2] = grads[3] = None
+        return tuple(grads)
+
+
 def sp_loss(gb: GlobalBatch, *, detach_teacher: bool) -> Tensor:
-    """SPEC §5. D < N: the Gram identity, O(N D^2) and no N x N at all,
-    accumulated in float64 because it subtracts two O(N) sums to get a small
-    loss. D >= N: the direct form, whose N x N rows cost no more than N x D."""
+    """SPEC §5. D < N: the Gram identity (_SPGramIdentity), O(N D^2) time and
+    O(D^2) memory beyond the inputs. D >= N: the direct form, whose N x N
+    rows cost no more memory than the N x D features."""
     dtype = compute_dtype(gb.fs, gb.ft)
-    n = gb.fs.shape[0]
-    n_all = gb.n_global
-    f_s = gb.fs.reshape(n, -1)
-    f_t = teacher(gb.ft, detach_teacher).reshape(n, -1)
-    a_s = gb.fs_all.reshape(n_all, -1)
-    a_t = teacher(gb.ft_all, detach_teacher).reshape(n_all, -1)
-    if max(f_s.shape[1], f_t.shape[1]) >= n_all:
-        g_s = F.normalize(f_s.to(dtype) @ a_s.to(dtype).T, p=2.0, dim=1, eps=EPS)
-        g_t = F.normalize(f_t.to(dtype) @ a_t.to(dtype).T, p=2.0, dim=1, eps=EPS)
-        return (g_s - g_t).pow(2).sum() / (n_all * n_all)
-    wide = torch.float64
-    f_s, f_t, a_s, a_t = (t.to(wide) for t in (f_s, f_t, a_s, a_t))
-    r_s2 = ((f_s @ (a_s.T @ a_s)) * f_s).sum(1).clamp(min=0)  # |row i of Fs Fs^T|^2
-    r_t2 = ((f_t @ (a_t.T @ a_t)) * f_t).sum(1).clamp(min=0)
-    cross = ((f_s @ (a_s.T @ a_t)) * f_t).sum(1)  # row i of Gs . row i of Gt
-    m_s2 = r_s2.clamp(min=EPS * EPS)  # max(|row|, eps)^2
-    m_t2 = r_t2.clamp(min=EPS * EPS)
-    terms = r_s2 / m_s2 + r_t2 / m_t2 - 2 * cross / torch.sqrt(m_s2 * m_t2)
-    return (terms.sum() / (n_all * n_all)).to(dtype)
+    n, n_all = gb.fs.shape[0], gb.n_global
+    f_s = gb.fs.reshape(n, -1).to(dtype)
+    f_t = teacher(gb.ft, detach_teacher).reshape(n, -1).to(dtype)
+    a_s = _columns(gb, gb.fs_all, lambda f: f.reshape(n_all, -1).to(dtype))
+    a_t = _columns(gb, gb.ft_all, lambda f: teacher(f, detach_teacher).reshape(n_all, -1).to(dtype))
+    if max(f_s.shape[1], f_t.shape[1]) < n_all:
+        return _SPGramIdentity.apply(f_s, f_t, a_s, a_t, n_all)
+    g_s = F.normalize(f_s @ (f_s if a_s is None else a_s).T, p=2.0, dim=1, eps=EPS)
+    g_t = F.normalize(f_t @ (f_t if a_t is None else a_t).T, p=2.0, dim=1, eps=EPS)
+    return (g_s - g_t).pow(2).sum() / (n_all * n_all)
 
 
 # ------------------------------------------------------------------------ RKD
