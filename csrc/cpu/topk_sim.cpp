@@ -1,10 +1,10 @@
 // topk_sim on CPU: exact k-nearest-neighbour search by inner product.
 //
 // Work is split into (row block, column range) items. Each item keeps a
-// bounded heap per row, walks its column range one GEMM tile at a time and
-// offers the tile to the heaps; the heaps of the column ranges of a row are
-// merged at the end. Peak extra memory: the heaps (O(N*k) per column range)
-// plus one tile per thread, never N x M.
+// bounded selection per row, walks its column range one GEMM tile at a time
+// and offers the tile to the selections; those of the column ranges of a row
+// are merged at the end. Peak extra memory: the candidate buffers (O(N*k)
+// per column range) plus one tile per thread, never N x M.
 #include <algorithm>
 #include <vector>
 
@@ -18,51 +18,44 @@ constexpr int64_t kColTile = 1024;      // columns per GEMM tile
 constexpr int64_t kMinWorkItems = 8;    // split columns when there are fewer row blocks
 constexpr int64_t kChunk = 16;          // values tested against the threshold at once
 
-// The k best (value, index) pairs seen by one row, as a min-heap on the
-// mining order: the root is the worst kept pair, the one a newcomer must beat.
+// The best k (value, index) pairs a row has seen so far. Accepted pairs are
+// appended to a buffer of 2k; when it fills, nth_element keeps the best k
+// and their worst becomes the bar a newcomer must beat. That is amortised
+// O(1) per accepted pair, where a heap pays O(log k) branchy sifts.
 template <typename T>
-struct RowHeap {
-  T* val;
-  int64_t* idx;
+struct RowSelect {
+  std::pair<T, int64_t>* buf;  // capacity 2k
   int64_t size;
   int64_t k;
+  bool has_bar;  // false until the first compaction: every valid pair is accepted
+  T bar_v;
+  int64_t bar_j;
 
-  bool full() const { return size == k; }
+  static bool better(const std::pair<T, int64_t>& a, const std::pair<T, int64_t>& b) {
+    return ranks_below(b.first, b.second, a.first, a.second);
+  }
 
-  // Every non-NaN value above this beats the root (NaN never does).
+  // Every non-NaN value above this beats the bar (NaN never does; -inf
+  // cannot occur as a dot product of normalised rows).
   T threshold() const {
-    if (!full()) return -std::numeric_limits<T>::infinity();
-    return std::isnan(val[0]) ? -std::numeric_limits<T>::infinity() : val[0];
+    if (!has_bar || std::isnan(bar_v)) return -std::numeric_limits<T>::infinity();
+    return bar_v;
   }
 
   void offer(T v, int64_t j) {
-    if (size < k) {
-      int64_t pos = size++;
-      while (pos > 0) {  // sift the newcomer up past better parents
-        int64_t parent = (pos - 1) / 2;
-        if (!ranks_below(v, j, val[parent], idx[parent])) break;
-        val[pos] = val[parent];
-        idx[pos] = idx[parent];
-        pos = parent;
-      }
-      val[pos] = v;
-      idx[pos] = j;
-      return;
-    }
-    if (!ranks_below(val[0], idx[0], v, j)) return;
-    int64_t pos = 0;
-    while (true) {  // sift the newcomer down from the root
-      int64_t child = 2 * pos + 1;
-      if (child >= size) break;
-      if (child + 1 < size && ranks_below(val[child + 1], idx[child + 1], val[child], idx[child]))
-        ++child;
-      if (!ranks_below(val[child], idx[child], v, j)) break;
-      val[pos] = val[child];
-      idx[pos] = idx[child];
-      pos = child;
-    }
-    val[pos] = v;
-    idx[pos] = j;
+    if (has_bar && !ranks_below(bar_v, bar_j, v, j)) return;
+    buf[size++] = {v, j};
+    if (size == 2 * k) keep_best();
+  }
+
+  // Keeps the best min(size, k) pairs (unordered) and sets the bar.
+  void keep_best() {
+    if (size <= k) return;
+    std::nth_element(buf, buf + k - 1, buf + size, better);
+    size = k;
+    has_bar = true;
+    bar_v = buf[k - 1].first;
+    bar_j = buf[k - 1].second;
   }
 };
 
@@ -79,30 +72,30 @@ struct Validity {
   }
 };
 
-// Offers one tile row (columns c0 .. c0 + n) to a row's heap. Most values
-// fall below the heap's threshold once it is full; they are rejected a chunk
-// at a time with a branch-free comparison.
+// Offers one tile row (columns c0 .. c0 + n) to a row's selection. Once a
+// bar exists most values fall below it; they are rejected a chunk at a time
+// with a branch-free comparison.
 template <typename T>
-void scan_row(RowHeap<T>& heap, T* row, const T* scale, int64_t n, int64_t i, int64_t c0,
+void scan_row(RowSelect<T>& sel, T* row, const T* scale, int64_t n, int64_t i, int64_t c0,
               const Validity& valid) {
   if (scale) {
     for (int64_t t = 0; t < n; ++t) row[t] *= scale[c0 + t];
   }
   int64_t t = 0;
-  for (; t < n && !heap.full(); ++t) {
-    if (valid(i, c0 + t)) heap.offer(row[t], c0 + t);
+  for (; t < n && !sel.has_bar; ++t) {
+    if (valid(i, c0 + t)) sel.offer(row[t], c0 + t);
   }
   for (; t + kChunk <= n; t += kChunk) {
-    const T thr = heap.threshold();
+    const T thr = sel.threshold();
     bool any = false;
     for (int64_t u = 0; u < kChunk; ++u) any |= row[t + u] > thr;
     if (!any) continue;
     for (int64_t u = 0; u < kChunk; ++u) {
-      if (row[t + u] > thr && valid(i, c0 + t + u)) heap.offer(row[t + u], c0 + t + u);
+      if (row[t + u] > thr && valid(i, c0 + t + u)) sel.offer(row[t + u], c0 + t + u);
     }
   }
   for (; t < n; ++t) {
-    if (valid(i, c0 + t)) heap.offer(row[t], c0 + t);
+    if (valid(i, c0 + t)) sel.offer(row[t], c0 + t);
   }
 }
 
@@ -124,10 +117,9 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_impl(const at::Tensor& q, const at::
   const int64_t splits = std::min(col_tiles, std::max<int64_t>(1, ceil_div(kMinWorkItems, row_blocks)));
   const int64_t tiles_per_split = ceil_div(col_tiles, splits);
 
-  // heap storage: [split][row][k]
-  std::vector<T> heap_val(static_cast<size_t>(splits * n * k));
-  std::vector<int64_t> heap_idx(static_cast<size_t>(splits * n * k));
-  std::vector<int64_t> heap_size(static_cast<size_t>(splits * n), 0);
+  // candidate buffers: [split][row][2k]
+  std::vector<std::pair<T, int64_t>> cand_buf(static_cast<size_t>(splits * n * 2 * k));
+  std::vector<int64_t> cand_size(static_cast<size_t>(splits * n), 0);
 
   const Validity valid{data_or_null(q_labels), data_or_null(c_labels), exclude_self, self_offset};
   const T* scale = c_scale.defined() ? c_scale.data_ptr<T>() : nullptr;
@@ -139,10 +131,10 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_impl(const at::Tensor& q, const at::
       const int64_t r0 = rb * kRowBlock, rows = std::min(kRowBlock, n - r0);
       const int64_t tile_begin = split * tiles_per_split;
       const int64_t tile_end = std::min(col_tiles, tile_begin + tiles_per_split);
-      std::vector<RowHeap<T>> heaps(rows);
+      std::vector<RowSelect<T>> sels(rows);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t slot = split * n + r0 + r;
-        heaps[r] = RowHeap<T>{heap_val.data() + slot * k, heap_idx.data() + slot * k, 0, k};
+        sels[r] = RowSelect<T>{cand_buf.data() + slot * 2 * k, 0, k, false, T(0), 0};
       }
       const auto q_blk = q.narrow(0, r0, rows);
       for (int64_t ct = tile_begin; ct < tile_end; ++ct) {
@@ -153,9 +145,12 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_impl(const at::Tensor& q, const at::
         T* base = out.data_ptr<T>();
         const int64_t ld = out.stride(0);
         for (int64_t r = 0; r < rows; ++r)
-          scan_row(heaps[r], base + r * ld, scale, cols, r0 + r, c0, valid);
+          scan_row(sels[r], base + r * ld, scale, cols, r0 + r, c0, valid);
       }
-      for (int64_t r = 0; r < rows; ++r) heap_size[split * n + r0 + r] = heaps[r].size;
+      for (int64_t r = 0; r < rows; ++r) {
+        sels[r].keep_best();
+        cand_size[split * n + r0 + r] = sels[r].size;
+      }
     }
   });
 
@@ -168,12 +163,10 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_impl(const at::Tensor& q, const at::
       cand.clear();
       for (int64_t s = 0; s < splits; ++s) {
         const int64_t slot = s * n + i;
-        for (int64_t e = 0; e < heap_size[slot]; ++e)
-          cand.emplace_back(heap_val[slot * k + e], heap_idx[slot * k + e]);
+        cand.insert(cand.end(), cand_buf.begin() + slot * 2 * k,
+                    cand_buf.begin() + slot * 2 * k + cand_size[slot]);
       }
-      std::sort(cand.begin(), cand.end(), [](const auto& a, const auto& b) {
-        return ranks_below(b.first, b.second, a.first, a.second);
-      });
+      std::sort(cand.begin(), cand.end(), RowSelect<T>::better);
       const int64_t kept = std::min<int64_t>(k, cand.size());
       for (int64_t e = 0; e < k; ++e) {
         out_val[i * k + e] = e < kept ? cand[e].first : -std::numeric_limits<T>::infinity();
