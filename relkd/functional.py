@@ -96,6 +96,21 @@ def _student_teacher(fs, ft, *, same_dim: bool, flatten: bool = False):
     return fs, ft
 
 
+def _label_free_relation(loss: str, fs, ft, *, backend: str, process_group, gather: bool,
+                         fused_fn, reference_fn, flatten: bool = False, unsupported: str = ""):
+    """The shared path of the batch-relation losses without labels (CCKD, SP,
+    RKD): validate, gather the global batch, 0 below two rows, dispatch."""
+    check.backend(backend)
+    fs, ft = _student_teacher(fs, ft, same_dim=False, flatten=flatten)
+    check.same_device(fs=fs, ft=ft)
+    check.finite(fs=fs, ft=ft)
+    gb = global_batch(fs, ft, None, resolve_group(process_group, gather))
+    if gb.n_global < 2:
+        return _zero(fs, compute_dtype(fs, ft))
+    return _by_backend(_use_fused(loss, backend, fs.device, unsupported), gb, fused_fn,
+                       lambda f, t, _: reference_fn(f, t))
+
+
 def _by_backend(use_fused: bool, gb: GlobalBatch, fused_fn, reference_fn):
     """Fused: this rank's share directly. Reference: the single-process loss
     of the gathered batch, 1/world of it per rank."""
@@ -233,6 +248,7 @@ def ekd_loss(fs: Tensor, ft: Tensor, y: Tensor, s_anchor: Tensor, t_anchor: Tens
     A = len(fpr_levels). Returns (loss, new s_anchor, new t_anchor).
     Equal (up to floating point) to Tencent/TFace's ekd.py.
     """
+    check.backend(backend)
     levels = check.fpr_levels(fpr_levels)
     check.non_negative_int(topk, "topk")
     check.number(temperature, "temperature", positive=True)
@@ -280,17 +296,11 @@ def cckd_loss(fs: Tensor, ft: Tensor, *, kernel: str = "gaussian", gamma: float 
     check.choice(kernel, "kernel", CCKD_KERNELS)
     check.number(gamma, "gamma")
     check.non_negative_int(order, "order")
-    fs, ft = _student_teacher(fs, ft, same_dim=False)
-    check.same_device(fs=fs, ft=ft)
-    check.finite(fs=fs, ft=ft)
-    group = resolve_group(process_group, gather)
-    gb = global_batch(fs, ft, None, group)
-    if gb.n_global < 2:
-        return _zero(fs, compute_dtype(fs, ft))
     options = dict(kernel=kernel, gamma=gamma, order=order, detach_teacher=detach_teacher)
-    return _by_backend(_use_fused("CCKDLoss", backend, fs.device), gb,
-                       lambda g: fused.cckd_loss(g, **options),
-                       lambda f, t, _: reference.cckd_loss(f, t, **options))
+    return _label_free_relation(
+        "CCKDLoss", fs, ft, backend=backend, process_group=process_group, gather=gather,
+        fused_fn=lambda g: fused.cckd_loss(g, **options),
+        reference_fn=lambda f, t: reference.cckd_loss(f, t, **options))
 
 
 # ------------------------------------------------------------------------- SP
@@ -303,16 +313,10 @@ def sp_loss(fs: Tensor, ft: Tensor, *, detach_teacher: bool = True, backend: str
     unnormalised features fs: (N, ...), ft: (N, ...). The fused path uses the
     Gram identity (O(N D^2), no N x N) when D < N.
     """
-    fs, ft = _student_teacher(fs, ft, same_dim=False, flatten=True)
-    check.same_device(fs=fs, ft=ft)
-    check.finite(fs=fs, ft=ft)
-    group = resolve_group(process_group, gather)
-    gb = global_batch(fs, ft, None, group)
-    if gb.n_global < 2:
-        return _zero(fs, compute_dtype(fs, ft))
-    return _by_backend(_use_fused("SPLoss", backend, fs.device), gb,
-                       lambda g: fused.sp_loss(g, detach_teacher=detach_teacher),
-                       lambda f, t, _: reference.sp_loss(f, t, detach_teacher=detach_teacher))
+    return _label_free_relation(
+        "SPLoss", fs, ft, backend=backend, process_group=process_group, gather=gather,
+        flatten=True, fused_fn=lambda g: fused.sp_loss(g, detach_teacher=detach_teacher),
+        reference_fn=lambda f, t: reference.sp_loss(f, t, detach_teacher=detach_teacher))
 
 
 # ------------------------------------------------------------------------ RKD
@@ -331,19 +335,14 @@ def rkd_loss(fs: Tensor, ft: Tensor, *, distance_weight: float = 25.0,
     """
     check.number(distance_weight, "distance_weight")
     check.number(angle_weight, "angle_weight")
-    fs, ft = _student_teacher(fs, ft, same_dim=False)
-    check.same_device(fs=fs, ft=ft)
-    check.finite(fs=fs, ft=ft)
-    group = resolve_group(process_group, gather)
-    gb = global_batch(fs, ft, None, group)
-    if gb.n_global < 2:
-        return _zero(fs, compute_dtype(fs, ft))
     unsupported = ("the fused path has no angle term (O(N^3)); set angle_weight=0 or use "
                    "backend='reference'") if angle_weight != 0 else ""
-    return _by_backend(_use_fused("RKDLoss", backend, fs.device, unsupported), gb,
-                       lambda g: fused.rkd_loss(g, distance_weight=distance_weight),
-                       lambda f, t, _: reference.rkd_loss(f, t, distance_weight=distance_weight,
-                                                          angle_weight=angle_weight))
+    return _label_free_relation(
+        "RKDLoss", fs, ft, backend=backend, process_group=process_group, gather=gather,
+        unsupported=unsupported,
+        fused_fn=lambda g: fused.rkd_loss(g, distance_weight=distance_weight),
+        reference_fn=lambda f, t: reference.rkd_loss(f, t, distance_weight=distance_weight,
+                                                     angle_weight=angle_weight))
 
 
 # ------------------------------------------------------------------- EC-KD

@@ -72,30 +72,64 @@ struct Validity {
   }
 };
 
-// Offers one tile row (columns c0 .. c0 + n) to a row's selection. Once a
-// bar exists most values fall below it; they are rejected a chunk at a time
-// with a branch-free comparison.
+// Runtime-dispatched SIMD clones of the filter: the build stays portable
+// (no -march) and AVX2 / AVX-512 machines still get wide comparisons.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define RELKD_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define RELKD_SIMD_CLONES
+#endif
+
+// Start of the first chunk of kChunk values in [begin, n) that holds a value
+// above thr (each value times scale[t] when scale is given), or the start of
+// the tail shorter than a chunk. Branch-free within a chunk, so it vectorises.
 template <typename T>
-void scan_row(RowSelect<T>& sel, T* row, const T* scale, int64_t n, int64_t i, int64_t c0,
-              const Validity& valid) {
-  if (scale) {
-    for (int64_t t = 0; t < n; ++t) row[t] *= scale[c0 + t];
+inline int64_t find_chunk_above_impl(const T* row, const T* scale, int64_t begin, int64_t n,
+                                     T thr) {
+  int64_t t = begin;
+  for (; t + kChunk <= n; t += kChunk) {
+    bool any = false;
+    if (scale) {
+      for (int64_t u = 0; u < kChunk; ++u) any |= row[t + u] * scale[t + u] > thr;
+    } else {
+      for (int64_t u = 0; u < kChunk; ++u) any |= row[t + u] > thr;
+    }
+    if (any) return t;
   }
+  return t;
+}
+
+RELKD_SIMD_CLONES int64_t find_chunk_above(const float* row, const float* scale, int64_t begin,
+                                           int64_t n, float thr) {
+  return find_chunk_above_impl(row, scale, begin, n, thr);
+}
+
+RELKD_SIMD_CLONES int64_t find_chunk_above(const double* row, const double* scale,
+                                           int64_t begin, int64_t n, double thr) {
+  return find_chunk_above_impl(row, scale, begin, n, thr);
+}
+
+// Offers one tile row (columns c0 .. c0 + n of the bank, values scaled by
+// scale[c0 + t] when given) to a row's selection. Until the selection has a
+// bar every valid value is offered; then whole chunks below the bar are
+// skipped by find_chunk_above and only chunks with a candidate are examined.
+template <typename T>
+void scan_row(RowSelect<T>& sel, const T* row, const T* scale, int64_t n, int64_t i,
+              int64_t c0, const Validity& valid) {
+  const T* sc = scale ? scale + c0 : nullptr;
+  auto value = [&](int64_t t) { return sc ? row[t] * sc[t] : row[t]; };
   int64_t t = 0;
   for (; t < n && !sel.has_bar; ++t) {
-    if (valid(i, c0 + t)) sel.offer(row[t], c0 + t);
+    if (valid(i, c0 + t)) sel.offer(value(t), c0 + t);
   }
-  for (; t + kChunk <= n; t += kChunk) {
+  while (t < n) {
     const T thr = sel.threshold();
-    bool any = false;
-    for (int64_t u = 0; u < kChunk; ++u) any |= row[t + u] > thr;
-    if (!any) continue;
-    for (int64_t u = 0; u < kChunk; ++u) {
-      if (row[t + u] > thr && valid(i, c0 + t + u)) sel.offer(row[t + u], c0 + t + u);
+    t = find_chunk_above(row, sc, t, n, thr);
+    const int64_t stop = std::min(n, t + kChunk);  // one chunk, or the tail
+    for (; t < stop; ++t) {
+      const T v = value(t);
+      if (v > thr && valid(i, c0 + t)) sel.offer(v, c0 + t);
     }
-  }
-  for (; t < n; ++t) {
-    if (valid(i, c0 + t)) sel.offer(row[t], c0 + t);
   }
 }
 
