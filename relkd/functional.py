@@ -42,8 +42,7 @@ DEFAULT_FPR_LEVELS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
 def fused_losses() -> dict:
     """Which losses run fused kernels with backend='auto', on which devices."""
-    devices = ops.fused_devices()
-    devices = list(devices)
+    devices = list(ops.fused_devices())
     fused_names = ["RADLoss", "CoupleFaceLoss", "EKDLoss", "CCKDLoss", "SPLoss",
                    "RKDLoss (distance term; angle_weight=0)", "similarity_topk"]
     plain = ["FCDLoss", "ExclusivityLoss", "ECKDLoss"]  # O(N*D) / O(F*P): PyTorch is the fused path
@@ -73,8 +72,7 @@ def _use_fused(loss: str, backend: str, device: torch.device, unsupported: str =
         return False
     available = device.type in ops.fused_devices()
     if backend == "fused":
-        if not ops.HAS_EXTENSION:
-            ops.require_extension(f"{loss}(backend='fused')")
+        ops.require_extension(f"{loss}(backend='fused')")
         if not available:
             raise NotImplementedError(f"{loss}: relkd has no fused kernel for {device.type} "
                                       f"tensors in this build; use backend='reference' or 'auto'")

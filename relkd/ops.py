@@ -10,6 +10,7 @@ import struct
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 try:
@@ -236,7 +237,7 @@ def _process_group(name: str):
     return _resolve_process_group(name)
 
 
-def _merge_top_pairs(values: Tensor, rows: Tensor, cols: Tensor, topk: int):
+def merge_top_pairs(values: Tensor, rows: Tensor, cols: Tensor, topk: int):
     """Best `topk` of candidate pairs: value descending (NaN last), then (i, j)."""
     keep = rows >= 0
     values, rows, cols = values[keep], rows[keep], cols[keep]
@@ -285,12 +286,7 @@ def negative_pair_select(x: Tensor, labels: Tensor, divisors: List[int], topk: i
     ids_r = (row_offset + torch.arange(len(x), device=x.device)) if rect else None
     common = (x, x_cols, labels.long(), None if labels_cols is None else labels_cols.long(),
               ids_r, None)
-    all_reduce = None
-    if group is not None:
-        import torch.distributed as dist
-
-        def all_reduce(t):
-            dist.all_reduce(t, group=group)
+    all_reduce = None if group is None else (lambda t: dist.all_reduce(t, group=group))
 
     bits = key_bits(x.dtype)
     k_eff = min(topk, n_neg)
@@ -304,14 +300,12 @@ def negative_pair_select(x: Tensor, labels: Tensor, divisors: List[int], topk: i
     if k_eff > 0:
         n_equal = k_eff - n_above[-1]
         top = torch.ops.relkd.pair_topk(*common, as_int64(keys[-1]), n_equal, topk)
-        if group is not None:
-            import torch.distributed as dist
-
+        if group is not None:  # every rank's candidates, merged the same way everywhere
             world = dist.get_world_size(group)
             gathered = [[torch.empty_like(t) for _ in range(world)] for t in top]
             for parts, t in zip(gathered, top):
                 dist.all_gather(parts, t, group=group)
-            top = _merge_top_pairs(*(torch.cat(parts) for parts in gathered), topk)
+            top = merge_top_pairs(*(torch.cat(parts) for parts in gathered), topk)
     return (thresholds, *top, n_neg_t)
 
 

@@ -95,7 +95,7 @@ def test_row_blocks_combine_like_ddp_ranks():
     torch.testing.assert_close(values, whole[0], atol=1e-14, rtol=0)  # tiles round differently
     parts = [torch.ops.relkd.pair_topk(xb, x, yb, y, ids, None, ops.as_int64(keys[2]),
                                        500 - n_above[2], 500) for ids, xb, yb in blocks]
-    merged = ops._merge_top_pairs(*(torch.cat(p) for p in zip(*parts)), 500)
+    merged = ops.merge_top_pairs(*(torch.cat(p) for p in zip(*parts)), 500)
     torch.testing.assert_close(merged[0], whole[1], atol=1e-14, rtol=0)
     assert torch.equal(merged[1], whole[2]) and torch.equal(merged[2], whole[3])
 
