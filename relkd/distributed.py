@@ -48,6 +48,14 @@ def _gather_sizes(n: int, group) -> List[int]:
     return [int(s) for s in sizes]
 
 
+def _summed_over_ranks(x: Tensor, group) -> Tensor:
+    """A new tensor holding x summed over the ranks (x itself is not touched,
+    even where the collective runs on x's own device)."""
+    out = x.detach().to(_comm_device(group), copy=True)
+    dist.all_reduce(out, group=group)
+    return out.to(x.device)
+
+
 def _all_gather_rows(x: Tensor, sizes: List[int], group) -> Tensor:
     """Concatenation over ranks of x (rows may differ per rank)."""
     dev = _comm_device(group)
@@ -69,11 +77,9 @@ class _AllGatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         # Every rank holds the gradient of its own loss share with respect to
         # all rows; the gradient of the summed shares is their sum.
-        dev = _comm_device(ctx.group)
-        total = grad.contiguous().to(dev)
-        dist.all_reduce(total, group=ctx.group)
+        total = _summed_over_ranks(grad, ctx.group)
         start = sum(ctx.sizes[: ctx.rank])
-        return total[start:start + ctx.sizes[ctx.rank]].to(grad.device), None, None
+        return total[start:start + ctx.sizes[ctx.rank]], None, None
 
 
 def all_gather_with_grad(x: Tensor, group=None, sizes: Optional[List[int]] = None) -> Tensor:
@@ -96,15 +102,11 @@ class _AllReduceWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group) -> Tensor:
         ctx.group = group
-        out = x.detach().clone().to(_comm_device(group))
-        dist.all_reduce(out, group=group)
-        return out.to(x.device)
+        return _summed_over_ranks(x, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        total = grad.detach().clone().to(_comm_device(ctx.group))
-        dist.all_reduce(total, group=ctx.group)
-        return total.to(grad.device), None
+        return _summed_over_ranks(grad, ctx.group), None
 
 
 def all_reduce_with_grad(x: Tensor, group) -> Tensor:
@@ -112,16 +114,12 @@ def all_reduce_with_grad(x: Tensor, group) -> Tensor:
     rank's x (used for global normalisers that depend on the student, RKD's mu)."""
     if x.requires_grad and torch.is_grad_enabled():
         return _AllReduceWithGrad.apply(x, group)
-    out = x.detach().clone().to(_comm_device(group))
-    dist.all_reduce(out, group=group)
-    return out.to(x.device)
+    return _summed_over_ranks(x, group)
 
 
 def all_reduce_sum(x: Tensor, group) -> Tensor:
     """Sum of a no-grad tensor over ranks (None group: x itself)."""
-    if group is None:
-        return x
-    return all_reduce_with_grad(x.detach(), group)
+    return x if group is None else _summed_over_ranks(x, group)
 
 
 @dataclass

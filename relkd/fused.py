@@ -63,8 +63,7 @@ def rad_loss(gb: GlobalBatch, bank: Optional[Tensor], bank_labels: Optional[Tens
         s = ops.pair_dot(x, b, indices) * scale
         t = ops.pair_dot(z, b, indices) * scale
     mined = indices >= 0
-    phi = reference.rad_phi(s - t, metric, margin)
-    total = torch.where(mined, phi, torch.zeros_like(phi)).sum()
+    total = reference.masked_sum(reference.rad_phi(s - t, metric, margin), mined)
     count = all_reduce_sum(mined.sum(), gb.group)
     return total / count.clamp(min=1).to(dtype)
 
@@ -137,8 +136,7 @@ def ekd_loss(gb: GlobalBatch, s_anchor: Tensor, t_anchor: Tensor, *, training: b
     diff = (reference.ekd_rank(s_hard, s_anchor, temperature)
             - reference.ekd_rank(t_hard, t_anchor, temperature))
     n_hard = (top_i >= 0).sum()
-    loss_neg = torch.where(local, diff * diff, torch.zeros_like(diff)).sum()
-    loss_neg = loss_neg / n_hard.clamp(min=1).to(dtype)
+    loss_neg = reference.masked_sum(diff * diff, local) / n_hard.clamp(min=1).to(dtype)
     return pos_weight * loss_pos + neg_weight * loss_neg, s_anchor, t_anchor
 
 

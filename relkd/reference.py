@@ -107,10 +107,15 @@ def rad_phi(d: Tensor, metric: str, margin: float) -> Tensor:
     return d.abs()
 
 
+def masked_sum(values: Tensor, valid: Tensor) -> Tensor:
+    """Sum of values[valid] with static shapes; masked entries get exactly zero
+    gradient (also where they are NaN or inf)."""
+    return torch.where(valid, values, torch.zeros_like(values)).sum()
+
+
 def masked_mean(values: Tensor, valid: Tensor) -> Tensor:
     """Mean of values[valid]; 0 (with zero gradients) when nothing is valid."""
-    total = torch.where(valid, values, torch.zeros_like(values)).sum()
-    return total / valid.sum().clamp(min=1).to(values.dtype)
+    return masked_sum(values, valid) / valid.sum().clamp(min=1).to(values.dtype)
 
 
 def rad_loss(fs: Tensor, ft: Tensor, y: Optional[Tensor] = None, bank: Optional[Tensor] = None,
