@@ -59,7 +59,7 @@ def direct(kind, xs, xt, y, params):
     if kind == "rkd_dist_sum":
         return reference.rkd_pdist(xs)[off].sum()
     psi_s = reference.rkd_pdist(xs) / params[0]
-    psi_t = reference.rkd_pdist(xt) / params[1].detach()  # the teacher's mu gets no gradient
+    psi_t = reference.rkd_pdist(xt) / params[1]  # both means are differentiated
     return torch.nn.functional.smooth_l1_loss(psi_s[off], psi_t[off], reduction="sum")
 
 
@@ -134,12 +134,23 @@ def test_gradcheck(kind):
     xs.requires_grad_()
     if kind == "cckd":
         xt.requires_grad_()
-    # RKD differentiates the student's mu only (params[0]); the teacher's is a constant.
-    head = params[:1].clone().requires_grad_(kind == "rkd_distance")
-    tail = params[1:]
+    # Only rkd_distance is differentiable in params (both means).
+    params = params.clone().requires_grad_(kind in ops.PARAMS_GRAD_KINDS)
     assert torch.autograd.gradcheck(
-        lambda a, b, p: ops.pairwise_loss(kind, a, b, labels_r=y, params=torch.cat([p, tail])),
-        (xs, xt, head))
+        lambda a, b, p: ops.pairwise_loss(kind, a, b, labels_r=y, params=p), (xs, xt, params))
+
+
+@pytest.mark.parametrize("kind", ["cckd", "ekd_pos"])
+def test_params_gradient_is_refused_where_undefined(kind):
+    xs, xt, y, params = inputs(kind, 12, 4, seed=5, dtype=torch.float64)
+    params.requires_grad_()
+    with pytest.raises(ValueError, match=r"^params: kind .* defines no gradient"):
+        ops.pairwise_loss(kind, xs, xt, labels_r=y, params=params)
+    # The raw op, called directly, raises in backward instead of returning zeros.
+    out = torch.ops.relkd.pairwise_loss(kind, xs.requires_grad_(), xt, None, None, y, None,
+                                        None, None, params, True, False)[0]
+    with pytest.raises(RuntimeError, match="defines no gradient with respect to params"):
+        torch.autograd.grad(out, params)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -162,13 +173,18 @@ def test_opcheck(kind, rect):
     torch.library.opcheck(torch.ops.relkd.pairwise_loss.default, args)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_deterministic(threads):
-    xs, xt, _, coef = inputs("cckd", 700, 32, seed=7, dtype=torch.float32)
-    with num_threads(threads):
-        runs = [grads_of(fused, "cckd", xs, xt, None, coef) for _ in range(2)]
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+@pytest.mark.parametrize("kind", KINDS)
+def test_bitwise_identical_for_any_thread_count(kind):
+    # Tiles run in waves (csrc/tile_plan.h): each gradient row is summed in
+    # the same order whatever the number of threads.
+    args = inputs(kind, 700, 32, seed=7, dtype=torch.float32)
+    runs = []
+    for threads in (1, 2, 3, 2):
+        with num_threads(threads):
+            runs.append(grads_of(fused, kind, *args))
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            assert torch.equal(a, b)
 
 
 def test_double_backward_is_refused_not_silently_wrong():
@@ -183,3 +199,9 @@ def test_taylor_coefficients_sum_to_the_kernel():
     # phi(1) = exp(-2g) * sum_p (2g)^p / p! -> 1 as the order grows.
     coef = reference.cckd_coefficients("gaussian", 0.4, 30)
     assert math.isclose(sum(coef), 1.0, rel_tol=1e-12)
+    # The fused path computes them on its own (recursively): the same numbers.
+    from relkd import fused
+    for order in (0, 1, 2, 5, 30):
+        ours = fused._taylor_rbf_coefficients("gaussian", 0.4, order)
+        assert ours == pytest.approx(reference.cckd_coefficients("gaussian", 0.4, order),
+                                     rel=1e-14)

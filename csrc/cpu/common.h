@@ -6,11 +6,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <type_traits>
+
+#include "../pair_math.h"
 
 namespace relkd {
 
@@ -28,6 +31,26 @@ void parallel_below_autograd(int64_t begin, int64_t end, int64_t grain, const F&
     BelowAutograd below_autograd;
     at::NoGradGuard no_grad;
     body(b, e);
+  });
+}
+
+// Work items handed out one at a time to at most get_num_threads() workers:
+// a worker on a busy core simply takes fewer items, where a static split
+// would make every other thread wait for it. body(slot, item) runs once per
+// item; slot in [0, slots) names the worker, for worker-private scratch.
+// Results must not depend on which worker runs an item (callers reduce
+// per-item results in item order, or only integers).
+inline int64_t worker_slots(int64_t items) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+}
+
+template <typename F>
+void parallel_items(int64_t items, int64_t slots, const F& body) {
+  std::atomic<int64_t> next{0};
+  parallel_below_autograd(0, slots, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t slot = begin; slot < end; ++slot)
+      for (int64_t item; (item = next.fetch_add(1, std::memory_order_relaxed)) < items;)
+        body(slot, item);
   });
 }
 
@@ -65,43 +88,9 @@ inline const int64_t* data_or_null(const at::Tensor& t) {
 }
 
 // ---------------------------------------------------------------- ordering
-// Mining order (SPEC §2, §9): larger value first, NaN below every number,
-// ties to the smaller index. -0.0 and +0.0 are equal, as in torch.sort.
-template <typename T>
-inline bool ranks_below(T v1, int64_t j1, T v2, int64_t j2) {
-  const bool n1 = std::isnan(v1), n2 = std::isnan(v2);
-  if (n1 != n2) return n1;
-  if (!n1 && v1 != v2) return v1 < v2;
-  return j1 > j2;
-}
-
-// Unsigned key whose integer order is the value order: NaN -> 0 (below
-// -inf), -0.0 -> +0.0. Radix selection works on these keys.
-template <typename T> struct KeyOf;
-template <> struct KeyOf<float> { using type = uint32_t; };
-template <> struct KeyOf<double> { using type = uint64_t; };
-
-template <typename T>
-inline typename KeyOf<T>::type order_key(T v) {
-  using K = typename KeyOf<T>::type;
-  constexpr K sign = K(1) << (sizeof(K) * 8 - 1);
-  if (std::isnan(v)) return 0;
-  if (v == T(0)) v = T(0);
-  K bits;
-  std::memcpy(&bits, &v, sizeof(K));
-  return (bits & sign) ? ~bits : (bits | sign);
-}
-
-template <typename T>
-inline T key_value(typename KeyOf<T>::type key) {
-  using K = typename KeyOf<T>::type;
-  constexpr K sign = K(1) << (sizeof(K) * 8 - 1);
-  if (key == 0) return std::numeric_limits<T>::quiet_NaN();
-  K bits = (key & sign) ? (key & ~sign) : ~key;
-  T v;
-  std::memcpy(&v, &bits, sizeof(K));
-  return v;
-}
+using pm::KeyOf;
+using pm::order_key;
+using pm::ranks_below;
 
 // ---------------------------------------------------------------- tiles
 // out[rows x cols] = a_blk @ b_blk^T with ATen's GEMM (MKL/oneDNN). Called

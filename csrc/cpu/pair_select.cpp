@@ -65,16 +65,18 @@ at::Tensor histogram_impl(const SelectInputs& in, const at::Tensor& prefixes, in
   const int64_t n_prefix = prefixes.numel();
   const int64_t* pre = prefixes.data_ptr<int64_t>();
 
-  const auto tiles = pair_tiles<kNegative>(in.ix, in.x_r.size(0), in.x_c.size(0));
-  const int64_t lanes = lane_count(tiles.size());
-  std::vector<std::vector<int64_t>> hist(lanes, std::vector<int64_t>(n_prefix * kDigits, 0));
+  const auto tiles = pair_tiles(kNegative, in.ix, in.x_r.size(0), in.x_c.size(0));
+  const int64_t slots = worker_slots(tiles.size());
+  // Per-worker counts (integers: the sum cannot depend on which worker ran a tile).
+  std::vector<std::vector<int64_t>> hist(slots);
 
-  visit_pair_tiles<kNegative, T>(in.ix, tiles, lanes, in.x_r, in.x_c, 2,
-                                 [&](int64_t lane, size_t, const TileScratch& sc) {
+  visit_pair_tiles<T>(kNegative, in.ix, tiles, slots, in.x_r, in.x_c, 2,
+                      [&](int64_t slot, int64_t, const TileScratch& sc) {
     const at::Tensor w_t = sc[0], s_t = sc[1];
     const T* w = w_t.data_ptr<T>();
     const T* s = s_t.data_ptr<T>();
-    int64_t* h = hist[lane].data();
+    if (hist[slot].empty()) hist[slot].assign(n_prefix * kDigits, 0);
+    int64_t* h = hist[slot].data();
     for (int64_t e = 0; e < s_t.numel(); ++e) {
       if (w[e] == T(0)) continue;
       const K key = order_key(s[e]);
@@ -92,7 +94,7 @@ at::Tensor histogram_impl(const SelectInputs& in, const at::Tensor& prefixes, in
   auto out = at::zeros({n_prefix, kDigits}, prefixes.options());
   int64_t* o = out.data_ptr<int64_t>();
   for (const auto& h : hist)
-    for (int64_t e = 0; e < n_prefix * kDigits; ++e) o[e] += h[e];
+    for (int64_t e = 0; e < (int64_t)h.size(); ++e) o[e] += h[e];
   return out;
 }
 
@@ -143,13 +145,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_impl(const SelectInputs& in,
                                                          int64_t topk) {
   using K = typename KeyOf<T>::type;
   const K tau = static_cast<K>(threshold_key);
-  const auto tiles = pair_tiles<kNegative>(in.ix, in.x_r.size(0), in.x_c.size(0));
-  const int64_t lanes = lane_count(tiles.size());
+  const auto tiles = pair_tiles(kNegative, in.ix, in.x_r.size(0), in.x_c.size(0));
+  const int64_t slots = worker_slots(tiles.size());
   const int64_t eq_cap = std::min(n_equal, topk);
-  std::vector<std::vector<PairEntry<T>>> above(lanes), equal(lanes);
+  // Per-worker candidates, each trimmed to its best: the merged best set is
+  // the same whichever worker saw which tile.
+  std::vector<std::vector<PairEntry<T>>> above(slots), equal(slots);
 
-  visit_pair_tiles<kNegative, T>(in.ix, tiles, lanes, in.x_r, in.x_c, 2,
-                                 [&](int64_t lane, size_t ti, const TileScratch& sc) {
+  visit_pair_tiles<T>(kNegative, in.ix, tiles, slots, in.x_r, in.x_c, 2,
+                      [&](int64_t slot, int64_t ti, const TileScratch& sc) {
     const Tile& t = tiles[ti];
     const at::Tensor w_t = sc[0], s_t = sc[1];
     const T* w = w_t.data_ptr<T>();
@@ -162,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_impl(const SelectInputs& in,
         if (key < tau) continue;
         const int64_t a = in.ix.id_r(t.r0 + r), b = in.ix.id_c(t.c0 + c);
         const PairEntry<T> entry{s[e], std::min(a, b), std::max(a, b)};
-        auto& list = key > tau ? above[lane] : equal[lane];
+        auto& list = key > tau ? above[slot] : equal[slot];
         list.push_back(entry);
         if ((int64_t)list.size() >= 2 * std::max<int64_t>(topk, 1))
           trim(list, key > tau ? topk : eq_cap);
@@ -170,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_impl(const SelectInputs& in,
   });
 
   std::vector<PairEntry<T>> best, ties;
-  for (int64_t l = 0; l < lanes; ++l) {
+  for (int64_t l = 0; l < slots; ++l) {
     best.insert(best.end(), above[l].begin(), above[l].end());
     ties.insert(ties.end(), equal[l].begin(), equal[l].end());
   }

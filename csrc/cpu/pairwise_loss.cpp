@@ -1,5 +1,7 @@
 // pairwise_loss on CPU: sum of a pair loss over all (masked) pairs of rows and
-// columns, and its gradient, tile by tile; no N x N buffer.
+// columns, and its gradient, tile by tile; no N x N buffer, and one copy of
+// each gradient whatever the thread count (tiles run in waves, see
+// csrc/tile_plan.h).
 //
 // The output is a scalar, so the gradient of the sum with respect to every
 // input is accumulated in the same pass over the tiles that computes the sum:
@@ -15,147 +17,173 @@
 namespace relkd {
 namespace {
 
-// Gradient accumulators of one lane; lane 0 writes into the outputs.
-template <typename T>
-struct LaneGrads {
-  at::Tensor s_r, s_c, t_r, t_c;  // (rows or columns) x dim, or undefined
-  std::vector<T> dn_r, dn_c;      // d/d(squared norm) of rows and columns
-};
-
 struct PairInputs {
   at::Tensor xs_r, xt_r, xs_c, xt_c;  // xs_c, xt_c alias the rows when symmetric
   PairIndex ix;
   int64_t n_r, n_c;
 };
 
+// One copy of every gradient, written by the tile that owns the block in the
+// current wave (csrc/tile_plan.h); columns alias rows when symmetric.
+template <typename T>
+struct Grads {
+  at::Tensor s_r, s_c, t_r, t_c;  // (rows or columns) x dim, or undefined
+  std::vector<T> dn_r, dn_c_own;  // d/d(squared norm) of rows and (rectangular) columns
+  std::vector<T>& dn_c(bool sym) { return sym ? dn_r : dn_c_own; }
+};
+
+// Per-tile scalar sums, reduced in tile order at the end.
+struct TileSums {
+  double loss = 0, dmu_s = 0, dmu_t = 0;
+};
+
 at::Tensor squared_norms(const at::Tensor& x) {
   return x.defined() ? x.to(at::kDouble).pow(2).sum(1).to(x.scalar_type()) : at::Tensor();
+}
+
+template <typename T>
+const T* data_or_null_t(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// Pair terms of one tile: fills gs / gt (the derivative tiles), the norms'
+// derivatives and the tile's scalar sums.
+template <typename T, typename Kind>
+TileSums tile_terms(const Kind& kind, const Tile& t, const T* w, const T* s, const T* tt,
+                    const T* ns_r, const T* ns_c, const T* nt_r, const T* nt_c, T* gs, T* gt,
+                    T* dn_r, T* dn_c) {
+  TileSums sums;
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const int64_t p = t.r0 + r;
+    double row_loss = 0;
+    T row_dn = 0;
+    for (int64_t c = 0; c < t.cols; ++c) {
+      const int64_t e = r * t.cols + c, q = t.c0 + c;
+      if (gs) gs[e] = T(0);
+      if (gt) gt[e] = T(0);
+      if (w[e] == T(0)) continue;  // masked: exactly no contribution
+      const PairArgs<T> a{w[e], s[e], Kind::has_teacher ? tt[e] : T(0),
+                          Kind::uses_norms ? ns_r[p] : T(0), Kind::uses_norms ? ns_c[q] : T(0),
+                          nt_r ? nt_r[p] : T(0), nt_c ? nt_c[q] : T(0)};
+      const pm::PairTerms<T> terms = kind.pair(a);
+      row_loss += double(terms.loss);
+      if (gs) {
+        gs[e] = terms.ds;
+        row_dn += terms.dn_i;
+        if (dn_c) dn_c[q] += terms.dn_j;
+        sums.dmu_s += double(terms.dmu_s);
+        sums.dmu_t += double(terms.dmu_t);
+      }
+      if (gt) gt[e] = terms.dt;
+    }
+    sums.loss += row_loss;
+    if (gs && dn_r) dn_r[p] += row_dn;
+  }
+  return sums;
 }
 
 template <typename T, typename Kind>
 std::vector<at::Tensor> run_pairwise(const Kind& kind, const PairInputs& in, int64_t n_params,
                                      bool grad_s, bool grad_t) {
   const bool sym = in.ix.symmetric;
-  const auto tiles = pair_tiles<Kind::mask>(in.ix, in.n_r, in.n_c);
-  const int64_t lanes = lane_count(tiles.size());
+  const auto tiles = pair_tiles(Kind::mask, in.ix, in.n_r, in.n_c);
+  const int64_t blocks_r = ceil_div(in.n_r, kPairTile), blocks_c = ceil_div(in.n_c, kPairTile);
+  const auto waves = group_by_wave(tiles, sym, blocks_r, blocks_c);
   const auto opts = in.xs_r.options();
 
   at::Tensor ns_r, ns_c, nt_r, nt_c;
   if (Kind::uses_norms) {
     ns_r = squared_norms(in.xs_r);
     ns_c = sym ? ns_r : squared_norms(in.xs_c);
-    nt_r = squared_norms(in.xt_r);
-    nt_c = sym ? nt_r : squared_norms(in.xt_c);
-  }
-
-  std::vector<LaneGrads<T>> acc(lanes);
-  for (auto& a : acc) {
-    if (grad_s) {
-      a.s_r = at::zeros_like(in.xs_r);
-      a.s_c = sym ? a.s_r : at::zeros_like(in.xs_c);
-      if (Kind::uses_norms) {
-        a.dn_r.assign(in.n_r, T(0));
-        if (!sym) a.dn_c.assign(in.n_c, T(0));
-      }
-    }
-    if (grad_t) {
-      a.t_r = at::zeros_like(in.xt_r);
-      a.t_c = sym ? a.t_r : at::zeros_like(in.xt_c);
-    }
-  }
-  std::vector<double> tile_loss(tiles.size(), 0.0), tile_dmu(tiles.size(), 0.0);
-
-  visit_pair_tiles<Kind::mask, T>(in.ix, tiles, lanes, in.xs_r, in.xs_c, 5,
-                                   [&](int64_t lane, size_t ti, const TileScratch& sc) {
-    const Tile& t = tiles[ti];
-    LaneGrads<T>& g = acc[lane];
-    const at::Tensor w = sc[0], s = sc[1], tt = sc[2], gs = sc[3], gt = sc[4];
-    const auto xs_r = in.xs_r.narrow(0, t.r0, t.rows), xs_c = in.xs_c.narrow(0, t.c0, t.cols);
-    at::Tensor xt_r, xt_c;
     if (Kind::has_teacher) {
-      xt_r = in.xt_r.narrow(0, t.r0, t.rows);
-      xt_c = in.xt_c.narrow(0, t.c0, t.cols);
-      at::Tensor tt_out = tt;
-      tile_dot(tt_out, xt_r, xt_c);
+      nt_r = squared_norms(in.xt_r);
+      nt_c = sym ? nt_r : squared_norms(in.xt_c);
     }
-    std::vector<T> dn_c(Kind::uses_norms ? t.cols : 0, T(0));
-    double loss = 0, dmu = 0;
-    for (int64_t r = 0; r < t.rows; ++r) {
-      const int64_t off = r * t.cols, p = t.r0 + r;
-      TileRow<T> row{t.cols, w.data_ptr<T>() + off, s.data_ptr<T>() + off,
-                     Kind::has_teacher ? tt.data_ptr<T>() + off : nullptr,
-                     Kind::uses_norms ? ns_r.data_ptr<T>()[p] : T(0),
-                     Kind::uses_norms && Kind::has_teacher ? nt_r.data_ptr<T>()[p] : T(0),
-                     Kind::uses_norms ? ns_c.data_ptr<T>() + t.c0 : nullptr,
-                     Kind::uses_norms && Kind::has_teacher ? nt_c.data_ptr<T>() + t.c0 : nullptr,
-                     grad_s ? gs.data_ptr<T>() + off : nullptr,
-                     grad_t ? gt.data_ptr<T>() + off : nullptr, dn_c.data()};
-      RowSums sums;
-      kind.row(row, sums);
-      loss += sums.loss;
-      dmu += sums.dmu;
-      if (grad_s && Kind::uses_norms) g.dn_r[p] += T(sums.dn_r);
-    }
-    tile_loss[ti] = loss;
-    tile_dmu[ti] = dmu;
-    if (grad_s && Kind::uses_norms) {
-      std::vector<T>& dn_c_acc = sym ? g.dn_r : g.dn_c;
-      for (int64_t c = 0; c < t.cols; ++c) dn_c_acc[t.c0 + c] += dn_c[c];
-    }
-    if (grad_s) {
-      g.s_r.narrow(0, t.r0, t.rows).addmm_(gs, xs_c);
-      g.s_c.narrow(0, t.c0, t.cols).addmm_(gs.t(), xs_r);
-    }
-    if (grad_t) {
-      g.t_r.narrow(0, t.r0, t.rows).addmm_(gt, xt_c);
-      g.t_c.narrow(0, t.c0, t.cols).addmm_(gt.t(), xt_r);
-    }
-  });
-
-  // Reduce in a fixed order: tiles for the scalars, lanes for the gradients.
-  double loss = 0, dmu = 0;
-  for (size_t ti = 0; ti < tiles.size(); ++ti) {
-    loss += tile_loss[ti];
-    dmu += tile_dmu[ti];
   }
-  LaneGrads<T>& out = acc[0];
-  for (int64_t l = 1; l < lanes; ++l) {
-    if (grad_s) {
-      out.s_r.add_(acc[l].s_r);
-      if (!sym) out.s_c.add_(acc[l].s_c);
-      for (int64_t p = 0; p < (int64_t)out.dn_r.size(); ++p) out.dn_r[p] += acc[l].dn_r[p];
-      for (int64_t q = 0; q < (int64_t)out.dn_c.size(); ++q) out.dn_c[q] += acc[l].dn_c[q];
+  Grads<T> g;
+  if (grad_s) {
+    g.s_r = at::zeros_like(in.xs_r);
+    g.s_c = sym ? g.s_r : at::zeros_like(in.xs_c);
+    if (Kind::uses_norms) {
+      g.dn_r.assign(in.n_r, T(0));
+      if (!sym) g.dn_c_own.assign(in.n_c, T(0));
     }
-    if (grad_t) {
-      out.t_r.add_(acc[l].t_r);
-      if (!sym) out.t_c.add_(acc[l].t_c);
-    }
+  }
+  if (grad_t) {
+    g.t_r = at::zeros_like(in.xt_r);
+    g.t_c = sym ? g.t_r : at::zeros_like(in.xt_c);
+  }
+  std::vector<TileSums> tile_sums(tiles.size());
+  int64_t largest_wave = 1;
+  for (const auto& wave : waves) largest_wave = std::max<int64_t>(largest_wave, wave.size());
+  const int64_t slots = worker_slots(largest_wave);
+  WorkerScratch scratch(slots, 5, opts);
+
+  for (const auto& wave : waves) {
+    parallel_items(wave.size(), slots, [&](int64_t slot, int64_t item) {
+      const int64_t ti = wave[item];
+      const Tile& t = tiles[ti];
+      const TileScratch& sc = scratch.get(slot, t);
+      if (!prepare_tile<T>(Kind::mask, in.ix, t, in.xs_r, in.xs_c, sc)) return;
+      const at::Tensor w = sc[0], s = sc[1], tt = sc[2], gs = sc[3], gt = sc[4];
+      const auto xs_r = in.xs_r.narrow(0, t.r0, t.rows), xs_c = in.xs_c.narrow(0, t.c0, t.cols);
+      at::Tensor xt_r, xt_c;
+      if (Kind::has_teacher) {
+        xt_r = in.xt_r.narrow(0, t.r0, t.rows);
+        xt_c = in.xt_c.narrow(0, t.c0, t.cols);
+        at::Tensor tt_out = tt;
+        tile_dot(tt_out, xt_r, xt_c);
+      }
+      const bool norms = Kind::uses_norms && grad_s;
+      tile_sums[ti] = tile_terms<T>(
+          kind, t, w.data_ptr<T>(), s.data_ptr<T>(), Kind::has_teacher ? tt.data_ptr<T>() : nullptr,
+          data_or_null_t<T>(ns_r), data_or_null_t<T>(ns_c), data_or_null_t<T>(nt_r),
+          data_or_null_t<T>(nt_c), grad_s ? gs.data_ptr<T>() : nullptr,
+          grad_t ? gt.data_ptr<T>() : nullptr, norms ? g.dn_r.data() : nullptr,
+          norms ? g.dn_c(sym).data() : nullptr);
+      // The derivative tile times the opposite embeddings, into the blocks
+      // this tile owns in its wave.
+      if (grad_s) {
+        g.s_r.narrow(0, t.r0, t.rows).addmm_(gs, xs_c);
+        g.s_c.narrow(0, t.c0, t.cols).addmm_(gs.t(), xs_r);
+      }
+      if (grad_t) {
+        g.t_r.narrow(0, t.r0, t.rows).addmm_(gt, xt_c);
+        g.t_c.narrow(0, t.c0, t.cols).addmm_(gt.t(), xt_r);
+      }
+    });
+  }
+
+  TileSums total;
+  for (const TileSums& ts : tile_sums) {
+    total.loss += ts.loss;
+    total.dmu_s += ts.dmu_s;
+    total.dmu_t += ts.dmu_t;
   }
   // The squared norm n_i = |x_i|^2 has gradient 2 x_i.
   if (grad_s && Kind::uses_norms) {
-    auto dn = [&](const std::vector<T>& v) {
-      return at::from_blob(const_cast<T*>(v.data()), {(int64_t)v.size(), 1}, opts).clone();
+    auto as_column = [&](const std::vector<T>& v) {
+      return at::from_blob(const_cast<T*>(v.data()), {(int64_t)v.size(), 1}, opts);
     };
-    out.s_r.add_(2 * dn(out.dn_r) * in.xs_r);
-    if (!sym) out.s_c.add_(2 * dn(out.dn_c) * in.xs_c);
+    g.s_r.add_(2 * as_column(g.dn_r) * in.xs_r);
+    if (!sym) g.s_c.add_(2 * as_column(g.dn_c_own) * in.xs_c);
   }
 
-  // Placeholders for gradients not asked for: distinct tensors (outputs must not alias).
+  // Placeholders for gradients not computed: distinct tensors (outputs must not alias).
   auto empty = [&] { return at::empty({0}, opts); };
-  auto loss_t = at::scalar_tensor(loss, opts);
   at::Tensor grad_params = empty();
-  if (grad_s) {
+  if (grad_s && Kind::params_grad) {
     grad_params = at::zeros({n_params}, opts);
-    if (grad_params.numel() > 0) grad_params[0].fill_(dmu);
+    if (n_params > 0) grad_params[0].fill_(total.dmu_s);
+    if (n_params > 1) grad_params[1].fill_(total.dmu_t);
   }
-  return {loss_t,
-          grad_s ? out.s_r : empty(),
-          grad_s && !sym ? out.s_c : empty(),
-          grad_t ? out.t_r : empty(),
-          grad_t && !sym ? out.t_c : empty(),
+  return {at::scalar_tensor(total.loss, opts),
+          grad_s ? g.s_r : empty(),
+          grad_s && !sym ? g.s_c : empty(),
+          grad_t ? g.t_r : empty(),
+          grad_t && !sym ? g.t_c : empty(),
           grad_params};
 }
-
 
 // ------------------------------------------------------------ entry point
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;

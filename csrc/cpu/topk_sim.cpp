@@ -15,8 +15,22 @@ namespace {
 
 constexpr int64_t kRowBlock = 256;      // query rows per work item
 constexpr int64_t kColTile = 1024;      // columns per GEMM tile
-constexpr int64_t kMinWorkItems = 8;    // split columns when there are fewer row blocks
+constexpr int64_t kMinWorkItems = 64;   // split columns when there are fewer row blocks
+constexpr int64_t kCandidateBytes = int64_t(64) << 20;  // bound of the split buffers
 constexpr int64_t kChunk = 16;          // values tested against the threshold at once
+
+// Column ranges per row block. Enough work items to keep up to
+// kMinWorkItems threads busy when there are few query rows, but never more
+// candidate memory (splits x n x 2k pairs) than kCandidateBytes beyond one
+// split. A function of the shapes only: the same call gives the same items,
+// and bitwise the same values, on any thread count.
+int64_t column_splits(int64_t n, int64_t row_blocks, int64_t col_tiles, int64_t k_buf,
+                      int64_t pair_bytes) {
+  const int64_t wanted = std::max<int64_t>(1, ceil_div(kMinWorkItems, row_blocks));
+  const int64_t per_split = std::max<int64_t>(1, n * 2 * k_buf * pair_bytes);
+  const int64_t affordable = std::max<int64_t>(1, kCandidateBytes / per_split);
+  return std::max<int64_t>(1, std::min({col_tiles, wanted, affordable}));
+}
 
 // The best k (value, index) pairs a row has seen so far. Accepted pairs are
 // appended to a buffer of 2k; when it fills, nth_element keeps the best k
@@ -144,47 +158,48 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_impl(const at::Tensor& q, const at::
   auto indices = at::empty({n, k}, q.options().dtype(at::kLong));
   if (n == 0) return {values, indices};
 
+  // Buffers hold at most min(k, m) pairs per row: a k beyond the bank only pads.
+  const int64_t k_buf = std::min(k, m);
   const int64_t row_blocks = ceil_div(n, kRowBlock);
   const int64_t col_tiles = std::max<int64_t>(1, ceil_div(m, kColTile));
-  // The split depends on the shapes only, never on the thread count, so the
-  // same call gives the same tiles (and bitwise the same values) everywhere.
-  const int64_t splits = std::min(col_tiles, std::max<int64_t>(1, ceil_div(kMinWorkItems, row_blocks)));
+  const int64_t splits = column_splits(n, row_blocks, col_tiles, k_buf, sizeof(std::pair<T, int64_t>));
   const int64_t tiles_per_split = ceil_div(col_tiles, splits);
 
-  // candidate buffers: [split][row][2k]
-  std::vector<std::pair<T, int64_t>> cand_buf(static_cast<size_t>(splits * n * 2 * k));
+  // candidate buffers: [split][row][2 k_buf]
+  std::vector<std::pair<T, int64_t>> cand_buf(static_cast<size_t>(splits * n * 2 * k_buf));
   std::vector<int64_t> cand_size(static_cast<size_t>(splits * n), 0);
 
   const Validity valid{data_or_null(q_labels), data_or_null(c_labels), exclude_self, self_offset};
   const T* scale = c_scale.defined() ? c_scale.data_ptr<T>() : nullptr;
 
-  parallel_below_autograd(0, row_blocks * splits, 1, [&](int64_t begin, int64_t end) {
-    auto tile = at::empty({kRowBlock, kColTile}, q.options());
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t rb = item / splits, split = item % splits;
-      const int64_t r0 = rb * kRowBlock, rows = std::min(kRowBlock, n - r0);
-      const int64_t tile_begin = split * tiles_per_split;
-      const int64_t tile_end = std::min(col_tiles, tile_begin + tiles_per_split);
-      std::vector<RowSelect<T>> sels(rows);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t slot = split * n + r0 + r;
-        sels[r] = RowSelect<T>{cand_buf.data() + slot * 2 * k, 0, k, false, T(0), 0};
-      }
-      const auto q_blk = q.narrow(0, r0, rows);
-      for (int64_t ct = tile_begin; ct < tile_end; ++ct) {
-        const int64_t c0 = ct * kColTile, cols = std::min(kColTile, m - c0);
-        if (cols <= 0) break;
-        auto out = tile.narrow(0, 0, rows).narrow(1, 0, cols);
-        tile_dot(out, q_blk, c.narrow(0, c0, cols));
-        T* base = out.data_ptr<T>();
-        const int64_t ld = out.stride(0);
-        for (int64_t r = 0; r < rows; ++r)
-          scan_row(sels[r], base + r * ld, scale, cols, r0 + r, c0, valid);
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        sels[r].keep_best();
-        cand_size[split * n + r0 + r] = sels[r].size;
-      }
+  const int64_t items = k_buf > 0 ? row_blocks * splits : 0;
+  const int64_t slots = worker_slots(items);
+  std::vector<at::Tensor> tiles(slots);
+  parallel_items(items, slots, [&](int64_t slot, int64_t item) {
+    if (!tiles[slot].defined()) tiles[slot] = at::empty({kRowBlock, kColTile}, q.options());
+    const int64_t rb = item / splits, split = item % splits;
+    const int64_t r0 = rb * kRowBlock, rows = std::min(kRowBlock, n - r0);
+    const int64_t tile_begin = split * tiles_per_split;
+    const int64_t tile_end = std::min(col_tiles, tile_begin + tiles_per_split);
+    std::vector<RowSelect<T>> sels(rows);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t cand_slot = split * n + r0 + r;
+      sels[r] = RowSelect<T>{cand_buf.data() + cand_slot * 2 * k_buf, 0, k_buf, false, T(0), 0};
+    }
+    const auto q_blk = q.narrow(0, r0, rows);
+    for (int64_t ct = tile_begin; ct < tile_end; ++ct) {
+      const int64_t c0 = ct * kColTile, cols = std::min(kColTile, m - c0);
+      if (cols <= 0) break;
+      auto out = tiles[slot].narrow(0, 0, rows).narrow(1, 0, cols);
+      tile_dot(out, q_blk, c.narrow(0, c0, cols));
+      T* base = out.data_ptr<T>();
+      const int64_t ld = out.stride(0);
+      for (int64_t r = 0; r < rows; ++r)
+        scan_row(sels[r], base + r * ld, scale, cols, r0 + r, c0, valid);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      sels[r].keep_best();
+      cand_size[split * n + r0 + r] = sels[r].size;
     }
   });
 
@@ -197,8 +212,8 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_impl(const at::Tensor& q, const at::
       cand.clear();
       for (int64_t s = 0; s < splits; ++s) {
         const int64_t slot = s * n + i;
-        cand.insert(cand.end(), cand_buf.begin() + slot * 2 * k,
-                    cand_buf.begin() + slot * 2 * k + cand_size[slot]);
+        cand.insert(cand.end(), cand_buf.begin() + slot * 2 * k_buf,
+                    cand_buf.begin() + slot * 2 * k_buf + cand_size[slot]);
       }
       std::sort(cand.begin(), cand.end(), RowSelect<T>::better);
       const int64_t kept = std::min<int64_t>(k, cand.size());

@@ -1,0 +1,123 @@
+// Which tiles of the (rows x columns) pair grid an all-pairs op computes, and
+// in which order: host-side planning shared by the CPU kernels and the CUDA
+// glue. Torch-free.
+//
+// Tiles are square blocks of `block` rows and columns. A tile is skipped when
+// the id / label ranges of its row and column blocks prove it holds no pair
+// of the mask. Tiles are grouped into *waves*: within a wave no two tiles
+// touch the same row block or the same column block (in the symmetric case,
+// the same block in either role), so the tiles of a wave can add their
+// gradient contributions to their blocks in parallel without races, and the
+// waves run in a fixed order. The sum each gradient row receives is then
+// added in the same order for any number of threads and any scheduling:
+// bitwise reproducible, with one gradient buffer instead of one per thread.
+#pragma once
+
+#include <stdint.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "pair_math.h"
+
+namespace relkd {
+
+struct Tile {
+  int64_t r0, rows, c0, cols;
+  int64_t rb, cb;  // block indices
+};
+
+// Range of ids and labels in one block of rows or columns.
+struct BlockRange {
+  int64_t id_min, id_max, lab_min, lab_max;
+};
+
+// Block ranges of n entries with optional ids (nullptr: the position) and
+// labels (nullptr: none), from host arrays.
+inline std::vector<BlockRange> block_ranges(int64_t n, int64_t block, const int64_t* ids,
+                                            const int64_t* labels) {
+  std::vector<BlockRange> out;
+  for (int64_t b0 = 0; b0 < n; b0 += block) {
+    const int64_t b1 = std::min(n, b0 + block);
+    BlockRange r{INT64_MAX, INT64_MIN, INT64_MAX, INT64_MIN};
+    for (int64_t p = b0; p < b1; ++p) {
+      const int64_t id = ids ? ids[p] : p;
+      r.id_min = std::min(r.id_min, id);
+      r.id_max = std::max(r.id_max, id);
+      if (labels) {
+        r.lab_min = std::min(r.lab_min, labels[p]);
+        r.lab_max = std::max(r.lab_max, labels[p]);
+      }
+    }
+    out.push_back(r);
+  }
+  return out;
+}
+
+// False only where the ranges prove the tile holds no pair of the mask.
+inline bool tile_may_have_pairs(pm::Mask m, bool symmetric, const BlockRange& r,
+                                const BlockRange& c) {
+  const bool upper = m == pm::Mask::UpperSameLabel || m == pm::Mask::UpperDiffLabel;
+  // In the symmetric case a pair counts in either order, so ids never prune.
+  if (upper && !symmetric && r.id_min >= c.id_max) return false;
+  if (m == pm::Mask::UpperSameLabel && (r.lab_max < c.lab_min || c.lab_max < r.lab_min))
+    return false;
+  if (m == pm::Mask::UpperDiffLabel && r.lab_min == r.lab_max && c.lab_min == c.lab_max &&
+      r.lab_min == c.lab_min)
+    return false;
+  return true;
+}
+
+// The tiles an op computes (symmetric: blocks rb <= cb only), row-major.
+inline std::vector<Tile> plan_tiles(pm::Mask m, bool symmetric, int64_t block, int64_t n_r,
+                                    int64_t n_c, const std::vector<BlockRange>& rr,
+                                    const std::vector<BlockRange>& cr) {
+  std::vector<Tile> tiles;
+  for (int64_t rb = 0; rb < (int64_t)rr.size(); ++rb)
+    for (int64_t cb = symmetric ? rb : 0; cb < (int64_t)cr.size(); ++cb) {
+      if (!tile_may_have_pairs(m, symmetric, rr[rb], cr[cb])) continue;
+      const int64_t r0 = rb * block, c0 = cb * block;
+      tiles.push_back({r0, std::min(block, n_r - r0), c0, std::min(block, n_c - c0), rb, cb});
+    }
+  return tiles;
+}
+
+// Wave of a tile. Rectangular (disjoint row and column blocks): (cb - rb)
+// mod max(B_r, B_c) puts each row block and each column block at most once in
+// a wave. Symmetric (B blocks, rb <= cb, a tile touches blocks rb and cb):
+// the circle method of round-robin tournaments. With m = B for odd B, the
+// off-diagonal tile {a, b} plays in round (a + b) mod m, which is a matching;
+// block a sits out round 2a mod m, where its diagonal tile goes. With even B,
+// m = B - 1 and block B - 1 plays the block that would sit out; diagonal
+// tiles then get a round of their own, m.
+inline int64_t wave_of(const Tile& t, bool symmetric, int64_t blocks_r, int64_t blocks_c) {
+  if (!symmetric) {
+    const int64_t b = std::max(blocks_r, blocks_c);
+    return ((t.cb - t.rb) % b + b) % b;
+  }
+  const int64_t blocks = blocks_r;
+  const int64_t a = t.rb, b = t.cb;
+  if (blocks % 2 == 1) return a == b ? (2 * a) % blocks : (a + b) % blocks;
+  const int64_t m = blocks - 1;
+  if (a == b) return m;
+  if (b == blocks - 1) return (2 * a) % m;
+  return (a + b) % m;
+}
+
+// Tile indices grouped by wave, waves in order, tiles in row-major order
+// within a wave; empty waves dropped.
+inline std::vector<std::vector<int64_t>> group_by_wave(const std::vector<Tile>& tiles,
+                                                       bool symmetric, int64_t blocks_r,
+                                                       int64_t blocks_c) {
+  const int64_t n_waves = symmetric ? std::max<int64_t>(blocks_r, 1)
+                                    : std::max<int64_t>({blocks_r, blocks_c, int64_t(1)});
+  std::vector<std::vector<int64_t>> waves(n_waves);
+  for (int64_t i = 0; i < (int64_t)tiles.size(); ++i)
+    waves[wave_of(tiles[i], symmetric, blocks_r, blocks_c)].push_back(i);
+  waves.erase(std::remove_if(waves.begin(), waves.end(),
+                             [](const std::vector<int64_t>& w) { return w.empty(); }),
+              waves.end());
+  return waves;
+}
+
+}  // namespace relkd
