@@ -53,3 +53,12 @@ TORCH_LIBRARY(relkd, m) {
       "pair_topk(Tensor x_r, Tensor? x_c, Tensor labels_r, Tensor? labels_c, Tensor? ids_r, "
       "Tensor? ids_c, int threshold_key, int n_equal, int topk) -> (Tensor, Tensor, Tensor)");
 }
+
+// Mining and selection are discrete, so they have no gradient: a fallthrough
+// autograd kernel makes their outputs plain tensors that never require grad,
+// on every device (torch's advice for non-differentiable operators).
+TORCH_LIBRARY_IMPL(relkd, Autograd, m) {
+  m.impl("topk_sim", torch::CppFunction::makeFallthrough());
+  m.impl("pair_histogram", torch::CppFunction::makeFallthrough());
+  m.impl("pair_topk", torch::CppFunction::makeFallthrough());
+}

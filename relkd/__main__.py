@@ -13,7 +13,8 @@ def main() -> None:
     if ops.HAS_EXTENSION:
         print(f"extension relkd._C: loaded ({relkd._C.__file__})")
     else:
-        print(f"extension relkd._C: NOT loaded ({ops.EXTENSION_ERROR}); reference backend only")
+        print(f"extension relkd._C: {ops.EXTENSION_STATE.upper()}: {ops.EXTENSION_ERROR}")
+        print("  every loss runs the N x N reference (backend='auto' warns once per loss)")
     devices = ops.fused_devices()
     print(f"fused kernels compiled for: {', '.join(devices) or 'nothing'}")
     cuda = "cuda" in devices

@@ -2,7 +2,10 @@
 that names the argument and what was expected, before any kernel runs."""
 from __future__ import annotations
 
+import numbers
+import operator
 import os
+import sys
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -47,33 +50,53 @@ def labels(y, name: str, n: int) -> Tensor:
     return y
 
 
-def index_matrix(idx, name: str, n: int, m: int) -> Tensor:
+def index_matrix(idx, name: str, n: int, m: int, check_values: bool = True) -> Tensor:
+    """An int64 (n, k) matrix of indices into m rows, -1 = padding. The value
+    range check reads the tensor (a host sync); check_values=False leaves it
+    to the kernel, which checks it too."""
     idx = tensor(idx, name, f"({n}, k)")
     if idx.dtype != torch.int64:
         raise ValueError(f"{name}: expected int64 of shape ({n}, k), got dtype {idx.dtype}")
     if idx.dim() != 2 or idx.shape[0] != n or idx.shape[1] < 1:
         raise ValueError(f"{name}: expected shape ({n}, k) with k >= 1, got {tuple(idx.shape)}")
-    if idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= m):
+    if check_values and idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= m):
         raise ValueError(f"{name}: values must lie in [-1, {m}) (-1 = padding), got "
                          f"[{int(idx.min())}, {int(idx.max())}]")
     return idx
 
 
+def _bools() -> tuple:
+    """bool and, if numpy is in use, numpy.bool_: flags, not numbers."""
+    numpy = sys.modules.get("numpy")
+    return (bool, numpy.bool_) if numpy is not None else (bool,)
+
+
+def _integer(k) -> Optional[int]:
+    """k as a Python int if it is an integer (int, numpy integer, ...), else None."""
+    if isinstance(k, _bools()) or not isinstance(k, numbers.Integral):
+        return None
+    return operator.index(k)
+
+
 def positive_int(k, name: str) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    value = _integer(k)
+    if value is None or value < 1:
         raise ValueError(f"{name}: expected an int >= 1, got {k!r}")
-    return k
+    return value
 
 
 def non_negative_int(k, name: str) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+    value = _integer(k)
+    if value is None or value < 0:
         raise ValueError(f"{name}: expected an int >= 0, got {k!r}")
-    return k
+    return value
 
 
 def number(v, name: str, *, positive: bool = False, non_negative: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+    """A real number (Python or numpy scalar) as a float; NaN is rejected."""
+    if isinstance(v, _bools()) or not isinstance(v, numbers.Real) or v != v:
         raise ValueError(f"{name}: expected a number, got {v!r}")
+    v = float(v)
     if positive and not v > 0:
         raise ValueError(f"{name}: expected a number > 0, got {v!r}")
     if non_negative and not v >= 0:
@@ -93,14 +116,16 @@ def backend(value) -> str:
 
 
 def fpr_levels(levels) -> tuple:
+    """EKD's FPR levels: each f must give an integer divisor q = round(1/f) >= 2
+    (SPEC §3.2), i.e. 0 < f < 2/3; above that the rank position n_neg // q
+    would lie past the last negative pair."""
+    expected = "a non-empty sequence of FPR levels f with 0 < f < 2/3 (so that round(1/f) >= 2)"
     try:
         levels = tuple(float(f) for f in levels)
-    except TypeError:
-        raise ValueError(f"fpr_levels: expected a sequence of numbers in (0, 1], "
-                         f"got {levels!r}") from None
-    if not levels or any(not 0 < f <= 1 for f in levels):
-        raise ValueError(f"fpr_levels: expected a non-empty sequence of numbers in (0, 1], "
-                         f"got {levels!r}")
+    except (TypeError, ValueError):
+        raise ValueError(f"fpr_levels: expected {expected}, got {levels!r}") from None
+    if not levels or any(not (0 < f < 1) or round(1.0 / f) < 2 for f in levels):
+        raise ValueError(f"fpr_levels: expected {expected}, got {levels!r}")
     return levels
 
 

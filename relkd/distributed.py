@@ -14,7 +14,7 @@ the exact global-batch gradient multiplies the share by the world size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -32,16 +32,37 @@ def resolve_group(process_group=None, gather: bool = False):
     return group if dist.get_world_size(group) > 1 else None
 
 
-def _comm_device(group) -> torch.device:
-    """Where collectives of this group take their tensors: gloo on the CPU,
-    NCCL on the current GPU."""
-    if dist.get_backend(group) == "gloo":
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
+_BACKEND_DEVICES = {"gloo": "cpu", "nccl": "cuda"}
 
 
-def _gather_sizes(n: int, group) -> List[int]:
-    dev = _comm_device(group)
+def _backend_device_types(group) -> Dict[str, str]:
+    """Device type -> backend of a group: "gloo" -> {cpu: gloo}, "nccl" ->
+    {cuda: nccl}, "cpu:gloo,cuda:nccl" -> both. Other backends (MPI, UCC, ...)
+    are taken to serve every device: {} here."""
+    backend = str(dist.get_backend(group)).lower()
+    if ":" in backend:
+        return dict(part.split(":", 1) for part in backend.split(","))
+    device = _BACKEND_DEVICES.get(backend)
+    return {device: backend} if device else {}
+
+
+def _comm_device(group, device: Optional[torch.device] = None) -> torch.device:
+    """Where collectives of this group take tensors that live on `device`:
+    that device where the group has a backend for its type, else the device
+    the group's backend serves (the CPU for gloo, the current GPU for NCCL).
+    Every relkd collective goes through here, so CPU tensors on NCCL, CUDA
+    tensors on gloo and mixed "cpu:gloo,cuda:nccl" groups all work."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    served = _backend_device_types(group)
+    if not served or device.type in served:
+        return device
+    if "cuda" in served:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(next(iter(served)))
+
+
+def _gather_sizes(n: int, group, device: Optional[torch.device] = None) -> List[int]:
+    dev = _comm_device(group, device)
     sizes = [torch.zeros(1, dtype=torch.long, device=dev)
              for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=dev), group=group)
@@ -51,14 +72,14 @@ def _gather_sizes(n: int, group) -> List[int]:
 def _summed_over_ranks(x: Tensor, group) -> Tensor:
     """A new tensor holding x summed over the ranks (x itself is not touched,
     even where the collective runs on x's own device)."""
-    out = x.detach().to(_comm_device(group), copy=True)
+    out = x.detach().to(_comm_device(group, x.device), copy=True)
     dist.all_reduce(out, group=group)
     return out.to(x.device)
 
 
 def _all_gather_rows(x: Tensor, sizes: List[int], group) -> Tensor:
     """Concatenation over ranks of x (rows may differ per rank)."""
-    dev = _comm_device(group)
+    dev = _comm_device(group, x.device)
     longest = max(sizes)
     padded = x.new_zeros((longest,) + tuple(x.shape[1:]), device=dev)
     padded[: x.shape[0]] = x.to(dev)
@@ -87,7 +108,7 @@ def all_gather_with_grad(x: Tensor, group=None, sizes: Optional[List[int]] = Non
     the backward sums the column gradients of all ranks into each rank's rows.
     Ranks may hold different numbers of rows (`sizes`, gathered if None)."""
     group = group if group is not None else dist.group.WORLD
-    sizes = sizes if sizes is not None else _gather_sizes(x.shape[0], group)
+    sizes = sizes if sizes is not None else _gather_sizes(x.shape[0], group, x.device)
     if x.requires_grad and torch.is_grad_enabled():
         return _AllGatherWithGrad.apply(x, group, sizes)
     return _all_gather_rows(x, sizes, group)
@@ -95,7 +116,7 @@ def all_gather_with_grad(x: Tensor, group=None, sizes: Optional[List[int]] = Non
 
 def gather_rows(x: Tensor, group) -> Tensor:
     """Rows of x from every rank in rank order, without gradient."""
-    return _all_gather_rows(x, _gather_sizes(x.shape[0], group), group)
+    return _all_gather_rows(x, _gather_sizes(x.shape[0], group, x.device), group)
 
 
 class _AllReduceWithGrad(torch.autograd.Function):
@@ -149,7 +170,7 @@ def global_batch(fs: Tensor, ft: Tensor, y: Optional[Tensor], group) -> GlobalBa
     """Gathers fs (with grad), ft (with grad if it requires it) and y."""
     if group is None:
         return GlobalBatch(fs, ft, y, fs, ft, y, 0, None)
-    sizes = _gather_sizes(fs.shape[0], group)
+    sizes = _gather_sizes(fs.shape[0], group, fs.device)
     offset = sum(sizes[: dist.get_rank(group)])
     fs_all = all_gather_with_grad(fs, group, sizes)
     ft_all = all_gather_with_grad(ft, group, sizes)

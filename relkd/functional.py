@@ -25,8 +25,8 @@ from torch import Tensor
 
 from . import _validation as check
 from . import fused, ops, reference
+from ._common import EPS, compute_dtype, normalize as normalize_rows
 from .distributed import GlobalBatch, all_reduce_sum, gather_rows, global_batch, resolve_group
-from .reference import compute_dtype
 
 __all__ = [
     "fcd_loss", "rad_loss", "coupleface_loss", "ekd_loss", "cckd_loss", "sp_loss", "rkd_loss",
@@ -65,21 +65,34 @@ def _full_precision(fn):
     return wrapper
 
 
-def _use_fused(loss: str, backend: str, device: torch.device, unsupported: str = "") -> bool:
-    """Backend choice: True for the fused path, False for the reference."""
+RELATION_MATRICES = "N x N relation matrices"
+
+
+def _use_fused(loss: str, backend: str, device: torch.device, unsupported: str = "",
+               cost: str = RELATION_MATRICES) -> bool:
+    """Backend choice: True for the fused path, False for the reference.
+    "fused" raises where there is no fused path; "auto" falls back to the
+    reference with a FallbackWarning (once per loss and reason) naming the
+    memory it costs."""
     check.backend(backend)
     if backend == "reference":
         return False
-    available = device.type in ops.fused_devices()
+    if not ops.HAS_EXTENSION:
+        reason = ops.EXTENSION_ERROR
+    elif device.type not in ops.fused_devices():
+        reason = (f"this build of relkd has no fused kernels for {device.type} tensors "
+                  f"(compiled for: {', '.join(ops.fused_devices())})")
+    else:
+        reason = unsupported
     if backend == "fused":
         ops.require_extension(f"{loss}(backend='fused')")
-        if not available:
-            raise NotImplementedError(f"{loss}: relkd has no fused kernel for {device.type} "
-                                      f"tensors in this build; use backend='reference' or 'auto'")
-        if unsupported:
-            raise NotImplementedError(f"{loss}: {unsupported}")
+        if reason:
+            raise NotImplementedError(f"{loss}(backend='fused'): {reason}; use "
+                                      "backend='reference' or 'auto'")
         return True
-    return available and not unsupported
+    if reason:
+        ops.warn_fallback(loss, reason, cost)
+    return not reason
 
 
 def _zero(fs: Tensor, dtype: torch.dtype) -> Tensor:
@@ -95,7 +108,8 @@ def _student_teacher(fs, ft, *, same_dim: bool, flatten: bool = False):
 
 
 def _label_free_relation(loss: str, fs, ft, *, backend: str, process_group, gather: bool,
-                         fused_fn, reference_fn, flatten: bool = False, unsupported: str = ""):
+                         fused_fn, reference_fn, flatten: bool = False, unsupported: str = "",
+                         cost: str = RELATION_MATRICES):
     """The shared path of the batch-relation losses without labels (CCKD, SP,
     RKD): validate, gather the global batch, 0 below two rows, dispatch."""
     check.backend(backend)
@@ -105,7 +119,7 @@ def _label_free_relation(loss: str, fs, ft, *, backend: str, process_group, gath
     gb = global_batch(fs, ft, None, resolve_group(process_group, gather))
     if gb.n_global < 2:
         return _zero(fs, compute_dtype(fs, ft))
-    return _by_backend(_use_fused(loss, backend, fs.device, unsupported), gb, fused_fn,
+    return _by_backend(_use_fused(loss, backend, fs.device, unsupported, cost), gb, fused_fn,
                        lambda f, t, _: reference_fn(f, t))
 
 
@@ -118,24 +132,42 @@ def _by_backend(use_fused: bool, gb: GlobalBatch, fused_fn, reference_fn):
     return loss if gb.world == 1 else loss / gb.world
 
 
+def _share_of_mean(local_mean: Tensor, n_local: int, group) -> Tensor:
+    """This rank's share of a mean over the global batch (SPEC §8): the local
+    mean times n_local / n_global, so that the shares sum to the global mean."""
+    if group is None:
+        return local_mean
+    n_all = all_reduce_sum(torch.tensor(n_local, device=local_mean.device), group)
+    return local_mean * (n_local / n_all.clamp(min=1).to(local_mean.dtype))
+
+
+def _world_size(group) -> int:
+    return 1 if group is None else torch.distributed.get_world_size(group)
+
+
 # ------------------------------------------------------------------------ FCD
 @_full_precision
 def fcd_loss(fs: Tensor, ft: Tensor, metric: str = "l2", normalize: bool = True, *,
-             detach_teacher: bool = True, backend: str = "auto") -> Tensor:
+             detach_teacher: bool = True, backend: str = "auto", process_group=None,
+             gather: bool = False) -> Tensor:
     """Feature consistency distillation (CoupleFace, EC-KD), SPEC §1.
 
     l2: mean_i |x_i - z_i|^2 (x, z the L2-normalised rows; raw with
     normalize=False); cosine: mean_i (1 - x_i . z_i).
-    fs, ft: (N, D). O(N*D): plain PyTorch is also the fused path.
+    fs, ft: (N, D). O(N*D): plain PyTorch is also the fused path. With
+    process_group / gather, this rank's share of the global-batch mean.
     """
     check.choice(metric, "metric", FCD_METRICS)
     check.backend(backend)
     fs, ft = _student_teacher(fs, ft, same_dim=True)
     check.same_device(fs=fs, ft=ft)
     check.finite(fs=fs, ft=ft)
+    group = resolve_group(process_group, gather)
     if fs.shape[0] == 0:
-        return _zero(fs, compute_dtype(fs, ft))
-    return reference.fcd_loss(fs, ft, metric, normalize, detach_teacher)
+        local = _zero(fs, compute_dtype(fs, ft))
+    else:
+        local = reference.fcd_loss(fs, ft, metric, normalize, detach_teacher)
+    return _share_of_mean(local, fs.shape[0], group)
 
 
 # ------------------------------------------------------------------------ RAD
@@ -161,7 +193,18 @@ def _check_rad(fs, ft, y, bank, bank_labels, indices, k, metric, margin, mine_by
     elif bank_labels is not None:
         raise ValueError("bank_labels: given without bank")
     if indices is not None:
-        check.index_matrix(indices, "indices", n, n if bank is None else bank.shape[0])
+        # The kernels check the values' range as well; eager mode checks here
+        # too, for a message that names the argument (under torch.compile a
+        # host-side check would break the graph).
+        check.index_matrix(indices, "indices", n, n if bank is None else bank.shape[0],
+                           check_values=not torch.compiler.is_compiling())
+        if indices.shape[1] != k:
+            raise ValueError(f"indices: expected k={k} columns (the loss's k), got "
+                             f"{indices.shape[1]}; pass k={indices.shape[1]} or slice the "
+                             "neighbours you want")
+        if bank_labels is not None:
+            raise ValueError("bank_labels: only used to mine the bank, and indices= skips "
+                             "mining; drop one of them")
     check.same_device(fs=fs, ft=ft, y=y, bank=bank, bank_labels=bank_labels, indices=indices)
     check.finite(fs=fs, ft=ft, bank=bank)
     return fs, ft
@@ -220,11 +263,8 @@ def coupleface_loss(fs: Tensor, ft: Tensor, y: Optional[Tensor] = None,
     rad = rad_loss(fs, ft, y, bank, bank_labels, indices, k=k, metric=metric, margin=margin,
                    mine_by=mine_by, detach_teacher=detach_teacher, backend=backend,
                    process_group=process_group, gather=gather)
-    fcd = fcd_loss(fs, ft, "l2", True, detach_teacher=detach_teacher, backend=backend)
-    group = resolve_group(process_group, gather)
-    if group is not None:  # the rank's share of the global mean
-        n_all = all_reduce_sum(torch.tensor(fs.shape[0], device=fs.device), group)
-        fcd = fcd * (fs.shape[0] / float(n_all))
+    fcd = fcd_loss(fs, ft, "l2", True, detach_teacher=detach_teacher, backend=backend,
+                   process_group=process_group, gather=gather)
     return alpha * fcd + beta * rad
 
 
@@ -333,11 +373,11 @@ def rkd_loss(fs: Tensor, ft: Tensor, *, distance_weight: float = 25.0,
     """
     check.number(distance_weight, "distance_weight")
     check.number(angle_weight, "angle_weight")
-    unsupported = ("the fused path has no angle term (O(N^3)); set angle_weight=0 or use "
-                   "backend='reference'") if angle_weight != 0 else ""
+    unsupported = ("angle_weight != 0 and the fused path has no angle term (O(N^3)); set "
+                   "angle_weight=0 for the fused distance term") if angle_weight != 0 else ""
     return _label_free_relation(
         "RKDLoss", fs, ft, backend=backend, process_group=process_group, gather=gather,
-        unsupported=unsupported,
+        unsupported=unsupported, cost="N x N x D differences and N x N x N angles",
         fused_fn=lambda g: fused.rkd_loss(g, distance_weight=distance_weight),
         reference_fn=lambda f, t: reference.rkd_loss(f, t, distance_weight=distance_weight,
                                                      angle_weight=angle_weight))
@@ -355,39 +395,49 @@ def _weights_of(weights) -> list:
 
 
 @_full_precision
-def exclusivity_loss(weights, *, backend: str = "auto") -> Tensor:
+def exclusivity_loss(weights, *, backend: str = "auto", process_group=None,
+                     gather: bool = False) -> Tensor:
     """Exclusivity of filters (EC-KD), SPEC §7: summed over weights of
     (1/(F(F-1))) sum_{i != j} sum_p |w_ip| |w_jp| on row-normalised w (F, P).
 
     weights: a tensor (F, ...), a list of them, or an nn.Module (every
     Conv/Linear weight). O(F*P) by the column-sum identity; the exact
-    weighting of the EC-KD paper is not public, this form is relkd's.
+    weighting of the EC-KD paper is not public, this form is relkd's. With
+    process_group / gather (SPEC §8's share rule for a loss that every rank
+    computes alike): 1/world of it, so that the shares sum to the loss.
     """
     check.backend(backend)
     ws = check.weight_list(_weights_of(weights))
     check.same_device(**{f"weights[{i}]": w for i, w in enumerate(ws)})
+    world = _world_size(resolve_group(process_group, gather))
     if backend == "reference":
-        return reference.exclusivity_loss(ws)
-    total = fused.exclusivity_term(ws[0])
-    for w in ws[1:]:
-        total = total + fused.exclusivity_term(w)
-    return total
+        total = reference.exclusivity_loss(ws)
+    else:
+        total = fused.exclusivity_term(ws[0])
+        for w in ws[1:]:
+            total = total + fused.exclusivity_term(w)
+    return total if world == 1 else total / world
 
 
 # ------------------------------------------------------------------- mining
 @_full_precision
 def similarity_topk(a: Tensor, b: Optional[Tensor] = None, k: Optional[int] = None,
                     a_labels: Optional[Tensor] = None, b_labels: Optional[Tensor] = None,
-                    exclude_self: bool = True, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+                    exclude_self: Optional[bool] = None,
+                    backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """Exact k-nearest-neighbour search by cosine similarity, SPEC §2.
 
     For every row of a: (N, D), the k rows of b: (M, D) (or of a itself when
     b is None) with the largest cosine similarity, sorted descending, ties to
-    the smaller index. Candidates with a_labels[i] == b_labels[j] are
-    skipped; with b None, exclude_self skips j == i. Returns (values,
-    indices), each (N, k); slots without a valid candidate hold (-inf, -1).
-    Values are float32 for half inputs. Fused memory: O(N*k) plus one tile,
-    so b may hold millions of rows (e.g. identity prototypes).
+    the smaller index. Returns (values, indices), each (N, k); slots without
+    a valid candidate hold (-inf, -1). Values are float32 for half inputs and
+    carry no gradient on either backend (this is a search, not a loss).
+
+    Exclusions: with b None, a_labels excludes same-label rows and
+    exclude_self (default True) the row itself; with b given, a_labels and
+    b_labels (both or neither) exclude pairs of equal labels, and
+    exclude_self does not apply. Fused memory: O(N*k) plus one tile per
+    thread, so b may hold millions of rows (e.g. identity prototypes).
     """
     if k is None:
         raise ValueError("k: expected an int >= 1, got None (k is required)")
@@ -400,21 +450,34 @@ def similarity_topk(a: Tensor, b: Optional[Tensor] = None, k: Optional[int] = No
                              f"got {tuple(b.shape)}")
     if a_labels is not None:
         check.labels(a_labels, "a_labels", a.shape[0])
-    if b_labels is not None:
-        if b is None:
+    if b is None:
+        if b_labels is not None:
             raise ValueError("b_labels: given without b (with b None, a_labels serve both)")
-        check.labels(b_labels, "b_labels", b.shape[0])
+        exclude_self = True if exclude_self is None else bool(exclude_self)
+    else:
+        if exclude_self is not None:
+            raise ValueError("exclude_self: only applies when b is None (a searched against "
+                             "itself); against b, exclude pairs with a_labels and b_labels")
+        if (a_labels is None) != (b_labels is None):
+            missing = "b_labels" if b_labels is None else "a_labels"
+            raise ValueError(f"{missing}: a_labels and b_labels exclude equal-label pairs "
+                             "together; give both or neither")
+        if b_labels is not None:
+            check.labels(b_labels, "b_labels", b.shape[0])
     check.same_device(a=a, b=b, a_labels=a_labels, b_labels=b_labels)
     check.finite(a=a, b=b)
-    if not _use_fused("similarity_topk", backend, a.device):
-        return reference.similarity_topk(a, b, k, a_labels, b_labels, exclude_self)
+    if not _use_fused("similarity_topk", backend, a.device, cost="N x M similarities"):
+        values, indices = reference.similarity_topk(a, b, k, a_labels, b_labels,
+                                                    bool(exclude_self))
+        return values.detach(), indices
     dtype = compute_dtype(a) if b is None else compute_dtype(a, b)
-    x = reference.normalize(a, dtype).contiguous()
+    x = normalize_rows(a.detach(), dtype).contiguous()
     if b is None:
         labels = None if a_labels is None else a_labels.long()
         return ops.topk_sim(x, x, k, labels, labels, None, exclude_self, 0)
-    c = b.to(dtype).contiguous()
-    inv_norm = 1.0 / c.norm(dim=1).clamp(min=reference.EPS)
-    use_labels = a_labels is not None and b_labels is not None
-    return ops.topk_sim(x, c, k, a_labels.long() if use_labels else None,
-                        b_labels.long() if use_labels else None, inv_norm, False, 0)
+    # The bank's own norms scale its raw dot products: a million-row bank is
+    # never copied to normalise it.
+    c = b.detach().to(dtype).contiguous()
+    inv_norm = 1.0 / c.norm(dim=1).clamp(min=EPS)
+    return ops.topk_sim(x, c, k, None if a_labels is None else a_labels.long(),
+                        None if b_labels is None else b_labels.long(), inv_norm, False, 0)

@@ -8,15 +8,16 @@ returns the process's share of the loss (the whole loss for one process).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops, reference
+from . import ops
+from ._common import EPS, compute_dtype, masked_sum, normalize, teacher
 from .distributed import GlobalBatch, all_reduce_sum, all_reduce_with_grad
-from .reference import EPS, compute_dtype, normalize, teacher
 
 
 def _columns(gb: GlobalBatch, all_rows: Tensor, prepare) -> Optional[Tensor]:
@@ -29,6 +30,39 @@ def _row_ids(gb: GlobalBatch) -> Optional[Tensor]:
     if gb.group is None:
         return None
     return gb.offset + torch.arange(gb.fs.shape[0], device=gb.fs.device)
+
+
+# The O(N*k) loss arithmetic of the fused path, written independently of
+# relkd.reference (see relkd/_common.py for why).
+def _relation_penalty(d: Tensor, metric: str, margin: float) -> Tensor:
+    """RAD's phi (SPEC §2): hinge max(0, d - margin), l2 d^2, l1 |d|."""
+    if metric == "l2":
+        return d.square()
+    if metric == "l1":
+        return d.abs()
+    return (d - margin).clamp(min=0)
+
+
+def _taylor_rbf_coefficients(kernel: str, gamma: float, order: int) -> list:
+    """CCKD's phi(u) = sum_p c_p u^p (SPEC §4): c_0 = e^{-2 gamma},
+    c_p = c_{p-1} * 2 gamma / p; bilinear: phi(u) = u."""
+    if kernel == "bilinear":
+        return [0.0, 1.0]
+    coef = [math.exp(-2.0 * gamma)]
+    for p in range(1, order + 1):
+        coef.append(coef[-1] * 2.0 * gamma / p)
+    return coef
+
+
+def _rank_divisors(fpr_levels: Sequence[float]) -> list:
+    """EKD's integer divisors q = round(1 / fpr) (SPEC §3.2)."""
+    return [round(1.0 / level) for level in fpr_levels]
+
+
+def _soft_rank(v: Tensor, anchors: Tensor, temperature: float) -> Tensor:
+    """EKD's rank(v) = sum_a 1 / (1 + exp(clamp(-(v - a) / T, -50, 50))) (SPEC §3.5)."""
+    u = ((v[:, None] - anchors[None, :]) / temperature).clamp(-50.0, 50.0)
+    return torch.sigmoid(u).sum(1)
 
 
 # ------------------------------------------------------------------------ RAD
@@ -63,7 +97,7 @@ def rad_loss(gb: GlobalBatch, bank: Optional[Tensor], bank_labels: Optional[Tens
         s = ops.pair_dot(x, b, indices) * scale
         t = ops.pair_dot(z, b, indices) * scale
     mined = indices >= 0
-    total = reference.masked_sum(reference.rad_phi(s - t, metric, margin), mined)
+    total = masked_sum(_relation_penalty(s - t, metric, margin), mined)
     count = all_reduce_sum(mined.sum(), gb.group)
     return total / count.clamp(min=1).to(dtype)
 
@@ -77,7 +111,7 @@ def cckd_loss(gb: GlobalBatch, *, kernel: str, gamma: float, order: int,
     z = normalize(teacher(gb.ft, detach_teacher), dtype)
     x_c = _columns(gb, gb.fs_all, lambda f: normalize(f, dtype))
     z_c = _columns(gb, gb.ft_all, lambda f: normalize(teacher(f, detach_teacher), dtype))
-    coef = torch.tensor(reference.cckd_coefficients(kernel, gamma, order), dtype=dtype,
+    coef = torch.tensor(_taylor_rbf_coefficients(kernel, gamma, order), dtype=dtype,
                         device=x.device)
     total = ops.pairwise_loss("cckd", x, z, x_c, z_c, params=coef)
     return total / (gb.n_global ** 2)
@@ -99,7 +133,7 @@ def ekd_loss(gb: GlobalBatch, s_anchor: Tensor, t_anchor: Tensor, *, training: b
     # Column operands of the selection: None = the rows themselves.
     sel_x, sel_z, sel_y = (None, None, None) if single else (x_c.detach(), z_c, y_all)
     group_name = "" if single else gb.group.group_name
-    divisors = reference.fpr_divisors(fpr_levels)
+    divisors = _rank_divisors(fpr_levels)
 
     thr_s, _, top_i, top_j, n_neg = ops.negative_pair_select(
         x.detach(), y, divisors, topk, sel_x, sel_y, gb.offset, group_name)
@@ -126,17 +160,22 @@ def ekd_loss(gb: GlobalBatch, s_anchor: Tensor, t_anchor: Tensor, *, training: b
     n_pos = ops.positive_pair_count(y_all)
     loss_pos = pos_sum / n_pos.clamp(min=1).to(dtype)
 
-    # Hard negatives: this process's rows among the global top-k pairs.
+    # Hard negatives: this process's rows among the global top-k pairs. A rank
+    # without rows (an empty DDP shard) has none: its share is 0, but it took
+    # part in every collective above.
     n_rows = x.shape[0]
-    local = (top_i >= gb.offset) & (top_i < gb.offset + n_rows)
-    rows = (top_i - gb.offset).clamp(0, max(n_rows - 1, 0))
-    cols_idx = top_j.clamp(min=0)
-    s_hard = (x[rows] * x_c[cols_idx]).sum(1)
-    t_hard = (z[rows] * z_c[cols_idx]).sum(1)
-    diff = (reference.ekd_rank(s_hard, s_anchor, temperature)
-            - reference.ekd_rank(t_hard, t_anchor, temperature))
     n_hard = (top_i >= 0).sum()
-    loss_neg = reference.masked_sum(diff * diff, local) / n_hard.clamp(min=1).to(dtype)
+    if n_rows == 0:
+        loss_neg = x.sum() * 0
+    else:
+        local = (top_i >= gb.offset) & (top_i < gb.offset + n_rows)
+        rows = (top_i - gb.offset).clamp(0, n_rows - 1)
+        cols_idx = top_j.clamp(min=0)
+        s_hard = (x[rows] * x_c[cols_idx]).sum(1)
+        t_hard = (z[rows] * z_c[cols_idx]).sum(1)
+        diff = (_soft_rank(s_hard, s_anchor, temperature)
+                - _soft_rank(t_hard, t_anchor, temperature))
+        loss_neg = masked_sum(diff * diff, local) / n_hard.clamp(min=1).to(dtype)
     return pos_weight * loss_pos + neg_weight * loss_neg, s_anchor, t_anchor
 
 
@@ -191,6 +230,12 @@ class _SPGramIdentity(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            # The written-out derivative uses Gram matrices saved as constants:
+            # differentiating it again would be silently wrong.
+            raise RuntimeError("relkd SPLoss (fused Gram identity) supports first-order "
+                               "gradients only (create_graph=True / double backward is not "
+                               "supported; use backend='reference')")
         f_s, f_t, a_s, a_t, gram_s, gram_t, cross_st, r_s, r_t, cross = ctx.saved_tensors
         scale = grad.double() / (ctx.n_all * ctx.n_all)
         eps2 = EPS * EPS
@@ -235,16 +280,21 @@ class _SPGramIdentity(torch.autograd.Function):
         return tuple(grads)
 
 
+def _rows(f: Tensor) -> Tensor:
+    """(N, ...) flattened to (N, features); also for N = 0 (an empty DDP shard)."""
+    return f.reshape(f.shape[0], math.prod(f.shape[1:]))
+
+
 def sp_loss(gb: GlobalBatch, *, detach_teacher: bool) -> Tensor:
     """SPEC §5. D < N: the Gram identity (_SPGramIdentity), O(N D^2) time and
     O(D^2) memory beyond the inputs. D >= N: the direct form, whose N x N
     rows cost no more memory than the N x D features."""
     dtype = compute_dtype(gb.fs, gb.ft)
-    n, n_all = gb.fs.shape[0], gb.n_global
-    f_s = gb.fs.reshape(n, -1).to(dtype)
-    f_t = teacher(gb.ft, detach_teacher).reshape(n, -1).to(dtype)
-    a_s = _columns(gb, gb.fs_all, lambda f: f.reshape(n_all, -1).to(dtype))
-    a_t = _columns(gb, gb.ft_all, lambda f: teacher(f, detach_teacher).reshape(n_all, -1).to(dtype))
+    n_all = gb.n_global
+    f_s = _rows(gb.fs).to(dtype)
+    f_t = _rows(teacher(gb.ft, detach_teacher)).to(dtype)
+    a_s = _columns(gb, gb.fs_all, lambda f: _rows(f).to(dtype))
+    a_t = _columns(gb, gb.ft_all, lambda f: _rows(teacher(f, detach_teacher)).to(dtype))
     if max(f_s.shape[1], f_t.shape[1]) < n_all:
         return _SPGramIdentity.apply(f_s, f_t, a_s, a_t, n_all)
     g_s = F.normalize(f_s @ (f_s if a_s is None else a_s).T, p=2.0, dim=1, eps=EPS)

@@ -6,22 +6,56 @@ driver of EKD's exact global order statistics.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import struct
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-try:
-    from . import _C  # noqa: F401  (loading it registers torch.ops.relkd.*)
+from . import distributed as relkd_dist
 
-    EXTENSION_ERROR: Optional[str] = None
-except ImportError as exc:  # not built: only backend="reference" works
-    EXTENSION_ERROR = str(exc)
 
-HAS_EXTENSION = EXTENSION_ERROR is None
+class FallbackWarning(UserWarning):
+    """backend="auto" ran the N x N reference instead of a fused kernel."""
+
+
+class ExtensionWarning(UserWarning):
+    """relkd._C exists but could not be loaded."""
+
+
+def _load_extension() -> Tuple[str, Optional[str]]:
+    """('loaded', None), ('not built', why) or ('failed to load', why)."""
+    name = f"{__package__}._C"
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError) as exc:
+        spec, find_error = None, exc
+    else:
+        find_error = None
+    if spec is None:
+        return "not built", (
+            f"the compiled extension {name} is not built{f' ({find_error})' if find_error else ''}"
+            "; build it with `pip install .` (or `make build` in a source tree)")
+    try:
+        importlib.import_module(name)  # loading it registers torch.ops.relkd.*
+    except Exception as exc:  # noqa: BLE001  (any loader error: ABI mismatch, bad file)
+        return "failed to load", (
+            f"the compiled extension {spec.origin} exists but failed to load: {exc}. It was "
+            f"probably built against another torch than this one ({torch.__version__}); "
+            "rebuild it with `pip install --no-build-isolation --force-reinstall .`")
+    return "loaded", None
+
+
+EXTENSION_STATE, EXTENSION_ERROR = _load_extension()
+HAS_EXTENSION = EXTENSION_STATE == "loaded"
+if EXTENSION_STATE == "failed to load":
+    warnings.warn(f"relkd: {EXTENSION_ERROR}. Until then every loss runs the N x N reference "
+                  "(backend='auto') or raises (backend='fused').", ExtensionWarning, stacklevel=2)
 DIGITS = 1 << 16  # radix of the order-statistics passes (csrc/cpu/pair_select.cpp)
+PARAMS_GRAD_KINDS = ("rkd_distance",)  # pairwise_loss kinds differentiable in params
 
 
 def _compiled_devices() -> Tuple[str, ...]:
@@ -37,6 +71,39 @@ FUSED_DEVICES = _compiled_devices()  # fixed at import: a constant to torch.comp
 def fused_devices() -> Tuple[str, ...]:
     """Device types that have compiled relkd kernels."""
     return FUSED_DEVICES
+
+
+_WARNED = set()
+
+
+def _warn_once(key: Tuple[str, str], message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, FallbackWarning, stacklevel=4)
+
+
+def _warn_while_tracing(ctx) -> None:
+    """Run by torch.compile at trace time in warn_fallback's frame (comptime
+    functions read the frame's locals; they may not close over them)."""
+    local = lambda name: ctx.get_local(name).as_python_constant()  # noqa: E731
+    _warn_once((local("what"), local("reason")), local("message"))
+
+
+def warn_fallback(what: str, reason: str, cost: str) -> None:
+    """One FallbackWarning per (what, reason) and process: `what` fell back to
+    the reference for `reason`, which costs `cost` memory. Under
+    torch.compile the warning is issued while the graph is traced."""
+    message = (f"{what}: backend='auto' runs the pure-PyTorch reference because {reason}; it "
+               f"materialises {cost}. Pass backend='reference' to silence this, or "
+               "backend='fused' to make it an error.")
+    if torch.compiler.is_compiling():
+        try:
+            from torch._dynamo.comptime import comptime
+        except ImportError:  # no trace-time hook in this torch: the eager call warns
+            return
+        comptime(_warn_while_tracing)
+    else:
+        _warn_once((what, reason), message)
 
 
 # ------------------------------------------------------------- fake kernels
@@ -71,7 +138,7 @@ if HAS_EXTENSION:
             grad_or_placeholder(xs_c, grad_student and rect),
             grad_or_placeholder(xt_r, grad_teacher),
             grad_or_placeholder(xt_c, grad_teacher and rect),
-            grad_or_placeholder(params, grad_student),
+            grad_or_placeholder(params, grad_student and kind in PARAMS_GRAD_KINDS),
         )
 
     @torch.library.register_fake("relkd::pair_histogram")
@@ -84,6 +151,9 @@ if HAS_EXTENSION:
                 x_r.new_empty(topk, dtype=torch.long))
 
     # ------------------------------------------------------------ autograd
+    # pair_dot is bilinear in (a, b) and its backward is linear in (grad, a)
+    # and in (grad, b), so both derivatives are written with the two ops
+    # themselves: derivatives of every order are exact.
     def _pair_dot_setup(ctx, inputs, output):
         a, b, idx = inputs
         ctx.save_for_backward(a, b, idx)
@@ -98,6 +168,35 @@ if HAS_EXTENSION:
     torch.library.register_autograd("relkd::pair_dot", _pair_dot_backward,
                                     setup_context=_pair_dot_setup)
 
+    def _pair_dot_backward_setup(ctx, inputs, output):
+        grad, a, b, idx, need_a, need_b = inputs
+        ctx.save_for_backward(grad, a, b, idx)
+        ctx.computed = (need_a, need_b)
+
+    def _pair_dot_backward_backward(ctx, bar_a, bar_b):
+        # Outputs: grad_a_i = sum_s g_is b_idx(i,s), grad_b_j = sum_{idx(i,s)=j} g_is a_i.
+        grad, a, b, idx = ctx.saved_tensors
+        use_a = ctx.computed[0] and bar_a is not None and bar_a.shape == a.shape
+        use_b = ctx.computed[1] and bar_b is not None and bar_b.shape == b.shape
+        need_g, need_a, need_b = ctx.needs_input_grad[:3]
+        d_grad = d_a = d_b = None
+        if need_g:
+            d_grad = torch.zeros_like(grad)
+            if use_a:
+                d_grad = d_grad + pair_dot(bar_a.contiguous(), b, idx)
+            if use_b:
+                d_grad = d_grad + pair_dot(a, bar_b.contiguous(), idx)
+        if need_a and use_b:
+            d_a = torch.ops.relkd.pair_dot_backward(grad, a, bar_b.contiguous(), idx, True,
+                                                    False)[0]
+        if need_b and use_a:
+            d_b = torch.ops.relkd.pair_dot_backward(grad, bar_a.contiguous(), b, idx, False,
+                                                    True)[1]
+        return d_grad, d_a, d_b, None, None, None
+
+    torch.library.register_autograd("relkd::pair_dot_backward", _pair_dot_backward_backward,
+                                    setup_context=_pair_dot_backward_setup)
+
     # pairwise_loss returns the gradient of its scalar output with respect to
     # each input, computed in the same tile pass (csrc/cpu/pairwise_loss.cpp);
     # backward scales them by the incoming gradient.
@@ -105,6 +204,7 @@ if HAS_EXTENSION:
 
     def _pairwise_setup(ctx, inputs, output):
         ctx.save_for_backward(*output[1:])
+        ctx.kind = inputs[0]
         ctx.input_dims = {i: inputs[i].dim() for i in _PAIRWISE_GRAD_SLOTS if inputs[i] is not None}
 
     def _pairwise_backward(ctx, grad_loss, *_):
@@ -119,6 +219,10 @@ if HAS_EXTENSION:
             if not ctx.needs_input_grad[inp]:
                 continue
             grad = saved[out - 1]
+            if inp == 9 and ctx.kind not in PARAMS_GRAD_KINDS:
+                raise RuntimeError(f"relkd::pairwise_loss: kind '{ctx.kind}' defines no "
+                                   "gradient with respect to params (params must not require "
+                                   f"grad; only {', '.join(PARAMS_GRAD_KINDS)} define one)")
             if grad.dim() != ctx.input_dims[inp]:  # an empty placeholder: not computed
                 raise RuntimeError(
                     "relkd::pairwise_loss: a gradient was requested that the forward did not "
@@ -133,10 +237,8 @@ if HAS_EXTENSION:
 
 def require_extension(what: str) -> None:
     if not HAS_EXTENSION:
-        raise RuntimeError(
-            f"{what} needs the compiled extension relkd._C, which failed to load "
-            f"({EXTENSION_ERROR}). Build it with `pip install --no-build-isolation .`, "
-            "or use backend='reference'.")
+        raise RuntimeError(f"{what} needs relkd's compiled kernels, but {EXTENSION_ERROR}. "
+                           "Or use backend='reference'.")
 
 
 # --------------------------------------------------------------- wrappers
@@ -167,6 +269,9 @@ def pairwise_loss(kind: str, xs_r: Tensor, xt_r: Optional[Tensor] = None,
     columns default to the rows. See csrc/cpu/pair_kinds.h for the kinds."""
     if params is None:
         params = xs_r.new_empty(0)
+    if params.requires_grad and kind not in PARAMS_GRAD_KINDS:
+        raise ValueError(f"params: kind '{kind}' defines no gradient with respect to params, "
+                         "so params must not require grad")
     grad_s = _needs_grad(xs_r, xs_c, params)
     grad_t = _needs_grad(xt_r, xt_c)
     return torch.ops.relkd.pairwise_loss(kind, xs_r, xt_r, xs_c, xt_c, labels_r, labels_c,
@@ -209,15 +314,16 @@ def as_int64(key: int) -> int:
 
 def radix_select(histogram, targets: Sequence[int], bits: int, all_reduce=None):
     """Exact keys at the given 0-based descending positions among the pairs
-    that `histogram(prefixes, shift)` counts, 16 bits per pass. Returns
-    (keys, n_above) with n_above[t] = number of pairs with a larger key."""
+    that `histogram(prefixes, shift)` counts, 16 bits per pass (`all_reduce`,
+    if given, returns the histogram summed over DDP ranks). Returns (keys,
+    n_above) with n_above[t] = number of pairs with a larger key."""
     prefix = [0] * len(targets)
     remaining = list(targets)
     for shift in range(bits - 16, -1, -16):
         uniq = sorted(set(prefix))
         hist = histogram(torch.tensor(uniq, dtype=torch.long), shift)
         if all_reduce is not None:
-            all_reduce(hist)
+            hist = all_reduce(hist)
         # from_top[p, d] = number of keys with this prefix and digit >= DIGITS - 1 - d
         from_top = hist.flip(1).cumsum(1).cpu()
         for t in range(len(targets)):
@@ -286,11 +392,14 @@ def negative_pair_select(x: Tensor, labels: Tensor, divisors: List[int], topk: i
     ids_r = (row_offset + torch.arange(len(x), device=x.device)) if rect else None
     common = (x, x_cols, labels.long(), None if labels_cols is None else labels_cols.long(),
               ids_r, None)
-    all_reduce = None if group is None else (lambda t: dist.all_reduce(t, group=group))
+    all_reduce = None if group is None else (lambda t: relkd_dist.all_reduce_sum(t, group))
 
     bits = key_bits(x.dtype)
     k_eff = min(topk, n_neg)
     targets = [n_neg // q for q in divisors] + ([k_eff - 1] if k_eff > 0 else [])
+    if any(not 0 <= t < n_neg for t in targets):  # SPEC §3.2 needs every q >= 2
+        raise ValueError(f"divisors: every rank position n_neg // q must lie in [0, {n_neg}), "
+                         f"got divisors {list(divisors)}")
     keys, n_above = radix_select(
         lambda prefixes, shift: torch.ops.relkd.pair_histogram(*common, prefixes.to(x.device),
                                                                shift),
@@ -301,11 +410,7 @@ def negative_pair_select(x: Tensor, labels: Tensor, divisors: List[int], topk: i
         n_equal = k_eff - n_above[-1]
         top = torch.ops.relkd.pair_topk(*common, as_int64(keys[-1]), n_equal, topk)
         if group is not None:  # every rank's candidates, merged the same way everywhere
-            world = dist.get_world_size(group)
-            gathered = [[torch.empty_like(t) for _ in range(world)] for t in top]
-            for parts, t in zip(gathered, top):
-                dist.all_gather(parts, t, group=group)
-            top = merge_top_pairs(*(torch.cat(parts) for parts in gathered), topk)
+            top = merge_top_pairs(*(relkd_dist.gather_rows(t, group) for t in top), topk)
     return (thresholds, *top, n_neg_t)
 
 

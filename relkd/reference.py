@@ -16,25 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-EPS = 1e-12  # torch.nn.functional.normalize's eps (SPEC notation)
+from ._common import EPS, compute_dtype, masked_sum, normalize, teacher  # noqa: F401  (notation)
+
 RKD_EPS = 1e-12  # clamp of squared distances in RKD (SPEC §6)
-
-
-def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """float32 for half inputs, else the promoted input dtype (SPEC notation)."""
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def normalize(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """x_i / max(|x_i|, 1e-12) in `dtype` (exactly F.normalize)."""
-    return F.normalize(x.to(dtype), p=2.0, dim=1, eps=EPS)
-
-
-def teacher(ft: Tensor, detach_teacher: bool) -> Tensor:
-    return ft.detach() if detach_teacher else ft
 
 
 # --------------------------------------------------------------------- mining
@@ -105,12 +89,6 @@ def rad_phi(d: Tensor, metric: str, margin: float) -> Tensor:
     if metric == "l2":
         return d * d
     return d.abs()
-
-
-def masked_sum(values: Tensor, valid: Tensor) -> Tensor:
-    """Sum of values[valid] with static shapes; masked entries get exactly zero
-    gradient (also where they are NaN or inf)."""
-    return torch.where(valid, values, torch.zeros_like(values)).sum()
 
 
 def masked_mean(values: Tensor, valid: Tensor) -> Tensor:

@@ -55,6 +55,19 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(lambda a_, b_: ops.pair_dot(a_, b_, idx), (a, b))
 
 
+def test_second_derivatives_are_exact():
+    # pair_dot_backward has its own (bilinear) autograd formula, so the
+    # double backward of RAD / CoupleFace is exact, not silently zero.
+    a = embeddings(7, 5, seed=1, dtype=torch.float64).requires_grad_()
+    b = embeddings(9, 5, seed=2, dtype=torch.float64).requires_grad_()
+    idx = random_index(7, 4, 9, seed=3, pad_fraction=0.25)
+    assert torch.autograd.gradgradcheck(lambda a_, b_: ops.pair_dot(a_, b_, idx), (a, b))
+    g = embeddings(7, 4, seed=4, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda g_, a_, b_: torch.ops.relkd.pair_dot_backward(g_, a_, b_, idx, True, True),
+        (g, a, b))
+
+
 def test_opcheck():
     a = embeddings(20, 6, seed=4).requires_grad_()
     b = embeddings(30, 6, seed=5).requires_grad_()

@@ -141,3 +141,51 @@ def test_opcheck(dtype):
                  (a, b, 7, la, lb, scale, False, 0),
                  (a, a, 50, la, la, None, True, 0)]:
         torch.library.opcheck(torch.ops.relkd.topk_sim.default, args)
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_values_carry_no_gradient_on_either_backend(backend):
+    # A search, not a loss: both paths return detached values (documented).
+    a = embeddings(30, 6, seed=9).requires_grad_()
+    b = embeddings(50, 6, seed=10).requires_grad_()
+    for values, indices in (relkd.similarity_topk(a, k=4, backend=backend),
+                            relkd.similarity_topk(a, b, 4, backend=backend)):
+        assert not values.requires_grad and values.grad_fn is None
+        assert not indices.requires_grad
+
+
+def test_mining_ops_are_registered_non_differentiable():
+    a = embeddings(30, 6, seed=11).requires_grad_()
+    values, _ = ops.topk_sim(a, a, 3)
+    assert not values.requires_grad
+    x = torch.nn.functional.normalize(a, dim=1)
+    y = labels("random", 30, 3)
+    hist = torch.ops.relkd.pair_histogram(x, None, y, None, None, None,
+                                          torch.zeros(1, dtype=torch.long), 16)
+    assert not hist.requires_grad
+    top = torch.ops.relkd.pair_topk(x, None, y, None, None, None, 0, 5, 5)
+    assert not top[0].requires_grad
+
+
+def test_k_far_beyond_the_bank_pads_without_large_buffers():
+    # Buffers are sized by min(k, M): k = 10^6 against 7 rows costs nothing.
+    a, b = embeddings(4, 3, seed=12), embeddings(7, 3, seed=13)
+    values, indices = ops.topk_sim(a, b, 1_000_000)
+    assert values.shape == (4, 1_000_000)
+    assert (indices[:, 7:] == -1).all() and (indices[:, :7] >= 0).all()
+    torch.testing.assert_close(values[:, :7], torch.sort(a @ b.T, dim=1, descending=True).values)
+
+
+@pytest.mark.parametrize("n", [1, 5, 300])
+def test_few_queries_against_a_large_bank_are_split_across_threads(n):
+    # Work items are (row block, column range) with the split fixed by the
+    # shapes: the result is bitwise the same on 1, 2 or 4 threads.
+    a, b = embeddings(n, 16, seed=14), embeddings(40_000, 16, seed=15)
+    runs = []
+    for threads in (1, 2, 4):
+        with num_threads(threads):
+            runs.append(ops.topk_sim(a, b, 33))
+    for values, indices in runs[1:]:
+        assert torch.equal(values, runs[0][0]) and torch.equal(indices, runs[0][1])
+    want = torch.topk(a @ b.T, 33, dim=1)
+    torch.testing.assert_close(runs[0][0], want.values)

@@ -237,3 +237,66 @@ def test_ops_reject_bad_input_without_crashing():
         relkd.ops.pairwise_loss("mse", a, a)
     with pytest.raises(ValueError, match="must have the same dim"):
         relkd.ops.topk_sim(a, torch.randn(5, 2), 1)
+
+
+# ------------------------------------------------------ arguments that act or raise
+@pytest.mark.parametrize("levels", [(0.7,), (1.0,), (0.1, 0.9), (0.0,), (-0.1,), ()])
+def test_fpr_levels_need_a_divisor_of_at_least_two(levels):
+    # round(1/f) must be >= 2 (SPEC §3.2), or the rank position n_neg // q
+    # would lie past the last negative pair.
+    with pytest.raises(ValueError, match=r"^fpr_levels: expected .*round\(1/f\) >= 2"):
+        relkd.EKDLoss(fpr_levels=levels)
+    with pytest.raises(ValueError, match=r"^fpr_levels:"):
+        Fn.ekd_loss(torch.randn(8, 4), torch.randn(8, 4), y_of(8), torch.zeros(len(levels)),
+                    torch.zeros(len(levels)), fpr_levels=levels)
+
+
+@requires_extension
+def test_selection_rejects_a_rank_position_past_the_last_negative():
+    x = torch.nn.functional.normalize(torch.randn(6, 3), dim=1)
+    with pytest.raises(ValueError, match=r"divisors: every rank position"):
+        relkd.ops.negative_pair_select(x, y_of(6), [10, 1], 3, None, None, 0, "")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_similarity_topk_labels_come_in_pairs(backend):
+    a, b = torch.randn(5, 3), torch.randn(7, 3)
+    with pytest.raises(ValueError, match=r"^b_labels: a_labels and b_labels .* both or neither"):
+        relkd.similarity_topk(a, b, 2, a_labels=y_of(5), backend=backend)
+    with pytest.raises(ValueError, match=r"^a_labels: a_labels and b_labels"):
+        relkd.similarity_topk(a, b, 2, b_labels=y_of(7), backend=backend)
+    with pytest.raises(ValueError, match=r"^exclude_self: only applies when b is None"):
+        relkd.similarity_topk(a, b, 2, exclude_self=False, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rad_indices_must_match_k(backend):
+    fs, ft = torch.randn(8, 4), torch.randn(8, 4)
+    idx = torch.randint(0, 8, (8, 5))
+    with pytest.raises(ValueError, match=r"^indices: expected k=3 columns .* got 5"):
+        Fn.rad_loss(fs, ft, indices=idx, k=3, backend=backend)
+    with pytest.raises(ValueError, match=r"^indices: expected k=16 columns"):
+        relkd.RADLoss()(fs, ft, indices=idx)
+    loss = relkd.RADLoss(k=5, backend=backend)(fs, ft, indices=idx)  # matching k acts
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rad_bank_labels_with_indices_is_an_error(backend):
+    fs, ft, bank = torch.randn(8, 4), torch.randn(8, 4), torch.randn(6, 4)
+    with pytest.raises(ValueError, match=r"^bank_labels: only used to mine the bank"):
+        Fn.rad_loss(fs, ft, y_of(8), bank, y_of(6), torch.zeros(8, 3, dtype=torch.long), k=3,
+                    backend=backend)
+
+
+def test_numpy_scalars_are_accepted_as_options():
+    np = pytest.importorskip("numpy")
+    assert relkd.RADLoss(k=np.int64(4), margin=np.float32(0.5)).k == 4
+    loss = relkd.CCKDLoss(gamma=np.float64(0.3), order=np.int32(3))
+    assert loss.order == 3 and isinstance(loss.gamma, float)
+    values, _ = relkd.similarity_topk(torch.randn(6, 3), k=np.int16(2))
+    assert values.shape == (6, 2)
+    with pytest.raises(ValueError, match=r"^k: expected an int >= 1"):
+        relkd.RADLoss(k=np.bool_(True))
+    with pytest.raises(ValueError, match=r"^k: expected an int >= 1"):
+        relkd.RADLoss(k=np.float64(4.0))

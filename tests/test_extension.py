@@ -1,0 +1,126 @@
+"""relkd never degrades silently: an extension that is not built or fails to
+load is reported (import, `python -m relkd`, the first loss call), and
+backend="auto" warns once per loss and reason when it falls back to the
+N x N reference."""
+import importlib.machinery
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import relkd
+from relkd import functional as Fn
+from relkd import ops
+
+from helpers import embeddings, requires_extension
+
+PACKAGE = os.path.dirname(relkd.__file__)
+
+
+def copy_of_package(tmp_path, extension_bytes=None):
+    """The relkd sources in tmp_path/relkd, with no compiled extension or
+    with a file of the given bytes in its place."""
+    target = tmp_path / "relkd"
+    shutil.copytree(PACKAGE, target, ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    if extension_bytes is not None:
+        suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+        (target / f"_C{suffix}").write_bytes(extension_bytes)
+    return tmp_path
+
+
+# An editable install (`pip install -e .`) adds an import hook that maps
+# relkd's submodules to the source tree, built extension included: drop it so
+# that the copy under test is all there is.
+ONLY_THE_COPY = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+"""
+
+
+def run_python(root, code):
+    env = dict(os.environ, PYTHONPATH=str(root), PYTHONWARNINGS="always")
+    # -P: do not put the current directory ahead of PYTHONPATH.
+    return subprocess.run([sys.executable, "-P", "-c", ONLY_THE_COPY + code],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=300)
+
+
+PROBE = """
+import warnings, torch
+import relkd
+from relkd import ops
+print("STATE", ops.EXTENSION_STATE, relkd.__file__)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(3):
+        relkd.CCKDLoss()(torch.randn(6, 3), torch.randn(6, 3))
+print("FALLBACKS", sum(issubclass(w.category, ops.FallbackWarning) for w in caught))
+try:
+    relkd.CCKDLoss(backend="fused")(torch.randn(6, 3), torch.randn(6, 3))
+except RuntimeError as exc:
+    print("FUSED", exc)
+"""
+
+
+def test_an_unbuilt_extension_is_reported_plainly(tmp_path):
+    root = copy_of_package(tmp_path)
+    done = run_python(root, PROBE)
+    assert done.returncode == 0, done.stderr
+    assert f"STATE not built {root}" in done.stdout
+    assert "circular import" not in done.stdout + done.stderr
+    assert "FALLBACKS 1" in done.stdout  # once per loss and reason
+    assert "is not built; build it with `pip install .`" in done.stdout
+    main = run_python(root, "import runpy; runpy.run_module('relkd', run_name='__main__')")
+    assert "extension relkd._C: NOT BUILT" in main.stdout, main.stdout + main.stderr
+
+
+def test_an_extension_that_fails_to_load_is_not_a_silent_fallback(tmp_path):
+    root = copy_of_package(tmp_path, extension_bytes=b"not a shared library")
+    done = run_python(root, PROBE)
+    assert done.returncode == 0, done.stderr
+    assert "STATE failed to load" in done.stdout
+    assert "ExtensionWarning" in done.stderr and "exists but failed to load" in done.stderr
+    assert "FALLBACKS 1" in done.stdout
+    assert "FUSED" in done.stdout and "failed to load" in done.stdout
+    main = run_python(root, "import runpy; runpy.run_module('relkd', run_name='__main__')")
+    assert "extension relkd._C: FAILED TO LOAD" in main.stdout, main.stdout + main.stderr
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    monkeypatch.setattr(ops, "_WARNED", set())
+
+
+@requires_extension
+def test_rkd_angle_fallback_warns_once_naming_the_cost(fresh_warnings):
+    fs, ft = embeddings(10, 4, seed=1), embeddings(10, 4, seed=2)
+    with pytest.warns(ops.FallbackWarning, match=r"RKDLoss: .*angle.*N x N x N angles"):
+        relkd.RKDLoss()(fs, ft)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        relkd.RKDLoss()(fs, ft)  # the same loss and reason: no second warning
+        relkd.RKDLoss(backend="reference")(fs, ft)  # asked for: no warning
+        relkd.RKDLoss(angle_weight=0.0)(fs, ft)  # fused: no warning
+
+
+@requires_extension
+def test_tensors_on_a_device_without_kernels_warn(fresh_warnings, monkeypatch):
+    # A CUDA tensor where only CPU kernels are compiled is decided before any
+    # tensor is touched; the meta device stands in for it here.
+    monkeypatch.setattr(ops, "FUSED_DEVICES", ("cpu",))
+    with pytest.warns(ops.FallbackWarning, match=r"SPLoss: .*no fused kernels for cuda tensors"
+                                                  r".*N x N relation matrices"):
+        assert not Fn._use_fused("SPLoss", "auto", torch.device("cuda"))
+    with pytest.raises(NotImplementedError, match=r"no fused kernels for cuda tensors"):
+        Fn._use_fused("SPLoss", "fused", torch.device("cuda"))
+
+
+@requires_extension
+def test_fallback_under_torch_compile_still_warns(fresh_warnings):
+    loss_fn = relkd.RKDLoss()
+    step = torch.compile(lambda a, b: loss_fn(a, b), fullgraph=True)
+    with pytest.warns(ops.FallbackWarning, match="RKDLoss"):
+        step(embeddings(10, 4, seed=3), embeddings(10, 4, seed=4))
