@@ -184,7 +184,9 @@ SP_ROW_CHUNK = 2048  # rows per float64 block of the Gram identity
 
 
 def _row_blocks(n: int):
-    return [(lo, min(n, lo + SP_ROW_CHUNK)) for lo in range(0, n, SP_ROW_CHUNK)]
+    """Row ranges of SP_ROW_CHUNK rows; one empty range for n = 0 (an empty
+    DDP shard), so that the per-row results are empty tensors, not absent."""
+    return [(lo, min(n, lo + SP_ROW_CHUNK)) for lo in range(0, max(n, 1), SP_ROW_CHUNK)]
 
 
 def _gram(a: Tensor, b: Tensor) -> Tensor:

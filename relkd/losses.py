@@ -35,15 +35,16 @@ class FCDLoss(_Loss):
     L2-normalised (N, D) embeddings (raw with normalize=False)."""
 
     def __init__(self, metric: str = "l2", normalize: bool = True, *,
-                 detach_teacher: bool = True, backend: str = "auto"):
-        super().__init__(backend)
+                 detach_teacher: bool = True, backend: str = "auto", process_group=None,
+                 gather: bool = False):
+        super().__init__(backend, process_group, gather)
         self.metric = check.choice(metric, "metric", Fn.FCD_METRICS)
         self.normalize = bool(normalize)
         self.detach_teacher = bool(detach_teacher)
 
     def forward(self, fs: Tensor, ft: Tensor) -> Tensor:
         return Fn.fcd_loss(fs, ft, self.metric, self.normalize,
-                           detach_teacher=self.detach_teacher, backend=self.backend)
+                           detach_teacher=self.detach_teacher, **self._dist())
 
 
 class RADLoss(_Loss):
@@ -181,11 +182,11 @@ class ExclusivityLoss(_Loss):
     forward(weights): a tensor, a list of tensors, or an nn.Module (every
     Conv/Linear weight)."""
 
-    def __init__(self, *, backend: str = "auto"):
-        super().__init__(backend)
+    def __init__(self, *, backend: str = "auto", process_group=None, gather: bool = False):
+        super().__init__(backend, process_group, gather)
 
     def forward(self, weights) -> Tensor:
-        return Fn.exclusivity_loss(weights, backend=self.backend)
+        return Fn.exclusivity_loss(weights, **self._dist())
 
 
 class ECKDLoss(_Loss):
@@ -194,12 +195,12 @@ class ECKDLoss(_Loss):
     The paper's exact weighting is not public; lam=1.0 is relkd's default."""
 
     def __init__(self, lam: float = 1.0, *, detach_teacher: bool = True,
-                 backend: str = "auto"):
-        super().__init__(backend)
+                 backend: str = "auto", process_group=None, gather: bool = False):
+        super().__init__(backend, process_group, gather)
         self.lam = check.number(lam, "lam")
         self.detach_teacher = bool(detach_teacher)
 
     def forward(self, fs: Tensor, ft: Tensor, weights) -> Tensor:
         fcd = Fn.fcd_loss(fs, ft, "l2", True, detach_teacher=self.detach_teacher,
-                          backend=self.backend)
-        return fcd + self.lam * Fn.exclusivity_loss(weights, backend=self.backend)
+                          **self._dist())
+        return fcd + self.lam * Fn.exclusivity_loss(weights, **self._dist())

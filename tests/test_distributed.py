@@ -1,11 +1,15 @@
 """Global-batch relations under DDP (SPEC §8), with the gloo backend on CPU:
-2 and 3 processes holding unequal shards of one batch. For every
-batch-relation loss and both backends: the per-rank shares sum to the loss
-of one process holding the concatenated batch, each rank's gradient equals
-that process's gradient for its rows, and EKD's anchors (and a
-PrototypeBank) are identical on every rank and equal the single-process ones."""
+2 and 3 processes holding unequal shards of one batch, one of them empty.
+For every loss and both backends: the per-rank shares sum to the loss of one
+process holding the concatenated batch, each rank's gradient equals that
+process's gradient for its rows, and EKD's anchors (and a PrototypeBank) are
+identical on every rank and equal the single-process ones. Collectives time
+out and the spawned ranks are bounded in time, so a hang fails the test
+instead of blocking CI."""
+import datetime
 import os
 import tempfile
+import time
 
 import pytest
 import torch
@@ -19,7 +23,9 @@ from helpers import correlated, embeddings, labels, requires_extension
 
 pytestmark = [requires_extension, pytest.mark.distributed]
 N, D = 21, 8
-SHARDS = {2: [10, 11], 3: [6, 7, 8]}
+SHARDS = {"world2": [10, 11], "world3": [6, 7, 8], "world3_empty_shard": [10, 0, 11]}
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
+RUN_DEADLINE_S = 900
 ANCHORS = torch.linspace(0.5, 0.05, 6, dtype=torch.float64)
 BANK = embeddings(40, D, seed=7, dtype=torch.float64)
 BANK_LABELS = torch.arange(40) % 9
@@ -35,11 +41,16 @@ def ekd(fs, ft, y, backend, **dist_kw):
                        backend=backend, **dist_kw)
 
 
+WEIGHT = embeddings(6, 10, seed=8, dtype=torch.float64)  # for EC-KD's exclusivity term
+
 # name -> (feature dim, fn(fs, ft, y, **dist_kw) -> loss or (loss, anchors...))
 CASES = {}
 for backend in ("fused", "reference"):
     b = backend
     CASES.update({
+        f"fcd_{b}": (D, lambda fs, ft, y, b=b, **kw: Fn.fcd_loss(fs, ft, backend=b, **kw)),
+        f"eckd_{b}": (D, lambda fs, ft, y, b=b, **kw: relkd.ECKDLoss(
+            lam=0.5, backend=b, **kw)(fs, ft, WEIGHT)),
         f"rad_{b}": (D, lambda fs, ft, y, b=b, **kw: Fn.rad_loss(
             fs, ft, y, k=5, metric="l2", backend=b, **kw)),
         f"rad_hinge_student_{b}": (D, lambda fs, ft, y, b=b, **kw: Fn.rad_loss(
@@ -66,12 +77,13 @@ def run_case(fn, fs, ft, y, **dist_kw):
     return loss.detach(), fs.grad, extra
 
 
-def worker(rank, world, init_file, out_dir):
+def worker(rank, layout, init_file, out_dir):
     torch.set_num_threads(1)
+    shards = SHARDS[layout]
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    lo = sum(SHARDS[world][:rank])
-    rows = slice(lo, lo + SHARDS[world][rank])
+                            world_size=len(shards), timeout=COLLECTIVE_TIMEOUT)
+    lo = sum(shards[:rank])
+    rows = slice(lo, lo + shards[rank])
     results = {}
     for name, (d, fn) in CASES.items():
         fs, ft, y = batch(d)
@@ -89,11 +101,26 @@ def worker(rank, world, init_file, out_dir):
     os._exit(0)
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
+def spawn_with_deadline(layout, tmp):
+    """Runs the ranks; a rank that crashes fails the run (mp raises), and so
+    does a run still going after RUN_DEADLINE_S (a hang), its ranks killed."""
+    world = len(SHARDS[layout])
+    context = mp.spawn(worker, args=(layout, os.path.join(tmp, "init"), tmp), nprocs=world,
+                       join=False)
+    deadline = time.monotonic() + RUN_DEADLINE_S
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"DDP ranks ({layout}) still running after {RUN_DEADLINE_S} s: a hang")
+
+
+@pytest.fixture(scope="module", params=list(SHARDS))
 def ranks(request):
-    world = request.param
+    layout = request.param
+    world = len(SHARDS[layout])
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(worker, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world, join=True)
+        spawn_with_deadline(layout, tmp)
         yield world, [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
 
 
@@ -123,3 +150,22 @@ def test_prototype_bank_is_global(ranks):
 def test_gather_without_process_group_is_an_error():
     with pytest.raises(ValueError, match="gather=True: torch.distributed is not initialised"):
         Fn.cckd_loss(torch.randn(4, 3), torch.randn(4, 3), gather=True)
+
+
+# ------------------------------------------- where collectives run, per backend
+@pytest.mark.parametrize("backend,tensor_device,expected", [
+    ("gloo", "cpu", "cpu"),
+    ("gloo", "meta", "cpu"),               # e.g. CUDA tensors on a gloo group
+    ("cpu:gloo,cuda:nccl", "cpu", "cpu"),  # mixed groups: each device its own backend
+    ("cpu:gloo,cuda:nccl", "meta", "meta"),
+    ("mpi", "meta", "meta"),               # other backends take tensors where they are
+])
+def test_communication_device_follows_the_group_backend(monkeypatch, backend, tensor_device,
+                                                        expected):
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    if backend == "cpu:gloo,cuda:nccl" and tensor_device == "meta":
+        # a meta tensor stands in for a device type the group serves: cuda
+        monkeypatch.setattr(relkd.distributed, "_backend_device_types",
+                            lambda group: {"cpu": "gloo", "meta": "nccl"})
+    got = relkd.distributed._comm_device(object(), torch.device(tensor_device))
+    assert got.type == expected
