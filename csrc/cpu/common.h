@@ -1,5 +1,6 @@
-// Shared helpers of the CPU kernels: argument checks, the float ordering used
-// by mining and selection, and the tile GEMM.
+// Shared helpers of the CPU kernels: work scheduling over threads, the float
+// ordering used by mining and selection, and the tile GEMM. Argument checks
+// are in csrc/op_checks.h (shared with the CUDA glue).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,14 +14,9 @@
 #include <limits>
 #include <type_traits>
 
-#include "../pair_math.h"
+#include "../op_checks.h"
 
 namespace relkd {
-
-// Kernels run below autograd: the ATen calls they make on their (possibly
-// requires_grad) inputs must not record graph nodes. Every entry point opens
-// one of these.
-using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
 // at::parallel_for whose body also runs below autograd on the worker
 // threads: dispatch and grad-mode state are thread-local and do not follow
@@ -54,39 +50,6 @@ void parallel_items(int64_t items, int64_t slots, const F& body) {
   });
 }
 
-// ---------------------------------------------------------------- checks
-// The Python layer validates user input with messages that name the
-// argument; these guard the ops when called directly (opcheck, users of
-// torch.ops.relkd) so that bad input can never read out of bounds.
-inline void check_matrix(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D (rows x dim), got ", t.dim(), "-D");
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
-                    name, " must be float32 or float64, got ", t.scalar_type());
-}
-
-inline void check_same(const at::Tensor& a, const at::Tensor& b, const char* na, const char* nb) {
-  TORCH_CHECK_VALUE(a.scalar_type() == b.scalar_type(), na, " and ", nb,
-                    " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
-  TORCH_CHECK_VALUE(a.device() == b.device(), na, " and ", nb, " must be on the same device");
-}
-
-inline void check_index_vector(const c10::optional<at::Tensor>& t, int64_t n, const char* name) {
-  if (!t.has_value()) return;
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == n, name, " must have shape (", n,
-                    ",), got ", t->sizes());
-  TORCH_CHECK_VALUE(t->scalar_type() == at::kLong, name, " must be int64, got ", t->scalar_type());
-}
-
-// Contiguous int64 copy of an optional index vector (labels, ids), or an
-// undefined tensor.
-inline at::Tensor contiguous_or_empty(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
-
-inline const int64_t* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<int64_t>() : nullptr;
-}
-
 // ---------------------------------------------------------------- ordering
 using pm::KeyOf;
 using pm::order_key;
@@ -101,6 +64,5 @@ inline void tile_dot(at::Tensor& out, const at::Tensor& a_blk, const at::Tensor&
   at::mm_out(out, a_blk, b_blk.t());
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace relkd

@@ -11,22 +11,6 @@
 namespace relkd {
 namespace {
 
-void check_pair_dot_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& idx) {
-  check_matrix(a, "a");
-  check_matrix(b, "b");
-  check_same(a, b, "a", "b");
-  TORCH_CHECK_VALUE(a.size(1) == b.size(1), "a and b must have the same dim, got ", a.size(1),
-                    " and ", b.size(1));
-  TORCH_CHECK_VALUE(idx.dim() == 2 && idx.size(0) == a.size(0), "idx must have shape (",
-                    a.size(0), ", k), got ", idx.sizes());
-  TORCH_CHECK_VALUE(idx.scalar_type() == at::kLong, "idx must be int64, got ", idx.scalar_type());
-  if (idx.numel() > 0) {
-    const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
-    TORCH_CHECK_VALUE(lo >= -1 && hi < b.size(0), "idx values must lie in [-1, ", b.size(0),
-                      "), got [", lo, ", ", hi, "]");
-  }
-}
-
 template <typename T>
 inline T dot(const T* x, const T* y, int64_t d) {
   T acc = 0;
@@ -68,9 +52,7 @@ std::tuple<at::Tensor, at::Tensor> pair_dot_backward_cpu(const at::Tensor& grad_
                                                          bool need_b) {
   BelowAutograd below_autograd;
   check_pair_dot_args(a_in, b_in, idx_in);
-  TORCH_CHECK_VALUE(grad_in.sizes() == idx_in.sizes(), "grad must have the shape of idx, got ",
-                    grad_in.sizes(), " and ", idx_in.sizes());
-  check_same(grad_in, a_in, "grad", "a");
+  check_pair_dot_grad(grad_in, a_in, idx_in);
   const auto grad = grad_in.contiguous(), a = a_in.contiguous(), b = b_in.contiguous();
   const auto idx = idx_in.contiguous();
   const int64_t n = a.size(0), m = b.size(0), k = idx.size(1), d = a.size(1);

@@ -16,40 +16,23 @@ namespace {
 
 constexpr int64_t kDigits = 1 << 16;
 
+// The checked arguments with host pointers for the pair masks.
 struct SelectInputs {
-  at::Tensor x_r, x_c, lab_r, lab_c, ids_r, ids_c;
+  at::Tensor x_r, x_c;
   PairIndex ix;
+  SelectArgs args;  // owns the contiguous index vectors ix points into
 };
 
 SelectInputs select_inputs(const at::Tensor& x_r, const c10::optional<at::Tensor>& x_c,
                            const at::Tensor& labels_r, const c10::optional<at::Tensor>& labels_c,
                            const c10::optional<at::Tensor>& ids_r,
                            const c10::optional<at::Tensor>& ids_c) {
-  check_matrix(x_r, "x_r");
-  const bool sym = !x_c.has_value();
   SelectInputs in;
-  in.x_r = x_r.contiguous();
-  if (!sym) {
-    check_matrix(*x_c, "x_c");
-    check_same(x_r, *x_c, "x_r", "x_c");
-    TORCH_CHECK_VALUE(x_c->size(1) == x_r.size(1), "x_c must have dim ", x_r.size(1), ", got ",
-                      x_c->size(1));
-    TORCH_CHECK_VALUE(labels_c.has_value(), "labels_c is required when x_c is given");
-  } else {
-    TORCH_CHECK_VALUE(!labels_c.has_value() && !ids_c.has_value(),
-                      "labels_c and ids_c must be None when x_c is None (symmetric case)");
-  }
-  in.x_c = sym ? in.x_r : x_c->contiguous();
-  check_index_vector(labels_r, x_r.size(0), "labels_r");
-  check_index_vector(ids_r, x_r.size(0), "ids_r");
-  check_index_vector(labels_c, in.x_c.size(0), "labels_c");
-  check_index_vector(ids_c, in.x_c.size(0), "ids_c");
-  in.lab_r = labels_r.contiguous();
-  in.lab_c = sym ? in.lab_r : labels_c->contiguous();
-  in.ids_r = contiguous_or_empty(ids_r);
-  in.ids_c = sym ? in.ids_r : contiguous_or_empty(ids_c);
-  in.ix = PairIndex{data_or_null(in.ids_r), data_or_null(in.ids_c), data_or_null(in.lab_r),
-                    data_or_null(in.lab_c), sym};
+  in.args = check_select_args(x_r, x_c, labels_r, labels_c, ids_r, ids_c);
+  in.x_r = in.args.x_r;
+  in.x_c = in.args.x_c;
+  in.ix = PairIndex{data_or_null(in.args.ids_r), data_or_null(in.args.ids_c),
+                    data_or_null(in.args.lab_r), data_or_null(in.args.lab_c), in.args.symmetric};
   return in;
 }
 
@@ -59,8 +42,7 @@ template <typename T>
 at::Tensor histogram_impl(const SelectInputs& in, const at::Tensor& prefixes, int64_t shift) {
   using K = typename KeyOf<T>::type;
   constexpr int64_t bits = sizeof(K) * 8;
-  TORCH_CHECK_VALUE(shift >= 0 && shift % 16 == 0 && shift + 16 <= bits, "shift must be one of 0",
-                    bits > 32 ? ", 16, 32, 48" : ", 16", " for this dtype, got ", shift);
+  check_histogram_args(bits, prefixes, shift, in.x_r);
   const bool check_prefix = shift + 16 < bits;
   const int64_t n_prefix = prefixes.numel();
   const int64_t* pre = prefixes.data_ptr<int64_t>();
@@ -106,9 +88,6 @@ at::Tensor pair_histogram_cpu(const at::Tensor& x_r, const c10::optional<at::Ten
                               int64_t shift) {
   BelowAutograd below_autograd;
   const auto in = select_inputs(x_r, x_c, labels_r, labels_c, ids_r, ids_c);
-  TORCH_CHECK_VALUE(prefixes.dim() == 1 && prefixes.scalar_type() == at::kLong,
-                    "prefixes must be a 1-D int64 tensor, got ", prefixes.scalar_type(), " ",
-                    prefixes.sizes());
   const auto pre = prefixes.contiguous();
   return AT_DISPATCH_FLOATING_TYPES(x_r.scalar_type(), "pair_histogram",
                                     [&] { return histogram_impl<scalar_t>(in, pre, shift); });

@@ -41,11 +41,6 @@ at::Tensor squared_norms(const at::Tensor& x) {
   return x.defined() ? x.to(at::kDouble).pow(2).sum(1).to(x.scalar_type()) : at::Tensor();
 }
 
-template <typename T>
-const T* data_or_null_t(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
 // Pair terms of one tile: fills gs / gt (the derivative tiles), the norms'
 // derivatives and the tile's scalar sums.
 template <typename T, typename Kind>
@@ -188,34 +183,20 @@ std::vector<at::Tensor> run_pairwise(const Kind& kind, const PairInputs& in, int
 // ------------------------------------------------------------ entry point
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-void check_rows(const c10::optional<at::Tensor>& t, const at::Tensor& like, int64_t rows,
-                const char* name) {
-  TORCH_CHECK_VALUE(t.has_value(), name, " is required by this kind");
-  check_matrix(*t, name);
-  check_same(*t, like, name, "xs_r");
-  TORCH_CHECK_VALUE(t->size(0) == rows, name, " must have ", rows, " rows, got ", t->size(0));
-}
-
-// Calls body(kind) with the kind named by `name`, built from params.
+// Calls body(kind) with the kind named by `name`, built from params (checked
+// by kind_info).
 template <typename T, typename F>
 void with_kind(c10::string_view name, const at::Tensor& params, F&& body) {
   const T* p = params.data_ptr<T>();
   const int64_t n = params.numel();
   if (name == "cckd") {
-    TORCH_CHECK_VALUE(n >= 1, "cckd needs params = polynomial coefficients, got none");
     body(CckdKind<T>{p, n});
   } else if (name == "ekd_pos") {
-    TORCH_CHECK_VALUE(n >= 3 && n % 2 == 1,
-                      "ekd_pos needs params = [temperature, s_anchor..., t_anchor...], got ", n);
     body(EkdPosKind<T>{p[0], p + 1, p + 1 + (n - 1) / 2, (n - 1) / 2});
   } else if (name == "rkd_dist_sum") {
     body(RkdDistSumKind<T>{});
-  } else if (name == "rkd_distance") {
-    TORCH_CHECK_VALUE(n == 2, "rkd_distance needs params = [mu_s, mu_t], got ", n);
-    body(RkdDistanceKind<T>{p[0], p[1]});
   } else {
-    TORCH_CHECK_VALUE(false, "unknown pairwise_loss kind '", std::string(name),
-                      "' (expected cckd, ekd_pos, rkd_dist_sum, rkd_distance)");
+    body(RkdDistanceKind<T>{p[0], p[1]});
   }
 }
 
@@ -229,55 +210,22 @@ Outputs pairwise_loss_cpu(c10::string_view kind_name, const at::Tensor& xs_r,
                           const c10::optional<at::Tensor>& ids_c, const at::Tensor& params,
                           bool grad_student, bool grad_teacher) {
   BelowAutograd below_autograd;
-  check_matrix(xs_r, "xs_r");
-  TORCH_CHECK_VALUE(params.dim() == 1, "params must be 1-D, got ", params.dim(), "-D");
-  check_same(params, xs_r, "params", "xs_r");
-  const bool sym = !xs_c.has_value();
-  const int64_t n_r = xs_r.size(0), n_c = sym ? n_r : xs_c->size(0);
-  if (!sym) {
-    check_rows(xs_c, xs_r, n_c, "xs_c");
-    TORCH_CHECK_VALUE(xs_c->size(1) == xs_r.size(1), "xs_c must have dim ", xs_r.size(1),
-                      ", got ", xs_c->size(1));
-  }
-  TORCH_CHECK_VALUE(!sym || (!xt_c.has_value() && !labels_c.has_value() && !ids_c.has_value()),
-                    "xt_c, labels_c and ids_c must be None when xs_c is None (symmetric case)");
-  check_index_vector(labels_r, n_r, "labels_r");
-  check_index_vector(ids_r, n_r, "ids_r");
-  check_index_vector(labels_c, n_c, "labels_c");
-  check_index_vector(ids_c, n_c, "ids_c");
-
+  const PairwiseArgs args = check_pairwise_args(kind_name, xs_r, xt_r, xs_c, xt_c, labels_r,
+                                                labels_c, ids_r, ids_c, params, grad_teacher);
   PairInputs in;
-  in.xs_r = xs_r.contiguous();
-  in.xs_c = sym ? in.xs_r : xs_c->contiguous();
-  in.n_r = n_r;
-  in.n_c = n_c;
-  const auto lab_r = contiguous_or_empty(labels_r), ids_r_c = contiguous_or_empty(ids_r);
-  const auto lab_c = sym ? lab_r : contiguous_or_empty(labels_c);
-  const auto ids_c_c = sym ? ids_r_c : contiguous_or_empty(ids_c);
-  in.ix = PairIndex{data_or_null(ids_r_c), data_or_null(ids_c_c), data_or_null(lab_r),
-                    data_or_null(lab_c), sym};
-  const auto prm = params.contiguous();
+  in.xs_r = args.xs_r;
+  in.xs_c = args.xs_c;
+  in.xt_r = args.xt_r;
+  in.xt_c = args.xt_c;
+  in.n_r = args.n_r;
+  in.n_c = args.n_c;
+  in.ix = PairIndex{data_or_null(args.ids_r), data_or_null(args.ids_c),
+                    data_or_null(args.labels_r), data_or_null(args.labels_c), args.symmetric};
 
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(xs_r.scalar_type(), "pairwise_loss", [&] {
-    with_kind<scalar_t>(kind_name, prm, [&](const auto& kind) {
-      using Kind = std::decay_t<decltype(kind)>;
-      if (Kind::has_teacher) {
-        check_rows(xt_r, xs_r, n_r, "xt_r");
-        in.xt_r = xt_r->contiguous();
-        if (!sym) {
-          check_rows(xt_c, xs_r, n_c, "xt_c");
-          TORCH_CHECK_VALUE(xt_c->size(1) == xt_r->size(1), "xt_c must have dim ",
-                            xt_r->size(1), ", got ", xt_c->size(1));
-        }
-        in.xt_c = sym ? in.xt_r : xt_c->contiguous();
-      }
-      const bool labelled = Kind::mask == Mask::UpperSameLabel || Kind::mask == Mask::UpperDiffLabel;
-      TORCH_CHECK_VALUE(!labelled || (labels_r.has_value() && (sym || labels_c.has_value())),
-                        "this kind needs labels_r (and labels_c when xs_c is given)");
-      TORCH_CHECK_VALUE(!grad_teacher || Kind::teacher_grad, "kind '", std::string(kind_name),
-                        "' passes no gradient to the teacher (grad_teacher must be false)");
-      out = run_pairwise<scalar_t>(kind, in, prm.numel(), grad_student, grad_teacher);
+    with_kind<scalar_t>(kind_name, args.params, [&](const auto& kind) {
+      out = run_pairwise<scalar_t>(kind, in, args.params.numel(), grad_student, grad_teacher);
     });
   });
   return {out[0], out[1], out[2], out[3], out[4], out[5]};

@@ -232,21 +232,7 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_cpu(const at::Tensor& q, const at::T
                                                 const c10::optional<at::Tensor>& c_scale,
                                                 bool exclude_self, int64_t self_offset) {
   BelowAutograd below_autograd;
-  check_matrix(q, "q");
-  check_matrix(c, "c");
-  check_same(q, c, "q", "c");
-  TORCH_CHECK_VALUE(q.size(1) == c.size(1), "q and c must have the same dim, got ", q.size(1),
-                    " and ", c.size(1));
-  TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
-  TORCH_CHECK_VALUE(q_labels.has_value() == c_labels.has_value(),
-                    "q_labels and c_labels must be given together");
-  check_index_vector(q_labels, q.size(0), "q_labels");
-  check_index_vector(c_labels, c.size(0), "c_labels");
-  if (c_scale.has_value()) {
-    TORCH_CHECK_VALUE(c_scale->dim() == 1 && c_scale->size(0) == c.size(0),
-                      "c_scale must have shape (", c.size(0), ",), got ", c_scale->sizes());
-    check_same(*c_scale, c, "c_scale", "c");
-  }
+  check_topk_sim_args(q, c, k, q_labels, c_labels, c_scale);
   const auto qc = q.contiguous(), cc = c.contiguous();
   const auto ql = contiguous_or_empty(q_labels), cl = contiguous_or_empty(c_labels);
   const auto sc = contiguous_or_empty(c_scale);
