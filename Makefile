@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 NVCC ?= nvcc
 
-.PHONY: deps build test demo bench bench-quick nvcc-check cxx-test clean
+.PHONY: deps build test test-large demo bench bench-quick nvcc-check cxx-test sanitize clean
 
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==$(TORCH_VERSION)
@@ -22,11 +22,15 @@ build: deps
 test: build nvcc-check
 	$(PYTHON) -m pytest tests
 
+# Scale tests beyond 32-bit pair counts (minutes each; not part of CI).
+test-large: build
+	$(PYTHON) -m pytest tests/test_large.py --run-large -v
+
 demo: build
 	$(PYTHON) examples/demo.py
 
 bench: build
-	$(PYTHON) benchmarks/bench.py --json benchmarks/results/latest-cpu.json
+	mkdir -p bench-output && $(PYTHON) benchmarks/bench.py --json bench-output/latest-cpu.json
 
 bench-quick: build
 	$(PYTHON) benchmarks/bench.py --quick
@@ -52,5 +56,30 @@ cxx-test: deps
 	cmake --build cmake-build -j 2
 	cd cmake-build && ctest --output-on-failure
 
+# The extension built with AddressSanitizer + UndefinedBehaviorSanitizer into
+# build/sanitize (the in-place build is untouched), a representative test
+# subset run against it (every op at tile boundaries, labels, ids, padding,
+# k > M, DDP shards; fewer hypothesis examples), then the C++ test built with
+# the same sanitizers. Python itself is not instrumented: the ASan runtime is
+# preloaded. Any report fails the run (UBSan: -fno-sanitize-recover).
+SANITIZE_DIR := build/sanitize
+SANITIZE_TESTS := tests/test_tile_boundaries.py tests/test_topk_sim.py tests/test_pair_dot.py \
+	tests/test_pair_select.py tests/test_pairwise_loss.py tests/test_losses_fused.py \
+	"tests/test_distributed.py::test_shares_sum_to_the_global_loss"
+SANITIZE_RUNTIME = $$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)
+sanitize: deps
+	rm -rf $(SANITIZE_DIR) && mkdir -p $(SANITIZE_DIR)
+	RELKD_SANITIZE=1 $(PYTHON) setup.py -q build_ext --build-lib $(SANITIZE_DIR) \
+		--build-temp $(SANITIZE_DIR)/tmp
+	cp relkd/*.py $(SANITIZE_DIR)/relkd/
+	LD_PRELOAD="$(SANITIZE_RUNTIME)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+		UBSAN_OPTIONS=print_stacktrace=1 HYPOTHESIS_PROFILE=sanitize \
+		PYTHONPATH=$(SANITIZE_DIR) $(PYTHON) -P -m pytest -p no:cacheprovider -q \
+		$(SANITIZE_TESTS)
+	cmake -S . -B cmake-build-sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo -DRELKD_SANITIZE=ON \
+		-DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build cmake-build-sanitize -j 2
+	cd cmake-build-sanitize && ASAN_OPTIONS=detect_leaks=0 ctest --output-on-failure
+
 clean:
-	rm -rf build cmake-build relkd/_C*.so *.egg-info
+	rm -rf build cmake-build cmake-build-sanitize relkd/_C*.so *.egg-info

@@ -6,13 +6,15 @@ the N x N (or N x M) relation matrix.
     import relkd
     loss = relkd.RADLoss(k=16)(student_emb, teacher_emb, labels)
 
-See shared/SPEC.md (transcribed in relkd.reference) for the exact formulas.
+"SPEC §n" in the docstrings is section n of docs/SPEC.md, the exact formulas
+(transcribed in relkd.reference).
 """
 __version__ = "0.1.0"
 
 from . import distributed, functional, ops, reference  # noqa: E402
 from .banks import PrototypeBank, hardest_identities  # noqa: E402
 from .functional import similarity_topk  # noqa: E402
+from .ops import ExtensionWarning, FallbackWarning  # noqa: E402
 from .losses import (  # noqa: E402
     CCKDLoss,
     CoupleFaceLoss,
@@ -29,6 +31,6 @@ from .rco import RouteConstrainedTeacher  # noqa: E402
 __all__ = [
     "__version__", "FCDLoss", "RADLoss", "CoupleFaceLoss", "EKDLoss", "CCKDLoss", "SPLoss",
     "RKDLoss", "ExclusivityLoss", "ECKDLoss", "similarity_topk", "PrototypeBank",
-    "hardest_identities", "RouteConstrainedTeacher", "functional", "reference", "ops",
-    "distributed",
+    "hardest_identities", "RouteConstrainedTeacher", "FallbackWarning", "ExtensionWarning",
+    "functional", "reference", "ops", "distributed",
 ]

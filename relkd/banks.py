@@ -96,21 +96,24 @@ def hardest_identities(prototypes: Tensor, k: int, *, chunk_size: int = 4096,
                        path: Optional[str] = None, backend: str = "auto") -> Tensor:
     """For every identity, the k most similar other identities by cosine
     similarity of the prototypes (C, D): a (C, k) int64 tensor, -1 where
-    fewer than k exist. Queries run `chunk_size` rows at a time against all
-    prototypes, so peak memory is O(chunk_size * k) beyond the prototypes.
-    With `path`, the result is also written with torch.save."""
+    fewer than k exist. All-zero rows (identities a PrototypeBank has not
+    seen yet) are no identity: they are never chosen, and their own rows are
+    all -1. Queries run `chunk_size` rows at a time against all prototypes,
+    so peak memory is O(chunk_size * k) beyond the prototypes. With `path`,
+    the result is also written with torch.save."""
     prototypes = check.embeddings(prototypes, "prototypes")
     check.positive_int(k, "k")
     check.positive_int(chunk_size, "chunk_size")
     n = prototypes.shape[0]
-    ids = torch.arange(n, device=prototypes.device)
-    out = torch.empty(n, k, dtype=torch.long, device=prototypes.device)
-    for lo in range(0, n, chunk_size):
-        hi = min(n, lo + chunk_size)
+    present = (prototypes != 0).any(dim=1)
+    ids = torch.nonzero(present).flatten()  # bank rows that hold a prototype
+    bank = prototypes[ids] if len(ids) < n else prototypes
+    out = torch.full((n, k), -1, dtype=torch.long, device=prototypes.device)
+    for lo in range(0, len(ids), chunk_size):
+        rows = ids[lo:lo + chunk_size]
         # Labels = identity ids exclude each query's own row from the candidates.
-        _, idx = similarity_topk(prototypes[lo:hi], prototypes, k, ids[lo:hi], ids,
-                                 backend=backend)
-        out[lo:hi] = idx
+        _, idx = similarity_topk(prototypes[rows], bank, k, rows, ids, backend=backend)
+        out[rows] = torch.where(idx >= 0, ids[idx.clamp(min=0)], idx)
     if path is not None:
         torch.save(out.cpu(), path)
     return out

@@ -35,6 +35,11 @@ class RouteConstrainedTeacher(nn.Module):
     Call ``step()`` once per training step; calling the module runs the
     current anchor in eval mode without gradient. Checkpoints given as paths
     are loaded when their stage begins, so only one is in memory at a time.
+
+    ``state_dict()`` holds the current anchor's weights and the step and
+    stage, so a run resumed from it continues at the same point of the
+    route; loading a state saved with another route length or schedule
+    raises.
     """
 
     def __init__(self, teacher: nn.Module, checkpoints: Sequence[Checkpoint],
@@ -89,6 +94,23 @@ class RouteConstrainedTeacher(nn.Module):
         """Advance one training step, switching anchors on schedule."""
         self.step_count += 1
         self._enter_stage(min(self.stage_at(self.step_count), len(self.checkpoints) - 1))
+
+    # The step and stage travel with the weights in state_dict(): without them
+    # a resumed run would restart at stage 0 holding the last stage's weights
+    # and later switch back to an earlier teacher.
+    def get_extra_state(self) -> dict:
+        return {"step_count": self.step_count, "stage": self.stage,
+                "anchors": len(self.checkpoints), "switch_steps": list(self.switch_steps)}
+
+    def set_extra_state(self, state: dict) -> None:
+        route = (len(self.checkpoints), list(self.switch_steps))
+        saved = (state["anchors"], list(state["switch_steps"]))
+        if saved != route:
+            raise ValueError(f"state_dict: saved for a route of {saved[0]} anchors switching at "
+                             f"{saved[1]}, but this one has {route[0]} switching at {route[1]}")
+        self.step_count = int(state["step_count"])
+        # The anchor's weights are loaded from the same state_dict.
+        self.stage = int(state["stage"])
 
     @torch.no_grad()
     def forward(self, *args, **kwargs):

@@ -360,3 +360,16 @@ Y = torch.tensor([0, 0, 1, 1, 2, 3])
 ])
 def test_reference_gradcheck(name, fn):
     gradcheck_student(fn)
+
+
+def test_the_spec_in_the_repository_is_the_shared_one():
+    """docs/SPEC.md (what the docstrings' "SPEC §n" refer to) is kept equal to
+    the project's shared specification wherever that is checked out beside."""
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ours = os.path.join(root, "docs", "SPEC.md")
+    shared = os.path.join(root, "..", "shared", "SPEC.md")
+    assert os.path.exists(ours)
+    if not os.path.exists(shared):
+        pytest.skip("no ../shared/SPEC.md beside this checkout")
+    assert open(ours).read() == open(shared).read(), "docs/SPEC.md differs from ../shared/SPEC.md"

@@ -170,6 +170,31 @@ def test_rad_with_bank_and_precomputed_hardest_identities(tmp_path):
     torch.testing.assert_close(given, ref)
 
 
+def test_hardest_identities_ignore_prototypes_not_seen_yet():
+    bank = relkd.PrototypeBank(6, 3)
+    bank.update(torch.tensor([[1.0, 0, 0], [0.9, -0.5, 0], [0, 1.0, 0], [-1.0, -0.1, 0]]),
+                torch.tensor([0, 1, 3, 4]))
+    hard = relkd.hardest_identities(bank.prototypes, 4)
+    # Identities 2 and 5 have no prototype: never a neighbour, no neighbours.
+    assert (hard[[2, 5]] == -1).all()
+    assert set(hard[0].tolist()) == {1, 3, 4, -1} and hard[0, 0] == 1
+    assert not ({2, 5} & set(hard.flatten().tolist()))
+
+
+@requires_extension
+def test_ekd_state_dict_round_trips():
+    x, ft, y = batch()
+    fs = student_net()(x).detach()
+    trained = relkd.EKDLoss(topk=100, momentum=0.3)
+    for _ in range(3):
+        trained(fs, ft, y)
+    restored = relkd.EKDLoss(topk=100, momentum=0.3)
+    restored.load_state_dict(trained.state_dict())
+    assert torch.equal(restored.s_anchor, trained.s_anchor) and (trained.s_anchor != 0).all()
+    assert torch.equal(restored(fs, ft, y), trained(fs, ft, y))
+    assert torch.equal(restored.t_anchor, trained.t_anchor)
+
+
 # ------------------------------------------------------------------- RCO
 def test_route_constrained_teacher_switches_on_schedule(tmp_path):
     teacher = nn.Linear(4, 2, bias=False)
@@ -189,6 +214,31 @@ def test_route_constrained_teacher_switches_on_schedule(tmp_path):
         route.step()
     assert seen == [1, 1, 1, 2, 2, 2, 3, 3, 3]
     assert not route(x).requires_grad
+
+
+def test_route_constrained_teacher_resumes_from_its_state_dict(tmp_path):
+    teacher = nn.Linear(4, 2, bias=False)
+    states = []
+    for a in range(3):
+        with torch.no_grad():
+            teacher.weight.fill_(float(a + 1))
+        states.append({k: v.clone() for k, v in teacher.state_dict().items()})
+    route = relkd.RouteConstrainedTeacher(teacher, states, total_steps=9)
+    for _ in range(7):  # now in the last stage
+        route.step()
+    saved = route.state_dict()
+    resumed = relkd.RouteConstrainedTeacher(teacher, states, total_steps=9)
+    resumed.load_state_dict(saved)
+    x = torch.ones(1, 4)
+    assert (resumed.step_count, resumed.stage) == (7, 2)
+    seen = []
+    for _ in range(2):
+        seen.append(resumed(x)[0, 0].item() / 4)
+        resumed.step()
+    assert seen == [3, 3]  # never back to an earlier teacher
+    other = relkd.RouteConstrainedTeacher(teacher, states, switch_steps=[1, 2])
+    with pytest.raises(ValueError, match=r"^state_dict: saved for a route"):
+        other.load_state_dict(saved)
 
 
 def test_route_constrained_teacher_explicit_schedule_and_errors():
