@@ -5,7 +5,7 @@ Each function validates its arguments (ValueError naming the argument, SPEC
 inputs, else the input dtype.
 
 backend:
-  "reference"  the pure-PyTorch transcription of SPEC.md (relkd.reference);
+  "reference"  the pure-PyTorch transcription of docs/SPEC.md (relkd.reference);
                materialises N x N, for checking and small batches.
   "fused"      relkd's kernels (relkd.fused over relkd.ops); raises
                NotImplementedError where a loss or option has none.

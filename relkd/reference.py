@@ -1,5 +1,5 @@
 """Pure-PyTorch reference of every relkd loss: a literal transcription of
-shared/SPEC.md, float64-capable, and the oracle every fused kernel is tested
+docs/SPEC.md, float64-capable, and the oracle every fused kernel is tested
 against.
 
 It materialises the full N x N (or N x M) relation matrices, so it is meant
