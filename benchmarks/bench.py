@@ -107,9 +107,14 @@ class Plan:
     warmups: int  # full-size warm-up runs ("compiled" always gets >= 2)
 
 
-def loss_plan(n: int, quick: bool) -> Plan:
+def loss_plan(n: int, quick: bool, device: str = "cpu") -> Plan:
     """Per batch size: eager and compiled reference only where their N x N
-    matrices are affordable; fewer repeats where one pass takes seconds."""
+    matrices are affordable; fewer repeats where one pass takes seconds. On
+    CUDA every backend runs at every size: where the reference runs out of
+    GPU memory, the recorded error is its OOM point."""
+    if device.startswith("cuda"):
+        return Plan(("fused", "reference", "compiled"), repeats=5 if n <= 8192 else 3,
+                    warmups=1)
     if quick:
         return Plan(("fused", "reference", "compiled"), repeats=3, warmups=1)
     if n <= 4096:
@@ -150,7 +155,7 @@ def build_sweep(args) -> List[Measurement]:
     passes = [p for p in args.passes if p in cases.PASSES]
     if args.only in ("all", "losses"):
         for n in args.sizes:
-            plan = loss_plan(n, args.quick)
+            plan = loss_plan(n, args.quick, args.device)
             for op in args.losses:
                 for mode in passes:
                     for backend in selected(plan.backends, args):
@@ -207,8 +212,10 @@ def time_measurement(measurement: Measurement, inputs) -> None:
         run = cases.prepare(case, inputs)
         measurement.times_s = time_runs(run, measurement.repeats, measurement.warmups,
                                         case.device)
-    except Exception as exc:  # noqa: BLE001 - e.g. a compilation failure: recorded
+    except Exception as exc:  # noqa: BLE001 - e.g. a compilation failure or OOM: recorded
         measurement.error = f"{type(exc).__name__}: {exc}".strip()[:2000]
+        if case.device.startswith("cuda"):
+            torch.cuda.empty_cache()  # an out-of-memory case leaves the next one its memory
 
 
 # ------------------------------------------------------------------- memory

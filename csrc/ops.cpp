@@ -3,6 +3,8 @@
 // autograd formulas live in relkd/ops.py.
 #include <torch/library.h>
 
+#include <string>
+
 #ifdef RELKD_PYTHON_MODULE
 #include <Python.h>
 
@@ -14,7 +16,22 @@ extern "C" PyObject* PyInit__C(void) {
 }
 #endif
 
+// What this build holds, for `python -m relkd`: the CUDA architectures its
+// kernels were compiled for (setup.py defines them; none in a CPU build) and
+// the CUDA runtime they use.
+#define RELKD_STRINGIFY(x) #x
+#define RELKD_TO_STRING(x) RELKD_STRINGIFY(x)
+#ifdef RELKD_CUDA_ARCHS
+static std::string build_info() {
+  return "cuda_archs=" RELKD_TO_STRING(RELKD_CUDA_ARCHS) " cudart=" RELKD_TO_STRING(RELKD_CUDART);
+}
+#else
+static std::string build_info() { return "cuda_archs= cudart="; }
+#endif
+
 TORCH_LIBRARY(relkd, m) {
+  m.def("build_info() -> str", &build_info);
+
   // Per row i of q: the k largest c_scale[j] * q_i.c_j over valid columns j
   // (c_labels[j] != q_labels[i]; j != i + self_offset when exclude_self),
   // sorted descending, ties to the smaller j, padding (-inf, -1).

@@ -1,6 +1,4 @@
 """`python -m relkd`: what this installation can do."""
-import os
-
 import torch
 
 import relkd
@@ -17,9 +15,17 @@ def main() -> None:
         print("  every loss runs the N x N reference (backend='auto' warns once per loss)")
     devices = ops.fused_devices()
     print(f"fused kernels compiled for: {', '.join(devices) or 'nothing'}")
-    cuda = "cuda" in devices
-    print(f"CUDA kernels: {'compiled' if cuda else 'not compiled (none written yet)'}; "
-          f"arch list {os.environ.get('TORCH_CUDA_ARCH_LIST', '8.0;9.0 (default)')}")
+    info = ops.build_info()
+    if "cuda" in devices:
+        print(f"CUDA kernels: compiled for {info.get('cuda_archs')} (CUDA runtime: "
+              f"{info.get('cudart')})")
+    else:
+        print("CUDA kernels: not compiled (no CUDA toolkit at build time, or RELKD_CUDA=0)")
+    if torch.cuda.is_available():
+        print(f"GPU: {torch.cuda.get_device_name()} (usable by torch"
+              f"{'' if 'cuda' in devices else '; relkd runs the reference on it'})")
+    else:
+        print("GPU: none usable by torch")
     print(f"OpenMP threads: {torch.get_num_threads()}")
     print("backend='auto' runs:")
     for name, where in functional.fused_losses().items():

@@ -73,6 +73,15 @@ def fused_devices() -> Tuple[str, ...]:
     return FUSED_DEVICES
 
 
+def build_info() -> dict:
+    """What the loaded extension was built with: cuda_archs, cudart (empty
+    for a CPU-only build); {} without an extension."""
+    if not HAS_EXTENSION:
+        return {}
+    text = torch.ops.relkd.build_info()
+    return dict(part.split("=", 1) for part in text.split())
+
+
 _WARNED = set()
 
 

@@ -1,0 +1,94 @@
+"""A small case of every relkd CUDA kernel, for compute-sanitizer
+(memcheck, racecheck) in benchmarks/gpu_check.sh: topk_sim (batch and bank
+mode, labels, scale, k > M, a k that forces compactions), pair_dot and its
+backward, pairwise_loss of every kind (symmetric and rectangular, with
+gradients), pair_histogram and pair_topk (including many ties and more pairs
+above the threshold than it returns). Each result is also checked against
+the CPU kernels, so a sanitizer run that passes also computed right.
+
+Usage: python3 benchmarks/cuda_smoke.py   (exits 1 on a mismatch)
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from relkd import ops  # noqa: E402
+
+FAILURES = []
+
+
+def check(name, got, want, atol=1e-10):
+    got = [g.cpu() for g in (got if isinstance(got, (tuple, list)) else [got])]
+    want = want if isinstance(want, (tuple, list)) else [want]
+    for g, w in zip(got, want):
+        if g.shape != w.shape or not torch.allclose(g.double(), w.double(), atol=atol, rtol=0,
+                                                    equal_nan=True):
+            FAILURES.append(name)
+            print(f"MISMATCH {name}")
+            return
+    print(f"ok {name}")
+
+
+def main() -> int:
+    torch.manual_seed(0)
+    f64 = torch.float64
+    q, c = torch.randn(300, 24, dtype=f64), torch.randn(3000, 24, dtype=f64)
+    ql, cl = torch.randint(0, 50, (300,)), torch.randint(0, 50, (3000,))
+    scale = torch.rand(3000, dtype=f64) + 0.5
+    g = lambda *ts: [None if t is None else t.cuda() for t in ts]  # noqa: E731
+    check("topk_sim bank + labels + scale", ops.topk_sim(*g(q, c), 40, *g(ql, cl, scale)),
+          ops.topk_sim(q, c, 40, ql, cl, scale))
+    check("topk_sim batch + self", ops.topk_sim(*g(q, q), 5000, None, None, None, True),
+          ops.topk_sim(q, q, 5000, None, None, None, True))
+    check("topk_sim many compactions", ops.topk_sim(*g(q[:7], c), 3), ops.topk_sim(q[:7], c, 3))
+
+    a, b = torch.randn(200, 16, dtype=f64), torch.randn(500, 16, dtype=f64)
+    idx = torch.randint(-1, 500, (200, 9))
+    grad = torch.randn(200, 9, dtype=f64)
+    check("pair_dot", ops.pair_dot(*g(a, b, idx)), ops.pair_dot(a, b, idx))
+    check("pair_dot_backward", torch.ops.relkd.pair_dot_backward(*g(grad, a, b, idx), True, True),
+          torch.ops.relkd.pair_dot_backward(grad, a, b, idx, True, True))
+
+    x = torch.nn.functional.normalize(torch.randn(700, 12, dtype=f64), dim=1)
+    z = torch.nn.functional.normalize(torch.randn(700, 12, dtype=f64), dim=1)
+    y = torch.randint(0, 90, (700,))
+    cases = {"cckd": torch.tensor([0.4, 0.3, 0.2], dtype=f64),
+             "ekd_pos": torch.tensor([0.1, 0.5, 0.2, 0.45, 0.25], dtype=f64),
+             "rkd_dist_sum": torch.zeros(0, dtype=f64),
+             "rkd_distance": torch.tensor([1.3, 0.9], dtype=f64)}
+    for kind, params in cases.items():
+        teacher = None if kind == "rkd_dist_sum" else z
+        labels = y if kind == "ekd_pos" else None
+        grad_t = kind == "cckd"
+        sym = (kind, x, teacher, None, None, labels, None, None, None, params, True, grad_t)
+        rect = (kind, x[100:400], None if teacher is None else teacher[100:400], x, teacher,
+                None if labels is None else labels[100:400], labels, torch.arange(100, 400),
+                None, params, True, grad_t)
+        for name, args in (("symmetric", sym), ("rows x columns", rect)):
+            on_gpu = [a_.cuda() if isinstance(a_, torch.Tensor) else a_ for a_ in args]
+            check(f"pairwise_loss {kind} {name}", torch.ops.relkd.pairwise_loss(*on_gpu),
+                  torch.ops.relkd.pairwise_loss(*args), atol=1e-8)
+
+    prefixes = torch.zeros(1, dtype=torch.long)
+    check("pair_histogram", torch.ops.relkd.pair_histogram(*g(x), None, *g(y), None, None, None,
+                                                           *g(prefixes), 48),
+          torch.ops.relkd.pair_histogram(x, None, y, None, None, None, prefixes, 48))
+    check("negative_pair_select", ops.negative_pair_select(*g(x, y), [10, 100], 300, None, None,
+                                                           0, ""),
+          ops.negative_pair_select(x, y, [10, 100], 300, None, None, 0, ""))
+    flat = torch.ones(600, 4, dtype=f64) / 2  # every similarity ties at 1
+    check("pair_topk ties", ops.negative_pair_select(*g(flat, y[:600]), [10], 1000, None, None,
+                                                     0, ""),
+          ops.negative_pair_select(flat, y[:600], [10], 1000, None, None, 0, ""))
+    check("pair_topk above overflow",
+          torch.ops.relkd.pair_topk(*g(x), None, *g(y), None, None, None, 1, 0, 50),
+          torch.ops.relkd.pair_topk(x, None, y, None, None, None, 1, 0, 50))
+    torch.cuda.synchronize()
+    print(f"{len(FAILURES)} mismatches" if FAILURES else "all kernels match the CPU")
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# One GPU run of relkd, every log under OUTDIR:
+#
+#   benchmarks/gpu_check.sh OUTDIR [STAGE ...]
+#
+# Stages (default: all, in this order):
+#   info        nvidia-smi, the commit, torch / CUDA versions      -> nvidia-smi.txt, commit.txt, env.txt
+#   build       MAX_JOBS=16 build of relkd._C with its CUDA kernels -> build.log, relkd-info.txt
+#   test        pytest -v of the CUDA tests (tests/test_cuda.py), then the whole suite
+#                                                                  -> pytest-cuda.log, pytest-all.log
+#   sanitize    compute-sanitizer memcheck and racecheck on benchmarks/cuda_smoke.py
+#                                                                  -> memcheck.log, racecheck.log
+#   bench-fp32  bench.py --device cuda, losses at N=1024..65536, D=512, float32, and
+#               similarity_topk 8192 x 1,000,000, D=512, k=100   -> bench-fp32.json/.md, .log
+#   bench-bf16  the same losses in bfloat16                         -> bench-bf16.json/.md, .log
+#
+# Every stage builds first if needed (incremental), so a stage can run on a
+# fresh machine. The device tool limits one command to 10 minutes: run the
+# stages in a few calls (e.g. "info build test", then "sanitize", then each
+# bench), and copy OUTDIR to benchmarks/results/<date>-<gpu>/. The machine
+# has no .git: pass the commit as RELKD_COMMIT=$(git rev-parse HEAD).
+# A stage's failure is recorded in OUTDIR/summary.txt and the next stages run.
+set -uo pipefail
+out=${1:?usage: benchmarks/gpu_check.sh OUTDIR [info build test sanitize bench-fp32 bench-bf16]}
+shift
+stages=${*:-info build test sanitize bench-fp32 bench-bf16}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+record() {  # record NAME STATUS
+  echo "$(date -u +%FT%TZ) $1 exit $2" | tee -a "$out/summary.txt"
+}
+
+run_logged() {  # run_logged NAME LOGFILE COMMAND...: the command's output to the log
+  local name=$1 log=$2
+  shift 2
+  echo "== $name: $*" | tee "$out/$log"
+  "$@" >> "$out/$log" 2>&1
+  local status=$?
+  record "$name" "$status"
+  return "$status"
+}
+
+build() {
+  if [ -f "$out/.built" ] && $PYTHON -c "import relkd, sys; sys.exit('cuda' not in relkd.ops.fused_devices())" 2>/dev/null; then
+    return 0
+  fi
+  # Editable: the extension lands in the source tree, which the tests import.
+  run_logged build build.log env MAX_JOBS=${MAX_JOBS:-16} RELKD_FORCE_CUDA=1 RELKD_PTXAS_VERBOSE=1 \
+    $PYTHON -m pip install --no-build-isolation --no-deps -v -e . && touch "$out/.built"
+  $PYTHON -m relkd > "$out/relkd-info.txt" 2>&1
+}
+
+for stage in $stages; do
+  case $stage in
+    info)
+      nvidia-smi > "$out/nvidia-smi.txt" 2>&1; record nvidia-smi $?
+      { echo "${RELKD_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+        git status --short 2>/dev/null; } > "$out/commit.txt"
+      $PYTHON -c "import torch, platform; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', platform.python_version()); print(torch.cuda.get_device_name())" > "$out/env.txt" 2>&1
+      (command -v nvcc && nvcc --version; command -v compute-sanitizer) >> "$out/env.txt" 2>&1
+      ;;
+    build)
+      build
+      ;;
+    test)
+      build
+      run_logged pytest-cuda pytest-cuda.log $PYTHON -m pytest -v -p no:cacheprovider tests/test_cuda.py
+      run_logged pytest-all pytest-all.log $PYTHON -m pytest -q -p no:cacheprovider tests
+      ;;
+    sanitize)
+      build
+      run_logged memcheck memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 \
+        --kernel-name regex:relkd $PYTHON benchmarks/cuda_smoke.py
+      run_logged racecheck racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 \
+        --kernel-name regex:relkd $PYTHON benchmarks/cuda_smoke.py
+      ;;
+    bench-fp32|bench-bf16)
+      build
+      dtype=float32
+      extra=(--only all --topk-shape 8192,1000000 --topk-k 100 --chunks 65536,262144)
+      if [ "$stage" = bench-bf16 ]; then dtype=bfloat16; extra=(--only losses); fi
+      run_logged "$stage" "$stage.log" $PYTHON benchmarks/bench.py --device cuda --dtype "$dtype" \
+        --sizes 1024,8192,32768,65536 --dim 512 "${extra[@]}" --json "$out/$stage.json"
+      # bench.py prints its Markdown tables on stdout, progress on stderr (both in the log).
+      sed -n '/^relkd .* benchmark:/,$p' "$out/$stage.log" > "$out/$stage.md"
+      ;;
+    *)
+      echo "unknown stage $stage" >&2
+      exit 2
+      ;;
+  esac
+done

@@ -1,0 +1,72 @@
+// Device helpers shared by relkd's CUDA kernels. Torch-free.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "../pair_math.h"
+#include "launchers.h"
+
+namespace relkd {
+namespace cuda {
+
+constexpr int kThreads = 256;  // threads per block of every relkd kernel
+
+inline cudaStream_t as_stream(Stream s) { return static_cast<cudaStream_t>(s); }
+
+// Status of the last launch (a launch error, e.g. a bad configuration,
+// surfaces here; errors inside a kernel surface at the next synchronising
+// call, where torch reports them).
+inline int launched() { return static_cast<int>(cudaGetLastError()); }
+
+inline int64_t blocks_for(int64_t work, int64_t per_block) {
+  const int64_t b = (work + per_block - 1) / per_block;
+  return b < 1 ? 1 : b;
+}
+
+// Sum of one value per thread over the block, in a fixed order (a tree over
+// shared memory): deterministic for a fixed block size. All threads must
+// call it; the result is valid in thread 0.
+template <typename T>
+__device__ T block_sum(T v, T* shared) {
+  shared[threadIdx.x] = v;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
+    __syncthreads();
+  }
+  const T out = shared[0];
+  __syncthreads();
+  return out;
+}
+
+// Exclusive prefix sum of one int per thread over the block (threads in
+// order); *total receives the sum. Deterministic positions for compaction.
+__device__ inline int block_exclusive_scan(int v, int* shared, int* total) {
+  shared[threadIdx.x] = v;
+  __syncthreads();
+  for (int offset = 1; offset < kThreads; offset <<= 1) {
+    const int add = threadIdx.x >= offset ? shared[threadIdx.x - offset] : 0;
+    __syncthreads();
+    shared[threadIdx.x] += add;
+    __syncthreads();
+  }
+  const int inclusive = shared[threadIdx.x];
+  *total = shared[kThreads - 1];
+  __syncthreads();
+  return inclusive - v;
+}
+
+// The pair weight of the tile element (r, c) (pm::pair_weight on global
+// positions, ids and labels).
+__device__ inline int tile_weight(const TileMask& m, int64_t p, int64_t q) {
+  const int64_t id_p = m.ids_r ? m.ids_r[p] : p;
+  const int64_t id_q = m.ids_c ? m.ids_c[q] : q;
+  const int64_t lab_p = m.lab_r ? m.lab_r[p] : 0;
+  const int64_t lab_q = m.lab_c ? m.lab_c[q] : 0;
+  return pm::pair_weight(static_cast<pm::Mask>(m.mask), m.symmetric, p, q, id_p, id_q, lab_p,
+                         lab_q);
+}
+
+}  // namespace cuda
+}  // namespace relkd

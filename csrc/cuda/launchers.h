@@ -1,0 +1,159 @@
+// The torch-free interface between the CUDA glue (csrc/cuda_glue.cpp, built
+// against torch's headers, which may be a CPU-only torch) and the kernels
+// (csrc/cuda/*.cu, built by nvcc without torch). Everything crosses as raw
+// device pointers, sizes and the caller's stream (a cudaStream_t as void*).
+// Every launcher returns 0 or a cudaError_t code (see error_string).
+//
+// Each primitive's tiles come from torch's GEMM in the glue (at::mm follows
+// torch.get_float32_matmul_precision); these kernels are the epilogues that
+// consume a tile while it is in memory: masks, running top-k, pair losses
+// and derivative tiles, histograms, candidate collection.
+#pragma once
+
+#include <stdint.h>
+
+namespace relkd {
+namespace cuda {
+
+using Stream = void*;
+
+const char* error_string(int code);
+
+// Which (row, column) pairs a tile holds and how they are weighted
+// (csrc/pair_math.h): ids / labels are device arrays (nullptr: positions /
+// no labels), indexed by the tile's global row / column positions.
+struct TileMask {
+  int mask;          // pm::Mask
+  bool symmetric;
+  const int64_t* ids_r;
+  const int64_t* ids_c;
+  const int64_t* lab_r;
+  const int64_t* lab_c;
+};
+
+// A tile: rows x cols values at `data` (row-major, leading dimension ld),
+// holding the pairs of global row positions r0.. and column positions c0..
+struct TileView {
+  int64_t r0, rows, c0, cols, ld;
+};
+
+// ------------------------------------------------------------- topk_sim
+// Per-row running selection of the best (value, column) pairs, kept in
+// device buffers across the column tiles of one block of query rows.
+template <typename T>
+struct TopkState {
+  T* values;          // rows x cap
+  int32_t* columns;   // rows x cap
+  int32_t* size;      // rows: entries in use
+  uint64_t* bar_hi;   // rows: the k-th best composite key (see topk_sim.cu)
+  uint32_t* bar_lo;
+  int32_t* has_bar;   // rows
+  int64_t cap, k;     // capacity per row, pairs kept (min(k, M))
+};
+
+struct TopkValidity {
+  const int64_t* q_labels;  // by global query row; nullptr: no label exclusion
+  const int64_t* c_labels;  // by global bank column
+  bool exclude_self;
+  int64_t self_offset;
+};
+
+// Offers one (rows x cols) tile of similarities (times scale[c0 + j] when
+// scale is given) to the selections of rows r0.. of the block.
+int topk_offer_tile(const float* tile, const TileView& view, int64_t block_r0,
+                    const float* scale, const TopkValidity& valid, const TopkState<float>& st,
+                    Stream stream);
+int topk_offer_tile(const double* tile, const TileView& view, int64_t block_r0,
+                    const double* scale, const TopkValidity& valid,
+                    const TopkState<double>& st, Stream stream);
+
+// Writes each row's best out_k pairs sorted (value descending, ties to the
+// smaller column) to values / indices (rows x out_k), padding (-inf, -1).
+int topk_finish(const TopkState<float>& st, int64_t rows, int64_t out_k, float* values,
+                int64_t* indices, Stream stream);
+int topk_finish(const TopkState<double>& st, int64_t rows, int64_t out_k, double* values,
+                int64_t* indices, Stream stream);
+
+// ------------------------------------------------------------- pair_dot
+int pair_dot_forward(const float* a, const float* b, const int64_t* idx, int64_t n, int64_t k,
+                     int64_t d, float* out, Stream stream);
+int pair_dot_forward(const double* a, const double* b, const int64_t* idx, int64_t n,
+                     int64_t k, int64_t d, double* out, Stream stream);
+// grad_a[i] = sum_s grad[i, s] b[idx[i, s]]
+int pair_dot_grad_rows(const float* grad, const float* b, const int64_t* idx, int64_t n,
+                       int64_t k, int64_t d, float* grad_a, Stream stream);
+int pair_dot_grad_rows(const double* grad, const double* b, const int64_t* idx, int64_t n,
+                       int64_t k, int64_t d, double* grad_a, Stream stream);
+// grad_b[j] = sum over the entries e of column j (entries[start[j] .. start[j+1]),
+// flat e = i * k + s, increasing) of grad[e] a[e / k]: a fixed order.
+int pair_dot_grad_columns(const float* grad, const float* a, const int64_t* entries,
+                          const int64_t* start, int64_t m, int64_t k, int64_t d, float* grad_b,
+                          Stream stream);
+int pair_dot_grad_columns(const double* grad, const double* a, const int64_t* entries,
+                          const int64_t* start, int64_t m, int64_t k, int64_t d,
+                          double* grad_b, Stream stream);
+
+// --------------------------------------------------------- pairwise_loss
+enum class PairKind : int { Cckd = 0, EkdPos = 1, RkdDistSum = 2, RkdDistance = 3 };
+
+// One tile of a pairwise_loss kind. s (student dots) and t (teacher dots, or
+// nullptr) are overwritten by the derivative tiles d loss / d s and
+// d loss / d t (where requested, else left as they are). dn (rows x cols,
+// or nullptr) receives d loss / d squared norm of each pair (RKD kinds: the
+// same for its row and its column). Each thread block adds its partial
+// sums of loss, d/dparams[0], d/dparams[1] to sums[block * 3 + ...] in
+// double; the caller reduces them in a fixed order.
+template <typename T>
+struct PairTileArgs {
+  PairKind kind;
+  T* s;
+  T* t;
+  T* dn;
+  const T* ns_r;  // squared norms of the tile's rows / columns (RKD), by global position
+  const T* ns_c;
+  const T* nt_r;
+  const T* nt_c;
+  const T* params;  // device
+  int64_t n_params;
+  bool grad_s, grad_t;
+  double* sums;
+};
+
+// Blocks the tile kernel uses for a tile (the size of `sums` / 3).
+int64_t pair_tile_blocks(const TileView& view);
+int pair_tile(const PairTileArgs<float>& args, const TileView& view, const TileMask& mask,
+              Stream stream);
+int pair_tile(const PairTileArgs<double>& args, const TileView& view, const TileMask& mask,
+              Stream stream);
+
+// Sums of `parts` consecutive blocks of 3 doubles, into out[0..3), in order.
+int sum_partials(const double* partials, int64_t parts, double* out, Stream stream);
+
+// ------------------------------------------------------------ pair_select
+// Histogram of the 16-bit digit at `shift` of the order keys of the tile's
+// pairs of the mask, one histogram of 65536 counts per prefix (the key bits
+// above shift + 16 must equal prefixes[p]; all pairs when shift + 16 is the
+// key width).
+int pair_histogram_tile(const float* s, const TileView& view, const TileMask& mask,
+                        const int64_t* prefixes, int64_t n_prefix, int shift,
+                        unsigned long long* hist, Stream stream);
+int pair_histogram_tile(const double* s, const TileView& view, const TileMask& mask,
+                        const int64_t* prefixes, int64_t n_prefix, int shift,
+                        unsigned long long* hist, Stream stream);
+
+// Candidates of pair_topk in one tile: pairs of the mask whose order key is
+// above `tau` are appended to (above_v, above_i, above_j) while fewer than
+// above_cap are there (above_count counts them all); for pairs whose key
+// equals tau, tie_keys[r * cols + c] = (i << 32) | j (i < j, the pair's ids),
+// else INT64_MAX, and tie_count counts them.
+int pair_collect_tile(const float* s, const TileView& view, const TileMask& mask,
+                      uint64_t tau, float* above_v, int64_t* above_i, int64_t* above_j,
+                      int64_t above_cap, unsigned long long* above_count, int64_t* tie_keys,
+                      unsigned long long* tie_count, Stream stream);
+int pair_collect_tile(const double* s, const TileView& view, const TileMask& mask,
+                      uint64_t tau, double* above_v, int64_t* above_i, int64_t* above_j,
+                      int64_t above_cap, unsigned long long* above_count, int64_t* tie_keys,
+                      unsigned long long* tie_count, Stream stream);
+
+}  // namespace cuda
+}  // namespace relkd

@@ -1,0 +1,544 @@
+// CUDA implementations of relkd's operators: the glue between torch and the
+// torch-free kernels of csrc/cuda/*.cu.
+//
+// Built against torch's headers, which may be a CPU-only torch (CI): it uses
+// only device-generic c10 APIs to set the device (c10::DeviceGuard) and get
+// the current stream (the CUDA DeviceGuardImpl's getStream().native_handle()),
+// and ATen calls that dispatch at run time (at::mm for the tile GEMMs, which
+// reaches cuBLAS and follows torch.get_float32_matmul_precision; at::empty,
+// which takes memory from torch's caching allocator). The kernels receive raw
+// device pointers, sizes and the stream.
+//
+// Every op works tile by tile, so extra memory is O(N (D + k)) plus a tile
+// budget (kTileBytes) whatever N is; tiles run in a fixed order on one
+// stream, and no kernel adds floats with atomics, so results are bitwise
+// reproducible.
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "../op_checks.h"
+#include "../tile_plan.h"
+#include "launchers.h"
+
+namespace relkd {
+namespace {
+
+constexpr int64_t kTileBytes = int64_t(256) << 20;  // budget of every op's tile buffers
+constexpr int64_t kTopkColumns = 8192;              // bank columns per top-k tile
+constexpr int64_t kOfferChunk = 1024;               // values a top-k row takes between selections
+
+cuda::Stream current_stream(const at::Tensor& t) {
+  const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+  return impl->getStream(t.device()).native_handle();
+}
+
+void check_launch(int code, const char* what) {
+  TORCH_CHECK(code == 0, "relkd CUDA kernel ", what, " failed: ", cuda::error_string(code));
+}
+
+template <typename T>
+T* ptr(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// The largest power-of-two block of rows = columns such that `buffers`
+// square tiles of it fit the tile budget.
+int64_t square_block(int64_t buffers, int64_t elem_bytes) {
+  int64_t b = 8192;
+  while (b > 256 && buffers * b * b * elem_bytes > kTileBytes) b /= 2;
+  return b;
+}
+
+// Block ranges (csrc/tile_plan.h) of device ids / labels, read back to plan
+// which tiles to compute.
+std::vector<BlockRange> device_block_ranges(int64_t n, int64_t block, const at::Tensor& ids,
+                                            const at::Tensor& labels,
+                                            const at::TensorOptions& opts) {
+  if (n == 0) return {};
+  const int64_t blocks = ceil_div(n, block), pad = blocks * block - n;
+  const at::Tensor id = ids.defined() ? ids : at::arange(n, opts.dtype(at::kLong));
+  auto reduce = [&](const at::Tensor& v, int64_t fill, bool max) {
+    auto padded = at::constant_pad_nd(v, {0, pad}, at::Scalar(fill)).view({blocks, block});
+    return (max ? padded.amax(1) : padded.amin(1)).cpu();
+  };
+  const auto id_min = reduce(id, INT64_MAX, false), id_max = reduce(id, INT64_MIN, true);
+  at::Tensor lab_min, lab_max;
+  if (labels.defined()) {
+    lab_min = reduce(labels, INT64_MAX, false);
+    lab_max = reduce(labels, INT64_MIN, true);
+  }
+  std::vector<BlockRange> out(blocks);
+  for (int64_t b = 0; b < blocks; ++b)
+    out[b] = {id_min[b].item<int64_t>(), id_max[b].item<int64_t>(),
+              labels.defined() ? lab_min[b].item<int64_t>() : INT64_MAX,
+              labels.defined() ? lab_max[b].item<int64_t>() : INT64_MIN};
+  return out;
+}
+
+// The tile of rows r0.. x columns c0.. of a b^T into a contiguous buffer.
+at::Tensor tile_product(at::Tensor& buffer, const at::Tensor& a, const at::Tensor& b,
+                        const Tile& t) {
+  auto out = buffer.narrow(0, 0, t.rows * t.cols).view({t.rows, t.cols});
+  at::mm_out(out, a.narrow(0, t.r0, t.rows), b.narrow(0, t.c0, t.cols).t());
+  return out;
+}
+
+// ------------------------------------------------------------- topk_sim
+template <typename T>
+void topk_sim_impl(const at::Tensor& q, const at::Tensor& c, int64_t k, const at::Tensor& q_labels,
+                   const at::Tensor& c_labels, const at::Tensor& c_scale, bool exclude_self,
+                   int64_t self_offset, at::Tensor& values, at::Tensor& indices) {
+  const int64_t n = q.size(0), m = c.size(0), k_buf = std::min(k, m);
+  const auto stream = current_stream(q);
+  const int64_t cols = std::min(m, kTopkColumns);
+  const int64_t cap = k_buf + std::max(k_buf, kOfferChunk);
+  const int64_t row_bytes = cols * int64_t(sizeof(T)) + cap * int64_t(sizeof(T) + 4) + 32;
+  const int64_t block_rows = std::max<int64_t>(1, std::min(n, kTileBytes / row_bytes));
+  const cuda::TopkValidity valid{ptr<int64_t>(q_labels), ptr<int64_t>(c_labels), exclude_self,
+                                 self_offset};
+  auto opts = q.options();
+  at::Tensor tile = at::empty({block_rows * cols}, opts);
+  for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
+    const int64_t rows = std::min(block_rows, n - r0);
+    auto buf_v = at::empty({rows, cap}, opts);
+    auto buf_c = at::empty({rows, cap}, opts.dtype(at::kInt));
+    auto size = at::zeros({rows}, opts.dtype(at::kInt)), has_bar = at::zeros_like(size);
+    auto bar_lo = at::zeros_like(size);
+    auto bar_hi = at::zeros({rows}, opts.dtype(at::kLong));
+    const cuda::TopkState<T> st{ptr<T>(buf_v), ptr<int32_t>(buf_c), ptr<int32_t>(size),
+                                reinterpret_cast<uint64_t*>(ptr<int64_t>(bar_hi)),
+                                reinterpret_cast<uint32_t*>(ptr<int32_t>(bar_lo)),
+                                ptr<int32_t>(has_bar), cap, k_buf};
+    for (int64_t c0 = 0; c0 < m; c0 += cols) {
+      const Tile t{r0, rows, c0, std::min(cols, m - c0), 0, 0};
+      const auto sims = tile_product(tile, q, c, t);
+      check_launch(cuda::topk_offer_tile(ptr<T>(sims), {t.r0, t.rows, t.c0, t.cols, t.cols}, r0,
+                                         ptr<T>(c_scale), valid, st, stream),
+                   "topk_sim (offer)");
+    }
+    check_launch(cuda::topk_finish(st, rows, k, ptr<T>(values) + r0 * k,
+                                   ptr<int64_t>(indices) + r0 * k, stream),
+                 "topk_sim (finish)");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_sim_cuda(const at::Tensor& q, const at::Tensor& c, int64_t k,
+                                                 const c10::optional<at::Tensor>& q_labels,
+                                                 const c10::optional<at::Tensor>& c_labels,
+                                                 const c10::optional<at::Tensor>& c_scale,
+                                                 bool exclude_self, int64_t self_offset) {
+  BelowAutograd below_autograd;
+  check_topk_sim_args(q, c, k, q_labels, c_labels, c_scale);
+  TORCH_CHECK_VALUE(c.size(0) < std::numeric_limits<int32_t>::max(),
+                    "c must have fewer than 2^31 rows on CUDA, got ", c.size(0));
+  c10::DeviceGuard guard(q.device());
+  const int64_t n = q.size(0), m = c.size(0);
+  auto values = at::empty({n, k}, q.options());
+  auto indices = at::empty({n, k}, q.options().dtype(at::kLong));
+  if (n == 0) return {values, indices};
+  if (m == 0) {
+    values.fill_(-std::numeric_limits<double>::infinity());
+    indices.fill_(-1);
+    return {values, indices};
+  }
+  const auto qc = q.contiguous(), cc = c.contiguous();
+  const auto ql = contiguous_or_empty(q_labels), cl = contiguous_or_empty(c_labels);
+  const auto sc = contiguous_or_empty(c_scale);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "topk_sim_cuda", [&] {
+    topk_sim_impl<scalar_t>(qc, cc, k, ql, cl, sc, exclude_self, self_offset, values, indices);
+  });
+  return {values, indices};
+}
+
+// ------------------------------------------------------------- pair_dot
+at::Tensor pair_dot_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& idx_in) {
+  BelowAutograd below_autograd;
+  check_pair_dot_args(a_in, b_in, idx_in);
+  c10::DeviceGuard guard(a_in.device());
+  const auto a = a_in.contiguous(), b = b_in.contiguous(), idx = idx_in.contiguous();
+  auto out = at::empty(idx.sizes(), a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "pair_dot_cuda", [&] {
+    check_launch(cuda::pair_dot_forward(ptr<scalar_t>(a), ptr<scalar_t>(b), ptr<int64_t>(idx),
+                                        a.size(0), idx.size(1), a.size(1), ptr<scalar_t>(out),
+                                        current_stream(a)),
+                 "pair_dot");
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> pair_dot_backward_cuda(const at::Tensor& grad_in,
+                                                          const at::Tensor& a_in,
+                                                          const at::Tensor& b_in,
+                                                          const at::Tensor& idx_in, bool need_a,
+                                                          bool need_b) {
+  BelowAutograd below_autograd;
+  check_pair_dot_args(a_in, b_in, idx_in);
+  check_pair_dot_grad(grad_in, a_in, idx_in);
+  c10::DeviceGuard guard(a_in.device());
+  const auto grad = grad_in.contiguous(), a = a_in.contiguous(), b = b_in.contiguous();
+  const auto idx = idx_in.contiguous();
+  const int64_t n = a.size(0), m = b.size(0), k = idx.size(1), d = a.size(1);
+  const auto stream = current_stream(a);
+  at::Tensor grad_a = need_a ? at::empty_like(a) : at::empty({0}, a.options());
+  at::Tensor grad_b = need_b ? at::empty_like(b) : at::empty({0}, b.options());
+  at::Tensor entries, start;
+  if (need_b) {
+    // Inverse index: the flat entries e = i * k + s of each column j, in
+    // increasing e (a stable sort by column), and where each column starts.
+    const auto flat = idx.reshape({-1});
+    const auto sorted = at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    entries = std::get<1>(sorted);
+    start = at::searchsorted(std::get<0>(sorted), at::arange(m + 1, idx.options()));
+  }
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "pair_dot_backward_cuda", [&] {
+    if (need_a)
+      check_launch(cuda::pair_dot_grad_rows(ptr<scalar_t>(grad), ptr<scalar_t>(b),
+                                            ptr<int64_t>(idx), n, k, d, ptr<scalar_t>(grad_a),
+                                            stream),
+                   "pair_dot_backward (a)");
+    if (need_b)
+      check_launch(cuda::pair_dot_grad_columns(ptr<scalar_t>(grad), ptr<scalar_t>(a),
+                                               ptr<int64_t>(entries), ptr<int64_t>(start), m, k,
+                                               d, ptr<scalar_t>(grad_b), stream),
+                   "pair_dot_backward (b)");
+  });
+  return {grad_a, grad_b};
+}
+
+// --------------------------------------------------------- pairwise_loss
+cuda::PairKind pair_kind(c10::string_view name) {
+  if (name == "cckd") return cuda::PairKind::Cckd;
+  if (name == "ekd_pos") return cuda::PairKind::EkdPos;
+  if (name == "rkd_dist_sum") return cuda::PairKind::RkdDistSum;
+  return cuda::PairKind::RkdDistance;
+}
+
+// Tiles of an all-pairs op on CUDA, in row-major order (the stream runs
+// them one after the other, so no waves are needed for determinism).
+std::vector<Tile> device_tiles(pm::Mask mask, bool symmetric, int64_t block, int64_t n_r,
+                               int64_t n_c, const at::Tensor& ids_r, const at::Tensor& ids_c,
+                               const at::Tensor& lab_r, const at::Tensor& lab_c,
+                               const at::TensorOptions& opts) {
+  const auto rr = device_block_ranges(n_r, block, ids_r, lab_r, opts);
+  const auto cr = symmetric ? rr : device_block_ranges(n_c, block, ids_c, lab_c, opts);
+  return plan_tiles(mask, symmetric, block, n_r, n_c, rr, cr);
+}
+
+cuda::TileMask tile_mask(pm::Mask mask, bool symmetric, const at::Tensor& ids_r,
+                         const at::Tensor& ids_c, const at::Tensor& lab_r,
+                         const at::Tensor& lab_c) {
+  return {static_cast<int>(mask), symmetric, ptr<int64_t>(ids_r), ptr<int64_t>(ids_c),
+          ptr<int64_t>(lab_r), ptr<int64_t>(lab_c)};
+}
+
+at::Tensor squared_norms(const at::Tensor& x) {
+  return x.defined() ? x.to(at::kDouble).pow(2).sum(1).to(x.scalar_type()) : at::Tensor();
+}
+
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+template <typename T>
+Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool grad_s,
+                      bool grad_t) {
+  const KindInfo& kind = in.kind;
+  const bool sym = in.symmetric;
+  const auto opts = in.xs_r.options();
+  const auto stream = current_stream(in.xs_r);
+  const bool dn_tiles = kind.uses_norms && grad_s;
+  const int64_t block = square_block(1 + kind.has_teacher + dn_tiles, sizeof(T));
+  const auto tiles = device_tiles(kind.mask, sym, block, in.n_r, in.n_c, in.ids_r, in.ids_c,
+                                  in.labels_r, in.labels_c, opts);
+
+  at::Tensor ns_r, ns_c, nt_r, nt_c;
+  if (kind.uses_norms) {
+    ns_r = squared_norms(in.xs_r);
+    ns_c = sym ? ns_r : squared_norms(in.xs_c);
+    if (kind.has_teacher) {
+      nt_r = squared_norms(in.xt_r);
+      nt_c = sym ? nt_r : squared_norms(in.xt_c);
+    }
+  }
+  at::Tensor g_sr, g_sc, g_tr, g_tc, dn_r, dn_c;
+  if (grad_s) {
+    g_sr = at::zeros_like(in.xs_r);
+    g_sc = sym ? g_sr : at::zeros_like(in.xs_c);
+    if (kind.uses_norms) {
+      dn_r = at::zeros({in.n_r}, opts);
+      dn_c = sym ? dn_r : at::zeros({in.n_c}, opts);
+    }
+  }
+  if (grad_t) {
+    g_tr = at::zeros_like(in.xt_r);
+    g_tc = sym ? g_tr : at::zeros_like(in.xt_c);
+  }
+  // Per-block partial sums of every tile, reduced in one fixed order at the end.
+  int64_t parts = 0;
+  for (const Tile& t : tiles) parts += cuda::pair_tile_blocks({t.r0, t.rows, t.c0, t.cols, t.cols});
+  auto partials = at::zeros({std::max<int64_t>(parts, 1) * 3}, opts.dtype(at::kDouble));
+  const int64_t tile_elems = std::min(block, in.n_r) * std::min(block, in.n_c);
+  at::Tensor s_buf = at::empty({tile_elems}, opts);
+  at::Tensor t_buf = kind.has_teacher ? at::empty({tile_elems}, opts) : at::Tensor();
+  at::Tensor dn_buf = dn_tiles ? at::empty({tile_elems}, opts) : at::Tensor();
+  const auto mask = tile_mask(kind.mask, sym, in.ids_r, in.ids_c, in.labels_r, in.labels_c);
+
+  int64_t offset = 0;
+  for (const Tile& t : tiles) {
+    const cuda::TileView view{t.r0, t.rows, t.c0, t.cols, t.cols};
+    auto s = tile_product(s_buf, in.xs_r, in.xs_c, t);
+    at::Tensor tt = kind.has_teacher ? tile_product(t_buf, in.xt_r, in.xt_c, t) : at::Tensor();
+    at::Tensor dn = dn_tiles ? dn_buf.narrow(0, 0, t.rows * t.cols).view({t.rows, t.cols})
+                             : at::Tensor();
+    const cuda::PairTileArgs<T> args{pair_kind(kind_name), ptr<T>(s), ptr<T>(tt), ptr<T>(dn),
+                                     ptr<T>(ns_r), ptr<T>(ns_c), ptr<T>(nt_r), ptr<T>(nt_c),
+                                     ptr<T>(in.params), in.params.numel(), grad_s, grad_t,
+                                     ptr<double>(partials) + offset * 3};
+    check_launch(cuda::pair_tile(args, view, mask, stream), "pairwise_loss");
+    offset += cuda::pair_tile_blocks(view);
+    // The derivative tiles times the opposite embeddings (s and tt now hold them).
+    if (grad_s) {
+      g_sr.narrow(0, t.r0, t.rows).addmm_(s, in.xs_c.narrow(0, t.c0, t.cols));
+      g_sc.narrow(0, t.c0, t.cols).addmm_(s.t(), in.xs_r.narrow(0, t.r0, t.rows));
+    }
+    if (grad_t) {
+      g_tr.narrow(0, t.r0, t.rows).addmm_(tt, in.xt_c.narrow(0, t.c0, t.cols));
+      g_tc.narrow(0, t.c0, t.cols).addmm_(tt.t(), in.xt_r.narrow(0, t.r0, t.rows));
+    }
+    if (dn_tiles) {
+      dn_r.narrow(0, t.r0, t.rows).add_(dn.sum(1));
+      dn_c.narrow(0, t.c0, t.cols).add_(dn.sum(0));
+    }
+  }
+  auto sums = at::zeros({3}, opts.dtype(at::kDouble));
+  if (parts > 0) check_launch(cuda::sum_partials(ptr<double>(partials), parts, ptr<double>(sums),
+                                                 stream),
+                              "pairwise_loss (sum)");
+  if (dn_tiles) {  // the squared norm n_i = |x_i|^2 has gradient 2 x_i
+    g_sr.add_(2 * dn_r.unsqueeze(1) * in.xs_r);
+    if (!sym) g_sc.add_(2 * dn_c.unsqueeze(1) * in.xs_c);
+  }
+  auto empty = [&] { return at::empty({0}, opts); };
+  at::Tensor grad_params = empty();
+  if (grad_s && kind.params_grad)
+    grad_params = sums.narrow(0, 1, in.params.numel()).to(opts.dtype());
+  return {sums[0].to(opts.dtype()),
+          grad_s ? g_sr : empty(),
+          grad_s && !sym ? g_sc : empty(),
+          grad_t ? g_tr : empty(),
+          grad_t && !sym ? g_tc : empty(),
+          grad_params};
+}
+
+Outputs pairwise_loss_cuda(c10::string_view kind_name, const at::Tensor& xs_r,
+                           const c10::optional<at::Tensor>& xt_r,
+                           const c10::optional<at::Tensor>& xs_c,
+                           const c10::optional<at::Tensor>& xt_c,
+                           const c10::optional<at::Tensor>& labels_r,
+                           const c10::optional<at::Tensor>& labels_c,
+                           const c10::optional<at::Tensor>& ids_r,
+                           const c10::optional<at::Tensor>& ids_c, const at::Tensor& params,
+                           bool grad_student, bool grad_teacher) {
+  BelowAutograd below_autograd;
+  const PairwiseArgs args = check_pairwise_args(kind_name, xs_r, xt_r, xs_c, xt_c, labels_r,
+                                                labels_c, ids_r, ids_c, params, grad_teacher);
+  c10::DeviceGuard guard(xs_r.device());
+  Outputs out;
+  AT_DISPATCH_FLOATING_TYPES(xs_r.scalar_type(), "pairwise_loss_cuda", [&] {
+    out = pairwise_impl<scalar_t>(kind_name, args, grad_student, grad_teacher);
+  });
+  return out;
+}
+
+// ------------------------------------------------------------ pair_select
+constexpr pm::Mask kNegative = pm::Mask::UpperDiffLabel;
+constexpr int64_t kDigits = int64_t(1) << 16;
+
+struct SelectPlan {
+  int64_t block;
+  std::vector<Tile> tiles;
+  cuda::TileMask mask;
+};
+
+SelectPlan select_plan(const SelectArgs& in, int64_t buffers, int64_t elem_bytes) {
+  const int64_t block = square_block(buffers, elem_bytes);
+  return {block, device_tiles(kNegative, in.symmetric, block, in.x_r.size(0), in.x_c.size(0),
+                              in.ids_r, in.ids_c, in.lab_r, in.lab_c, in.x_r.options()),
+          tile_mask(kNegative, in.symmetric, in.ids_r, in.ids_c, in.lab_r, in.lab_c)};
+}
+
+template <typename T>
+at::Tensor histogram_impl(const SelectArgs& in, const at::Tensor& prefixes, int64_t shift) {
+  const auto plan = select_plan(in, 1, sizeof(T));
+  const auto stream = current_stream(in.x_r);
+  auto hist = at::zeros({prefixes.numel(), kDigits}, prefixes.options());
+  if (plan.tiles.empty() || prefixes.numel() == 0) return hist;
+  at::Tensor buf = at::empty({plan.block * plan.block}, in.x_r.options());
+  for (const Tile& t : plan.tiles) {
+    const auto s = tile_product(buf, in.x_r, in.x_c, t);
+    check_launch(cuda::pair_histogram_tile(
+                     ptr<T>(s), {t.r0, t.rows, t.c0, t.cols, t.cols}, plan.mask,
+                     ptr<int64_t>(prefixes), prefixes.numel(), static_cast<int>(shift),
+                     reinterpret_cast<unsigned long long*>(ptr<int64_t>(hist)), stream),
+                 "pair_histogram");
+  }
+  return hist;
+}
+
+at::Tensor pair_histogram_cuda(const at::Tensor& x_r, const c10::optional<at::Tensor>& x_c,
+                               const at::Tensor& labels_r,
+                               const c10::optional<at::Tensor>& labels_c,
+                               const c10::optional<at::Tensor>& ids_r,
+                               const c10::optional<at::Tensor>& ids_c, const at::Tensor& prefixes,
+                               int64_t shift) {
+  BelowAutograd below_autograd;
+  const auto in = check_select_args(x_r, x_c, labels_r, labels_c, ids_r, ids_c);
+  check_histogram_args(x_r.scalar_type() == at::kDouble ? 64 : 32, prefixes, shift, x_r);
+  c10::DeviceGuard guard(x_r.device());
+  const auto pre = prefixes.contiguous();
+  return AT_DISPATCH_FLOATING_TYPES(x_r.scalar_type(), "pair_histogram_cuda",
+                                    [&] { return histogram_impl<scalar_t>(in, pre, shift); });
+}
+
+// The key at 0-based descending position `target` among the negative pairs,
+// and how many pairs have a larger key: a radix select, 16 bits per pass
+// (what relkd.ops.radix_select drives from Python, here for pair_topk's
+// rare case of more candidates above its threshold than it may return).
+template <typename T>
+uint64_t select_key(const SelectArgs& in, int64_t target, int64_t* n_above) {
+  using K = typename pm::KeyOf<T>::type;
+  constexpr int bits = 8 * sizeof(K);
+  uint64_t prefix = 0;
+  int64_t remaining = target;
+  for (int shift = bits - 16; shift >= 0; shift -= 16) {
+    auto pre = at::full({1}, static_cast<int64_t>(prefix), in.x_r.options().dtype(at::kLong));
+    const at::Tensor hist = histogram_impl<T>(in, pre, shift).cpu();
+    const int64_t* h = hist.data_ptr<int64_t>();
+    int64_t digit = 0;
+    for (int64_t d = kDigits - 1; d >= 0; --d) {
+      if (remaining < h[d]) {
+        digit = d;
+        break;
+      }
+      remaining -= h[d];
+    }
+    prefix = (prefix << 16) | static_cast<uint64_t>(digit);
+  }
+  *n_above = target - remaining;
+  return prefix;
+}
+
+template <typename T>
+T value_of_key(uint64_t key) {  // inverse of pm::order_key
+  using K = typename pm::KeyOf<T>::type;
+  constexpr K sign = K(1) << (8 * sizeof(K) - 1);
+  if (key == 0) return std::numeric_limits<T>::quiet_NaN();
+  const K k = static_cast<K>(key);
+  const K bits = (k & sign) ? K(k & ~sign) : K(~k);
+  T v;
+  std::memcpy(&v, &bits, sizeof(K));
+  return v;
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_impl(const SelectArgs& in, uint64_t tau,
+                                                         int64_t n_equal, int64_t topk) {
+  const auto opts = in.x_r.options();
+  const auto long_opts = opts.dtype(at::kLong);
+  at::Tensor values = at::full({topk}, -std::numeric_limits<double>::infinity(), opts);
+  at::Tensor rows = at::full({topk}, -1, long_opts), cols = at::full({topk}, -1, long_opts);
+  const int64_t eq_cap = std::min(n_equal, topk);
+  const auto plan = select_plan(in, eq_cap > 0 ? 3 : 1, sizeof(T));
+  if (topk == 0 || plan.tiles.empty()) return {values, rows, cols};
+  const auto stream = current_stream(in.x_r);
+  auto above_v = at::empty({topk}, opts);
+  auto above_i = at::empty({topk}, long_opts), above_j = at::empty({topk}, long_opts);
+  auto counters = at::zeros({2}, long_opts);  // pairs above tau, ties in the current tile
+  auto* above_count = reinterpret_cast<unsigned long long*>(ptr<int64_t>(counters));
+  auto* tie_count = above_count + 1;
+  at::Tensor buf = at::empty({plan.block * plan.block}, opts);
+  at::Tensor tie_keys = eq_cap > 0 ? at::empty({plan.block * plan.block}, long_opts) : at::Tensor();
+  at::Tensor ties = at::empty({0}, long_opts);  // the eq_cap smallest (i << 32 | j) so far
+  for (const Tile& t : plan.tiles) {
+    const auto s = tile_product(buf, in.x_r, in.x_c, t);
+    counters[1].zero_();
+    check_launch(cuda::pair_collect_tile(ptr<T>(s), {t.r0, t.rows, t.c0, t.cols, t.cols},
+                                         plan.mask, tau, ptr<T>(above_v), ptr<int64_t>(above_i),
+                                         ptr<int64_t>(above_j), topk, above_count,
+                                         ptr<int64_t>(tie_keys), tie_count, stream),
+                 "pair_topk (collect)");
+    if (eq_cap == 0) continue;
+    const int64_t n_ties = counters[1].item<int64_t>();
+    if (n_ties == 0) continue;
+    const auto keys = tie_keys.narrow(0, 0, t.rows * t.cols);
+    const auto smallest = std::get<0>(at::topk(keys, std::min(eq_cap, n_ties), 0, false, true));
+    ties = std::get<0>(at::sort(at::cat({ties, smallest}))).narrow(
+        0, 0, std::min<int64_t>(eq_cap, ties.numel() + smallest.numel()));
+  }
+  const int64_t n_above = counters[0].item<int64_t>();
+  if (n_above > topk) {
+    // More pairs above tau than may be returned: the best topk of them are
+    // the pairs above the topk-th key, plus that key's first ties.
+    int64_t above_new = 0;
+    const uint64_t tau_new = select_key<T>(in, topk - 1, &above_new);
+    return topk_impl<T>(in, tau_new, topk - above_new, topk);
+  }
+  // Above tau: value descending, then (i, j) (stable sorts, least key first).
+  auto order = std::get<1>(at::sort(above_j.narrow(0, 0, n_above), true, 0, false));
+  order = order.index_select(
+      0, std::get<1>(at::sort(above_i.narrow(0, 0, n_above).index_select(0, order), true, 0,
+                              false)));
+  order = order.index_select(
+      0, std::get<1>(at::sort(above_v.narrow(0, 0, n_above).index_select(0, order), true, 0,
+                              true)));
+  values.narrow(0, 0, n_above).copy_(above_v.narrow(0, 0, n_above).index_select(0, order));
+  rows.narrow(0, 0, n_above).copy_(above_i.narrow(0, 0, n_above).index_select(0, order));
+  cols.narrow(0, 0, n_above).copy_(above_j.narrow(0, 0, n_above).index_select(0, order));
+  // Then the first ties at tau, by (i, j).
+  const int64_t n_ties = std::min<int64_t>(ties.numel(), topk - n_above);
+  if (n_ties > 0) {
+    const auto kept = ties.narrow(0, 0, n_ties);
+    values.narrow(0, n_above, n_ties).fill_(static_cast<double>(value_of_key<T>(tau)));
+    rows.narrow(0, n_above, n_ties).copy_(kept.div(int64_t(1) << 32, "floor"));
+    cols.narrow(0, n_above, n_ties).copy_(kept.remainder(int64_t(1) << 32));
+  }
+  return {values, rows, cols};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_topk_cuda(
+    const at::Tensor& x_r, const c10::optional<at::Tensor>& x_c, const at::Tensor& labels_r,
+    const c10::optional<at::Tensor>& labels_c, const c10::optional<at::Tensor>& ids_r,
+    const c10::optional<at::Tensor>& ids_c, int64_t threshold_key, int64_t n_equal, int64_t topk) {
+  BelowAutograd below_autograd;
+  const auto in = check_select_args(x_r, x_c, labels_r, labels_c, ids_r, ids_c);
+  TORCH_CHECK_VALUE(topk >= 0, "topk must be >= 0, got ", topk);
+  TORCH_CHECK_VALUE(n_equal >= 0, "n_equal must be >= 0, got ", n_equal);
+  c10::DeviceGuard guard(x_r.device());
+  // Ties are ranked by (i << 32 | j): ids must fit 31 bits.
+  for (const at::Tensor& ids : {in.ids_r, in.ids_c})
+    if (ids.defined() && ids.numel() > 0)
+      TORCH_CHECK_VALUE(ids.min().item<int64_t>() >= 0 &&
+                            ids.max().item<int64_t>() < std::numeric_limits<int32_t>::max(),
+                        "ids must lie in [0, 2^31) on CUDA");
+  TORCH_CHECK_VALUE(std::max(x_r.size(0), in.x_c.size(0)) < std::numeric_limits<int32_t>::max(),
+                    "pair_topk on CUDA takes fewer than 2^31 rows");
+  return AT_DISPATCH_FLOATING_TYPES(x_r.scalar_type(), "pair_topk_cuda", [&] {
+    return topk_impl<scalar_t>(in, static_cast<uint64_t>(threshold_key), n_equal, topk);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(relkd, CUDA, m) {
+  m.impl("topk_sim", &topk_sim_cuda);
+  m.impl("pair_dot", &pair_dot_cuda);
+  m.impl("pair_dot_backward", &pair_dot_backward_cuda);
+  m.impl("pairwise_loss", &pairwise_loss_cuda);
+  m.impl("pair_histogram", &pair_histogram_cuda);
+  m.impl("pair_topk", &pair_topk_cuda);
+}
+
+}  // namespace relkd

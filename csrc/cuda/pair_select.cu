@@ -1,0 +1,173 @@
+// pair_select on CUDA (histograms and candidate collection of EKD's exact
+// order statistics), the dispatch of pairwise_loss tiles to their kind's
+// unit, and the fixed-order reduction of per-block partial sums.
+#include "pair_tile.cuh"
+
+namespace relkd {
+namespace cuda {
+namespace {
+
+constexpr int kDigitBits = 16;
+constexpr int64_t kDigits = int64_t(1) << kDigitBits;
+constexpr int kWarp = 32;
+
+// Histogram bin of one pair (prefix row * 65536 + digit), or -1 when the
+// pair is masked out or its high key bits match no prefix.
+template <typename T>
+__device__ int64_t histogram_bin(T value, const int64_t* prefixes, int64_t n_prefix, int shift) {
+  using K = typename pm::KeyOf<T>::type;
+  const K key = pm::order_key(value);
+  const int64_t digit = static_cast<int64_t>((key >> shift) & K(kDigits - 1));
+  if (shift + kDigitBits >= static_cast<int>(8 * sizeof(K))) return digit;
+  const int64_t high = static_cast<int64_t>(key >> (shift + kDigitBits));
+  for (int64_t p = 0; p < n_prefix; ++p)
+    if (prefixes[p] == high) return p * kDigits + digit;
+  return -1;
+}
+
+template <typename T>
+__global__ void histogram_kernel(const T* s, TileView view, TileMask mask,
+                                 const int64_t* prefixes, int64_t n_prefix, int shift,
+                                 unsigned long long* hist) {
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kPairBlockElements;
+  const int64_t count = view.rows * view.cols;
+  const int lane = threadIdx.x % kWarp;
+  for (int u = 0; u < kPairItems; ++u) {  // uniform trip count: the warp stays converged
+    const int64_t e = first + u * kThreads + threadIdx.x;
+    int64_t bin = -1;
+    if (e < count) {
+      const int64_t r = e / view.cols, c = e % view.cols;
+      if (tile_weight(mask, view.r0 + r, view.c0 + c) != 0)
+        bin = histogram_bin(s[r * view.ld + c], prefixes, n_prefix, shift);
+    }
+    // Similar values share bins: one atomic per distinct bin in the warp.
+    const unsigned same = __match_any_sync(0xffffffffu, bin);
+    if (bin >= 0 && lane == __ffs(same) - 1) atomicAdd(&hist[bin], static_cast<unsigned long long>(__popc(same)));
+  }
+}
+
+template <typename T>
+__global__ void collect_kernel(const T* s, TileView view, TileMask mask, uint64_t tau,
+                               T* above_v, int64_t* above_i, int64_t* above_j, int64_t above_cap,
+                               unsigned long long* above_count, int64_t* tie_keys,
+                               unsigned long long* tie_count) {
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kPairBlockElements;
+  const int64_t count = view.rows * view.cols;
+  for (int u = 0; u < kPairItems; ++u) {
+    const int64_t e = first + u * kThreads + threadIdx.x;
+    if (e >= count) break;
+    const int64_t r = e / view.cols, c = e % view.cols, p = view.r0 + r, q = view.c0 + c;
+    int64_t tie = INT64_MAX;
+    if (tile_weight(mask, p, q) != 0) {
+      const T value = s[r * view.ld + c];
+      const uint64_t key = static_cast<uint64_t>(pm::order_key(value));
+      if (key >= tau) {
+        const int64_t id_p = mask.ids_r ? mask.ids_r[p] : p;
+        const int64_t id_q = mask.ids_c ? mask.ids_c[q] : q;
+        const int64_t i = id_p < id_q ? id_p : id_q, j = id_p < id_q ? id_q : id_p;
+        if (key > tau) {
+          const unsigned long long slot = atomicAdd(above_count, 1ull);
+          if (static_cast<int64_t>(slot) < above_cap) {
+            above_v[slot] = value;
+            above_i[slot] = i;
+            above_j[slot] = j;
+          }
+        } else {
+          tie = (i << 32) | j;
+          atomicAdd(tie_count, 1ull);
+        }
+      }
+    }
+    if (tie_keys) tie_keys[e] = tie;
+  }
+}
+
+__global__ void sum_partials_kernel(const double* partials, int64_t parts, double* out) {
+  __shared__ double shared[kThreads];
+  for (int which = 0; which < 3; ++which) {
+    double acc = 0;
+    for (int64_t p = threadIdx.x; p < parts; p += kThreads) acc += partials[p * 3 + which];
+    acc = block_sum(acc, shared);
+    if (threadIdx.x == 0) out[which] = acc;
+  }
+}
+
+template <typename T>
+int histogram(const T* s, const TileView& view, const TileMask& mask, const int64_t* prefixes,
+              int64_t n_prefix, int shift, unsigned long long* hist, Stream stream) {
+  if (view.rows * view.cols == 0) return 0;
+  histogram_kernel<T><<<pair_tile_blocks(view), kThreads, 0, as_stream(stream)>>>(
+      s, view, mask, prefixes, n_prefix, shift, hist);
+  return launched();
+}
+
+template <typename T>
+int collect(const T* s, const TileView& view, const TileMask& mask, uint64_t tau, T* above_v,
+            int64_t* above_i, int64_t* above_j, int64_t above_cap,
+            unsigned long long* above_count, int64_t* tie_keys, unsigned long long* tie_count,
+            Stream stream) {
+  if (view.rows * view.cols == 0) return 0;
+  collect_kernel<T><<<pair_tile_blocks(view), kThreads, 0, as_stream(stream)>>>(
+      s, view, mask, tau, above_v, above_i, above_j, above_cap, above_count, tie_keys,
+      tie_count);
+  return launched();
+}
+
+template <typename T>
+int dispatch_pair_tile(const PairTileArgs<T>& a, const TileView& v, const TileMask& m,
+                       Stream s) {
+  switch (a.kind) {
+    case PairKind::Cckd: return pair_tile_cckd(a, v, m, s);
+    case PairKind::EkdPos: return pair_tile_ekd_pos(a, v, m, s);
+    case PairKind::RkdDistSum:
+    case PairKind::RkdDistance: return pair_tile_rkd(a, v, m, s);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+}  // namespace
+
+int64_t pair_tile_blocks(const TileView& view) {
+  return blocks_for(view.rows * view.cols, kPairBlockElements);
+}
+
+int pair_tile(const PairTileArgs<float>& a, const TileView& v, const TileMask& m, Stream s) {
+  return dispatch_pair_tile(a, v, m, s);
+}
+int pair_tile(const PairTileArgs<double>& a, const TileView& v, const TileMask& m, Stream s) {
+  return dispatch_pair_tile(a, v, m, s);
+}
+
+int sum_partials(const double* partials, int64_t parts, double* out, Stream stream) {
+  sum_partials_kernel<<<1, kThreads, 0, as_stream(stream)>>>(partials, parts, out);
+  return launched();
+}
+
+int pair_histogram_tile(const float* s, const TileView& view, const TileMask& mask,
+                        const int64_t* prefixes, int64_t n_prefix, int shift,
+                        unsigned long long* hist, Stream stream) {
+  return histogram(s, view, mask, prefixes, n_prefix, shift, hist, stream);
+}
+int pair_histogram_tile(const double* s, const TileView& view, const TileMask& mask,
+                        const int64_t* prefixes, int64_t n_prefix, int shift,
+                        unsigned long long* hist, Stream stream) {
+  return histogram(s, view, mask, prefixes, n_prefix, shift, hist, stream);
+}
+
+int pair_collect_tile(const float* s, const TileView& view, const TileMask& mask,
+                      uint64_t tau, float* above_v, int64_t* above_i, int64_t* above_j,
+                      int64_t above_cap, unsigned long long* above_count, int64_t* tie_keys,
+                      unsigned long long* tie_count, Stream stream) {
+  return collect(s, view, mask, tau, above_v, above_i, above_j, above_cap, above_count, tie_keys,
+                 tie_count, stream);
+}
+int pair_collect_tile(const double* s, const TileView& view, const TileMask& mask,
+                      uint64_t tau, double* above_v, int64_t* above_i, int64_t* above_j,
+                      int64_t above_cap, unsigned long long* above_count, int64_t* tie_keys,
+                      unsigned long long* tie_count, Stream stream) {
+  return collect(s, view, mask, tau, above_v, above_i, above_j, above_cap, above_count, tie_keys,
+                 tie_count, stream);
+}
+
+}  // namespace cuda
+}  // namespace relkd

@@ -1,0 +1,16 @@
+// pairwise_loss tiles of kind cckd (SPEC §4).
+#include "pair_tile.cuh"
+
+namespace relkd {
+namespace cuda {
+
+int pair_tile_cckd(const PairTileArgs<float>& a, const TileView& v, const TileMask& m, Stream s) {
+  return launch_pair_tile(CckdTerms<float>{a.params, a.n_params}, a, v, m, s);
+}
+int pair_tile_cckd(const PairTileArgs<double>& a, const TileView& v, const TileMask& m,
+                   Stream s) {
+  return launch_pair_tile(CckdTerms<double>{a.params, a.n_params}, a, v, m, s);
+}
+
+}  // namespace cuda
+}  // namespace relkd

@@ -1,0 +1,25 @@
+// pairwise_loss tiles of kinds rkd_dist_sum and rkd_distance (SPEC §6).
+#include "pair_tile.cuh"
+
+namespace relkd {
+namespace cuda {
+namespace {
+
+template <typename T>
+int rkd(const PairTileArgs<T>& a, const TileView& v, const TileMask& m, Stream s) {
+  if (a.kind == PairKind::RkdDistSum) return launch_pair_tile(RkdDistSumTerms<T>{}, a, v, m, s);
+  return launch_pair_tile(RkdDistanceTerms<T>{a.params}, a, v, m, s);
+}
+
+}  // namespace
+
+int pair_tile_rkd(const PairTileArgs<float>& a, const TileView& v, const TileMask& m, Stream s) {
+  return rkd(a, v, m, s);
+}
+int pair_tile_rkd(const PairTileArgs<double>& a, const TileView& v, const TileMask& m,
+                  Stream s) {
+  return rkd(a, v, m, s);
+}
+
+}  // namespace cuda
+}  // namespace relkd

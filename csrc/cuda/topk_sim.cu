@@ -1,0 +1,271 @@
+// topk_sim on CUDA: the epilogue of each similarity tile. One thread block
+// per query row keeps that row's best pairs in a device buffer across the
+// column tiles: values that beat the row's bar (its current k-th best) are
+// appended in a fixed order; when the buffer fills, an exact block-wide
+// radix select keeps the best k and sets the new bar. Pairs are ranked by a
+// composite key (value's order key, then the complemented column), which is
+// unique per pair: larger value first, ties to the smaller column, NaN below
+// every number, and no two pairs tie, so every result is exact and
+// deterministic.
+#include "common.cuh"
+
+namespace relkd {
+namespace cuda {
+namespace {
+
+constexpr int kPerThread = 4;
+constexpr int64_t kChunk = kThreads * kPerThread;  // values offered between compactions
+
+// Composite ranking key of a (value, column) pair: hi = the value's order
+// key (32 or 64 bits), lo = ~column. Larger is better.
+struct Key {
+  uint64_t hi;
+  uint32_t lo;
+};
+
+template <typename T>
+__device__ __forceinline__ Key key_of(T v, int32_t column) {
+  return {static_cast<uint64_t>(pm::order_key(v)), ~static_cast<uint32_t>(column)};
+}
+
+__device__ __forceinline__ bool greater(const Key& a, const Key& b) {
+  return a.hi != b.hi ? a.hi > b.hi : a.lo > b.lo;
+}
+
+__device__ __forceinline__ bool greater_equal(const Key& a, const Key& b) {
+  return !greater(b, a);
+}
+
+template <typename T>
+struct KeyBits {
+  static constexpr int value = 8 * sizeof(typename pm::KeyOf<T>::type);  // bits of hi
+  static constexpr int passes = (value + 32) / 8;                        // 8-bit digits
+};
+
+// The 8-bit digit `pass` (0 = most significant) of the (hi, lo) bit string.
+template <typename T>
+__device__ __forceinline__ unsigned digit(const Key& k, int pass) {
+  const int shift = KeyBits<T>::value + 32 - 8 * (pass + 1);
+  return shift >= 32 ? unsigned(k.hi >> (shift - 32)) & 0xFFu : (k.lo >> shift) & 0xFFu;
+}
+
+// Whether the top `bits` bits of a and b agree.
+template <typename T>
+__device__ __forceinline__ bool top_bits_equal(const Key& a, const Key& b, int bits) {
+  constexpr int hi_bits = KeyBits<T>::value;
+  if (bits == 0) return true;
+  if (bits <= hi_bits) return (a.hi >> (hi_bits - bits)) == (b.hi >> (hi_bits - bits));
+  const int lo_bits = bits - hi_bits;
+  return a.hi == b.hi && (lo_bits == 32 || (a.lo >> (32 - lo_bits)) == (b.lo >> (32 - lo_bits)));
+}
+
+template <typename T>
+__device__ __forceinline__ Key with_digit(Key k, int pass, unsigned d) {
+  const int shift = KeyBits<T>::value + 32 - 8 * (pass + 1);
+  if (shift >= 32) {
+    k.hi |= static_cast<uint64_t>(d) << (shift - 32);
+  } else {
+    k.lo |= d << shift;
+  }
+  return k;
+}
+
+struct SelectShared {
+  unsigned hist[256];
+  int scan[kThreads];
+  Key bar;
+  int remaining;
+};
+
+// Keeps the best `keep` of the row's `size` entries (in place, in buffer
+// order) and returns the key of the worst kept one: an exact radix select
+// over the unique composite keys, one 8-bit digit per pass.
+template <typename T>
+__device__ Key keep_best(T* values, int32_t* columns, int size, int keep, SelectShared& sh) {
+  if (threadIdx.x == 0) {
+    sh.bar = Key{0, 0};
+    sh.remaining = keep;
+  }
+  __syncthreads();
+  for (int pass = 0; pass < KeyBits<T>::passes; ++pass) {
+    sh.hist[threadIdx.x % 256] = 0;
+    __syncthreads();
+    const Key prefix = sh.bar;
+    for (int e = threadIdx.x; e < size; e += kThreads) {
+      const Key k = key_of(values[e], columns[e]);
+      if (top_bits_equal<T>(k, prefix, 8 * pass)) atomicAdd(&sh.hist[digit<T>(k, pass)], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {  // the digit holding the remaining-th largest
+      int above = 0;
+      for (int d = 255; d >= 0; --d) {
+        const int here = static_cast<int>(sh.hist[d]);
+        if (above + here >= sh.remaining) {
+          sh.bar = with_digit<T>(sh.bar, pass, static_cast<unsigned>(d));
+          sh.remaining -= above;
+          break;
+        }
+        above += here;
+      }
+    }
+    __syncthreads();
+  }
+  const Key bar = sh.bar;
+  // Compact the entries >= bar (exactly `keep` of them) to the front.
+  int out = 0;
+  for (int base = 0; base < size; base += kThreads) {
+    const int e = base + threadIdx.x;
+    T v = T(0);
+    int32_t col = 0;
+    bool kept = false;
+    if (e < size) {
+      v = values[e];
+      col = columns[e];
+      kept = greater_equal(key_of(v, col), bar);
+    }
+    int total;
+    const int offset = block_exclusive_scan(kept ? 1 : 0, sh.scan, &total);
+    if (kept) {  // out + offset <= e: never over an entry not yet read
+      values[out + offset] = v;
+      columns[out + offset] = col;
+    }
+    out += total;
+    __syncthreads();
+  }
+  return bar;
+}
+
+template <typename T>
+__global__ void offer_tile_kernel(const T* tile, TileView view, int64_t block_r0, const T* scale,
+                                  TopkValidity valid, TopkState<T> st) {
+  __shared__ SelectShared sh;
+  __shared__ int state_size, state_has_bar;
+  const int64_t r = blockIdx.x;
+  const int64_t row = view.r0 + r;        // global query row
+  const int64_t slot = row - block_r0;    // row of the state buffers
+  T* values = st.values + slot * st.cap;
+  int32_t* columns = st.columns + slot * st.cap;
+  if (threadIdx.x == 0) {
+    state_size = st.size[slot];
+    state_has_bar = st.has_bar[slot];
+    sh.bar = Key{st.bar_hi[slot], st.bar_lo[slot]};
+  }
+  __syncthreads();
+  const T* tile_row = tile + r * view.ld;
+  const int64_t own_label = valid.q_labels ? valid.q_labels[row] : 0;
+  for (int64_t base = 0; base < view.cols; base += kChunk) {
+    if (state_size > st.cap - kChunk) {
+      const Key bar = keep_best(values, columns, state_size, static_cast<int>(st.k), sh);
+      if (threadIdx.x == 0) {
+        state_size = static_cast<int>(st.k);
+        state_has_bar = 1;
+        sh.bar = bar;
+      }
+      __syncthreads();
+    }
+    const Key bar = sh.bar;
+    const bool has_bar = state_has_bar != 0;
+    T v[kPerThread];
+    int32_t col[kPerThread];
+    int count = 0;
+    for (int u = 0; u < kPerThread; ++u) {
+      const int64_t c = base + u * kThreads + threadIdx.x;
+      if (c >= view.cols) continue;
+      const int64_t j = view.c0 + c;
+      if (valid.exclude_self && j == row + valid.self_offset) continue;
+      if (valid.q_labels && valid.c_labels[j] == own_label) continue;
+      const T value = scale ? tile_row[c] * scale[j] : tile_row[c];
+      if (has_bar && !greater(key_of(value, static_cast<int32_t>(j)), bar)) continue;
+      v[count] = value;
+      col[count] = static_cast<int32_t>(j);
+      ++count;
+    }
+    int total;
+    const int offset = block_exclusive_scan(count, sh.scan, &total);
+    for (int u = 0; u < count; ++u) {
+      values[state_size + offset + u] = v[u];
+      columns[state_size + offset + u] = col[u];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) state_size += total;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    st.size[slot] = state_size;
+    st.has_bar[slot] = state_has_bar;
+    st.bar_hi[slot] = sh.bar.hi;
+    st.bar_lo[slot] = sh.bar.lo;
+  }
+}
+
+template <typename T>
+__global__ void finish_kernel(TopkState<T> st, int64_t out_k, T* out_values,
+                              int64_t* out_indices) {
+  __shared__ SelectShared sh;
+  const int64_t slot = blockIdx.x;
+  T* values = st.values + slot * st.cap;
+  int32_t* columns = st.columns + slot * st.cap;
+  int size = st.size[slot];
+  if (size > st.k) {
+    keep_best(values, columns, size, static_cast<int>(st.k), sh);
+    size = static_cast<int>(st.k);
+  }
+  // Rank of each kept pair = how many kept pairs beat it (keys are unique).
+  for (int e = threadIdx.x; e < size; e += kThreads) {
+    const Key mine = key_of(values[e], columns[e]);
+    int rank = 0;
+    for (int f = 0; f < size; ++f) rank += greater(key_of(values[f], columns[f]), mine);
+    out_values[slot * out_k + rank] = values[e];
+    out_indices[slot * out_k + rank] = columns[e];
+  }
+  for (int64_t e = size + threadIdx.x; e < out_k; e += kThreads) {
+    out_values[slot * out_k + e] = -INFINITY;
+    out_indices[slot * out_k + e] = -1;
+  }
+}
+
+template <typename T>
+int offer(const T* tile, const TileView& view, int64_t block_r0, const T* scale,
+          const TopkValidity& valid, const TopkState<T>& st, Stream stream) {
+  if (view.rows == 0 || view.cols == 0) return 0;
+  offer_tile_kernel<T><<<view.rows, kThreads, 0, as_stream(stream)>>>(tile, view, block_r0,
+                                                                      scale, valid, st);
+  return launched();
+}
+
+template <typename T>
+int finish(const TopkState<T>& st, int64_t rows, int64_t out_k, T* values, int64_t* indices,
+           Stream stream) {
+  if (rows == 0) return 0;
+  finish_kernel<T><<<rows, kThreads, 0, as_stream(stream)>>>(st, out_k, values, indices);
+  return launched();
+}
+
+}  // namespace
+
+int topk_offer_tile(const float* tile, const TileView& view, int64_t block_r0,
+                    const float* scale, const TopkValidity& valid, const TopkState<float>& st,
+                    Stream stream) {
+  return offer(tile, view, block_r0, scale, valid, st, stream);
+}
+
+int topk_offer_tile(const double* tile, const TileView& view, int64_t block_r0,
+                    const double* scale, const TopkValidity& valid,
+                    const TopkState<double>& st, Stream stream) {
+  return offer(tile, view, block_r0, scale, valid, st, stream);
+}
+
+int topk_finish(const TopkState<float>& st, int64_t rows, int64_t out_k, float* values,
+                int64_t* indices, Stream stream) {
+  return finish(st, rows, out_k, values, indices, stream);
+}
+
+int topk_finish(const TopkState<double>& st, int64_t rows, int64_t out_k, double* values,
+                int64_t* indices, Stream stream) {
+  return finish(st, rows, out_k, values, indices, stream);
+}
+
+const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+}  // namespace cuda
+}  // namespace relkd

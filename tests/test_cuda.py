@@ -1,0 +1,456 @@
+"""The CUDA backend (csrc/cuda): every fused path of the CPU tests again on
+CUDA tensors. Each op against the float64 reference or the materialising
+computation (by value for mining, the tolerance pattern for float32), float64
+gradcheck and opcheck on CUDA, hypothesis property tests over shapes, k and
+label patterns (bank mode with M >> N), every loss against the reference,
+EKD over five steps, bitwise determinism, non-contiguous inputs, N = 0 / 1,
+bad input, autocast, torch.compile of a training step, and DDP with CUDA
+tensors. Skipped without a GPU or without compiled CUDA kernels."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import relkd
+from relkd import functional as Fn
+from relkd import ops, reference
+
+from helpers import (LABEL_PATTERNS, assert_bounded_error, correlated, embeddings, labels,
+                     requires_extension)
+from test_losses_fused import GRADCHECK_CASES, compare
+from test_pair_select import sorted_reference
+from test_pairwise_loss import KINDS, direct, grads_of, inputs
+from test_topk_sim import batch_valid, check_mining
+
+HAS_CUDA = torch.cuda.is_available() and "cuda" in ops.fused_devices()
+pytestmark = [requires_extension,
+              pytest.mark.skipif(not HAS_CUDA, reason="no GPU, or relkd built without CUDA "
+                                                      "kernels (python -m relkd says which)")]
+F32, F64 = torch.float32, torch.float64
+cuda_settings = settings(max_examples=20)
+
+
+def gpu(*tensors):
+    return [None if t is None else t.cuda() for t in tensors]
+
+
+def cpu(*tensors):
+    return [None if t is None else t.cpu() for t in tensors]
+
+
+# ------------------------------------------------------------------ topk_sim
+@cuda_settings
+@given(n=st.integers(1, 300), d=st.integers(1, 130), k_extra=st.integers(-300, 5),
+       dtype=st.sampled_from([F32, F64]), pattern=st.sampled_from(LABEL_PATTERNS + ("none",)),
+       exclude_self=st.booleans(), seed=st.integers(0, 2**16))
+def test_topk_batch_mode(n, d, k_extra, dtype, pattern, exclude_self, seed):
+    k = max(1, n + k_extra)
+    a = embeddings(n, d, seed, dtype)
+    y = None if pattern == "none" else labels(pattern, n, seed)
+    values, indices = cpu(*relkd.similarity_topk(*gpu(a), k=k, a_labels=None if y is None
+                                                 else y.cuda(), exclude_self=exclude_self,
+                                                 backend="fused"))
+    atol = 1e-12 if dtype == F64 else 2e-6
+    check_mining(values, indices, a, None, k, batch_valid(n, y, exclude_self), atol)
+    if dtype == F64:  # no near-ties at this precision: the CPU kernel's indices exactly
+        want = relkd.similarity_topk(a, k=k, a_labels=y, exclude_self=exclude_self,
+                                     backend="fused")
+        assert torch.equal(indices, want[1])
+
+
+@cuda_settings
+@given(n=st.integers(1, 40), m=st.integers(1, 20_000), d=st.integers(1, 130),
+       k=st.integers(1, 300), dtype=st.sampled_from([F32, F64]), with_labels=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_topk_bank_mode(n, m, d, k, dtype, with_labels, seed):
+    a = embeddings(n, d, seed, dtype)
+    b = 3.0 * embeddings(m, d, seed + 1, dtype)
+    ya = labels("random", n, seed) if with_labels else None
+    yb = labels("random", m, seed + 2) if with_labels else None
+    values, indices = cpu(*relkd.similarity_topk(*gpu(a, b), k, *gpu(ya, yb), backend="fused"))
+    valid = torch.ones(n, m, dtype=torch.bool)
+    if with_labels:
+        valid &= ya[:, None] != yb[None, :]
+    check_mining(values, indices, a, b, k, valid, 1e-12 if dtype == F64 else 2e-6)
+
+
+def test_topk_bank_far_larger_than_queries():
+    a, b = embeddings(64, 32, seed=1), embeddings(300_000, 32, seed=2)
+    values, indices = ops.topk_sim(*gpu(a, b), 100)
+    want = ops.topk_sim(a, b, 100)
+    torch.testing.assert_close(values.cpu(), want[0], atol=2e-6, rtol=0)
+    sim = a.double() @ b.double().T
+    torch.testing.assert_close(sim.gather(1, indices.cpu()), values.cpu().double(), atol=2e-6,
+                               rtol=0)
+
+
+def test_topk_ties_nan_and_padding():
+    a = torch.eye(4, 6, dtype=F64).repeat(3, 1)  # exact ties: the smaller index first
+    values, indices = ops.topk_sim(*gpu(a, a), 7, exclude_self=True)
+    want = ops.topk_sim(a, a, 7, exclude_self=True)
+    assert torch.equal(indices.cpu(), want[1]) and torch.equal(values.cpu(), want[0])
+    x = embeddings(20, 4, seed=3)
+    x[5, 1] = float("nan")
+    got, want = ops.topk_sim(*gpu(x, x), 30), ops.topk_sim(x, x, 30)
+    assert torch.equal(got[1].cpu(), want[1])  # NaN ranks below every number; -1 padding
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_topk_opcheck(dtype):
+    a, b = gpu(embeddings(40, 8, seed=7, dtype=dtype), embeddings(300, 8, seed=8, dtype=dtype))
+    la, lb = gpu(labels("random", 40, 1), labels("random", 300, 2))
+    scale = torch.rand(300, dtype=dtype, device="cuda") + 0.5
+    for args in [(a, b, 5, None, None, None, False, 0), (a, b, 7, la, lb, scale, False, 0),
+                 (a, a, 50, la, la, None, True, 0)]:
+        torch.library.opcheck(torch.ops.relkd.topk_sim.default, args)
+
+
+# ------------------------------------------------------------------ pair_dot
+@cuda_settings
+@given(n=st.integers(1, 300), m=st.integers(1, 400), k=st.integers(1, 40),
+       d=st.integers(1, 130), dtype=st.sampled_from([F32, F64]), seed=st.integers(0, 2**16))
+def test_pair_dot_and_its_gradients(n, m, k, d, dtype, seed):
+    a, b = embeddings(n, d, seed, dtype), embeddings(m, d, seed + 1, dtype)
+    idx = torch.randint(-1, m, (n, k), generator=torch.Generator().manual_seed(seed))
+    w = embeddings(n, k, seed + 2, dtype)
+
+    def run(a_, b_, idx_, w_):
+        a_, b_ = a_.clone().requires_grad_(), b_.clone().requires_grad_()
+        out = ops.pair_dot(a_, b_, idx_)
+        return [out] + list(torch.autograd.grad((out * w_).sum(), (a_, b_)))
+
+    got = cpu(*run(*gpu(a, b, idx, w)))
+    want = run(a, b, idx, w)
+    exact = run(a.double(), b.double(), idx, w.double())
+    for g, s, e in zip(got, want, exact):
+        assert_bounded_error(g, s, e, "pair_dot", factor=4.0)
+
+
+def test_pair_dot_gradcheck_gradgradcheck_opcheck():
+    a = embeddings(7, 5, seed=1, dtype=F64).cuda().requires_grad_()
+    b = embeddings(9, 5, seed=2, dtype=F64).cuda().requires_grad_()
+    idx = torch.tensor([[0, 3, -1, 8]] * 7, device="cuda")
+    assert torch.autograd.gradcheck(lambda x, y: ops.pair_dot(x, y, idx), (a, b))
+    assert torch.autograd.gradgradcheck(lambda x, y: ops.pair_dot(x, y, idx), (a, b))
+    torch.library.opcheck(torch.ops.relkd.pair_dot.default, (a, b, idx))
+    g = torch.randn(7, 4, dtype=F64, device="cuda")
+    torch.library.opcheck(torch.ops.relkd.pair_dot_backward.default,
+                          (g, a.detach(), b.detach(), idx, True, True))
+
+
+# ------------------------------------------------------------- pairwise_loss
+def to_cuda_args(args):
+    return [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def fused_on_cuda(kind, xs, xt, y, params):
+    return ops.pairwise_loss(kind, xs, xt, labels_r=y, params=params)
+
+
+@cuda_settings
+@given(kind=st.sampled_from(KINDS), n=st.integers(1, 600), d=st.integers(1, 130),
+       pattern=st.sampled_from(LABEL_PATTERNS), dtype=st.sampled_from([F32, F64]),
+       seed=st.integers(0, 2**16))
+def test_pairwise_loss_matches_the_full_matrix(kind, n, d, pattern, dtype, seed):
+    args = inputs(kind, n, d, seed, dtype, pattern)
+    got = cpu(*grads_of(fused_on_cuda, kind, *to_cuda_args(args)))
+    same = grads_of(direct, kind, *args)
+    exact = grads_of(direct, kind, *(None if a is None else a.double() if a.is_floating_point()
+                                     else a for a in args))
+    for g, s, e, what in zip(got, same, exact, ("loss", "grad xs", "grad 2", "grad 3")):
+        assert g.dtype == dtype
+        if dtype == F64:
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12, msg=f"{kind} {what}")
+        else:
+            assert_bounded_error(g, s, e, f"{kind} {what}", factor=4.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pairwise_loss_row_blocks_with_global_ids(kind):
+    xs, xt, y, params = inputs(kind, 5000, 12, seed=3, dtype=F64)
+    whole = cpu(*grads_of(fused_on_cuda, kind, *to_cuda_args([xs, xt, y, params])))
+
+    def blocks(kind_, xs_, xt_, y_, params_):
+        total = 0
+        for lo, hi in ((0, 37), (37, 4500), (4500, 5000)):
+            ids = torch.arange(lo, hi, device="cuda")
+            total = total + ops.pairwise_loss(
+                kind_, xs_[lo:hi], None if xt_ is None else xt_[lo:hi], xs_, xt_,
+                None if y_ is None else y_[lo:hi], y_, ids, None, params_)
+        return total
+
+    got = cpu(*grads_of(blocks, kind, *to_cuda_args([xs, xt, y, params])))
+    for g, w in zip(got, whole):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pairwise_loss_gradcheck_and_opcheck(kind):
+    xs, xt, y, params = to_cuda_args(inputs(kind, 9, 4, seed=5, dtype=F64))
+    xs.requires_grad_()
+    if kind == "cckd":
+        xt.requires_grad_()
+    params = params.clone().requires_grad_(kind in ops.PARAMS_GRAD_KINDS)
+    assert torch.autograd.gradcheck(
+        lambda a, b, p: ops.pairwise_loss(kind, a, b, labels_r=y, params=p), (xs, xt, params))
+    torch.library.opcheck(torch.ops.relkd.pairwise_loss.default,
+                          (kind, xs, xt, None, None, y, None, None, None, params, True,
+                           kind == "cckd"))
+
+
+# ---------------------------------------------------------------- pair_select
+@cuda_settings
+@given(n=st.integers(2, 600), d=st.integers(1, 130), pattern=st.sampled_from(LABEL_PATTERNS),
+       topk=st.integers(0, 3000), dtype=st.sampled_from([F32, F64]), seed=st.integers(0, 2**16))
+def test_negative_pair_select(n, d, pattern, topk, dtype, seed):
+    x = reference.normalize(embeddings(n, d, seed, dtype), dtype)
+    y = labels(pattern, n, seed)
+    divisors = [10, 100, 1000, 7]
+    thr, top_v, top_i, top_j, n_neg = cpu(*ops.negative_pair_select(
+        *gpu(x, y), divisors, topk, None, None, 0, ""))
+    ref_thr, ref_v, ref_i, ref_j, ref_n = sorted_reference(x, y, divisors, topk)
+    assert int(n_neg) == ref_n
+    if ref_n == 0:
+        return
+    tol = 1e-14 if dtype == F64 else 1e-6
+    torch.testing.assert_close(thr, ref_thr, atol=tol, rtol=0)
+    kept = min(topk, ref_n)
+    torch.testing.assert_close(top_v[:kept], ref_v, atol=tol, rtol=0)
+    assert (top_i[kept:] == -1).all()
+    if dtype == F64:
+        assert torch.equal(top_i[:kept], ref_i) and torch.equal(top_j[:kept], ref_j)
+
+
+def test_pair_topk_with_more_ties_than_it_returns():
+    # Collapsed embeddings: every similarity is exactly 1, the top-k are the
+    # first pairs (i, j) in order, across many tiles.
+    x = torch.ones(3000, 4, dtype=F64) / 2
+    y = torch.arange(3000) % 7
+    got = cpu(*ops.negative_pair_select(*gpu(x, y), [10], 5000, None, None, 0, ""))
+    want = ops.negative_pair_select(x, y, [10], 5000, None, None, 0, "")
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_pair_topk_above_threshold_overflow_returns_the_best():
+    # Called directly with a threshold below many pairs: the best topk of them.
+    x = reference.normalize(embeddings(300, 6, seed=4, dtype=F64), F64)
+    y = labels("random", 300, 5)
+    got = cpu(*torch.ops.relkd.pair_topk(*gpu(x), None, y.cuda(), None, None, None, 1, 0, 50))
+    want = torch.ops.relkd.pair_topk(x, None, y, None, None, None, 1, 0, 50)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_pair_select_opcheck(dtype):
+    x = gpu(reference.normalize(embeddings(60, 5, seed=9, dtype=dtype), dtype))[0]
+    y = labels("random", 60, 1).cuda()
+    prefixes = torch.zeros(1, dtype=torch.long, device="cuda")
+    bits = 64 if dtype == F64 else 32
+    torch.library.opcheck(torch.ops.relkd.pair_histogram.default,
+                          (x, None, y, None, None, None, prefixes, bits - 16))
+    torch.library.opcheck(torch.ops.relkd.pair_topk.default, (x, None, y, None, None, None, 0, 5, 9))
+
+
+# --------------------------------------------------------------------- losses
+shapes = dict(n=st.integers(1, 400), d=st.integers(1, 130), seed=st.integers(0, 2**16))
+
+
+@cuda_settings
+@given(**shapes, dtype=st.sampled_from([F32, F64]), kernel=st.sampled_from(["gaussian",
+                                                                             "bilinear"]))
+def test_cckd(n, d, seed, dtype, kernel):
+    fs, ft = gpu(embeddings(n, d, seed, dtype), embeddings(n, d + 3, seed + 1, dtype))
+    compare(Fn.cckd_loss, fs, ft, kernel=kernel)
+
+
+@cuda_settings
+@given(**shapes, dtype=st.sampled_from([F32, F64]))
+def test_sp(n, d, seed, dtype):
+    fs, ft = gpu(embeddings(n, d, seed, dtype), embeddings(n, d + 5, seed + 1, dtype))
+    compare(Fn.sp_loss, fs, ft)
+
+
+@cuda_settings
+@given(**shapes, dtype=st.sampled_from([F32, F64]))
+def test_rkd_distance(n, d, seed, dtype):
+    fs = embeddings(n, d, seed, dtype)
+    compare(Fn.rkd_loss, *gpu(fs, correlated(fs, seed + 1)), angle_weight=0.0)
+
+
+@cuda_settings
+@given(**shapes, pattern=st.sampled_from(LABEL_PATTERNS), k=st.integers(1, 40),
+       coupleface=st.booleans(), mine_by=st.sampled_from(["teacher", "student"]))
+def test_rad_float64(n, d, seed, pattern, k, coupleface, mine_by):
+    fs = embeddings(n, d, seed, F64)
+    fn = Fn.coupleface_loss if coupleface else Fn.rad_loss
+    compare(fn, *gpu(fs, correlated(fs, seed + 1), labels(pattern, n, seed)), k=k, metric="l2",
+            mine_by=mine_by)
+
+
+@cuda_settings
+@given(n=st.integers(1, 40), m=st.integers(1, 20_000), d=st.integers(1, 64),
+       k=st.integers(1, 100), seed=st.integers(0, 2**16))
+def test_rad_bank_float64(n, m, d, k, seed):
+    fs = embeddings(n, d, seed, F64)
+    bank = 2.0 * embeddings(m, d, seed + 2, F64)
+    y, bank_labels = labels("random", n, seed), labels("random", m, seed + 3)
+    compare(Fn.rad_loss, *gpu(fs, correlated(fs, seed + 1), y, bank, bank_labels), k=k,
+            metric="l1", margin=0.0)
+
+
+@cuda_settings
+@given(n=st.integers(1, 400), seed=st.integers(0, 2**16), pattern=st.sampled_from(LABEL_PATTERNS),
+       topk=st.integers(0, 3000), training=st.booleans())
+def test_ekd_float64(n, seed, pattern, topk, training):
+    fs = embeddings(n, 16, seed, F64)
+    anchors = torch.tensor([0.6, 0.45, 0.3, 0.2, 0.1, 0.05], dtype=F64)
+    compare(Fn.ekd_loss, *gpu(fs, correlated(fs, seed + 1, 0.8), labels(pattern, n, seed),
+                              anchors, anchors + 0.03), topk=topk, training=training,
+            temperature=0.1)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_ekd_five_training_steps_with_anchors(dtype):
+    on_gpu = relkd.EKDLoss(topk=300 if dtype == F64 else 10**6, temperature=0.05, momentum=0.2,
+                           backend="fused").cuda()
+    ref = relkd.EKDLoss(topk=on_gpu.topk, temperature=0.05, momentum=0.2, backend="reference")
+    y = labels("random", 200, 1)
+    tol = dict(rtol=1e-9, atol=1e-13) if dtype == F64 else dict(rtol=2e-4, atol=1e-6)
+    for step in range(5):
+        fs = embeddings(200, 24, 10 + step, dtype)
+        ft = correlated(fs, 20 + step, 0.6)
+        fs_g = fs.cuda().requires_grad_()
+        loss = on_gpu(fs_g, ft.cuda(), y.cuda())
+        (grad,) = torch.autograd.grad(loss, fs_g)
+        fs_c = fs.clone().requires_grad_()
+        want = ref(fs_c, ft, y)
+        (want_grad,) = torch.autograd.grad(want, fs_c)
+        torch.testing.assert_close(loss.cpu(), want.detach(), **tol)
+        torch.testing.assert_close(grad.cpu(), want_grad, **tol)
+        torch.testing.assert_close(on_gpu.s_anchor.cpu(), ref.s_anchor, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(on_gpu.t_anchor.cpu(), ref.t_anchor, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", list(GRADCHECK_CASES))
+def test_loss_gradcheck(name):
+    fs = embeddings(8, 3, seed=13, dtype=F64).cuda().requires_grad_()
+    ft = correlated(fs.detach(), seed=14).requires_grad_(name in ("cckd", "sp_gram", "sp_direct"))
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4], device="cuda")
+    with torch.device("cuda"):  # the cases build their constant tensors on the default device
+        assert torch.autograd.gradcheck(lambda a, b: GRADCHECK_CASES[name](a, b, y), (fs, ft))
+
+
+LOSSES = {
+    "rad": lambda fs, ft, y: Fn.rad_loss(fs, ft, y, k=20),
+    "rad_bank": lambda fs, ft, y: Fn.rad_loss(fs, ft, y, ft[:300] * 2, y[:300], k=50),
+    "coupleface": lambda fs, ft, y: Fn.coupleface_loss(fs, ft, y, k=20),
+    "ekd": lambda fs, ft, y: Fn.ekd_loss(fs, ft, y, torch.zeros(6, device=fs.device),
+                                         torch.zeros(6, device=fs.device))[0],
+    "cckd": lambda fs, ft, y: Fn.cckd_loss(fs, ft),
+    "sp": lambda fs, ft, y: Fn.sp_loss(fs, ft),
+    "rkd": lambda fs, ft, y: Fn.rkd_loss(fs, ft, angle_weight=0.0),
+}
+
+
+def loss_and_grad(fn, fs, ft, y):
+    fs = fs.detach().clone().requires_grad_()
+    loss = fn(fs, ft, y)
+    (grad,) = torch.autograd.grad(loss, fs)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_bitwise_deterministic(name):
+    fs, ft, y = gpu(embeddings(5000, 64, seed=8), correlated(embeddings(5000, 64, seed=8), 9),
+                    labels("random", 5000, 10))
+    first = loss_and_grad(LOSSES[name], fs, ft, y)
+    second = loss_and_grad(LOSSES[name], fs, ft, y)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_non_contiguous_inputs(name):
+    wide = embeddings(700, 96, seed=11)
+    fs, ft = wide.cuda()[:, ::2], correlated(wide, 12).cuda()[:, 1::2]  # strided views
+    y = labels("random", 1400, 13).cuda()[::2]
+    got = loss_and_grad(LOSSES[name], fs, ft, y)
+    want = loss_and_grad(LOSSES[name], fs.contiguous(), ft.contiguous(), y.contiguous())
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("n", [0, 1])
+def test_fewer_than_two_rows(name, n):
+    fs = torch.randn(n, 8, device="cuda", requires_grad=True)
+    ft, y = torch.randn(n, 8, device="cuda"), torch.zeros(n, dtype=torch.long, device="cuda")
+    if name == "rad_bank":
+        loss = Fn.rad_loss(fs, ft, y, torch.randn(30, 8, device="cuda"),
+                           torch.arange(30, device="cuda"), k=5)
+    else:
+        loss = LOSSES[name](fs, ft, y)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(fs.grad, torch.zeros_like(fs))
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_bad_input_raises_value_errors(name):
+    fs = torch.randn(8, 4, device="cuda")
+    with pytest.raises(ValueError, match=r"ft: expected 8 rows"):
+        LOSSES[name](fs, torch.randn(7, 4, device="cuda"), torch.zeros(8, dtype=torch.long,
+                                                                       device="cuda"))
+    with pytest.raises(ValueError, match=r"one device"):
+        LOSSES[name](fs, torch.randn(8, 4), torch.zeros(8, dtype=torch.long, device="cuda"))
+    with pytest.raises(ValueError, match="idx values must lie in"):
+        ops.pair_dot(fs, fs, torch.full((8, 2), 8, device="cuda"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_half_inputs_accumulate_in_float32(dtype):
+    net = torch.nn.Linear(32, 16).cuda()
+    x, ft, y = gpu(embeddings(256, 32, seed=1), embeddings(256, 16, seed=2),
+                   labels("random", 256, 3))
+    for name, fn in LOSSES.items():
+        with torch.autocast("cuda", dtype=dtype):
+            fs = net(x)
+            loss = fn(fs, ft.to(dtype), y)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss), name
+        want = fn(fs.detach().float(), ft.to(dtype).float(), y)
+        torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_training_step_compiles_fullgraph(name):
+    x, ft, y = gpu(embeddings(256, 32, seed=1), embeddings(256, 16, seed=2),
+                   labels("random", 256, 3))
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(32, 16).cuda()
+
+        def step(x_, ft_, y_):
+            return LOSSES[name](net(x_), ft_, y_)
+
+        run = torch.compile(step, fullgraph=True) if compiled else step
+        loss = run(x, ft, y)
+        loss.backward()
+        results.append([loss.detach(), net.weight.grad])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_no_relation_matrix_is_allocated():
+    # The fused losses at N = 16,384 stay far below one N x N float32 matrix (1 GiB).
+    n = 16_384
+    fs, ft, y = gpu(embeddings(n, 128, seed=1), embeddings(n, 128, seed=2),
+                    labels("random", n, 3))
+    for name, fn in LOSSES.items():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        loss_and_grad(fn, fs, ft, y)
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - before
+        assert extra < (n * n * 4) // 3, f"{name}: {extra / 2**20:.0f} MiB extra"
