@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 from . import distributed, functional, ops, reference  # noqa: E402
 from .banks import PrototypeBank, hardest_identities  # noqa: E402
 from .functional import similarity_topk  # noqa: E402
+from .ida import IDAScorer, ida_scores  # noqa: E402
 from .losses import (  # noqa: E402
     CCKDLoss,
     CoupleFaceLoss,
@@ -30,5 +31,5 @@ __all__ = [
     "__version__", "FCDLoss", "RADLoss", "CoupleFaceLoss", "EKDLoss", "CCKDLoss", "SPLoss",
     "RKDLoss", "ExclusivityLoss", "ECKDLoss", "similarity_topk", "PrototypeBank",
     "hardest_identities", "RouteConstrainedTeacher", "functional", "reference", "ops",
-    "distributed",
+    "distributed", "ida_scores", "IDAScorer",
 ]
