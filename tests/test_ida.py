@@ -96,9 +96,8 @@ def test_k_beyond_the_support_uses_every_row():
 def test_empty_support_set_leaves_the_cosine(backend, mode):
     # Every support row shares the faces' label, or there is no support row.
     cos = (F.normalize(A, dim=1) * F.normalize(B, dim=1)).sum(1)
-    same = torch.zeros(4, dtype=torch.long)
-    got = relkd.ida_scores(A, B, SUPPORT, 3, 0.7, mode, same, same, torch.zeros(6, dtype=torch.long),
-                           backend=backend)
+    same, support_same = torch.zeros(4, dtype=torch.long), torch.zeros(6, dtype=torch.long)
+    got = relkd.ida_scores(A, B, SUPPORT, 3, 0.7, mode, same, same, support_same, backend=backend)
     torch.testing.assert_close(got, cos, rtol=0, atol=1e-15)
     got = relkd.ida_scores(A, B, SUPPORT[:0], 3, 0.7, mode, backend=backend)
     torch.testing.assert_close(got, cos, rtol=0, atol=1e-15)
@@ -107,7 +106,8 @@ def test_empty_support_set_leaves_the_cosine(backend, mode):
 # ----------------------------------------------------------- fused vs reference
 def ida_inputs(n, m, d, dtype, pattern, zero_rows, seed):
     a = embeddings(n, d, seed, dtype)
-    b = (embeddings(n, d, seed, torch.float64) + embeddings(n, d, seed + 1, torch.float64)).to(dtype)
+    b = embeddings(n, d, seed, torch.float64) + embeddings(n, d, seed + 1, torch.float64)
+    b = b.to(dtype)  # related to a, so pair cosines are not all near 0
     support = 3.0 * embeddings(m, d, seed + 2, dtype)  # unnormalised rows
     if zero_rows:
         a[::3], b[1::4], support[::5] = 0, 0, 0
