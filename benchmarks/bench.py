@@ -1,17 +1,27 @@
-"""Speed and memory benchmark of relkd's losses and similarity_topk.
+"""Speed and memory benchmark of relkd's losses, similarity_topk and ida_scores.
 
 For every loss it times the forward pass and forward+backward with the fused
 kernels, the eager reference (which materialises N x N) and the reference
 under torch.compile; for similarity_topk it times the fused kernel against
 chunked torch.mm + topk (several chunk sizes; the best is the baseline) and
-against the bare matrix product of the same shapes (the physical floor). All
-backends of a shape run in one process on the same inputs. It reports the
+against the bare matrix product of the same shapes (the physical floor); for
+ida_scores (IDA score alignment of N pairs against an M-row support gallery)
+it times the fused path against the reference run over chunks of pairs (its
+memory bounded by the chunk). All backends of a shape run in one process on
+the same inputs. It reports the
 median time over repeats, the peak extra memory of one pass and ratios:
 
   speedup vs eager    eager reference median / this median  (JSON ratio_vs_eager)
   memory vs eager     this peak extra / eager reference's    (memory_ratio_vs_eager)
   vs best chunked     best chunked median / this median      (ratio_vs_chunked)
   x GEMM floor        this median / best bare-GEMM median    (time_over_gemm_floor)
+  vs reference        IDA: reference time for all pairs / this (ratio_vs_reference)
+
+The IDA reference sorts each face's M similarities; at full size it would
+take hours, so it runs the first --ida-subset pairs and its time for all N
+pairs is extrapolated linearly (every chunk does the same work; JSON
+pairs_run, time_all_pairs_s, extrapolated). Its peak memory is measured: it
+is the peak of one chunk.
 
 Timing: time.perf_counter around one pass (CUDA synchronised), after a
 warm-up on tiny inputs and full-size warm-ups (two for compiled, so that
@@ -34,15 +44,19 @@ Default sweep (fp32, D=256; tens of minutes on 2 CPU cores):
   N=32768  each loss: fused only (the reference needs tens of GB); 2 repeats
   similarity_topk N=4096 x M=262144, D=256, k=100: fused, chunked torch
            (chunks 4096, 16384, 65536), bare GEMM floor; 3 repeats
+  ida_scores 100,000 pairs x M=1,000,000, D=256, k=50: fused (chunks of 4096
+           pairs), reference in chunks of 32 pairs on the first 128 pairs;
+           1 repeat (about 20 minutes on 2 cores, half of it the memory child)
 --quick: losses at N=1024, D=128 (fused and reference; --compile adds the
-compiled reference) and similarity_topk 1024 x 16384, D=128: about 30 s on 2
-idle cores.
+compiled reference), similarity_topk 1024 x 16384 and ida_scores 1000 pairs
+x 20000, D=128 (the reference on all pairs): under a minute on 2 idle cores.
 
 Usage (from the repository root):
   python3 benchmarks/bench.py --quick
   python3 benchmarks/bench.py --json benchmarks/results/latest-cpu.json
   python3 benchmarks/bench.py --only losses --sizes 8192 --losses cckd,ekd
   python3 benchmarks/bench.py --only topk --topk-shape 4096,262144 --repeats 1
+  python3 benchmarks/bench.py --only ida --ida-shape 100000,1000000 --ida-subset 128
   python3 benchmarks/bench.py --sizes 4096 --no-compile --no-memory
   python3 benchmarks/bench.py --case '{"op": "cckd", "backend": "fused",
                                        "mode": "fwd+bwd", "n": 8192, "d": 256}'
@@ -85,7 +99,7 @@ import torch  # noqa: E402
 
 import cases  # noqa: E402
 import relkd  # noqa: E402
-from cases import LOSS_NAMES, TOPK, Case  # noqa: E402
+from cases import IDA, LOSS_NAMES, TOPK, Case  # noqa: E402
 
 FULL_LOSS_SIZES = (4096, 8192, 32768)
 QUICK_LOSS_SIZES = (1024,)
@@ -94,6 +108,11 @@ FULL_TOPK_SHAPE, QUICK_TOPK_SHAPE = (4096, 262144), (1024, 16384)
 TOPK_K = 100
 CHUNK_SIZES = (4096, 16384, 65536)
 TOPK_REFERENCE_MAX_ELEMENTS = 1 << 22  # the reference sorts all N x M similarities
+FULL_IDA_SHAPE, QUICK_IDA_SHAPE = (100_000, 1_000_000), (1000, 20000)
+IDA_K = 50
+IDA_FUSED_CHUNK = relkd.ida.DEFAULT_CHUNK_SIZE // 2  # pairs per fused search
+IDA_REFERENCE_CHUNK = 32   # pairs per reference chunk: ~2.3 GB at M = 1,000,000
+IDA_REFERENCE_SUBSET = 128  # pairs the reference runs at full size (then extrapolated)
 MEMORY_TIMEOUT_S = 3600
 MIN_TIMED_S = 0.5   # fast cases repeat until their timed runs add up to this
 MAX_REPEATS = 50
@@ -131,6 +150,11 @@ def topk_plan(n: int, m: int) -> Plan:
     if n * m <= TOPK_REFERENCE_MAX_ELEMENTS:
         backends[1:1] = ["reference", "compiled"]
     return Plan(tuple(backends), repeats=3, warmups=1)
+
+
+def ida_plan(quick: bool) -> Plan:
+    """One pass at full size (minutes each); a few in the quick sweep."""
+    return Plan(("fused", "reference"), repeats=3 if quick else 1, warmups=1 if quick else 0)
 
 
 @dataclass
@@ -171,6 +195,18 @@ def build_sweep(args) -> List[Measurement]:
                 case = Case(TOPK, backend, "fwd", n, args.dim, m=m, k=args.topk_k, chunk=chunk,
                             dtype=args.dtype, device=args.device, seed=args.seed)
                 sweep.append(planned(case, plan, args))
+    # IDA at full size takes about an hour on 2 cores: only when asked for
+    # (--only ida), or in the quick sweep.
+    if (args.only == "ida" or (args.only == "all" and args.quick)) and "fwd" in passes:
+        n, m = args.ida_shape
+        plan = ida_plan(args.quick)
+        for backend in selected(plan.backends, args):
+            reference = backend == "reference"
+            subset = args.ida_subset if reference and args.ida_subset < n else None
+            case = Case(IDA, backend, "fwd", n, args.dim, m=m, k=args.ida_k,
+                        chunk=args.ida_chunk if reference else IDA_FUSED_CHUNK,
+                        dtype=args.dtype, device=args.device, seed=args.seed, subset=subset)
+            sweep.append(planned(case, plan, args))
     return sweep
 
 
@@ -333,11 +369,13 @@ def to_records(sweep: List[Measurement]) -> List[Dict]:
             "error": m.error, "memory_error": m.memory.get("memory_error"),
         }
         reference = eager(case)
-        if reference is not None and reference.median_s and m.median_s:
+        if reference is not None and reference.median_s and m.median_s and case.kind != "ida":
             record["ratio_vs_eager"] = reference.median_s / m.median_s
         ref_memory = reference.memory.get("peak_extra_bytes") if reference else None
         if ref_memory and record["peak_extra_bytes"] is not None:
             record["memory_ratio_vs_eager"] = record["peak_extra_bytes"] / ref_memory
+        if case.kind == "ida":
+            record.update(ida_fields(m, sweep))
         if case.kind == "topk":
             chunked, gemm = best_median("chunked", case), best_median("gemm", case)
             record["ratio_vs_chunked"] = chunked / m.median_s if chunked and m.median_s else None
@@ -346,6 +384,22 @@ def to_records(sweep: List[Measurement]) -> List[Dict]:
                                          and m.median_s == best_median(case.backend, case))
         records.append(record)
     return records
+
+
+def ida_time_all_pairs(m: Measurement) -> Optional[float]:
+    """The time for all N pairs: measured, or extrapolated from the subset."""
+    if m.median_s is None:
+        return None
+    return m.median_s * m.case.n / (m.case.subset or m.case.n)
+
+
+def ida_fields(m: Measurement, sweep: List[Measurement]) -> Dict:
+    reference = next((r for r in sweep if r.case.kind == "ida" and r.case.backend == "reference"
+                      and cases.inputs_key(r.case) == cases.inputs_key(m.case)), None)
+    mine, theirs = ida_time_all_pairs(m), reference and ida_time_all_pairs(reference)
+    return {"pairs_run": m.case.subset or m.case.n, "time_all_pairs_s": mine,
+            "extrapolated": m.case.subset is not None,
+            "ratio_vs_reference": theirs / mine if theirs and mine else None}
 
 
 # ------------------------------------------------------------------ machine
@@ -476,6 +530,22 @@ def topk_table(records: List[Dict]) -> str:
     return markdown_table(headers, rows, text_columns=3)
 
 
+def ida_table(records: List[Dict]) -> str:
+    headers = ["pairs x M, D, k", "backend", "pairs run", "median", "all pairs",
+               "peak extra memory", "speedup vs reference"]
+    rows = []
+    for r in records:
+        if r["kind"] != "ida":
+            continue
+        name = "fused" if r["backend"] == "fused" else "reference in chunks"
+        all_pairs = format_time(r["time_all_pairs_s"]) if not r["error"] else "-"
+        rows.append([f"{r['N']} x {r['M']}, {r['D']}, {r['k']}",
+                     f"{name} ({r['chunk']} pairs per chunk)", str(r["pairs_run"]),
+                     time_cell(r), all_pairs + (" (extrapolated)" if r["extrapolated"] else ""),
+                     memory_cell(r), format_ratio(r["ratio_vs_reference"])])
+    return markdown_table(headers, rows, text_columns=2)
+
+
 def report(machine: Dict, records: List[Dict]) -> str:
     threads = f"{machine['torch_threads']} threads"
     where = machine.get("gpu") or f"{machine['cpu']} ({threads})"
@@ -490,6 +560,10 @@ def report(machine: Dict, records: List[Dict]) -> str:
         dtypes = ", ".join(sorted({r["dtype"] for r in records if r["kind"] == "topk"}))
         parts += ["", f"similarity_topk (exact cosine k-NN, {dtypes}; "
                       f"* = fastest chunk size):", "", topk_table(records)]
+    if any(r["kind"] == "ida" for r in records):
+        dtypes = ", ".join(sorted({r["dtype"] for r in records if r["kind"] == "ida"}))
+        parts += ["", f"ida_scores (IDA score alignment, mode shift, {dtypes}):", "",
+                  ida_table(records)]
     return "\n".join(parts)
 
 
@@ -513,7 +587,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="small sweep, under a minute on 2 cores")
-    parser.add_argument("--only", choices=("all", "losses", "topk"), default="all")
+    parser.add_argument("--only", choices=("all", "losses", "topk", "ida"), default="all")
     parser.add_argument("--sizes", type=int_list,
                         help="loss batch sizes N (default 4096,8192,32768; quick 1024)")
     parser.add_argument("--dim", type=int,
@@ -535,6 +609,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--topk-k", type=int, default=TOPK_K)
     parser.add_argument("--chunks", type=int_list, default=list(CHUNK_SIZES),
                         help="chunk sizes of the chunked-torch and GEMM baselines")
+    parser.add_argument("--ida-shape", type=int_list,
+                        help="ida_scores pairs,M (default 100000,1000000; quick 1000,20000)")
+    parser.add_argument("--ida-k", type=int, default=IDA_K)
+    parser.add_argument("--ida-chunk", type=int, default=IDA_REFERENCE_CHUNK,
+                        help="pairs per chunk of the IDA reference")
+    parser.add_argument("--ida-subset", type=int,
+                        help=f"pairs the IDA reference runs, its time then extrapolated to all "
+                             f"(default {IDA_REFERENCE_SUBSET}; quick: all)")
     parser.add_argument("--dtype", default="float32",
                         choices=("float32", "float16", "bfloat16", "float64"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -548,6 +630,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                             or (QUICK_TOPK_SHAPE if args.quick else FULL_TOPK_SHAPE))
     if len(args.topk_shape) != 2:
         parser.error("--topk-shape takes N,M")
+    args.ida_shape = tuple(args.ida_shape or (QUICK_IDA_SHAPE if args.quick else FULL_IDA_SHAPE))
+    if len(args.ida_shape) != 2:
+        parser.error("--ida-shape takes pairs,M")
+    if args.ida_subset is None:
+        args.ida_subset = args.ida_shape[0] if args.quick else IDA_REFERENCE_SUBSET
     if args.compile is None:
         args.compile = not args.quick
     return args

@@ -2,7 +2,7 @@
 callables that run one pass of each case, and the peak-memory probe that a
 child process runs for one case.
 
-A case (`Case`) is one operation (a loss or similarity_topk) at one shape,
+A case (`Case`) is one operation (a loss, similarity_topk or ida_scores) at one shape,
 run by one backend in one pass ("fwd" or "fwd+bwd"). `prepare(case, inputs)`
 returns a zero-argument callable doing exactly one pass; bench.py times it,
 and `probe_peak_memory(case)` measures its peak extra memory. The losses run
@@ -18,10 +18,16 @@ Backends:
               top-k merge (the usual PyTorch way), `chunk` rows of b at a time
   gemm        similarity_topk only: the bare (N, D) x (D, M) product in
               chunks of `chunk` columns, the physical floor of any exact k-NN
+ida_scores (N pairs against an M-row support gallery) has two backends:
+  fused       relkd.IDAScorer(..., backend="fused"), `chunk` pairs per search
+  reference   relkd.IDAScorer(..., backend="reference"): the reference on
+              `chunk` pairs at a time (bounded memory); with `subset` set,
+              only the first `subset` pairs run and bench.py extrapolates
 
 Inputs: N/4 identities x 4 images each (shuffled labels), student and teacher
 embeddings = identity centre + noise; EKD anchors are the batch's FPR
-thresholds (ekd_anchors); similarity_topk: Gaussian queries and bank.
+thresholds (ekd_anchors); similarity_topk: Gaussian queries and bank;
+ida_scores: Gaussian faces (b = a + noise) and support gallery.
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ from relkd import reference as rr
 
 LOSS_NAMES = ("fcd", "rad", "coupleface", "ekd", "cckd", "sp", "rkd")
 TOPK = "similarity_topk"
+IDA = "ida_scores"
 BACKENDS = ("fused", "reference", "compiled", "chunked", "gemm")
 PASSES = ("fwd+bwd", "fwd")
 
@@ -54,26 +61,29 @@ TINY_N = 64              # rows of the warm-up inputs that initialise everything
 @dataclass(frozen=True)
 class Case:
     """One measurement: `op` at one shape, one backend, one pass."""
-    op: str                 # a LOSS_NAMES entry or TOPK
+    op: str                 # a LOSS_NAMES entry, TOPK or IDA
     backend: str
     mode: str               # "fwd" or "fwd+bwd" (the record's "pass")
-    n: int                  # rows of fs / queries
+    n: int                  # rows of fs / queries; pairs (ida_scores)
     d: int
-    m: Optional[int] = None     # bank rows (similarity_topk)
-    k: Optional[int] = None     # neighbours (similarity_topk, RAD, CoupleFace)
-    chunk: Optional[int] = None  # chunked / gemm backends
+    m: Optional[int] = None     # bank rows (similarity_topk), support rows (ida_scores)
+    k: Optional[int] = None     # neighbours (similarity_topk, RAD, CoupleFace, ida_scores)
+    chunk: Optional[int] = None  # chunked / gemm backends; pairs per chunk (ida_scores)
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
+    subset: Optional[int] = None  # ida_scores: only the first `subset` pairs run
 
     @property
     def kind(self) -> str:
-        return "topk" if self.op == TOPK else "loss"
+        return {TOPK: "topk", IDA: "ida"}.get(self.op, "loss")
 
     @property
     def name(self) -> str:
         if self.kind == "topk":
             return f"{TOPK} N={self.n} M={self.m} D={self.d} k={self.k}"
+        if self.kind == "ida":
+            return f"{IDA} pairs={self.n} M={self.m} D={self.d} k={self.k}"
         return f"{self.op} N={self.n} D={self.d}"
 
     def to_json(self) -> dict:
@@ -82,7 +92,8 @@ class Case:
     def tiny(self) -> "Case":
         """The same case on tiny inputs, for warming up."""
         return replace(self, n=min(self.n, TINY_N), m=None if self.m is None else min(self.m, 256),
-                       chunk=None if self.chunk is None else min(self.chunk, 128))
+                       chunk=None if self.chunk is None else min(self.chunk, 128),
+                       subset=None if self.subset is None else min(self.subset, TINY_N))
 
 
 def make_case(op: str, backend: str, mode: str, n: int, d: int, **extra) -> Case:
@@ -106,6 +117,13 @@ class LossInputs:
 class TopkInputs:
     a: Tensor           # (N, D) queries
     b: Tensor           # (M, D) bank
+
+
+@dataclass
+class IdaInputs:
+    a: Tensor           # (N, D) first faces of the pairs
+    b: Tensor           # (N, D) second faces
+    support: Tensor     # (M, D) support gallery
 
 
 def identity_labels(n: int, generator: torch.Generator) -> Tensor:
@@ -152,6 +170,16 @@ def build_topk_inputs(n: int, m: int, d: int, dtype: str = "float32", device: st
     return TopkInputs(a, b)
 
 
+def build_ida_inputs(n: int, m: int, d: int, dtype: str = "float32", device: str = "cpu",
+                     seed: int = 0) -> IdaInputs:
+    g = torch.Generator().manual_seed(seed)
+    to = dict(dtype=getattr(torch, dtype), device=device)
+    a = torch.randn(n, d, generator=g)
+    b = a + torch.randn(n, d, generator=g)
+    support = torch.randn(m, d, generator=g).to(**to)
+    return IdaInputs(a.to(**to), b.to(**to), support)
+
+
 def inputs_key(case: Case) -> tuple:
     """Cases with equal keys share inputs."""
     return (case.kind, case.n, case.m, case.d, case.dtype, case.device, case.seed)
@@ -160,6 +188,8 @@ def inputs_key(case: Case) -> tuple:
 def build_inputs(case: Case):
     if case.kind == "topk":
         return build_topk_inputs(case.n, case.m, case.d, case.dtype, case.device, case.seed)
+    if case.kind == "ida":
+        return build_ida_inputs(case.n, case.m, case.d, case.dtype, case.device, case.seed)
     return build_loss_inputs(case.n, case.d, case.dtype, case.device, case.seed)
 
 
@@ -266,14 +296,31 @@ def topk_callable(case: Case, inputs: TopkInputs) -> Callable[[], None]:
     raise ValueError(f"unknown similarity_topk backend {case.backend!r}")
 
 
+# ---------------------------------------------------------------- ida_scores
+def ida_callable(case: Case, inputs: IdaInputs) -> Callable[[], None]:
+    """Scores of the first `subset` (default all) pairs, `chunk` pairs per
+    support-set search: fused, or the reference on each chunk. The scorer is
+    built inside the pass, as ida_scores does (the support's norms count)."""
+    if case.backend not in ("fused", "reference"):
+        raise ValueError(f"unknown ida_scores backend {case.backend!r}")
+    pairs = case.subset or case.n
+    a, b = inputs.a[:pairs], inputs.b[:pairs]
+
+    def run() -> None:
+        relkd.IDAScorer(inputs.support, k=case.k, chunk_size=2 * case.chunk,
+                        backend=case.backend).scores(a, b)
+
+    return run
+
+
 # ------------------------------------------------------------------ one pass
 def prepare(case: Case, inputs) -> Callable[[], None]:
     """A zero-argument callable that runs one pass of `case` on `inputs` and
     leaves no state behind (gradients are dropped after backward)."""
-    if case.kind == "topk":
+    if case.kind in ("topk", "ida"):
         if case.mode != "fwd":
-            raise ValueError("similarity_topk has no backward pass")
-        return topk_callable(case, inputs)
+            raise ValueError(f"{case.op} has no backward pass")
+        return topk_callable(case, inputs) if case.kind == "topk" else ida_callable(case, inputs)
     loss = loss_callable(case.op, case.backend)
     if case.mode == "fwd":
         fs = inputs.fs.detach()

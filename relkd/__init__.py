@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 from . import distributed, functional, ops, reference  # noqa: E402
 from .banks import PrototypeBank, hardest_identities  # noqa: E402
 from .functional import similarity_topk  # noqa: E402
+from .ida import IDAScorer, ida_scores  # noqa: E402
 from .ops import ExtensionWarning, FallbackWarning  # noqa: E402
 from .losses import (  # noqa: E402
     CCKDLoss,
@@ -31,6 +32,6 @@ from .rco import RouteConstrainedTeacher  # noqa: E402
 __all__ = [
     "__version__", "FCDLoss", "RADLoss", "CoupleFaceLoss", "EKDLoss", "CCKDLoss", "SPLoss",
     "RKDLoss", "ExclusivityLoss", "ECKDLoss", "similarity_topk", "PrototypeBank",
-    "hardest_identities", "RouteConstrainedTeacher", "FallbackWarning", "ExtensionWarning",
-    "functional", "reference", "ops", "distributed",
+    "hardest_identities", "RouteConstrainedTeacher", "ida_scores", "IDAScorer",
+    "FallbackWarning", "ExtensionWarning", "functional", "reference", "ops", "distributed",
 ]

@@ -44,7 +44,8 @@ def fused_losses() -> dict:
     """Which losses run fused kernels with backend='auto', on which devices."""
     devices = list(ops.fused_devices())
     fused_names = ["RADLoss", "CoupleFaceLoss", "EKDLoss", "CCKDLoss", "SPLoss",
-                   "RKDLoss (distance term; angle_weight=0)", "similarity_topk"]
+                   "RKDLoss (distance term; angle_weight=0)", "similarity_topk",
+                   "ida_scores, IDAScorer"]
     plain = ["FCDLoss", "ExclusivityLoss", "ECKDLoss"]  # O(N*D) / O(F*P): PyTorch is the fused path
     return {**{name: devices for name in fused_names}, **{name: ["any"] for name in plain}}
 
@@ -475,9 +476,21 @@ def similarity_topk(a: Tensor, b: Optional[Tensor] = None, k: Optional[int] = No
     if b is None:
         labels = None if a_labels is None else a_labels.long()
         return ops.topk_sim(x, x, k, labels, labels, None, exclude_self, 0)
-    # The bank's own norms scale its raw dot products: a million-row bank is
-    # never copied to normalise it.
+    return bank_topk(x, *bank_operand(b, dtype), k, a_labels, b_labels)
+
+
+def bank_operand(b: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """A bank (M, D) as topk_sim searches it: its raw rows in `dtype` (no copy
+    when they already are) and their inverse norms as c_scale, so that a bank
+    of millions of unnormalised rows is never copied to normalise it."""
     c = b.detach().to(dtype).contiguous()
-    inv_norm = 1.0 / c.norm(dim=1).clamp(min=EPS)
-    return ops.topk_sim(x, c, k, None if a_labels is None else a_labels.long(),
-                        None if b_labels is None else b_labels.long(), inv_norm, False, 0)
+    return c, 1.0 / c.norm(dim=1).clamp(min=EPS)
+
+
+def bank_topk(x: Tensor, c: Tensor, inv_norm: Tensor, k: int, x_labels: Optional[Tensor],
+              c_labels: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Fused k-NN of normalised rows x (N, D) among a bank_operand; labels
+    exclude a candidate only when both sides have them (SPEC §2)."""
+    use_labels = x_labels is not None and c_labels is not None
+    return ops.topk_sim(x, c, k, x_labels.long() if use_labels else None,
+                        c_labels.long() if use_labels else None, inv_norm, False, 0)

@@ -302,3 +302,51 @@ def exclusivity_loss(weights: Iterable[Tensor]) -> Tensor:
     if total is None:
         raise ValueError("weights: expected at least one weight tensor")
     return total
+
+
+# ------------------------------------------------------------------------ IDA
+IDA_MIN_SIGMA = 1e-6  # clamp of a support set's standard deviation (SPEC §10)
+
+
+def ida_moments(values: Tensor, found: Tensor) -> Tuple[Tensor, Tensor]:
+    """SPEC §10: (mu, sigma) of each row's support similarities `values`
+    (N, k) where `found` (padding ignored): mean and population std, sigma
+    clamped at 1e-6; (0, 1) for an empty support set."""
+    count = found.sum(1)
+    n = count.clamp(min=1).to(values.dtype)
+    mean = torch.where(found, values, torch.zeros_like(values)).sum(1) / n
+    deviation = torch.where(found, values - mean[:, None], torch.zeros_like(values))
+    std = ((deviation * deviation).sum(1) / n).sqrt()
+    empty = count == 0
+    mu = torch.where(empty, torch.zeros_like(mean), mean)
+    sigma = torch.where(empty, torch.ones_like(std), std.clamp(min=IDA_MIN_SIGMA))
+    return mu, sigma
+
+
+def ida_align(s: Tensor, mu_a: Tensor, sigma_a: Tensor, mu_b: Tensor, sigma_b: Tensor,
+              mode: str = "shift", lam: float = 1.0) -> Tensor:
+    """SPEC §10: the aligned score of pairs with cosine s (broadcasting)."""
+    if mode == "shift":
+        return s - lam * (mu_a + mu_b) / 2
+    return 0.5 * ((s - mu_a) / sigma_a + (s - mu_b) / sigma_b)
+
+
+def ida_support_stats(u: Tensor, support: Tensor, k: int, u_labels: Optional[Tensor] = None,
+                      support_labels: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """SPEC §10: (mu_u, sigma_u) of the k support rows most similar to each
+    row of u, same-label rows excluded when both labels are given."""
+    values, indices = similarity_topk(u, support, k, u_labels, support_labels)
+    return ida_moments(values, indices >= 0)
+
+
+def ida_scores(a: Tensor, b: Tensor, support: Tensor, k: int = 50, lam: float = 1.0,
+               mode: str = "shift", a_labels: Optional[Tensor] = None,
+               b_labels: Optional[Tensor] = None,
+               support_labels: Optional[Tensor] = None) -> Tensor:
+    """SPEC §10: IDA-aligned verification scores of the pairs (a_i, b_i)."""
+    dtype = compute_dtype(a, b, support)
+    a, b, support = a.to(dtype), b.to(dtype), support.to(dtype)
+    s = (normalize(a, dtype) * normalize(b, dtype)).sum(1)
+    mu_a, sigma_a = ida_support_stats(a, support, k, a_labels, support_labels)
+    mu_b, sigma_b = ida_support_stats(b, support, k, b_labels, support_labels)
+    return ida_align(s, mu_a, sigma_a, mu_b, sigma_b, mode, lam)
