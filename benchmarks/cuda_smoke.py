@@ -85,6 +85,31 @@ def main() -> int:
     check("pair_topk above overflow",
           torch.ops.relkd.pair_topk(*g(x), None, *g(y), None, None, None, 1, 0, 50),
           torch.ops.relkd.pair_topk(x, None, y, None, None, None, 1, 0, 50))
+    # Several tiles: a bank wider than one top-k column tile (8192), float32
+    # paths, pairs over more rows than one pair tile (4096 float32, 2048
+    # float64 for the selection).
+    q32, c32 = q[:20].float(), torch.randn(20_000, 24)
+    check("topk_sim float32, 3 column tiles", ops.topk_sim(*g(q32, c32), 30),
+          ops.topk_sim(q32, c32, 30), atol=1e-5)
+    big = torch.nn.functional.normalize(torch.randn(4500, 8, dtype=f64), dim=1)
+    big_y = torch.randint(0, 500, (4500,))
+    check("negative_pair_select float64, several tiles",
+          ops.negative_pair_select(*g(big, big_y), [10, 1000], 2000, None, None, 0, ""),
+          ops.negative_pair_select(big, big_y, [10, 1000], 2000, None, None, 0, ""))
+    coef = torch.tensor([0.4, 0.3, 0.2])
+    big32 = big.float()
+    check("pairwise_loss cckd float32, several tiles",
+          torch.ops.relkd.pairwise_loss("cckd", *g(big32, big32), None, None, None, None, None,
+                                        None, *g(coef), True, True),
+          torch.ops.relkd.pairwise_loss("cckd", big32, big32, None, None, None, None, None,
+                                        None, coef, True, True), atol=2e-3)
+    # cuBLAS and the CPU round some float32 products differently, which can
+    # move a pair to the next bin: the totals agree exactly, the bins nearly.
+    hist_gpu = torch.ops.relkd.pair_histogram(*g(big32), None, *g(big_y), None, None, None,
+                                              *g(prefixes), 16)
+    hist_cpu = torch.ops.relkd.pair_histogram(big32, None, big_y, None, None, None, prefixes, 16)
+    check("pair_histogram float32 (total)", hist_gpu.sum(), hist_cpu.sum(), atol=0)
+    check("pair_histogram float32 (bins)", hist_gpu, hist_cpu, atol=100)
     torch.cuda.synchronize()
     print(f"{len(FAILURES)} mismatches" if FAILURES else "all kernels match the CPU")
     return 1 if FAILURES else 0

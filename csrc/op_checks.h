@@ -248,6 +248,12 @@ inline SelectArgs check_select_args(const at::Tensor& x_r, const c10::optional<a
   return a;
 }
 
+// A pair_topk threshold: the order key's bit pattern (32 bits for float32).
+inline void check_threshold_key(int64_t key_bits, int64_t threshold_key) {
+  TORCH_CHECK_VALUE(key_bits == 64 || (threshold_key >= 0 && threshold_key < (int64_t(1) << 32)),
+                    "threshold_key must be a 32-bit order key for float32, got ", threshold_key);
+}
+
 inline void check_histogram_args(int64_t key_bits, const at::Tensor& prefixes, int64_t shift,
                                  const at::Tensor& like) {
   TORCH_CHECK_VALUE(prefixes.dim() == 1 && prefixes.scalar_type() == at::kLong,
@@ -255,6 +261,8 @@ inline void check_histogram_args(int64_t key_bits, const at::Tensor& prefixes, i
                     prefixes.sizes());
   TORCH_CHECK_VALUE(prefixes.device() == like.device(), "prefixes must be on the device of x_r (",
                     like.device(), "), got ", prefixes.device());
+  TORCH_CHECK_VALUE(std::get<0>(at::_unique(prefixes)).numel() == prefixes.numel(),
+                    "prefixes must be distinct (one histogram each)");
   TORCH_CHECK_VALUE(shift >= 0 && shift % 16 == 0 && shift + 16 <= key_bits,
                     "shift must be one of 0", key_bits > 32 ? ", 16, 32, 48" : ", 16",
                     " for this dtype, got ", shift);

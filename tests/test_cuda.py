@@ -6,8 +6,13 @@ label patterns (bank mode with M >> N), every loss against the reference,
 EKD over five steps, bitwise determinism, non-contiguous inputs, N = 0 / 1,
 bad input, autocast, torch.compile of a training step, and DDP with CUDA
 tensors. Skipped without a GPU or without compiled CUDA kernels."""
+import os
+import tempfile
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -75,7 +80,8 @@ def test_topk_bank_mode(n, m, d, k, dtype, with_labels, seed):
 
 
 def test_topk_bank_far_larger_than_queries():
-    a, b = embeddings(64, 32, seed=1), embeddings(300_000, 32, seed=2)
+    a = reference.normalize(embeddings(64, 32, seed=1), F32)
+    b = reference.normalize(embeddings(300_000, 32, seed=2), F32)
     values, indices = ops.topk_sim(*gpu(a, b), 100)
     want = ops.topk_sim(a, b, 100)
     torch.testing.assert_close(values.cpu(), want[0], atol=2e-6, rtol=0)
@@ -238,8 +244,9 @@ def test_pair_topk_above_threshold_overflow_returns_the_best():
     y = labels("random", 300, 5)
     got = cpu(*torch.ops.relkd.pair_topk(*gpu(x), None, y.cuda(), None, None, None, 1, 0, 50))
     want = torch.ops.relkd.pair_topk(x, None, y, None, None, None, 1, 0, 50)
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
+    # The same pairs; values from other tile shapes may differ in the last bit.
+    torch.testing.assert_close(got[0], want[0], atol=1e-15, rtol=0)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
@@ -335,8 +342,9 @@ def test_ekd_five_training_steps_with_anchors(dtype):
 
 @pytest.mark.parametrize("name", list(GRADCHECK_CASES))
 def test_loss_gradcheck(name):
-    fs = embeddings(8, 3, seed=13, dtype=F64).cuda().requires_grad_()
-    ft = correlated(fs.detach(), seed=14).requires_grad_(name in ("cckd", "sp_gram", "sp_direct"))
+    base = embeddings(8, 3, seed=13, dtype=F64)
+    fs = base.cuda().requires_grad_()
+    ft = correlated(base, seed=14).cuda().requires_grad_(name in ("cckd", "sp_gram", "sp_direct"))
     y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4], device="cuda")
     with torch.device("cuda"):  # the cases build their constant tensors on the default device
         assert torch.autograd.gradcheck(lambda a, b: GRADCHECK_CASES[name](a, b, y), (fs, ft))
@@ -454,3 +462,57 @@ def test_no_relation_matrix_is_allocated():
         torch.cuda.synchronize()
         extra = torch.cuda.max_memory_allocated() - before
         assert extra < (n * n * 4) // 3, f"{name}: {extra / 2**20:.0f} MiB extra"
+
+
+# ------------------------------------------------------------------- DDP
+# Two gloo ranks sharing the GPU with CUDA tensors: relkd.distributed moves
+# the collectives' tensors to the CPU for gloo (the code path NCCL takes
+# with the GPU itself). Shares sum to the one-process loss, gradients match.
+DDP_N, DDP_SHARDS = 300, (140, 160)
+
+
+def ddp_batch():
+    fs = embeddings(DDP_N, 16, seed=21, dtype=F64)
+    return fs, correlated(fs, seed=22, noise=0.7), labels("random", DDP_N, 23)
+
+
+DDP_LOSSES = {
+    "rad": lambda fs, ft, y, **kw: Fn.rad_loss(fs, ft, y, k=5, metric="l2", **kw),
+    "ekd": lambda fs, ft, y, **kw: Fn.ekd_loss(
+        fs, ft, y, torch.zeros(6, dtype=F64, device=fs.device),
+        torch.zeros(6, dtype=F64, device=fs.device), topk=50, **kw)[0],
+    "cckd": lambda fs, ft, y, **kw: Fn.cckd_loss(fs, ft, **kw),
+    "rkd": lambda fs, ft, y, **kw: Fn.rkd_loss(fs, ft, angle_weight=0.0, **kw),
+}
+
+
+def ddp_worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    lo = sum(DDP_SHARDS[:rank])
+    rows = slice(lo, lo + DDP_SHARDS[rank])
+    fs, ft, y = ddp_batch()
+    results = {}
+    for name, fn in DDP_LOSSES.items():
+        part = fs[rows].cuda().requires_grad_()
+        loss = fn(part, ft[rows].cuda(), y[rows].cuda(), gather=True)
+        loss.backward()
+        results[name] = (loss.detach().cpu(), part.grad.cpu())
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # gloo teardown race at interpreter exit (see README)
+
+
+def test_ddp_shares_with_cuda_tensors():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(ddp_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    fs, ft, y = ddp_batch()
+    for name, fn in DDP_LOSSES.items():
+        whole = fs.cuda().requires_grad_()
+        loss = fn(whole, ft.cuda(), y.cuda())
+        loss.backward()
+        torch.testing.assert_close(sum(r[name][0] for r in ranks), loss.detach().cpu(),
+                                   rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(torch.cat([r[name][1] for r in ranks]), whole.grad.cpu(),
+                                   rtol=1e-9, atol=1e-13)

@@ -120,3 +120,13 @@ def test_opcheck(dtype):
                  (x[40:], x, y[40:], y, ids, None, key, 0, 10)]:
         torch.library.opcheck(torch.ops.relkd.pair_topk.default, args)
     torch.library.opcheck(ops.negative_pair_select, (x, y, [10, 100], 30, None, None, 0, ""))
+
+
+def test_op_arguments_are_checked():
+    x = reference.normalize(embeddings(20, 4, seed=1), torch.float32)
+    y = labels("random", 20, 2)
+    with pytest.raises(ValueError, match="prefixes must be distinct"):
+        torch.ops.relkd.pair_histogram(x, None, y, None, None, None,
+                                       torch.tensor([3, 3]), 0)
+    with pytest.raises(ValueError, match="threshold_key must be a 32-bit order key"):
+        torch.ops.relkd.pair_topk(x, None, y, None, None, None, 1 << 40, 0, 5)

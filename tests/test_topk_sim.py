@@ -189,3 +189,13 @@ def test_few_queries_against_a_large_bank_are_split_across_threads(n):
         assert torch.equal(values, runs[0][0]) and torch.equal(indices, runs[0][1])
     want = torch.topk(a @ b.T, 33, dim=1)
     torch.testing.assert_close(runs[0][0], want.values)
+
+
+def test_minus_infinity_outranks_nan_even_after_a_nan_bar():
+    # Four NaN similarities fill a k=2 selection (its bar is NaN) before a
+    # -inf one arrives, which still ranks above NaN (SPEC §9).
+    q = torch.ones(1, 1, dtype=torch.float64)
+    c = torch.tensor([[float("nan")]] * 4 + [[-float("inf")]], dtype=torch.float64)
+    values, indices = ops.topk_sim(q, c, 2)
+    assert indices.tolist() == [[4, 0]]
+    assert values[0, 0] == -float("inf") and torch.isnan(values[0, 1])

@@ -187,6 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_topk_cpu(
   const auto in = select_inputs(x_r, x_c, labels_r, labels_c, ids_r, ids_c);
   TORCH_CHECK_VALUE(topk >= 0, "topk must be >= 0, got ", topk);
   TORCH_CHECK_VALUE(n_equal >= 0, "n_equal must be >= 0, got ", n_equal);
+  check_threshold_key(x_r.scalar_type() == at::kDouble ? 64 : 32, threshold_key);
   return AT_DISPATCH_FLOATING_TYPES(x_r.scalar_type(), "pair_topk", [&] {
     return topk_impl<scalar_t>(in, threshold_key, n_equal, topk);
   });

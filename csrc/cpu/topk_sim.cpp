@@ -49,12 +49,9 @@ struct RowSelect {
     return ranks_below(b.first, b.second, a.first, a.second);
   }
 
-  // Every non-NaN value above this beats the bar (NaN never does; -inf
-  // cannot occur as a dot product of normalised rows).
-  T threshold() const {
-    if (!has_bar || std::isnan(bar_v)) return -std::numeric_limits<T>::infinity();
-    return bar_v;
-  }
+  // A value above this beats the bar (scan_row offers every value while
+  // the bar is NaN, so it is a number here).
+  T threshold() const { return bar_v; }
 
   void offer(T v, int64_t j) {
     if (has_bar && !ranks_below(bar_v, bar_j, v, j)) return;
@@ -133,7 +130,9 @@ void scan_row(RowSelect<T>& sel, const T* row, const T* scale, int64_t n, int64_
   const T* sc = scale ? scale + c0 : nullptr;
   auto value = [&](int64_t t) { return sc ? row[t] * sc[t] : row[t]; };
   int64_t t = 0;
-  for (; t < n && !sel.has_bar; ++t) {
+  // Until there is a bar, and while it is NaN (fewer than k numbers so far,
+  // and -inf still beats it), every valid value is offered.
+  for (; t < n && (!sel.has_bar || std::isnan(sel.bar_v)); ++t) {
     if (valid(i, c0 + t)) sel.offer(value(t), c0 + t);
   }
   while (t < n) {

@@ -1,7 +1,15 @@
 // Device helpers shared by relkd's CUDA kernels. Torch-free.
+//
+// RELKD_EMULATE builds these units as plain C++ on the CPU, each CUDA thread
+// a host thread (tests/cuda_emulation/cuda_emulation.h), so that the CPU-only
+// CI runs the kernels' very code against the CPU kernels.
 #pragma once
 
+#ifdef RELKD_EMULATE
+#include "cuda_emulation.h"
+#else
 #include <cuda_runtime.h>
+#endif
 #include <stdint.h>
 
 #include "../pair_math.h"
@@ -13,6 +21,14 @@ namespace cuda {
 constexpr int kThreads = 256;  // threads per block of every relkd kernel
 
 inline cudaStream_t as_stream(Stream s) { return static_cast<cudaStream_t>(s); }
+
+// kernel<<<grid, block, 0, stream>>>(args) as RELKD_LAUNCH(grid, block,
+// stream, kernel)(args), so that the emulated build can run it.
+#ifdef RELKD_EMULATE
+#define RELKD_LAUNCH(grid, block, stream, ...) ::relkd_emulation::launch(grid, block, __VA_ARGS__)
+#else
+#define RELKD_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<grid, block, 0, as_stream(stream)>>>
+#endif
 
 // Status of the last launch (a launch error, e.g. a bad configuration,
 // surfaces here; errors inside a kernel surface at the next synchronising

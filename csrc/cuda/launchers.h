@@ -38,6 +38,10 @@ struct TileView {
 };
 
 // ------------------------------------------------------------- topk_sim
+// Values a row's selection takes between two selections: the state's
+// capacity must exceed k by at least this much.
+constexpr int64_t kTopkChunk = 1024;
+
 // Per-row running selection of the best (value, column) pairs, kept in
 // device buffers across the column tiles of one block of query rows.
 template <typename T>

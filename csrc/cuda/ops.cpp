@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "../op_checks.h"
+#include "../schemas.h"
 #include "../tile_plan.h"
 #include "launchers.h"
 
@@ -30,11 +31,15 @@ namespace {
 
 constexpr int64_t kTileBytes = int64_t(256) << 20;  // budget of every op's tile buffers
 constexpr int64_t kTopkColumns = 8192;              // bank columns per top-k tile
-constexpr int64_t kOfferChunk = 1024;               // values a top-k row takes between selections
 
 cuda::Stream current_stream(const at::Tensor& t) {
+#ifdef RELKD_EMULATE
+  (void)t;
+  return nullptr;  // the emulated kernels run synchronously on the host
+#else
   const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
   return impl->getStream(t.device()).native_handle();
+#endif
 }
 
 void check_launch(int code, const char* what) {
@@ -96,7 +101,7 @@ void topk_sim_impl(const at::Tensor& q, const at::Tensor& c, int64_t k, const at
   const int64_t n = q.size(0), m = c.size(0), k_buf = std::min(k, m);
   const auto stream = current_stream(q);
   const int64_t cols = std::min(m, kTopkColumns);
-  const int64_t cap = k_buf + std::max(k_buf, kOfferChunk);
+  const int64_t cap = k_buf + std::max(k_buf, cuda::kTopkChunk);
   const int64_t row_bytes = cols * int64_t(sizeof(T)) + cap * int64_t(sizeof(T) + 4) + 32;
   const int64_t block_rows = std::max<int64_t>(1, std::min(n, kTileBytes / row_bytes));
   const cuda::TopkValidity valid{ptr<int64_t>(q_labels), ptr<int64_t>(c_labels), exclude_self,
@@ -323,9 +328,10 @@ Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool g
   }
   auto empty = [&] { return at::empty({0}, opts); };
   at::Tensor grad_params = empty();
+  // Copies: outputs must not alias each other (nor the sums they come from).
   if (grad_s && kind.params_grad)
-    grad_params = sums.narrow(0, 1, in.params.numel()).to(opts.dtype());
-  return {sums[0].to(opts.dtype()),
+    grad_params = sums.narrow(0, 1, in.params.numel()).to(opts.dtype(), false, true);
+  return {sums[0].to(opts.dtype(), false, true),
           grad_s ? g_sr : empty(),
           grad_s && !sym ? g_sc : empty(),
           grad_t ? g_tr : empty(),
@@ -358,25 +364,32 @@ constexpr pm::Mask kNegative = pm::Mask::UpperDiffLabel;
 constexpr int64_t kDigits = int64_t(1) << 16;
 
 struct SelectPlan {
-  int64_t block;
+  int64_t tile_elems;  // elements of the largest tile
   std::vector<Tile> tiles;
   cuda::TileMask mask;
 };
 
-SelectPlan select_plan(const SelectArgs& in, int64_t buffers, int64_t elem_bytes) {
-  const int64_t block = square_block(buffers, elem_bytes);
-  return {block, device_tiles(kNegative, in.symmetric, block, in.x_r.size(0), in.x_c.size(0),
-                              in.ids_r, in.ids_c, in.lab_r, in.lab_c, in.x_r.options()),
+// The tiles of pair_histogram and pair_topk. Both ops must see every pair's
+// similarity rounded alike (a threshold found by one is applied by the
+// other), so they use the same tiles: one block size for both, fitting
+// pair_topk's buffers (the tile and its int64 tie keys) in the budget.
+SelectPlan select_plan(const SelectArgs& in) {
+  const int64_t elem_bytes = in.x_r.element_size() + int64_t(sizeof(int64_t));
+  const int64_t block = square_block(1, elem_bytes);
+  const int64_t n_r = in.x_r.size(0), n_c = in.x_c.size(0);
+  return {std::min(block, n_r) * std::min(block, n_c),
+          device_tiles(kNegative, in.symmetric, block, n_r, n_c, in.ids_r, in.ids_c, in.lab_r,
+                       in.lab_c, in.x_r.options()),
           tile_mask(kNegative, in.symmetric, in.ids_r, in.ids_c, in.lab_r, in.lab_c)};
 }
 
 template <typename T>
 at::Tensor histogram_impl(const SelectArgs& in, const at::Tensor& prefixes, int64_t shift) {
-  const auto plan = select_plan(in, 1, sizeof(T));
+  const auto plan = select_plan(in);
   const auto stream = current_stream(in.x_r);
   auto hist = at::zeros({prefixes.numel(), kDigits}, prefixes.options());
   if (plan.tiles.empty() || prefixes.numel() == 0) return hist;
-  at::Tensor buf = at::empty({plan.block * plan.block}, in.x_r.options());
+  at::Tensor buf = at::empty({plan.tile_elems}, in.x_r.options());
   for (const Tile& t : plan.tiles) {
     const auto s = tile_product(buf, in.x_r, in.x_c, t);
     check_launch(cuda::pair_histogram_tile(
@@ -443,25 +456,28 @@ T value_of_key(uint64_t key) {  // inverse of pm::order_key
   return v;
 }
 
+// The candidates of pair_topk: the pairs above tau (at most topk of them,
+// `n_above` counts them all) and the eq_cap smallest tie keys at tau.
+struct Candidates {
+  at::Tensor above_v, above_i, above_j, ties;
+  int64_t n_above;
+};
+
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_impl(const SelectArgs& in, uint64_t tau,
-                                                         int64_t n_equal, int64_t topk) {
+Candidates collect_candidates(const SelectArgs& in, uint64_t tau, int64_t eq_cap, int64_t topk) {
   const auto opts = in.x_r.options();
   const auto long_opts = opts.dtype(at::kLong);
-  at::Tensor values = at::full({topk}, -std::numeric_limits<double>::infinity(), opts);
-  at::Tensor rows = at::full({topk}, -1, long_opts), cols = at::full({topk}, -1, long_opts);
-  const int64_t eq_cap = std::min(n_equal, topk);
-  const auto plan = select_plan(in, eq_cap > 0 ? 3 : 1, sizeof(T));
-  if (topk == 0 || plan.tiles.empty()) return {values, rows, cols};
+  const auto plan = select_plan(in);
   const auto stream = current_stream(in.x_r);
-  auto above_v = at::empty({topk}, opts);
-  auto above_i = at::empty({topk}, long_opts), above_j = at::empty({topk}, long_opts);
+  Candidates c{at::empty({topk}, opts), at::empty({topk}, long_opts),
+               at::empty({topk}, long_opts), at::empty({0}, long_opts), 0};
   auto counters = at::zeros({2}, long_opts);  // pairs above tau, ties in the current tile
   auto* above_count = reinterpret_cast<unsigned long long*>(ptr<int64_t>(counters));
   auto* tie_count = above_count + 1;
-  at::Tensor buf = at::empty({plan.block * plan.block}, opts);
-  at::Tensor tie_keys = eq_cap > 0 ? at::empty({plan.block * plan.block}, long_opts) : at::Tensor();
-  at::Tensor ties = at::empty({0}, long_opts);  // the eq_cap smallest (i << 32 | j) so far
+  at::Tensor buf = at::empty({plan.tile_elems}, opts);
+  at::Tensor tie_keys = eq_cap > 0 ? at::empty({plan.tile_elems}, long_opts) : at::Tensor();
+  at::Tensor& ties = c.ties;  // the eq_cap smallest (i << 32 | j) so far
+  at::Tensor &above_v = c.above_v, &above_i = c.above_i, &above_j = c.above_j;
   for (const Tile& t : plan.tiles) {
     const auto s = tile_product(buf, in.x_r, in.x_c, t);
     counters[1].zero_();
@@ -478,14 +494,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_impl(const SelectArgs& in, u
     ties = std::get<0>(at::sort(at::cat({ties, smallest}))).narrow(
         0, 0, std::min<int64_t>(eq_cap, ties.numel() + smallest.numel()));
   }
-  const int64_t n_above = counters[0].item<int64_t>();
-  if (n_above > topk) {
-    // More pairs above tau than may be returned: the best topk of them are
-    // the pairs above the topk-th key, plus that key's first ties.
+  c.n_above = counters[0].item<int64_t>();
+  return c;
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_impl(const SelectArgs& in, uint64_t tau,
+                                                         int64_t n_equal, int64_t topk) {
+  const auto opts = in.x_r.options();
+  const auto long_opts = opts.dtype(at::kLong);
+  at::Tensor values = at::full({topk}, -std::numeric_limits<double>::infinity(), opts);
+  at::Tensor rows = at::full({topk}, -1, long_opts), cols = at::full({topk}, -1, long_opts);
+  if (topk == 0 || in.x_r.size(0) == 0 || in.x_c.size(0) == 0) return {values, rows, cols};
+  Candidates c = collect_candidates<T>(in, tau, std::min(n_equal, topk), topk);
+  if (c.n_above > topk) {
+    // More pairs above tau than may be returned (only when the op is called
+    // with a low threshold): the best topk of them are the pairs above the
+    // topk-th key plus that key's first ties. Histogram and collection use
+    // the same tiles, so this second collection finds at most topk - 1
+    // pairs above the new key.
     int64_t above_new = 0;
     const uint64_t tau_new = select_key<T>(in, topk - 1, &above_new);
-    return topk_impl<T>(in, tau_new, topk - above_new, topk);
+    c = Candidates{};  // free the first collection's buffers
+    c = collect_candidates<T>(in, tau_new, topk - above_new, topk);
+    tau = tau_new;
+    TORCH_CHECK(c.n_above < topk, "relkd pair_topk: inconsistent candidate counts (",
+                c.n_above, " pairs above the ", topk, "-th key)");
   }
+  const int64_t n_above = c.n_above;
+  const at::Tensor &above_v = c.above_v, &above_i = c.above_i, &above_j = c.above_j;
+  const at::Tensor& ties = c.ties;
   // Above tau: value descending, then (i, j) (stable sorts, least key first).
   auto order = std::get<1>(at::sort(above_j.narrow(0, 0, n_above), true, 0, false));
   order = order.index_select(
@@ -516,6 +554,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_topk_cuda(
   const auto in = check_select_args(x_r, x_c, labels_r, labels_c, ids_r, ids_c);
   TORCH_CHECK_VALUE(topk >= 0, "topk must be >= 0, got ", topk);
   TORCH_CHECK_VALUE(n_equal >= 0, "n_equal must be >= 0, got ", n_equal);
+  check_threshold_key(x_r.scalar_type() == at::kDouble ? 64 : 32, threshold_key);
   c10::DeviceGuard guard(x_r.device());
   // Ties are ranked by (i << 32 | j): ids must fit 31 bits.
   for (const at::Tensor& ids : {in.ids_r, in.ids_c})
@@ -532,7 +571,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_topk_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(relkd, CUDA, m) {
+#ifdef RELKD_EMULATE
+// The CPU-emulated build (tests/cuda_emulation): the same glue and kernels as
+// operators relkd_emulated::* on CPU tensors.
+TORCH_LIBRARY(relkd_emulated, m) { define_operators(m); }
+#define RELKD_GLUE_IMPL TORCH_LIBRARY_IMPL(relkd_emulated, CPU, m)
+#else
+#define RELKD_GLUE_IMPL TORCH_LIBRARY_IMPL(relkd, CUDA, m)
+#endif
+
+RELKD_GLUE_IMPL {
   m.impl("topk_sim", &topk_sim_cuda);
   m.impl("pair_dot", &pair_dot_cuda);
   m.impl("pair_dot_backward", &pair_dot_backward_cuda);

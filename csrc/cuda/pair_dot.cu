@@ -59,7 +59,7 @@ int forward(const T* a, const T* b, const int64_t* idx, int64_t n, int64_t k, in
             Stream stream) {
   if (n * k == 0) return 0;
   const int64_t blocks = blocks_for(n * k * kWarp, kThreads);
-  forward_kernel<T><<<blocks, kThreads, 0, as_stream(stream)>>>(a, b, idx, n, k, d, out);
+  RELKD_LAUNCH(blocks, kThreads, stream, forward_kernel<T>)(a, b, idx, n, k, d, out);
   return launched();
 }
 
@@ -67,7 +67,7 @@ template <typename T>
 int grad_rows(const T* grad, const T* b, const int64_t* idx, int64_t n, int64_t k, int64_t d,
               T* grad_a, Stream stream) {
   if (n * d == 0) return 0;
-  grad_rows_kernel<T><<<blocks_for(n * d, kThreads), kThreads, 0, as_stream(stream)>>>(
+  RELKD_LAUNCH(blocks_for(n * d, kThreads), kThreads, stream, grad_rows_kernel<T>)(
       grad, b, idx, n, k, d, grad_a);
   return launched();
 }
@@ -76,7 +76,7 @@ template <typename T>
 int grad_columns(const T* grad, const T* a, const int64_t* entries, const int64_t* start,
                  int64_t m, int64_t k, int64_t d, T* grad_b, Stream stream) {
   if (m * d == 0) return 0;
-  grad_columns_kernel<T><<<blocks_for(m * d, kThreads), kThreads, 0, as_stream(stream)>>>(
+  RELKD_LAUNCH(blocks_for(m * d, kThreads), kThreads, stream, grad_columns_kernel<T>)(
       grad, a, entries, start, m, k, d, grad_b);
   return launched();
 }

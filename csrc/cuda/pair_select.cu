@@ -96,7 +96,7 @@ template <typename T>
 int histogram(const T* s, const TileView& view, const TileMask& mask, const int64_t* prefixes,
               int64_t n_prefix, int shift, unsigned long long* hist, Stream stream) {
   if (view.rows * view.cols == 0) return 0;
-  histogram_kernel<T><<<pair_tile_blocks(view), kThreads, 0, as_stream(stream)>>>(
+  RELKD_LAUNCH(pair_tile_blocks(view), kThreads, stream, histogram_kernel<T>)(
       s, view, mask, prefixes, n_prefix, shift, hist);
   return launched();
 }
@@ -107,7 +107,7 @@ int collect(const T* s, const TileView& view, const TileMask& mask, uint64_t tau
             unsigned long long* above_count, int64_t* tie_keys, unsigned long long* tie_count,
             Stream stream) {
   if (view.rows * view.cols == 0) return 0;
-  collect_kernel<T><<<pair_tile_blocks(view), kThreads, 0, as_stream(stream)>>>(
+  RELKD_LAUNCH(pair_tile_blocks(view), kThreads, stream, collect_kernel<T>)(
       s, view, mask, tau, above_v, above_i, above_j, above_cap, above_count, tie_keys,
       tie_count);
   return launched();
@@ -139,7 +139,7 @@ int pair_tile(const PairTileArgs<double>& a, const TileView& v, const TileMask& 
 }
 
 int sum_partials(const double* partials, int64_t parts, double* out, Stream stream) {
-  sum_partials_kernel<<<1, kThreads, 0, as_stream(stream)>>>(partials, parts, out);
+  RELKD_LAUNCH(1, kThreads, stream, sum_partials_kernel)(partials, parts, out);
   return launched();
 }
 

@@ -87,7 +87,7 @@ template <typename T, typename Terms>
 int launch_pair_tile(const Terms& terms, const PairTileArgs<T>& args, const TileView& view,
                      const TileMask& mask, Stream stream) {
   if (view.rows * view.cols == 0) return 0;
-  pair_tile_kernel<T, Terms><<<pair_tile_blocks(view), kThreads, 0, as_stream(stream)>>>(
+  RELKD_LAUNCH(pair_tile_blocks(view), kThreads, stream, pair_tile_kernel<T, Terms>)(
       terms, args, view, mask);
   return launched();
 }

@@ -15,6 +15,7 @@ namespace {
 
 constexpr int kPerThread = 4;
 constexpr int64_t kChunk = kThreads * kPerThread;  // values offered between compactions
+static_assert(kChunk == kTopkChunk, "the glue sizes the selection state by kTopkChunk");
 
 // Composite ranking key of a (value, column) pair: hi = the value's order
 // key (32 or 64 bits), lo = ~column. Larger is better.
@@ -228,8 +229,8 @@ template <typename T>
 int offer(const T* tile, const TileView& view, int64_t block_r0, const T* scale,
           const TopkValidity& valid, const TopkState<T>& st, Stream stream) {
   if (view.rows == 0 || view.cols == 0) return 0;
-  offer_tile_kernel<T><<<view.rows, kThreads, 0, as_stream(stream)>>>(tile, view, block_r0,
-                                                                      scale, valid, st);
+  RELKD_LAUNCH(view.rows, kThreads, stream, offer_tile_kernel<T>)(tile, view, block_r0, scale,
+                                                                  valid, st);
   return launched();
 }
 
@@ -237,7 +238,7 @@ template <typename T>
 int finish(const TopkState<T>& st, int64_t rows, int64_t out_k, T* values, int64_t* indices,
            Stream stream) {
   if (rows == 0) return 0;
-  finish_kernel<T><<<rows, kThreads, 0, as_stream(stream)>>>(st, out_k, values, indices);
+  RELKD_LAUNCH(rows, kThreads, stream, finish_kernel<T>)(st, out_k, values, indices);
   return launched();
 }
 

@@ -1,0 +1,50 @@
+// Schemas of every relkd operator, in one place: the relkd library defines
+// them (csrc/ops.cpp), and so does the CPU-emulated build of the CUDA kernels
+// that the tests compile (tests/cuda_emulation).
+#pragma once
+
+#include <torch/library.h>
+
+namespace relkd {
+
+inline void define_operators(torch::Library& m) {
+  // Per row i of q: the k largest c_scale[j] * q_i.c_j over valid columns j
+  // (c_labels[j] != q_labels[i]; j != i + self_offset when exclude_self),
+  // sorted descending, ties to the smaller j, padding (-inf, -1).
+  m.def(
+      "topk_sim(Tensor q, Tensor c, int k, Tensor? q_labels=None, Tensor? c_labels=None, "
+      "Tensor? c_scale=None, bool exclude_self=False, int self_offset=0) -> (Tensor, Tensor)");
+
+  // out[i, s] = a_i . b_{idx[i, s]}, 0 where idx is -1.
+  m.def("pair_dot(Tensor a, Tensor b, Tensor idx) -> Tensor");
+  m.def(
+      "pair_dot_backward(Tensor grad, Tensor a, Tensor b, Tensor idx, bool need_a, bool need_b) "
+      "-> (Tensor, Tensor)");
+
+  // Sum over the (row, column) pairs selected by the kind's mask of the
+  // kind's pair loss, and its gradients (see csrc/cpu/pair_kinds.h). xs_c /
+  // xt_c None = columns are the rows (symmetric case). Returns
+  // (loss, grad_xs_r, grad_xs_c, grad_xt_r, grad_xt_c, grad_params); a
+  // gradient that was not asked for is an empty tensor.
+  m.def(
+      "pairwise_loss(str kind, Tensor xs_r, Tensor? xt_r, Tensor? xs_c, Tensor? xt_c, "
+      "Tensor? labels_r, Tensor? labels_c, Tensor? ids_r, Tensor? ids_c, Tensor params, "
+      "bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // Negative pairs (id_i < id_j, labels differ): histogram of the 16-bit
+  // digit at `shift` of the order keys of x_i.x_j, one histogram per key
+  // prefix (the key bits above shift + 16). Returns int64 (P, 65536).
+  m.def(
+      "pair_histogram(Tensor x_r, Tensor? x_c, Tensor labels_r, Tensor? labels_c, Tensor? ids_r, "
+      "Tensor? ids_c, Tensor prefixes, int shift) -> Tensor");
+
+  // Negative pairs with order key > threshold_key, plus the first n_equal
+  // (by (id_i, id_j)) with key == threshold_key; at most topk, sorted by value
+  // descending then (id_i, id_j). Returns (values, id_i, id_j) of length
+  // topk, padded with (-inf, -1, -1). threshold_key is the key's bit pattern.
+  m.def(
+      "pair_topk(Tensor x_r, Tensor? x_c, Tensor labels_r, Tensor? labels_c, Tensor? ids_r, "
+      "Tensor? ids_c, int threshold_key, int n_equal, int topk) -> (Tensor, Tensor, Tensor)");
+}
+
+}  // namespace relkd

@@ -1,0 +1,185 @@
+"""The CUDA backend's own code, run on the CPU: the glue (csrc/cuda/ops.cpp)
+and every kernel (csrc/cuda/*.cu) compiled as C++ with -DRELKD_EMULATE,
+each CUDA thread a host thread (tests/cuda_emulation/cuda_emulation.h), and
+registered as relkd_emulated::* operators on CPU tensors. Every op is
+compared with the CPU kernels (themselves tested against the reference):
+multi-tile top-k with labels, self exclusion, scale, NaN and padding;
+pair_dot and its backward; every pairwise_loss kind, symmetric and
+rectangular, with gradients; histograms and top-k pairs, with ties beyond
+capacity and thresholds below more pairs than returned. This is what CI can
+check of the GPU code without a GPU (tests/test_cuda.py runs on one)."""
+import os
+import pathlib
+
+import pytest
+import torch
+from torch.utils.cpp_extension import load
+
+from relkd import ops, reference
+
+from helpers import embeddings, labels, requires_extension
+
+pytestmark = requires_extension
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+F32, F64 = torch.float32, torch.float64
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    """Builds (once per source change; torch caches it) and loads the
+    emulated CUDA backend; its ops are torch.ops.relkd_emulated.*."""
+    build = ROOT / "build" / "cuda_emulated"
+    build.mkdir(parents=True, exist_ok=True)
+    units = []
+    for cu in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
+        unit = build / f"{cu.stem}_emulated.cpp"  # the .cu file itself, compiled as C++
+        text = f'#include "{cu}"\n'
+        if not unit.exists() or unit.read_text() != text:
+            unit.write_text(text)
+        units.append(str(unit))
+    load(name="relkd_cuda_emulated", sources=[str(ROOT / "csrc" / "cuda" / "ops.cpp")] + units,
+         extra_cflags=["-O2", "-DRELKD_EMULATE", "-pthread",
+                       f"-I{ROOT / 'tests' / 'cuda_emulation'}", f"-I{ROOT / 'csrc'}"],
+         extra_ldflags=["-pthread"], build_directory=str(build), is_python_module=False,
+         verbose=os.environ.get("RELKD_VERBOSE_BUILD") == "1")
+    return torch.ops.relkd_emulated
+
+
+def close(got, want, atol):
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        if g.is_floating_point():
+            torch.testing.assert_close(g, w, atol=atol, rtol=0, equal_nan=True)
+        else:
+            assert torch.equal(g, w)
+
+
+# ------------------------------------------------------------------ topk_sim
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("n,m,k,with_labels,scaled", [
+    (5, 20_000, 7, True, True),      # three column tiles: the per-row state persists
+    (40, 3000, 1, False, False),     # k = 1: a selection after every chunk
+    (17, 900, 300, True, False),     # k near M, compactions with many kept
+    (9, 50, 80, False, True),        # k > M: padding
+])
+def test_topk_sim_bank_mode(emulated, dtype, n, m, k, with_labels, scaled):
+    q, c = embeddings(n, 12, seed=n, dtype=dtype), embeddings(m, 12, seed=m, dtype=dtype)
+    ql = labels("random", n, 1) if with_labels else None
+    cl = labels("random", m, 2) if with_labels else None
+    scale = (torch.rand(m, dtype=dtype, generator=torch.Generator().manual_seed(3)) + 0.5
+             if scaled else None)
+    got = emulated.topk_sim(q, c, k, ql, cl, scale, False, 0)
+    want = ops.topk_sim(q, c, k, ql, cl, scale, False, 0)
+    # Tile products round alike in float64 here: indices agree exactly.
+    close(got, want, atol=1e-12 if dtype == F64 else 2e-6)
+
+
+def test_topk_sim_batch_mode_self_exclusion_ties_and_nan(emulated):
+    x = embeddings(300, 6, seed=4, dtype=F64)
+    y = labels("random", 300, 5)
+    close(emulated.topk_sim(x, x, 25, y, y, None, True, 0),
+          ops.topk_sim(x, x, 25, y, y, None, True, 0), atol=1e-12)
+    ties = torch.eye(4, 6, dtype=F64).repeat(5, 1)  # exact ties: the smaller column first
+    close(emulated.topk_sim(ties, ties, 9, None, None, None, True, 3),
+          ops.topk_sim(ties, ties, 9, None, None, None, True, 3), atol=0)
+    x[7, 2] = float("nan")  # NaN ranks below every number
+    close(emulated.topk_sim(x, x, 310, None, None, None, False, 0),
+          ops.topk_sim(x, x, 310, None, None, None, False, 0), atol=1e-12)
+
+
+# ------------------------------------------------------------------ pair_dot
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_pair_dot_and_backward(emulated, dtype):
+    a, b = embeddings(70, 40, seed=1, dtype=dtype), embeddings(90, 40, seed=2, dtype=dtype)
+    idx = torch.randint(-1, 90, (70, 6), generator=torch.Generator().manual_seed(3))
+    idx[5] = 4  # a column gathered many times
+    grad = embeddings(70, 6, seed=4, dtype=dtype)
+    atol = 1e-12 if dtype == F64 else 2e-5
+    close([emulated.pair_dot(a, b, idx)], [ops.pair_dot(a, b, idx)], atol)
+    for need_a, need_b in ((True, True), (True, False), (False, True)):
+        close(emulated.pair_dot_backward(grad, a, b, idx, need_a, need_b),
+              torch.ops.relkd.pair_dot_backward(grad, a, b, idx, need_a, need_b), atol)
+
+
+# ------------------------------------------------------------- pairwise_loss
+PARAMS = {"cckd": [0.4, 0.3, 0.2], "ekd_pos": [0.1, 0.5, 0.2, 0.45, 0.25],
+          "rkd_dist_sum": [], "rkd_distance": [1.3, 0.9]}
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("kind", list(PARAMS))
+@pytest.mark.parametrize("rect", [False, True])
+def test_pairwise_loss(emulated, kind, dtype, rect):
+    raw = embeddings(600, 10, seed=5, dtype=dtype)
+    x = raw if kind.startswith("rkd") else reference.normalize(raw, dtype)
+    z = reference.normalize(embeddings(600, 8, seed=6, dtype=dtype), dtype)
+    teacher = None if kind == "rkd_dist_sum" else z
+    y = labels("random", 600, 7) if kind == "ekd_pos" else None
+    params = torch.tensor(PARAMS[kind], dtype=dtype)
+    grad_t = kind == "cckd"
+    if rect:
+        r = slice(150, 420)
+        args = (kind, x[r], None if teacher is None else teacher[r], x, teacher,
+                None if y is None else y[r], y, torch.arange(150, 420), None, params, True,
+                grad_t)
+    else:
+        args = (kind, x, teacher, None, None, y, None, None, None, params, True, grad_t)
+    got = emulated.pairwise_loss(*args)
+    want = torch.ops.relkd.pairwise_loss(*args)
+    scale = max(float(want[0].abs()), 1.0)
+    close(got, want, atol=(1e-11 if dtype == F64 else 2e-4) * scale)
+
+
+# ---------------------------------------------------------------- pair_select
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_histograms(emulated, dtype):
+    x = reference.normalize(embeddings(500, 6, seed=8, dtype=dtype), dtype)
+    y = labels("random", 500, 9)
+    bits = 64 if dtype == F64 else 32
+    top = torch.ops.relkd.pair_histogram(x, None, y, None, None, None,
+                                         torch.zeros(1, dtype=torch.long), bits - 16)
+    prefixes = torch.nonzero(top[0]).flatten()[-3:]  # digits that occur: real prefixes
+    for args in ((x, None, y, None, None, None, torch.zeros(1, dtype=torch.long), bits - 16),
+                 (x, None, y, None, None, None, prefixes, bits - 32),
+                 (x[100:300], x, y[100:300], y, torch.arange(100, 300), None, prefixes,
+                  bits - 32)):
+        close([emulated.pair_histogram(*args)], [torch.ops.relkd.pair_histogram(*args)], 0)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_top_pairs_at_the_selected_threshold(emulated, dtype):
+    x = reference.normalize(embeddings(700, 6, seed=10, dtype=dtype), dtype)
+    y = labels("random", 700, 11)
+    bits = ops.key_bits(dtype)
+
+    def histogram(prefixes, shift):
+        return torch.ops.relkd.pair_histogram(x, None, y, None, None, None, prefixes, shift)
+
+    for topk in (1, 500):
+        keys, n_above = ops.radix_select(histogram, [topk - 1], bits)
+        args = (x, None, y, None, None, None, ops.as_int64(keys[0]), topk - n_above[0], topk)
+        # The same pairs; their values from tiles of other sizes, so a few
+        # differ in the last bit.
+        close(emulated.pair_topk(*args), torch.ops.relkd.pair_topk(*args),
+              atol=1e-15 if dtype == F64 else 1e-7)
+
+
+def test_top_pairs_with_ties_beyond_any_buffer(emulated):
+    # Every similarity is exactly 1: the top-k are the first pairs (i, j).
+    x = torch.ones(300, 4, dtype=F64) / 2
+    y = torch.arange(300) % 7
+    tau = ops.as_int64(ops.radix_select(
+        lambda p, s: torch.ops.relkd.pair_histogram(x, None, y, None, None, None, p, s),
+        [0], 64)[0][0])
+    for n_equal, topk in ((5000, 5000), (17, 40), (0, 10)):
+        args = (x, None, y, None, None, None, tau, n_equal, topk)
+        close(emulated.pair_topk(*args), torch.ops.relkd.pair_topk(*args), atol=0)
+
+
+def test_top_pairs_below_a_low_threshold_are_the_best(emulated):
+    # A threshold below many more pairs than topk (the op called directly).
+    x = reference.normalize(embeddings(300, 6, seed=12, dtype=F64), F64)
+    y = labels("random", 300, 13)
+    for threshold_key in (1, 0):
+        args = (x, None, y, None, None, None, threshold_key, 3, 50)
+        close(emulated.pair_topk(*args), torch.ops.relkd.pair_topk(*args), atol=1e-15)
