@@ -9,15 +9,30 @@ NVCC ?= nvcc
 
 .PHONY: deps build test test-large demo bench bench-quick nvcc-check cxx-test sanitize clean
 
+# What the build and the tests need, installed only where missing. ninja
+# compiles the C++ units in parallel (MAX_JOBS); the build works without it.
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==$(TORCH_VERSION)
 	@$(PYTHON) -c "import pytest, hypothesis, numpy" 2>/dev/null || \
 		$(PIP) install pytest hypothesis numpy
+	@$(PYTHON) -c "import ninja" 2>/dev/null || $(PIP) install ninja || \
+		echo "ninja could not be installed: the extension builds one unit at a time"
 
-# Builds relkd._C in place against the installed torch (see DESIGN/README:
-# never an isolated build, which would fetch another torch).
-build: deps
-	$(PIP) install --no-build-isolation --no-deps -e .
+# relkd._C in place against the installed torch. The first build is an
+# editable install (relkd importable from anywhere); later ones recompile
+# only what changed (ninja, build/ext; nvcc units are cached in
+# build/relkd_cuda), and an unchanged tree is not rebuilt at all.
+EXTENSION_SOURCES := setup.py $(shell find csrc -type f)
+EXTENSION_STAMP := build/.extension-stamp
+build: deps $(EXTENSION_STAMP)
+
+$(EXTENSION_STAMP): $(EXTENSION_SOURCES)
+	@if $(PYTHON) -P -c "import relkd, sys; sys.exit(relkd.__file__ != '$(CURDIR)/relkd/__init__.py')" 2>/dev/null; then \
+		$(PYTHON) setup.py -q build_ext --inplace --build-temp build/ext; \
+	else \
+		$(PIP) install --no-build-isolation --no-deps -e .; \
+	fi
+	@mkdir -p build && touch $@
 
 test: build
 	$(PYTHON) -m pytest tests
@@ -83,4 +98,4 @@ sanitize: deps
 	cd cmake-build-sanitize && ASAN_OPTIONS=detect_leaks=0 ctest --output-on-failure
 
 clean:
-	rm -rf build cmake-build cmake-build-sanitize relkd/_C*.so *.egg-info
+	rm -rf build cmake-build cmake-build-sanitize relkd/_C*.so *.egg-info bench-output

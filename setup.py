@@ -1,6 +1,11 @@
 """Build of relkd._C, the C++ extension holding every fused relkd kernel.
 
-    pip install --no-build-isolation .      (against the torch already installed)
+    pip install .                           (against the torch already installed;
+                                             build_backend/relkd_build.py says how)
+    pip install --no-build-isolation .      (the same, with this environment's setuptools)
+
+The wheel requires torch==X.Y.* of the torch it was built against: the
+extension's C++ ABI is that torch's.
 
 CPU kernels (csrc/cpu) are always compiled. CUDA kernels (csrc/cuda) are
 compiled too when a CUDA toolkit is found (CUDA_HOME / CUDA_PATH, nvcc on the
@@ -27,9 +32,14 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+try:
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError:
+    sys.exit("relkd: building the extension needs PyTorch, which this Python cannot import; "
+             "install it first (pip install torch), then run pip install . again")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0+PTX"
@@ -173,6 +183,7 @@ def extension():
                     "-fno-omit-frame-pointer", "-g"]
         cxx_flags = [f for f in cxx_flags if f != "-O3"] + ["-O1"] + sanitize
         link_flags += sanitize
+    cxx_flags.append(f"-DRELKD_TORCH_VERSION={torch_major_minor()}")
     cpp = ["csrc/ops.cpp"] + sources("csrc/cpu/*.cpp")
     home = cuda_enabled()
     if home:
@@ -186,8 +197,13 @@ def extension():
     return ext
 
 
+def torch_major_minor():
+    return ".".join(torch.__version__.split("+")[0].split(".")[:2])
+
+
 setup(
     packages=["relkd"],
+    install_requires=[f"torch=={torch_major_minor()}.*"],
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExt.with_options(no_python_abi_suffix=False)},
 )

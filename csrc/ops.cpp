@@ -19,17 +19,24 @@ extern "C" PyObject* PyInit__C(void) {
 }
 #endif
 
-// What this build holds, for `python -m relkd`: the CUDA architectures its
-// kernels were compiled for (setup.py defines them; none in a CPU build) and
-// the CUDA runtime they use.
+// What this build holds, for `python -m relkd` and relkd.ops' load check:
+// the torch (major.minor) it was compiled against, the CUDA architectures
+// its kernels were compiled for (none in a CPU build) and the CUDA runtime
+// they use. setup.py defines them.
 #define RELKD_STRINGIFY(x) #x
 #define RELKD_TO_STRING(x) RELKD_STRINGIFY(x)
+#ifndef RELKD_TORCH_VERSION
+#define RELKD_TORCH_VERSION unknown
+#endif
 #ifdef RELKD_CUDA_ARCHS
 static std::string build_info() {
-  return "cuda_archs=" RELKD_TO_STRING(RELKD_CUDA_ARCHS) " cudart=" RELKD_TO_STRING(RELKD_CUDART);
+  return "torch=" RELKD_TO_STRING(RELKD_TORCH_VERSION) " cuda_archs=" RELKD_TO_STRING(
+      RELKD_CUDA_ARCHS) " cudart=" RELKD_TO_STRING(RELKD_CUDART);
 }
 #else
-static std::string build_info() { return "cuda_archs= cudart="; }
+static std::string build_info() {
+  return "torch=" RELKD_TO_STRING(RELKD_TORCH_VERSION) " cuda_archs= cudart=";
+}
 #endif
 
 TORCH_LIBRARY(relkd, m) {

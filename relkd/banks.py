@@ -67,16 +67,16 @@ class PrototypeBank(nn.Module):
         if group is not None:
             ft, y = gather_rows(ft.detach(), group), gather_rows(y, group)
         z = F.normalize(ft.detach().to(self.prototypes.dtype), dim=1, eps=EPS)
-        y = y.long()
-        sums = torch.zeros_like(self.prototypes).index_add_(0, y, z)
-        counts = torch.zeros(num_classes, device=z.device, dtype=z.dtype).index_add_(
-            0, y, torch.ones_like(y, dtype=z.dtype))
-        present = counts > 0
-        means = sums[present] / counts[present, None]
-        old = self.prototypes[present]
-        keep = torch.where(self.seen[present, None], self.momentum, 0.0).to(z.dtype)
-        self.prototypes[present] = F.normalize(keep * old + (1 - keep) * means, dim=1, eps=EPS)
-        self.seen |= present
+        # Only the identities of this batch are touched: O(batch * dim), not
+        # a bank-sized temporary per call (a million classes cost nothing more).
+        ids, slot = torch.unique(y.long(), return_inverse=True)
+        sums = z.new_zeros(len(ids), dim).index_add_(0, slot, z)
+        counts = torch.bincount(slot, minlength=len(ids)).to(z.dtype)
+        means = sums / counts[:, None]
+        keep = torch.where(self.seen[ids, None], self.momentum, 0.0).to(z.dtype)
+        self.prototypes[ids] = F.normalize(keep * self.prototypes[ids] + (1 - keep) * means,
+                                           dim=1, eps=EPS)
+        self.seen[ids] = True
 
     def active(self):
         """(prototypes, labels) of the identities seen so far: the bank to pass

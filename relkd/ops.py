@@ -39,14 +39,25 @@ def _load_extension() -> Tuple[str, Optional[str]]:
         return "not built", (
             f"the compiled extension {name} is not built{f' ({find_error})' if find_error else ''}"
             "; build it with `pip install .` (or `make build` in a source tree)")
+    rebuild = "rebuild it with `pip install --force-reinstall --no-deps .`"
     try:
         importlib.import_module(name)  # loading it registers torch.ops.relkd.*
     except Exception as exc:  # noqa: BLE001  (any loader error: ABI mismatch, bad file)
         return "failed to load", (
             f"the compiled extension {spec.origin} exists but failed to load: {exc}. It was "
             f"probably built against another torch than this one ({torch.__version__}); "
-            "rebuild it with `pip install --no-build-isolation --force-reinstall .`")
+            f"{rebuild}")
+    built = _info_of(torch.ops.relkd.build_info()).get("torch", "unknown")
+    running = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    if built not in (running, "unknown"):  # its C++ ABI is that torch's: do not use it
+        return "failed to load", (
+            f"the compiled extension {spec.origin} was built against torch {built}, but this "
+            f"is torch {torch.__version__}; {rebuild}")
     return "loaded", None
+
+
+def _info_of(text: str) -> dict:
+    return dict(part.split("=", 1) for part in text.split())
 
 
 EXTENSION_STATE, EXTENSION_ERROR = _load_extension()
@@ -74,12 +85,11 @@ def fused_devices() -> Tuple[str, ...]:
 
 
 def build_info() -> dict:
-    """What the loaded extension was built with: cuda_archs, cudart (empty
-    for a CPU-only build); {} without an extension."""
+    """What the loaded extension was built with: torch (major.minor),
+    cuda_archs, cudart (empty for a CPU-only build); {} without an extension."""
     if not HAS_EXTENSION:
         return {}
-    text = torch.ops.relkd.build_info()
-    return dict(part.split("=", 1) for part in text.split())
+    return _info_of(torch.ops.relkd.build_info())
 
 
 _WARNED = set()

@@ -124,3 +124,14 @@ def test_fallback_under_torch_compile_still_warns(fresh_warnings):
     step = torch.compile(lambda a, b: loss_fn(a, b), fullgraph=True)
     with pytest.warns(ops.FallbackWarning, match="RKDLoss"):
         step(embeddings(10, 4, seed=3), embeddings(10, 4, seed=4))
+
+
+@requires_extension
+def test_an_extension_built_for_another_torch_is_not_used(monkeypatch):
+    # Its C++ ABI is that torch's: a major.minor mismatch is a load failure
+    # that names both versions and says to rebuild.
+    monkeypatch.setattr(torch, "__version__", "9.9.0")
+    state, why = ops._load_extension()
+    built = ops.build_info()["torch"]
+    assert state == "failed to load"
+    assert f"built against torch {built}" in why and "9.9.0" in why and "rebuild" in why
