@@ -135,3 +135,35 @@ def test_an_extension_built_for_another_torch_is_not_used(monkeypatch):
     built = ops.build_info()["torch"]
     assert state == "failed to load"
     assert f"built against torch {built}" in why and "9.9.0" in why and "rebuild" in why
+
+
+# Inputs made by numpy, so that relkd's kernel is the process's first
+# OpenMP region: the threads it adds are its worker pool.
+THREADS_PROBE = """
+import os, numpy, torch
+torch.set_num_threads({n})
+import relkd
+x = torch.from_numpy(numpy.random.default_rng(0).standard_normal((3000, 64), numpy.float32))
+before = len(os.listdir("/proc/self/task"))
+relkd.ops.topk_sim(x, x, 5)
+print(len(os.listdir("/proc/self/task")) - before)
+print(sorted({{line.split()[-1] for line in open("/proc/self/maps")
+              if "libgomp" in line or "libiomp" in line}}))
+"""
+
+
+@requires_extension
+def test_kernels_run_on_torchs_openmp_runtime_and_thread_count(tmp_path):
+    # One OpenMP runtime per process (torch's), so torch.set_num_threads
+    # governs relkd's kernels too: their worker pool grows with it.
+    def probe(n):
+        done = subprocess.run([sys.executable, "-c", THREADS_PROBE.format(n=n)],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert done.returncode == 0, done.stderr
+        new_threads, runtimes = done.stdout.strip().splitlines()
+        return int(new_threads), eval(runtimes)
+
+    few, runtimes = probe(2)
+    many, _ = probe(5)
+    assert len(runtimes) == 1 and os.path.dirname(torch.__file__) in runtimes[0], runtimes
+    assert many - few == 3, (few, many)
