@@ -90,13 +90,16 @@ class ProcessGroupHolder:
         return self._process_group_name
 
     def __getstate__(self) -> Dict[str, Any]:
+        """The module's state for pickle, the group replaced by its name."""
         state = super().__getstate__()
         group = state.pop("_process_group", None)
         if group is not None:
             state["_process_group_name"] = group_name(group)
         return state
 
-    def __deepcopy__(self, memo: Dict[int, Any]) -> "ProcessGroupHolder":
+    def __deepcopy__(self, memo: Dict[int, Any]) -> ProcessGroupHolder:
+        """A deep copy that shares the process group (groups cannot be
+        copied, and the copy relates over the same ranks)."""
         if self._process_group is not None:
             memo[id(self._process_group)] = self._process_group  # shared, not copied
         clone = type(self).__new__(type(self))

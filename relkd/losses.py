@@ -59,6 +59,7 @@ class _Loss(ProcessGroupHolder, nn.Module):
         return []
 
     def extra_repr(self) -> str:
+        """The options, as the constructor takes them (the group by name)."""
         options = self._options() + [("backend", self.backend), ("gather", self.gather)]
         group = self._process_group_repr()
         if group is not None:
