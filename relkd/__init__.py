@@ -9,7 +9,7 @@ the N x N (or N x M) relation matrix.
 "SPEC §n" in the docstrings is section n of docs/SPEC.md, the exact formulas
 (transcribed in relkd.reference).
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from . import distributed, functional, ops, reference  # noqa: E402
 from .banks import PrototypeBank, hardest_identities  # noqa: E402

@@ -13,33 +13,54 @@ prototypes, by exact search in chunks; index it with the batch labels,
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _validation as check
+from ._group_state import ProcessGroupHolder
 from .distributed import gather_rows, resolve_group
 from .functional import similarity_topk
 from .reference import EPS
 
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
-class PrototypeBank(nn.Module):
-    """Teacher class prototypes, updated by label with an EMA.
 
-    prototypes: (num_classes, dim) buffer of unit rows (zero rows for
-    identities not seen yet); labels: arange(num_classes). ``update(ft, y)``
-    moves the prototype of every identity in the batch to
+class PrototypeBank(ProcessGroupHolder, nn.Module):
+    """Teacher class prototypes, updated by label with an EMA: the bank of
+    RADLoss's bank mode (SPEC §2), as CoupleFace (Liu et al., ECCV 2022)
+    relates each face to the identities it is most confused with.
+
+    ``update(ft, y)`` moves the prototype of every identity in the batch to
     ``normalize(momentum * old + (1 - momentum) * mean of its normalised
     embeddings)``; an identity's first batch sets it directly. Under DDP
     (process_group / gather=True) the update uses the global batch, so
     every rank holds the same bank.
+
+    Args:
+        num_classes: number of identities C (int >= 1).
+        dim: embedding dim D of the teacher (int >= 1).
+        momentum: EMA weight of the old prototype, in [0, 1) (default 0.9).
+        process_group: update from the global batch of this
+            torch.distributed group (pickled by name, shared by deepcopy,
+            as the losses' process_group).
+        gather: True: the same over the default group.
+        device: where the buffers live (default: torch's default device).
+        dtype: floating dtype of the prototypes (default float32).
+
+    Buffers (in state_dict): prototypes (C, D), unit rows, zero rows for
+    identities not seen yet; seen (C,) bool; labels: arange(C).
     """
 
     def __init__(self, num_classes: int, dim: int, momentum: float = 0.9, *,
-                 process_group=None, gather: bool = False, device=None,
+                 process_group: Optional[ProcessGroup] = None, gather: bool = False,
+                 device: Optional[Union[torch.device, str, int]] = None,
                  dtype: torch.dtype = torch.float32):
+        """Checks the options (ValueError naming the option); see the class
+        docstring for each argument."""
         super().__init__()
         check.positive_int(num_classes, "num_classes")
         check.positive_int(dim, "dim")
@@ -54,6 +75,8 @@ class PrototypeBank(nn.Module):
 
     @torch.no_grad()
     def update(self, ft: Tensor, y: Tensor) -> None:
+        """Moves the prototypes of the identities in y (N,) towards the
+        teacher embeddings ft (N, D) of their faces (no gradient)."""
         num_classes, dim = self.prototypes.shape
         ft = check.embeddings(ft, "ft", dim=None)
         if ft.shape[1] != dim:
@@ -78,7 +101,7 @@ class PrototypeBank(nn.Module):
                                            dim=1, eps=EPS)
         self.seen[ids] = True
 
-    def active(self):
+    def active(self) -> Tuple[Tensor, Tensor]:
         """(prototypes, labels) of the identities seen so far: the bank to pass
         to RADLoss (bank=..., bank_labels=...). Unseen identities have no
         prototype yet and must not be mined."""
@@ -88,7 +111,9 @@ class PrototypeBank(nn.Module):
 
     def extra_repr(self) -> str:
         c, d = self.prototypes.shape
-        return f"num_classes={c}, dim={d}, momentum={self.momentum}"
+        text = f"num_classes={c}, dim={d}, momentum={self.momentum}, gather={self.gather}"
+        group = self._process_group_repr()
+        return text if group is None else f"{text}, process_group={group!r}"
 
 
 @torch.no_grad()
@@ -100,7 +125,8 @@ def hardest_identities(prototypes: Tensor, k: int, *, chunk_size: int = 4096,
     seen yet) are no identity: they are never chosen, and their own rows are
     all -1. Queries run `chunk_size` rows at a time against all prototypes,
     so peak memory is O(chunk_size * k) beyond the prototypes. With `path`,
-    the result is also written with torch.save."""
+    the result is also written with torch.save. backend: as
+    similarity_topk's ("auto", "fused" or "reference")."""
     prototypes = check.embeddings(prototypes, "prototypes")
     check.positive_int(k, "k")
     check.positive_int(chunk_size, "chunk_size")

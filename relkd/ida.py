@@ -1,9 +1,10 @@
 """IDA score alignment (SPEC §10): verification scores aligned by each face's
 inter-class support set, against support galleries of millions of rows.
 
-IDA (Inter-class Discrepancy Alignment, Liu et al., 2021) lowers the score of
-a pair whose faces sit in a crowded neighbourhood of other identities. The
-paper's exact operator is not quoted in SPEC; the form below is relkd's:
+IDA (Liu et al., "Inter-class Discrepancy Alignment for Face Recognition",
+2021, arXiv 2103.01559) lowers the score of a pair whose faces sit in a
+crowded neighbourhood of other identities. The paper's exact operator is not
+quoted in SPEC; the form below is relkd's:
 
     support set of a face u: the k support rows most similar to u by cosine
         (rows with u's own label excluded when labels are given)
@@ -69,20 +70,27 @@ def _evaluation(fn):
 class IDAScorer:
     """IDA-aligned verification scores against one support gallery (SPEC §10).
 
-    IDA: Inter-class Discrepancy Alignment (Liu et al., 2021); the exact form
-    here is relkd's (see relkd.ida). Build once per gallery, then score any
-    number of pairs; every call searches the support set `chunk_size` faces
-    at a time, so memory beyond the inputs and the output is
-    O(chunk_size * k), whatever N and M are (31 MiB measured at the defaults
-    for 100,000 pairs against 1,000,000 rows, benchmarks/results).
+    IDA: Liu et al., "Inter-class Discrepancy Alignment for Face
+    Recognition", 2021 (arXiv 2103.01559); the exact form here is relkd's
+    (see relkd.ida). Build once per gallery, then score any number of pairs;
+    every call searches the support set `chunk_size` faces at a time, so
+    memory beyond the inputs and the output is O(chunk_size * k), whatever N
+    and M are (31 MiB measured at the defaults for 100,000 pairs against
+    1,000,000 rows, benchmarks/results).
 
-    support: (M, D) gallery of faces or identity prototypes of *other*
-    identities (rows need not be normalised; M may be millions);
-    support_labels: (M,) integer identities, to exclude a face's own identity
-    from its support set (then every call needs the faces' labels too).
-    k: support-set size; lam: shift strength ("shift" only); mode: "shift" or
-    "asnorm"; backend: "auto" (fused where compiled, else the reference in
-    chunks), "fused" or "reference" (relkd.reference.ida_scores per chunk).
+    Args:
+        support: (M, D) gallery of faces or identity prototypes of *other*
+            identities (rows need not be normalised; M may be millions).
+        support_labels: optional (M,) integer identities, to exclude a
+            face's own identity from its support set (then every call needs
+            the faces' labels too).
+        k: support-set size (int >= 1, default 50).
+        lam: shift strength, "shift" only (default 1.0).
+        mode: "shift" (default) or "asnorm".
+        chunk_size: faces per support-set search (int >= 1, default 8192).
+        backend: "auto" (fused where compiled, else the reference in
+            chunks), "fused" or "reference" (relkd.reference.ida_scores per
+            chunk).
 
     Results are detached (no gradient) and float32 for half inputs, else the
     promoted input dtype. A half gallery is upcast once (a float32 copy).
@@ -96,6 +104,8 @@ class IDAScorer:
     def __init__(self, support: Tensor, support_labels: Optional[Tensor] = None, *,
                  k: int = 50, lam: float = 1.0, mode: str = "shift",
                  chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto"):
+        """Checks the arguments (ValueError naming the argument); see the
+        class docstring for each."""
         check.backend(backend)
         self.k = check.positive_int(k, "k")
         self.lam = check.number(lam, "lam")

@@ -11,7 +11,7 @@ loss as ``ft``.
 from __future__ import annotations
 
 import copy
-from typing import List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -24,27 +24,38 @@ Checkpoint = Union[str, dict]
 class RouteConstrainedTeacher(nn.Module):
     """Serves the teacher of the current stage of an RCO route.
 
-    teacher: an nn.Module with the teacher's architecture.
-    checkpoints: the route, in training order: state_dicts or paths to them
-    (torch.save files; a dict with a "state_dict" or "model" key also works).
-    total_steps: the student's planned number of steps; with the default
-    equal-interval schedule, anchor a serves steps
-    [a * total_steps / A, (a + 1) * total_steps / A).
-    switch_steps: alternatively, the A - 1 steps at which to move on.
+    Jin et al., "Knowledge Distillation via Route Constrained Optimization",
+    ICCV 2019. Call ``step()`` once per training step; calling the module
+    runs the current anchor in eval mode without gradient. Checkpoints given
+    as paths are loaded when their stage begins, so only one is in memory
+    at a time.
 
-    Call ``step()`` once per training step; calling the module runs the
-    current anchor in eval mode without gradient. Checkpoints given as paths
-    are loaded when their stage begins, so only one is in memory at a time.
+    Args:
+        teacher: an nn.Module with the teacher's architecture (deep-copied;
+            its parameters are frozen).
+        checkpoints: the route, in training order: state_dicts or paths to
+            them (torch.save files; a dict with a "state_dict" or "model"
+            key also works). At least one.
+        total_steps: the student's planned number of steps, for the default
+            equal-interval schedule: anchor a of A serves steps
+            [a * total_steps / A, (a + 1) * total_steps / A).
+        switch_steps: instead, the A - 1 increasing steps at which to move
+            to the next anchor.
 
     ``state_dict()`` holds the current anchor's weights and the step and
     stage, so a run resumed from it continues at the same point of the
     route; loading a state saved with another route length or schedule
     raises.
+
+    Forward: the teacher's own arguments, passed through; returns what the
+    teacher returns (e.g. (N, D) embeddings for any relkd loss's ft).
     """
 
     def __init__(self, teacher: nn.Module, checkpoints: Sequence[Checkpoint],
                  total_steps: Optional[int] = None,
                  switch_steps: Optional[Sequence[int]] = None):
+        """Checks the route (ValueError naming the argument) and loads the
+        first anchor; see the class docstring for each argument."""
         super().__init__()
         if not isinstance(teacher, nn.Module):
             raise ValueError(f"teacher: expected an nn.Module, got {type(teacher).__name__}")
@@ -60,7 +71,8 @@ class RouteConstrainedTeacher(nn.Module):
         self._enter_stage(0)
 
     @staticmethod
-    def _schedule(anchors: int, total_steps, switch_steps) -> List[int]:
+    def _schedule(anchors: int, total_steps: Optional[int],
+                  switch_steps: Optional[Sequence[int]]) -> List[int]:
         if switch_steps is not None:
             steps = [check.non_negative_int(s, "switch_steps") for s in switch_steps]
             if len(steps) != anchors - 1 or steps != sorted(steps):
@@ -113,7 +125,8 @@ class RouteConstrainedTeacher(nn.Module):
         self.stage = int(state["stage"])
 
     @torch.no_grad()
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The current anchor teacher's output for these inputs."""
         self.teacher.eval()
         return self.teacher(*args, **kwargs)
 
