@@ -248,9 +248,14 @@ inline SelectArgs check_select_args(const at::Tensor& x_r, const c10::optional<a
   return a;
 }
 
-// A pair_topk threshold: the order key's bit pattern (32 bits for float32).
-inline void check_threshold_key(int64_t key_bits, int64_t threshold_key) {
-  TORCH_CHECK_VALUE(key_bits == 64 || (threshold_key >= 0 && threshold_key < (int64_t(1) << 32)),
+// pair_topk's scalars; the threshold is the order key's bit pattern (32 bits
+// for float32).
+inline void check_pair_topk_args(const at::Tensor& x_r, int64_t threshold_key, int64_t n_equal,
+                                 int64_t topk) {
+  TORCH_CHECK_VALUE(topk >= 0, "topk must be >= 0, got ", topk);
+  TORCH_CHECK_VALUE(n_equal >= 0, "n_equal must be >= 0, got ", n_equal);
+  TORCH_CHECK_VALUE(x_r.scalar_type() == at::kDouble ||
+                        (threshold_key >= 0 && threshold_key < (int64_t(1) << 32)),
                     "threshold_key must be a 32-bit order key for float32, got ", threshold_key);
 }
 

@@ -185,9 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_topk_cpu(
     const c10::optional<at::Tensor>& ids_c, int64_t threshold_key, int64_t n_equal, int64_t topk) {
   BelowAutograd below_autograd;
   const auto in = select_inputs(x_r, x_c, labels_r, labels_c, ids_r, ids_c);
-  TORCH_CHECK_VALUE(topk >= 0, "topk must be >= 0, got ", topk);
-  TORCH_CHECK_VALUE(n_equal >= 0, "n_equal must be >= 0, got ", n_equal);
-  check_threshold_key(x_r.scalar_type() == at::kDouble ? 64 : 32, threshold_key);
+  check_pair_topk_args(x_r, threshold_key, n_equal, topk);
   return AT_DISPATCH_FLOATING_TYPES(x_r.scalar_type(), "pair_topk", [&] {
     return topk_impl<scalar_t>(in, threshold_key, n_equal, topk);
   });

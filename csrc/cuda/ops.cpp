@@ -552,9 +552,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_topk_cuda(
     const c10::optional<at::Tensor>& ids_c, int64_t threshold_key, int64_t n_equal, int64_t topk) {
   BelowAutograd below_autograd;
   const auto in = check_select_args(x_r, x_c, labels_r, labels_c, ids_r, ids_c);
-  TORCH_CHECK_VALUE(topk >= 0, "topk must be >= 0, got ", topk);
-  TORCH_CHECK_VALUE(n_equal >= 0, "n_equal must be >= 0, got ", n_equal);
-  check_threshold_key(x_r.scalar_type() == at::kDouble ? 64 : 32, threshold_key);
+  check_pair_topk_args(x_r, threshold_key, n_equal, topk);
   c10::DeviceGuard guard(x_r.device());
   // Ties are ranked by (i << 32 | j): ids must fit 31 bits.
   for (const at::Tensor& ids : {in.ids_r, in.ids_c})
