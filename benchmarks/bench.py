@@ -132,21 +132,29 @@ def loss_plan(n: int, quick: bool, device: str = "cpu") -> Plan:
     CUDA every backend runs at every size: where the reference runs out of
     GPU memory, the recorded error is its OOM point."""
     if device.startswith("cuda"):
-        return Plan(("fused", "reference", "compiled"), repeats=5 if n <= 8192 else 3,
+        return Plan(("fused", "reference", "compiled", "gemm"), repeats=5 if n <= 8192 else 3,
                     warmups=1)
     if quick:
-        return Plan(("fused", "reference", "compiled"), repeats=3, warmups=1)
+        return Plan(("fused", "reference", "compiled", "gemm"), repeats=3, warmups=1)
     if n <= 4096:
-        return Plan(("fused", "reference", "compiled"), repeats=5, warmups=1)
+        return Plan(("fused", "reference", "compiled", "gemm"), repeats=5, warmups=1)
     if n <= 8192:
-        return Plan(("fused", "reference"), repeats=2, warmups=1)
-    return Plan(("fused",), repeats=2, warmups=0)
+        return Plan(("fused", "reference", "gemm"), repeats=2, warmups=1)
+    return Plan(("fused", "gemm"), repeats=2, warmups=0)
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401,PLC0415
+    except ImportError:
+        return False
+    return True
 
 
 def topk_plan(n: int, m: int) -> Plan:
     """The reference (and its compiled form) only where sorting all N x M
     similarities is affordable."""
-    backends = ["fused", "chunked", "gemm"]
+    backends = ["fused", "chunked", "gemm"] + (["faiss"] if faiss_available() else [])
     if n * m <= TOPK_REFERENCE_MAX_ELEMENTS:
         backends[1:1] = ["reference", "compiled"]
     return Plan(tuple(backends), repeats=3, warmups=1)
@@ -164,6 +172,7 @@ class Measurement:
     repeats: int
     warmups: int
     times_s: List[float] = field(default_factory=list)
+    contended_s: List[float] = field(default_factory=list)  # --contention: with a busy process
     error: Optional[str] = None
     memory: Dict = field(default_factory=dict)
 
@@ -183,6 +192,9 @@ def build_sweep(args) -> List[Measurement]:
             for op in args.losses:
                 for mode in passes:
                     for backend in selected(plan.backends, args):
+                        if backend == "gemm" and not cases.gemm_floor_products(
+                                op, mode, args.dim, args.dim):
+                            continue  # no relation matrix (FCD): no floor
                         case = cases.make_case(op, backend, mode, n, args.dim, dtype=args.dtype,
                                                device=args.device, seed=args.seed)
                         sweep.append(planned(case, plan, args))
@@ -241,13 +253,26 @@ def time_runs(run: Callable[[], None], repeats: int, warmups: int, device: str) 
     return times
 
 
-def time_measurement(measurement: Measurement, inputs) -> None:
+def busy_process() -> subprocess.Popen:
+    """One competing single-threaded busy process (a training machine's data
+    loader, say) for --contention."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def time_measurement(measurement: Measurement, inputs, contention: bool = False) -> None:
     case = measurement.case
     try:
         cases.warm_up_tiny(case)
         run = cases.prepare(case, inputs)
         measurement.times_s = time_runs(run, measurement.repeats, measurement.warmups,
                                         case.device)
+        if contention:  # the same runs again beside a busy process
+            busy = busy_process()
+            try:
+                measurement.contended_s = time_runs(run, measurement.repeats, 0, case.device)
+            finally:
+                busy.kill()
+                busy.wait()
     except Exception as exc:  # noqa: BLE001 - e.g. a compilation failure or OOM: recorded
         measurement.error = f"{type(exc).__name__}: {exc}".strip()[:2000]
         if case.device.startswith("cuda"):
@@ -308,7 +333,7 @@ def measure_memory(measurement: Measurement) -> None:
 
 
 # ------------------------------------------------------------------ running
-def run_sweep(sweep: List[Measurement], measure_peak: bool) -> None:
+def run_sweep(sweep: List[Measurement], measure_peak: bool, contention: bool = False) -> None:
     """Time every measurement (inputs shared by all cases of a shape), then
     measure its peak memory; progress on stderr."""
     inputs_by_key: Dict[tuple, object] = {}
@@ -321,7 +346,7 @@ def run_sweep(sweep: List[Measurement], measure_peak: bool) -> None:
             inputs_by_key[key] = cases.build_inputs(case)
             log(f"inputs for {case.name}: {time.perf_counter() - started:.1f} s")
         started = time.perf_counter()
-        time_measurement(measurement, inputs_by_key[key])
+        time_measurement(measurement, inputs_by_key[key], contention)
         timed = time.perf_counter() - started
         if measure_peak:
             measure_memory(measurement)
@@ -376,10 +401,16 @@ def to_records(sweep: List[Measurement]) -> List[Dict]:
             record["memory_ratio_vs_eager"] = record["peak_extra_bytes"] / ref_memory
         if case.kind == "ida":
             record.update(ida_fields(m, sweep))
+        gemm = best_median("gemm", case)
+        record["time_over_gemm_floor"] = m.median_s / gemm if gemm and m.median_s else None
+        record["median_contended_s"] = (statistics.median(m.contended_s) if m.contended_s
+                                        else None)
+        record["slowdown_under_contention"] = (record["median_contended_s"] / m.median_s
+                                               if m.contended_s and m.median_s else None)
         if case.kind == "topk":
-            chunked, gemm = best_median("chunked", case), best_median("gemm", case)
+            chunked, faiss = best_median("chunked", case), best_median("faiss", case)
             record["ratio_vs_chunked"] = chunked / m.median_s if chunked and m.median_s else None
-            record["time_over_gemm_floor"] = m.median_s / gemm if gemm and m.median_s else None
+            record["ratio_vs_faiss"] = faiss / m.median_s if faiss and m.median_s else None
             record["best_of_backend"] = (m.median_s is not None
                                          and m.median_s == best_median(case.backend, case))
         records.append(record)
@@ -480,7 +511,7 @@ def format_percent(ratio: Optional[float]) -> str:
 
 def describe_backend(backend: str, chunk: Optional[int] = None) -> str:
     names = {"reference": "reference (eager)", "compiled": "reference + torch.compile",
-             "chunked": "chunked torch", "gemm": "bare GEMM"}
+             "chunked": "chunked torch", "gemm": "bare GEMM", "faiss": "FAISS IndexFlatIP"}
     name = names.get(backend, backend)
     return f"{name} (chunk {chunk})" if chunk else name
 
@@ -508,24 +539,28 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
 
 
 def loss_table(records: List[Dict]) -> str:
+    contention = any(r["median_contended_s"] for r in records)
     headers = ["loss", "N x D", "pass", "backend", "median", "peak extra memory",
-               "speedup vs eager", "memory vs eager"]
+               "speedup vs eager", "memory vs eager", "x GEMM floor"]
+    headers += ["slowdown, one busy process"] if contention else []
     rows = [[r["op"], f"{r['N']} x {r['D']}", r["pass"],
              describe_backend(r["backend"], r["chunk"]),
              time_cell(r), memory_cell(r), format_ratio(r["ratio_vs_eager"]),
-             format_percent(r["memory_ratio_vs_eager"])]
+             format_percent(r["memory_ratio_vs_eager"]),
+             "" if r["backend"] == "gemm" else format_ratio(r["time_over_gemm_floor"])]
+            + ([format_ratio(r["slowdown_under_contention"])] if contention else [])
             for r in records if r["kind"] == "loss"]
     return markdown_table(headers, rows, text_columns=4)
 
 
 def topk_table(records: List[Dict]) -> str:
     headers = ["N x M, D, k", "backend", "best", "median", "peak extra memory",
-               "speedup vs best chunked", "x bare-GEMM floor"]
+               "speedup vs best chunked", "speedup vs FAISS", "x bare-GEMM floor"]
     rows = [[f"{r['N']} x {r['M']}, {r['D']}, {r['k']}",
              describe_backend(r["backend"], r["chunk"]),
              "*" if r["best_of_backend"] and r["backend"] in ("chunked", "gemm") else "",
              time_cell(r), memory_cell(r), format_ratio(r["ratio_vs_chunked"]),
-             format_ratio(r["time_over_gemm_floor"])]
+             format_ratio(r.get("ratio_vs_faiss")), format_ratio(r["time_over_gemm_floor"])]
             for r in records if r["kind"] == "topk"]
     return markdown_table(headers, rows, text_columns=3)
 
@@ -604,6 +639,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="include the torch.compile'd reference (default: on, off in --quick)")
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="skip the peak-memory children")
+    parser.add_argument("--contention", action="store_true",
+                        help="also time every case beside one busy process and report the "
+                             "slowdown")
     parser.add_argument("--topk-shape", type=int_list,
                         help="similarity_topk N,M (default 4096,262144; quick 1024,16384)")
     parser.add_argument("--topk-k", type=int, default=TOPK_K)
@@ -654,7 +692,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log(f"warning: load average {load_before[0]} before the sweep; other processes "
             f"may distort the timings")
     started = time.perf_counter()
-    run_sweep(sweep, args.memory)
+    run_sweep(sweep, args.memory, args.contention)
     log(f"done in {time.perf_counter() - started:.1f} s")
     machine = machine_info(args.device, load_before)
     records = to_records(sweep)

@@ -36,7 +36,7 @@ import gc
 import re
 import resource
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as torch_f
@@ -49,7 +49,7 @@ from relkd import reference as rr
 LOSS_NAMES = ("fcd", "rad", "coupleface", "ekd", "cckd", "sp", "rkd")
 TOPK = "similarity_topk"
 IDA = "ida_scores"
-BACKENDS = ("fused", "reference", "compiled", "chunked", "gemm")
+BACKENDS = ("fused", "reference", "compiled", "chunked", "gemm", "faiss")
 PASSES = ("fwd+bwd", "fwd")
 
 IMAGES_PER_IDENTITY = 4  # labels: N/4 identities x 4 images each, shuffled
@@ -219,6 +219,42 @@ LOSSES: Dict[str, LossDefinition] = {
 }
 
 
+# The GEMM floor of each loss: the bare products an unfused implementation
+# must do, as (left rows, inner dim) of N x inner x N products, in order:
+# forward, one N x N x D similarity product per relation matrix (RAD: the
+# mining product only, its pairs are O(N k D)); forward+backward of the
+# pairwise losses adds the two gradient products G X and G^T X (N x N x D).
+# FCD and EC-KD have no relation matrix; SP's fused path (the Gram identity)
+# may run below its floor.
+def gemm_floor_products(op: str, mode: str, d: int, d_teacher: int) -> List[int]:
+    """Inner dimensions of the N x . x N products of `op`'s floor."""
+    forward = {"fcd": [], "rad": [d_teacher], "coupleface": [d_teacher],
+               "ekd": [d, d_teacher], "cckd": [d, d_teacher], "sp": [d, d_teacher],
+               "rkd": [d, d_teacher]}[op]
+    backward = [d, d] if mode == "fwd+bwd" and op in ("cckd", "sp", "rkd") else []
+    return forward + backward
+
+
+def gemm_floor_callable(case: Case, inputs: LossInputs, chunk: int = 4096) -> Callable[[], None]:
+    """The floor's products, each computed in row chunks into one reused
+    output buffer (the same arithmetic as one N x N product, without its
+    memory)."""
+    n = inputs.fs.shape[0]
+    inners = gemm_floor_products(case.op, case.mode, inputs.fs.shape[1], inputs.ft.shape[1])
+    operands = {inner: torch.randn(n, inner, dtype=inputs.fs.dtype, device=inputs.fs.device)
+                for inner in set(inners)}
+    buffer = inputs.fs.new_empty(min(chunk, n), n)
+
+    def run() -> None:
+        for inner in inners:
+            x = operands[inner]
+            for start in range(0, n, chunk):
+                rows = x[start:start + chunk]
+                torch.mm(rows, x.T, out=buffer[:rows.shape[0]])
+
+    return run
+
+
 def compiled(fn: Callable) -> Callable:
     """fn under torch.compile, specialised to the shapes it first sees; a
     fresh Dynamo cache, so every case compiles (and is timed) on its own."""
@@ -282,8 +318,24 @@ def chunked_matmul_floor(a: Tensor, b: Tensor, chunk: int) -> Callable[[], None]
     return run
 
 
+def faiss_search(a: Tensor, b: Tensor, k: int) -> Callable[[], None]:
+    """FAISS's exact inner-product search (IndexFlatIP) of the normalised
+    rows, the bank added beforehand (not timed): the search alone. faiss-cpu
+    is an optional benchmark baseline, never a relkd dependency."""
+    import faiss  # noqa: PLC0415  (optional)
+
+    x = torch_f.normalize(a.float(), dim=1).numpy()
+    c = torch_f.normalize(b.float(), dim=1).numpy()
+    index = faiss.IndexFlatIP(c.shape[1])
+    index.add(c)
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    return lambda: index.search(x, k)
+
+
 def topk_callable(case: Case, inputs: TopkInputs) -> Callable[[], None]:
     a, b, k = inputs.a, inputs.b, case.k
+    if case.backend == "faiss":
+        return faiss_search(a, b, k)
     if case.backend in ("fused", "reference"):
         return lambda: relkd.similarity_topk(a, b, k=k, backend=case.backend)
     if case.backend == "compiled":
@@ -321,6 +373,8 @@ def prepare(case: Case, inputs) -> Callable[[], None]:
         if case.mode != "fwd":
             raise ValueError(f"{case.op} has no backward pass")
         return topk_callable(case, inputs) if case.kind == "topk" else ida_callable(case, inputs)
+    if case.backend == "gemm":
+        return gemm_floor_callable(case, inputs)
     loss = loss_callable(case.op, case.backend)
     if case.mode == "fwd":
         fs = inputs.fs.detach()
