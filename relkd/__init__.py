@@ -10,7 +10,7 @@ See shared/SPEC.md (transcribed in relkd.reference) for the exact formulas.
 """
 __version__ = "0.1.0"
 
-from . import distributed, functional, ops, reference  # noqa: E402
+from . import data, distributed, functional, metrics, ops, reference  # noqa: E402
 from .banks import PrototypeBank, hardest_identities  # noqa: E402
 from .functional import similarity_topk  # noqa: E402
 from .losses import (  # noqa: E402
@@ -30,5 +30,5 @@ __all__ = [
     "__version__", "FCDLoss", "RADLoss", "CoupleFaceLoss", "EKDLoss", "CCKDLoss", "SPLoss",
     "RKDLoss", "ExclusivityLoss", "ECKDLoss", "similarity_topk", "PrototypeBank",
     "hardest_identities", "RouteConstrainedTeacher", "functional", "reference", "ops",
-    "distributed",
+    "distributed", "data", "metrics",
 ]
