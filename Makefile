@@ -13,6 +13,7 @@ deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==$(TORCH_VERSION)
 	@$(PYTHON) -c "import pytest, hypothesis, numpy" 2>/dev/null || \
 		$(PIP) install pytest hypothesis numpy
+	@$(PYTHON) -c "import matplotlib, tqdm" 2>/dev/null || $(PIP) install matplotlib tqdm
 
 # Builds relkd._C in place against the installed torch (see DESIGN/README:
 # never an isolated build, which would fetch another torch).
@@ -22,8 +23,10 @@ build: deps
 test: build nvcc-check
 	$(PYTHON) -m pytest tests
 
+# Passive OpenMP waiting: with other processes on the cores, spinning
+# threads made a training step 10x slower (README, "Demo").
 demo: build
-	$(PYTHON) examples/demo.py
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PYTHON) -m relkd.demo
 
 bench: build
 	$(PYTHON) benchmarks/bench.py --json benchmarks/results/latest-cpu.json

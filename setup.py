@@ -28,7 +28,7 @@ def cpu_extension():
 
 
 setup(
-    packages=["relkd"],
+    packages=["relkd", "relkd.demo"],
     ext_modules=[cpu_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
 )
