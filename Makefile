@@ -23,10 +23,8 @@ build: deps
 test: build nvcc-check
 	$(PYTHON) -m pytest tests
 
-# Passive OpenMP waiting: with other processes on the cores, spinning
-# threads made a training step 10x slower (README, "Demo").
 demo: build
-	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PYTHON) -m relkd.demo
+	$(PYTHON) -m relkd.demo
 
 bench: build
 	$(PYTHON) benchmarks/bench.py --json benchmarks/results/latest-cpu.json

@@ -9,7 +9,7 @@ import os
 import platform
 import sys
 import time
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -44,6 +44,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--runs", metavar="NAMES",
                    help="comma-separated subset of the runs (the no-KD baseline always runs): "
                         + ", ".join(r.name for r in RUNS[1:]))
+    p.add_argument("--weight", action="append", default=[], metavar="NAME=W[:INNER]",
+                   help="override a run's KD weight (and its inner weight: RAD's beta in "
+                        "CoupleFace, lam in EC-KD), e.g. --weight EKD=7; repeatable")
+    p.add_argument("--validation", action="store_true",
+                   help="evaluate on 300 validation identities (synthetic faces only) instead "
+                        "of the test identities: for choosing weights")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -53,19 +59,39 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--threads: expected an int >= 1, got {args.threads}")
     if args.data is not None and not os.path.isdir(args.data):
         p.error(f"--data: not a directory: {args.data!r}")
+    if args.data is not None and args.validation:
+        p.error("--validation: only for the synthetic faces, not with --data")
+    try:
+        args.runs = select_runs(args.runs, args.weight)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
-def select_runs(names: Optional[str]) -> List[Run]:
-    if names is None:
-        return list(RUNS)
-    known = {r.name.lower(): r for r in RUNS}
-    wanted = [n.strip().lower() for n in names.split(",") if n.strip()]
-    unknown = [n for n in wanted if n not in known]
-    if unknown:
-        raise SystemExit(f"--runs: unknown run(s) {', '.join(unknown)}; "
-                         f"known: {', '.join(r.name for r in RUNS)}")
-    return [RUNS[0]] + [r for r in RUNS[1:] if r.name.lower() in wanted]
+def _find(name: str, what: str) -> Run:
+    known = {r.name.lower(): r for r in RUNS[1:]}
+    if name.strip().lower() not in known:
+        raise ValueError(f"{what}: unknown run {name.strip()!r}; known: "
+                         f"{', '.join(r.name for r in RUNS[1:])}")
+    return known[name.strip().lower()]
+
+
+def select_runs(names: Optional[str], weights: Sequence[str] = ()) -> List[Run]:
+    """The baseline and the named runs (default: all), with --weight overrides."""
+    chosen = RUNS[1:] if names is None else [
+        _find(n, "--runs") for n in names.split(",") if n.strip()]
+    overrides = {}
+    for item in weights:
+        name, _, value = item.partition("=")
+        run = _find(name, "--weight")
+        weight, _, inner = value.partition(":")
+        try:
+            overrides[run.name] = dataclasses.replace(
+                run, weight=float(weight), inner=float(inner) if inner else run.inner)
+        except ValueError:
+            raise ValueError(f"--weight: expected NAME=W or NAME=W:INNER with numbers, "
+                             f"got {item!r}") from None
+    return [RUNS[0]] + [overrides.get(r.name, r) for r in RUNS[1:] if r in chosen]
 
 
 def machine() -> dict:
@@ -76,6 +102,7 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "torch": torch.__version__, "relkd": relkd.__version__,
             "python": platform.python_version(), "load_average": _load()}
 
@@ -98,14 +125,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     config = QUICK if args.quick else DEFAULT
-    runs = select_runs(args.runs)
+    runs = args.runs
     show = not args.no_progress
     started = time.time()
     info = machine()
     print(f"relkd demo{' (--quick)' if args.quick else ''}: {device}, {info['cpu']}, "
           f"{info['torch_threads']} threads, load average {info['load_average']}", flush=True)
 
-    data = DemoData(config, args.data)
+    data = DemoData(config, args.data, args.validation)
     protocol = VerificationProtocol(data.test_labels, config.max_impostors)
     data_seconds = time.time() - started
     print(f"data: {data.description}; verification: {protocol.describe()} "
@@ -148,8 +175,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
           f"teacher {teacher_macs / 1e6:.1f} M ({teacher_macs / student_macs:.0f}x); "
           f"{config.student_steps} steps of {config.identities_per_batch} identities x "
           f"{config.images_per_batch_identity} images; seeds {args.seeds}.")
-    print(f"Held-out identities: {protocol.describe()}; gap@{GAP_FPR:g} = "
+    print(f"{'Validation' if args.validation else 'Held-out'} identities: "
+          f"{protocol.describe()}; gap@{GAP_FPR:g} = "
           f"(TPR_kd - TPR_noKD) / (TPR_teacher - TPR_noKD).")
+    print("KD weights: " + "; ".join(r.describe() for r in runs[1:]))
     print(format_table(summaries, protocol.fprs))
     print(f"total {total:.0f} s (teacher {'cached' if cached else 'trained'}: "
           f"{teacher_seconds:.0f} s); load average at the end {_load()}")
@@ -162,14 +191,16 @@ def main(argv: Optional[List[str]] = None) -> dict:
         "machine": info, "device": str(device), "seeds": args.seeds,
         "teacher": {"path": teacher_path, "cached": cached, "macs": teacher_macs},
         "student_macs": student_macs,
-        "runs": [{"name": r.name, "note": r.note, "weight": r.weight} for r in runs],
+        "runs": [{"name": r.name, "note": r.note, "weight": r.weight, "inner_weight": r.inner}
+                 for r in runs],
         "seconds": {"total": total, "data": data_seconds, "teacher": teacher_seconds},
         "load_average_end": _load(), "summary": summaries, "rows": rows,
     }
     json_path = os.path.join(args.out, "results.json")
     png_path = os.path.join(args.out, "roc.png")
     write_json(json_path, payload)
-    plot_roc(png_path, rows, f"relkd demo: {len(data.test_labels.unique())} held-out identities, "
+    which = "validation" if args.validation else "held-out"
+    plot_roc(png_path, rows, f"relkd demo: {len(data.test_labels.unique())} {which} identities, "
              f"{protocol.describe()}", protocol.fprs)
     print(f"wrote {json_path} and {png_path}")
     return payload

@@ -47,6 +47,7 @@ class DemoConfig:
     weight_decay: float = 5e-4
     # Evaluation.
     max_impostors: int = 5_000_000
+    validation_first_identity: int = 100_000  # --validation: tune here, not on the test set
 
     def teacher_key(self, data_fingerprint: str) -> str:
         """What the teacher depends on, hashed: the cache file's name."""
@@ -79,18 +80,23 @@ class DemoData:
     the teacher draws its batches: fresh renderings of the training
     identities (synthetic) or the training images themselves (--data)."""
 
-    def __init__(self, config: DemoConfig, data_dir: Optional[str] = None):
+    def __init__(self, config: DemoConfig, data_dir: Optional[str] = None,
+                 validation: bool = False):
         self.config = config
         if data_dir is None:
-            self._synthetic(config)
+            self._synthetic(config, validation)
+        elif validation:
+            raise ValueError("validation: only for the synthetic faces (with --data, hold out "
+                             "a validation folder yourself)")
         else:
             self._folder(config, data_dir)
 
-    def _synthetic(self, c: DemoConfig) -> None:
+    def _synthetic(self, c: DemoConfig, validation: bool) -> None:
         self.train_set = SyntheticFaces(c.train_identities, c.images_per_train_identity,
                                         seed=c.data_seed, size=c.image_size, nuisance=c.nuisance)
+        first_test = c.validation_first_identity if validation else c.train_identities
         self.test_set = SyntheticFaces(c.test_identities, c.images_per_test_identity,
-                                       seed=c.data_seed, first_identity=c.train_identities,
+                                       seed=c.data_seed, first_identity=first_test,
                                        size=c.image_size, nuisance=c.nuisance)
         self.train_images = normalise(self.train_set.images())
         self.train_labels = self.train_set.labels
@@ -100,9 +106,9 @@ class DemoData:
         self.fingerprint = "SyntheticFaces-v1"  # bump when the renderer changes
         self.description = (f"SyntheticFaces(seed={c.data_seed}, nuisance={c.nuisance}): "
                             f"{c.train_identities} training identities x "
-                            f"{c.images_per_train_identity} images, {c.test_identities} held-out "
-                            f"identities x {c.images_per_test_identity}, {c.image_size}x"
-                            f"{c.image_size} grey")
+                            f"{c.images_per_train_identity} images, {c.test_identities} "
+                            f"{'validation' if validation else 'held-out'} identities x "
+                            f"{c.images_per_test_identity}, {c.image_size}x{c.image_size} grey")
 
     def _folder(self, c: DemoConfig, data_dir: str) -> None:
         everything = ImageFolderFaces(data_dir, size=c.image_size)
@@ -266,36 +272,44 @@ def load_or_train_teacher(config: DemoConfig, data: DemoData, device: torch.devi
 @dataclass(frozen=True)
 class Run:
     """One student run: CosFace + weight * the distillation loss (none for
-    the baseline). `inputs` says what the loss takes besides (fs, ft):
-    "labels", "bank" (labels and the prototype bank) or "weights" (the
-    student, for EC-KD's exclusivity)."""
+    the baseline), the loss built by make_loss(inner): inner is the weight
+    inside the loss where it has two terms (RAD's beta against FCD in
+    CoupleFace, the exclusivity's lam in EC-KD). `inputs` says what the
+    loss takes besides (fs, ft): "labels", "bank" (labels and the prototype
+    bank) or "weights" (the student, for EC-KD's exclusivity)."""
     name: str
-    make_loss: Optional[Callable[[], nn.Module]] = None
+    make_loss: Optional[Callable[[Optional[float]], nn.Module]] = None
     weight: float = 0.0
+    inner: Optional[float] = None
     inputs: str = ""
     note: str = ""
 
+    def describe(self) -> str:
+        if self.make_loss is None:
+            return "CosFace only"
+        return f"CosFace + {self.weight:g} x {self.name}" + (
+            "" if self.inner is None else f" (inner weight {self.inner:g})")
 
-# Weights of the KD terms against the CosFace term. For each loss a sweep
-# (x3 steps from the weight whose gradient norm matches CosFace's at
-# initialisation, extended while it improved) trained the student against a
-# teacher like this one and scored it on 300 validation identities that are
-# neither training nor test identities; each weight is the smallest within
-# 0.005 TPR@1e-3 of its best. The sweep and its numbers: README, "Demo".
+
+# Weights of the KD terms against the CosFace term, chosen on validation
+# identities (neither training nor test identities): for each loss the
+# smallest weight within 0.005 TPR@1e-3 of the best one of a x3-step sweep.
+# README, "Demo", gives the check of each choice and its command.
 FCD_WEIGHT = 50.0
 RUNS: List[Run] = [
     Run("CosFace (no KD)", note="labels only"),
-    Run("FCD", relkd.FCDLoss, FCD_WEIGHT, note="feature consistency"),
-    Run("CoupleFace", lambda: relkd.CoupleFaceLoss(alpha=1.0, beta=0.3), FCD_WEIGHT, "labels",
-        note="FCD + 0.3 RAD, batch mining k=16"),
-    Run("CoupleFace+bank", lambda: relkd.CoupleFaceLoss(k=100, alpha=1.0, beta=0.3),
-        FCD_WEIGHT, "bank", note="FCD + 0.3 RAD, PrototypeBank k=100"),
-    Run("EKD", relkd.EKDLoss, 20.0, "labels", note="rank loss at FPR anchors"),
-    Run("CCKD", relkd.CCKDLoss, 10000.0, note="Gaussian-kernel correlations"),
-    Run("RKD", lambda: relkd.RKDLoss(angle_weight=0.0), 81.0, note="distance term"),
-    Run("SP", relkd.SPLoss, 6000.0, note="similarity preserving"),
-    Run("EC-KD", lambda: relkd.ECKDLoss(lam=0.01), FCD_WEIGHT, "weights",
-        note="FCD + 0.01 exclusivity"),
+    Run("FCD", lambda _: relkd.FCDLoss(), FCD_WEIGHT, note="feature consistency"),
+    Run("CoupleFace", lambda beta: relkd.CoupleFaceLoss(alpha=1.0, beta=beta), FCD_WEIGHT, 0.3,
+        "labels", note="FCD + RAD, batch mining k=16"),
+    Run("CoupleFace+bank", lambda beta: relkd.CoupleFaceLoss(k=100, alpha=1.0, beta=beta),
+        FCD_WEIGHT, 0.3, "bank", note="FCD + RAD, PrototypeBank k=100"),
+    Run("EKD", lambda _: relkd.EKDLoss(), 20.0, inputs="labels",
+        note="rank loss at FPR anchors"),
+    Run("CCKD", lambda _: relkd.CCKDLoss(), 10000.0, note="Gaussian-kernel correlations"),
+    Run("RKD", lambda _: relkd.RKDLoss(angle_weight=0.0), 81.0, note="distance term only"),
+    Run("SP", lambda _: relkd.SPLoss(), 6000.0, note="similarity preserving"),
+    Run("EC-KD", lambda lam: relkd.ECKDLoss(lam=lam), FCD_WEIGHT, 0.01, "weights",
+        note="FCD + exclusivity"),
 ]
 
 
@@ -321,7 +335,7 @@ def train_student(run: Run, seed: int, config: DemoConfig, data: DemoData,
     student = StudentCNN(config.embedding_dim).to(device)
     head = CosFaceHead(data.num_classes, config.embedding_dim, config.cosface_scale,
                        config.cosface_margin).to(device)
-    loss_fn = run.make_loss().to(device) if run.make_loss else None
+    loss_fn = run.make_loss(run.inner).to(device) if run.make_loss else None
     bank = (relkd.PrototypeBank(data.num_classes, config.embedding_dim, device=device)
             if run.inputs == "bank" else None)
     trainer = _Trainer(list(student.parameters()) + list(head.parameters()), config.student_lr,
