@@ -2,6 +2,7 @@
 image-folder path, and `python -m relkd.demo --quick` end to end."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import relkd
 from relkd.data import ImageFolderFaces, SyntheticFaces, split_identities
 from relkd.demo.cli import select_runs
 from relkd.demo.models import ResNetTeacher, StudentCNN, count_macs
-from relkd.demo.training import RUNS, pk_batches
+from relkd.demo.training import QUICK, RUNS, DemoData, pk_batches
 from relkd.metrics import (cosine_scores, pair_scores, roc_auc, roc_curve, tpr_at_fpr,
                            verification_metrics, verification_pairs)
 
@@ -226,6 +227,11 @@ def test_image_folder_reads_and_splits_by_identity(tmp_path):
     assert test.images().shape == (9, 1, 32, 32)
     with pytest.raises(ValueError, match="root"):
         ImageFolderFaces(str(tmp_path / "person_00"))  # images, but no identity folders
+    lonely = tmp_path / "lonely"
+    (lonely / "only_one").mkdir(parents=True)
+    shutil.copy(ds.files[0], lonely / "only_one" / "0.png")
+    with pytest.raises(ValueError, match="data_dir"):
+        DemoData(QUICK, str(lonely))
 
 
 def test_demo_runs_on_an_image_folder(tmp_path):

@@ -112,6 +112,9 @@ class DemoData:
 
     def _folder(self, c: DemoConfig, data_dir: str) -> None:
         everything = ImageFolderFaces(data_dir, size=c.image_size)
+        if everything.num_identities < 2:
+            raise ValueError(f"data_dir: expected at least 2 identity folders (some to train "
+                             f"on, some held out), found {everything.num_identities}")
         n_test = min(c.test_identities, everything.num_identities // 2)
         train_ids, test_ids = split_identities(everything.num_identities, n_test, seed=c.data_seed)
         train = everything.subset(train_ids)
