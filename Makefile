@@ -7,16 +7,24 @@ TORCH_VERSION ?= 2.13.0
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 NVCC ?= nvcc
 
-.PHONY: deps build test test-large demo bench bench-quick nvcc-check cxx-test sanitize clean
+.PHONY: deps test-deps demo-deps build test test-large demo bench bench-quick nvcc-check \
+	cxx-test sanitize clean
 
-# What the build and the tests need, installed only where missing. ninja
-# compiles the C++ units in parallel (MAX_JOBS); the build works without it.
+# What each target needs, installed only where missing. ninja compiles the
+# C++ units in parallel (MAX_JOBS); the build works without it.
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==$(TORCH_VERSION)
-	@$(PYTHON) -c "import pytest, hypothesis, numpy" 2>/dev/null || \
-		$(PIP) install pytest hypothesis numpy
 	@$(PYTHON) -c "import ninja" 2>/dev/null || $(PIP) install ninja || \
 		echo "ninja could not be installed: the extension builds one unit at a time"
+
+# The demo draws its ROC plot with matplotlib; tqdm shows progress (optional).
+demo-deps: deps
+	@$(PYTHON) -c "import matplotlib, tqdm" 2>/dev/null || $(PIP) install matplotlib tqdm
+
+# The tests also run the demo's --quick mode end to end.
+test-deps: demo-deps
+	@$(PYTHON) -c "import pytest, hypothesis, numpy" 2>/dev/null || \
+		$(PIP) install pytest hypothesis numpy
 
 # relkd._C in place against the installed torch. The first build is an
 # editable install (relkd importable from anywhere); later ones recompile
@@ -34,15 +42,15 @@ $(EXTENSION_STAMP): $(EXTENSION_SOURCES)
 	fi
 	@mkdir -p build && touch $@
 
-test: build
+test: test-deps build
 	$(PYTHON) -m pytest tests
 
 # Scale tests beyond 32-bit pair counts (minutes each; not part of CI).
-test-large: build
+test-large: test-deps build
 	$(PYTHON) -m pytest tests/test_large.py --run-large -v
 
-demo: build
-	$(PYTHON) examples/demo.py
+demo: demo-deps build
+	$(PYTHON) -m relkd.demo
 
 bench: build
 	mkdir -p bench-output && $(PYTHON) benchmarks/bench.py --json bench-output/latest-cpu.json
@@ -81,7 +89,7 @@ SANITIZE_TESTS := tests/test_tile_boundaries.py tests/test_topk_sim.py tests/tes
 	tests/test_pair_select.py tests/test_pairwise_loss.py tests/test_losses_fused.py \
 	"tests/test_distributed.py::test_shares_sum_to_the_global_loss"
 SANITIZE_RUNTIME = $$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)
-sanitize: deps
+sanitize: test-deps
 	rm -rf $(SANITIZE_DIR) && mkdir -p $(SANITIZE_DIR)
 	RELKD_SANITIZE=1 RELKD_CUDA=0 $(PYTHON) setup.py -q build_ext --build-lib $(SANITIZE_DIR) \
 		--build-temp $(SANITIZE_DIR)/tmp

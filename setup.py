@@ -202,7 +202,7 @@ def torch_major_minor():
 
 
 setup(
-    packages=["relkd"],
+    packages=["relkd", "relkd.demo"],
     install_requires=[f"torch=={torch_major_minor()}.*"],
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExt.with_options(no_python_abi_suffix=False)},
