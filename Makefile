@@ -26,16 +26,17 @@ test-deps: demo-deps
 	@$(PYTHON) -c "import pytest, hypothesis, numpy" 2>/dev/null || \
 		$(PIP) install pytest hypothesis numpy
 
-# relkd._C in place against the installed torch. The first build is an
-# editable install (relkd importable from anywhere); later ones recompile
-# only what changed (ninja, build/ext; nvcc units are cached in
-# build/relkd_cuda), and an unchanged tree is not rebuilt at all.
-EXTENSION_SOURCES := setup.py $(shell find csrc -type f)
+# relkd._C in place against the installed torch. The first build (and one
+# after a version change) is an editable install, so that relkd is importable
+# from anywhere with the right metadata; later ones recompile only what
+# changed (ninja, build/ext; nvcc units are cached in build/relkd_cuda), and
+# an unchanged tree is not rebuilt at all.
+EXTENSION_SOURCES := setup.py pyproject.toml relkd/__init__.py $(shell find csrc -type f)
 EXTENSION_STAMP := build/.extension-stamp
 build: deps $(EXTENSION_STAMP)
 
 $(EXTENSION_STAMP): $(EXTENSION_SOURCES)
-	@if $(PYTHON) -P -c "import relkd, sys; sys.exit(relkd.__file__ != '$(CURDIR)/relkd/__init__.py')" 2>/dev/null; then \
+	@if $(PYTHON) -P -c "import relkd, sys, importlib.metadata as m; sys.exit(relkd.__file__ != '$(CURDIR)/relkd/__init__.py' or m.version('relkd') != relkd.__version__)" 2>/dev/null; then \
 		$(PYTHON) setup.py -q build_ext --inplace --build-temp build/ext; \
 	else \
 		$(PIP) install --no-build-isolation --no-deps -e .; \

@@ -115,6 +115,18 @@ def backend(value) -> str:
     return choice(value, "backend", BACKENDS)
 
 
+def fpr_values(levels, name: str = "fprs") -> tuple:
+    """False-positive rates at which to read a ROC: numbers in (0, 1]."""
+    expected = "a non-empty sequence of false-positive rates in (0, 1]"
+    try:
+        levels = tuple(float(f) for f in levels)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected {expected}, got {levels!r}") from None
+    if not levels or any(not 0 < f <= 1 for f in levels):
+        raise ValueError(f"{name}: expected {expected}, got {levels!r}")
+    return levels
+
+
 def fpr_levels(levels) -> tuple:
     """EKD's FPR levels: each f must give an integer divisor q = round(1/f) >= 2
     (SPEC §3.2), i.e. 0 < f < 2/3; above that the rank position n_neg // q

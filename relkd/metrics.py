@@ -155,7 +155,7 @@ def tpr_at_fpr(scores: Tensor, genuine: Tensor,
     """{fpr: TPR}: the share of genuine pairs scored strictly above the
     (floor(fpr * impostors) + 1)-th highest impostor score (-inf when that
     allows every impostor), so at most a share fpr of impostors is accepted."""
-    fprs = check.fpr_levels(fprs)
+    fprs = check.fpr_values(fprs)
     return _tprs(*_split(scores, genuine), fprs)
 
 
@@ -183,7 +183,7 @@ def verification_metrics(scores: Tensor, genuine: Tensor, fprs: Sequence[float] 
     """{"tpr": {fpr: TPR}, "auc": AUC, "genuine_pairs": n, "impostor_pairs": m}
     of one set of pair scores, plus "roc": {"fpr": [...], "tpr": [...]} (as
     roc_curve) when curve_points > 0. The impostor scores are sorted once."""
-    fprs = check.fpr_levels(fprs)
+    fprs = check.fpr_values(fprs)
     check.non_negative_int(curve_points, "curve_points")
     pos, neg_sorted = _split(scores, genuine)
     out = {"tpr": _tprs(pos, neg_sorted, fprs), "auc": _auc(pos, neg_sorted),

@@ -133,7 +133,7 @@ def test_metrics_bad_input():
         tpr_at_fpr(scores, genuine.long())
     with pytest.raises(ValueError, match="genuine"):
         roc_auc(scores[:1], genuine[:1])  # no impostor
-    with pytest.raises(ValueError, match="fpr_levels"):
+    with pytest.raises(ValueError, match="^fprs: expected a non-empty sequence of false-positive rates"):
         tpr_at_fpr(scores, genuine, [0.0])
 
 
