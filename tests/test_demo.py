@@ -13,6 +13,7 @@ import relkd
 from relkd.data import ImageFolderFaces, SyntheticFaces, split_identities
 from relkd.demo.cli import select_runs
 from relkd.demo.models import ResNetTeacher, StudentCNN, count_macs
+from relkd.demo.report import VerificationProtocol
 from relkd.demo.training import QUICK, RUNS, DemoData, pk_batches
 from relkd.metrics import (cosine_scores, pair_scores, roc_auc, roc_curve, tpr_at_fpr,
                            verification_metrics, verification_pairs)
@@ -163,6 +164,22 @@ def test_pair_scores_default_and_custom_rule_match():
     torch.testing.assert_close(shifted, expected - 1.0)
 
 
+def test_ida_evaluation_matches_the_reference_scores():
+    # The demo's IDA rows score each face's statistics once and align every
+    # pair with them; that must equal the reference's per-pair ida_scores.
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(60, 8, generator=g, dtype=torch.float64)
+    support = torch.randn(90, 8, generator=g, dtype=torch.float64)
+    protocol = VerificationProtocol(torch.arange(60) // 5, max_impostors=400)
+    for mode in ("shift", "asnorm"):
+        got = protocol.evaluate_ida(emb, relkd.IDAScorer(support, k=7, mode=mode))
+        expected = relkd.reference.ida_scores(emb[protocol.a], emb[protocol.b], support, 7,
+                                              1.0, mode)
+        want = verification_metrics(expected.float(), protocol.genuine, protocol.fprs, 200)
+        assert got["tpr"] == want["tpr"] and got["auc"] == pytest.approx(want["auc"], abs=1e-6)
+        assert got != protocol.evaluate(emb)  # the alignment changed the scores
+
+
 # ---------------------------------------------------------------- demo pieces
 def test_student_is_at_least_ten_times_cheaper():
     teacher, student = count_macs(ResNetTeacher(), (1, 32, 32)), count_macs(StudentCNN(),
@@ -243,14 +260,18 @@ def test_demo_runs_on_an_image_folder(tmp_path):
     assert "ImageFolder" in payload["data"]
     # Half of the 10 identities are held out (the quick setting asks for 40).
     assert payload["verification"]["pairs"].startswith("30 genuine")
-    assert [s["name"] for s in payload["summary"]] == ["teacher", "CosFace (no KD)", "FCD"]
+    for scoring in ("cosine", "IDA-shift k=50"):
+        assert [s["name"] for s in payload["summary"] if s["scoring"] == scoring] == [
+            "teacher", "CosFace (no KD)", "FCD"]
     assert (out / "roc.png").exists()
 
 
 # ----------------------------------------------------------------- end to end
-def _check_sane(payload):
-    names = [s["name"] for s in payload["summary"]]
-    assert names == ["teacher"] + [r.name for r in RUNS]
+def _check_sane(payload, scorings=("cosine", "IDA-shift k=50")):
+    for scoring in scorings:
+        names = [s["name"] for s in payload["summary"] if s["scoring"] == scoring]
+        assert names == ["teacher"] + [r.name for r in RUNS]
+    assert {s["scoring"] for s in payload["summary"]} == set(scorings)
     for s in payload["summary"]:
         for key in ("tpr@0.01", "tpr@0.001", "tpr@0.0001", "auc"):
             assert 0.0 <= s[key]["mean"] <= 1.0, (s["name"], key)
@@ -297,7 +318,9 @@ def test_quick_demo_end_to_end(tmp_path):
     second = json.loads((out / "results.json").read_text())
     assert second["teacher"]["cached"]
     assert second["machine"]["omp_wait_policy"] == "PASSIVE"
-    by_name = lambda p: {s["name"]: s for s in p["summary"]}  # noqa: E731
+    by_name = lambda p: {(s["name"], s["scoring"]): s for s in p["summary"]}  # noqa: E731
     for name in ("teacher", "CosFace (no KD)", "FCD"):
-        assert by_name(second)[name]["tpr@0.001"] == by_name(first)[name]["tpr@0.001"]
-        assert by_name(second)[name]["auc"] == by_name(first)[name]["auc"]
+        for scoring in ("cosine", "IDA-shift k=50"):
+            key = (name, scoring)
+            assert by_name(second)[key]["tpr@0.001"] == by_name(first)[key]["tpr@0.001"]
+            assert by_name(second)[key]["auc"] == by_name(first)[key]["auc"]

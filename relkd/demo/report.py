@@ -2,10 +2,10 @@
 and the ROC plot.
 
 A row is one way of scoring one network's embeddings of the held-out faces:
-{"name", "network", "seed", "scoring", "metrics", "seconds"}. Adding another
-scoring rule (say, aligned scores) means calling `evaluate` with its
-score_fn and appending rows with another "scoring" name; the table, the JSON
-and the plot take them as they come."""
+{"name", "network", "seed", "scoring", "metrics", "seconds"}. Two scorings
+exist: "cosine" (`evaluate`) and IDA-aligned cosine (`evaluate_ida`, SPEC
+§10, against the same network's embeddings of the training faces); the
+table, the JSON and the plot take the rows as they come."""
 from __future__ import annotations
 
 import json
@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from torch import Tensor
 
+from ..ida import IDAScorer
 from ..metrics import DEFAULT_FPRS, pair_scores, verification_metrics, verification_pairs
 
 __all__ = ["VerificationProtocol", "gap_closed", "summarise", "format_table", "write_json",
@@ -42,6 +43,16 @@ class VerificationProtocol:
         score_fn(x, y) -> (n,) replaces cosine similarity (see pair_scores)."""
         scores = pair_scores(embeddings, self.a, self.b, score_fn)
         return verification_metrics(scores, self.genuine, self.fprs, self.curve_points)
+
+    def evaluate_ida(self, embeddings: Tensor, scorer: IDAScorer) -> dict:
+        """Metrics of IDA-aligned scores: each pair's cosine aligned by both
+        faces' support-set statistics in scorer's gallery (SPEC §10). Each
+        face's statistics are computed once, not once per pair."""
+        mu, sigma = scorer.statistics(embeddings)
+        a, b = self.a.to(mu.device), self.b.to(mu.device)
+        cosine = pair_scores(embeddings, self.a, self.b).to(mu)
+        aligned = scorer.align(cosine, (mu[a], sigma[a]), (mu[b], sigma[b])).float().cpu()
+        return verification_metrics(aligned, self.genuine, self.fprs, self.curve_points)
 
     def describe(self) -> str:
         n_gen = int(self.genuine.sum())
@@ -101,11 +112,14 @@ def _cell(stat: Optional[dict], fmt: str, with_std: bool) -> str:
 
 
 def format_table(summaries: List[dict], fprs: Sequence[float]) -> str:
-    """One line per run: TPR at each FPR, AUC, share of the gap closed at
-    GAP_FPR, training seconds; mean ± std when there are several seeds."""
+    """One line per run and scoring (grouped by scoring): TPR at each FPR,
+    AUC, share of the gap closed at GAP_FPR, training seconds; mean ± std
+    when there are several seeds."""
     with_std = any(len(s["seeds"]) > 1 for s in summaries)
     several_scorings = len({s["scoring"] for s in summaries}) > 1
     header = ["run"] + [f"TPR@{f:g}" for f in fprs] + ["AUC", f"gap@{GAP_FPR:g}", "train s"]
+    scorings = list(dict.fromkeys(s["scoring"] for s in summaries))
+    summaries = sorted(summaries, key=lambda s: scorings.index(s["scoring"]))  # one block each
     lines = []
     for s in summaries:
         name = f"{s['name']} [{s['scoring']}]" if several_scorings else s["name"]
@@ -141,8 +155,8 @@ def write_json(path: str, payload: dict) -> None:
 
 
 def plot_roc(path: str, rows: List[dict], title: str, fprs: Sequence[float]) -> None:
-    """ROC curves of the first seed of every run, log-scale FPR; the
-    teacher dashed. Needs matplotlib (installed by `make demo`)."""
+    """ROC curves of the first seed of every run, log-scale FPR, one panel
+    per scoring; the teacher dashed. Needs matplotlib (installed by `make demo`)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -152,14 +166,24 @@ def plot_roc(path: str, rows: List[dict], title: str, fprs: Sequence[float]) -> 
                           "(make demo installs it)") from None
     first_seed = min(r["seed"] for r in rows)
     shown = [r for r in rows if r["network"] == TEACHER or r["seed"] == first_seed]
-    several_scorings = len({r["scoring"] for r in shown}) > 1
-    fig, ax = plt.subplots(figsize=(8, 6), dpi=110)
+    scorings = list(dict.fromkeys(r["scoring"] for r in shown))
+    fig, axes = plt.subplots(1, len(scorings), figsize=(8 * len(scorings), 6), dpi=110,
+                             squeeze=False)
+    for ax, scoring in zip(axes[0], scorings):
+        _roc_panel(ax, plt, [r for r in shown if r["scoring"] == scoring], fprs)
+        ax.set_title(title if len(scorings) == 1 else f"{title}\nscores: {scoring}", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _roc_panel(ax, plt, rows: List[dict], fprs: Sequence[float]) -> None:
     palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]  # 7 is grey
     students = 0
-    for r in shown:
+    for r in rows:
         roc = r["metrics"]["roc"]
-        label = f"{r['name']} [{r['scoring']}]" if several_scorings else r["name"]
-        label += f" ({r['metrics']['tpr'][GAP_FPR]:.3f})"
+        label = f"{r['name']} ({r['metrics']['tpr'][GAP_FPR]:.3f})"
         if r["network"] == TEACHER:
             style = dict(color="black", linestyle="--", linewidth=2)
         elif r["name"] == BASELINE:
@@ -172,14 +196,9 @@ def plot_roc(path: str, rows: List[dict], title: str, fprs: Sequence[float]) -> 
         ax.axvline(f, color="0.85", linewidth=0.8, zorder=0)
     ax.set_xscale("log")
     # Below 1e-5 a curve rests on a handful of impostor pairs: noise.
-    ax.set_xlim(max(1e-5, min(shown[0]["metrics"]["roc"]["fpr"])), 1.0)
+    ax.set_xlim(max(1e-5, min(rows[0]["metrics"]["roc"]["fpr"])), 1.0)
     ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("false positive rate (impostor pairs accepted)")
     ax.set_ylabel("true positive rate (genuine pairs accepted)")
-    ax.set_title(title, fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8, title=f"run (TPR@{GAP_FPR:g})", title_fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
