@@ -132,6 +132,20 @@ def test_deterministic_and_independent_of_threads(threads):
         assert torch.equal(x, y_) and torch.equal(x, z)
 
 
+def test_column_split_follows_threads_without_changing_results():
+    # The bank's columns are split into more ranges the more threads there
+    # are (1, 2 and 5 ranges of 1024-column tiles here); the selection is
+    # exact under (value, index) order, so every split gives the same pairs.
+    a, b = embeddings(600, 16, seed=14), embeddings(9000, 16, seed=15)
+    ya, yb = labels("random", 600, 16), labels("random", 9000, 17)
+    results = []
+    for threads in (1, 2, 7):
+        with num_threads(threads):
+            results.append(ops.topk_sim(a, b, 40, ya, yb))
+    for values, indices in results[1:]:
+        assert torch.equal(values, results[0][0]) and torch.equal(indices, results[0][1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck(dtype):
     a, b = embeddings(40, 8, seed=7, dtype=dtype), embeddings(300, 8, seed=8, dtype=dtype)

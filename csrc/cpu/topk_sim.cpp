@@ -6,6 +6,7 @@
 // are merged at the end. Peak extra memory: the candidate buffers (O(N*k)
 // per column range) plus one tile per thread, never N x M.
 #include <algorithm>
+#include <functional>
 #include <vector>
 
 #include "common.h"
@@ -15,18 +16,22 @@ namespace {
 
 constexpr int64_t kRowBlock = 256;      // query rows per work item
 constexpr int64_t kColTile = 1024;      // columns per GEMM tile
-constexpr int64_t kMinWorkItems = 64;   // split columns when there are fewer row blocks
+constexpr int64_t kItemsPerThread = 2;  // split columns when there are fewer row blocks
 constexpr int64_t kCandidateBytes = int64_t(64) << 20;  // bound of the split buffers
 constexpr int64_t kChunk = 16;          // values tested against the threshold at once
 
-// Column ranges per row block. Enough work items to keep up to
-// kMinWorkItems threads busy when there are few query rows, but never more
-// candidate memory (splits x n x 2k pairs) than kCandidateBytes beyond one
-// split. A function of the shapes only: the same call gives the same items,
-// and bitwise the same values, on any thread count.
+// Column ranges per row block: enough work items for every thread to take
+// kItemsPerThread when there are few query rows (so a busy core can take
+// fewer), but no more, since every range pays its own warm-up of the
+// selection and a merge; and never more candidate memory (splits x n x 2k
+// pairs) than kCandidateBytes beyond one split. The split may depend on the
+// thread count without changing any result: the tiles a value is computed
+// in do not depend on it, and the selection is exact under a total order
+// (value, then index), so any split gives the same k pairs.
 int64_t column_splits(int64_t n, int64_t row_blocks, int64_t col_tiles, int64_t k_buf,
                       int64_t pair_bytes) {
-  const int64_t wanted = std::max<int64_t>(1, ceil_div(kMinWorkItems, row_blocks));
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t wanted = std::max<int64_t>(1, ceil_div(kItemsPerThread * threads, row_blocks));
   const int64_t per_split = std::max<int64_t>(1, n * 2 * k_buf * pair_bytes);
   const int64_t affordable = std::max<int64_t>(1, kCandidateBytes / per_split);
   return std::max<int64_t>(1, std::min({col_tiles, wanted, affordable}));
@@ -57,6 +62,43 @@ struct RowSelect {
     if (has_bar && !ranks_below(bar_v, bar_j, v, j)) return;
     buf[size++] = {v, j};
     if (size == 2 * k) keep_best();
+  }
+
+  // Fills an empty selection from a whole tile row of n > 2k values at once,
+  // so the bar starts at the row's k-th best instead of the k-th of its first
+  // 2k values and fewer later values pass the filter. The k-th best value is
+  // found by nth_element over plain values (cheaper than over pairs); the
+  // pairs above it, then those equal to it in index order (the tie rule),
+  // fill the selection. A row holding NaN takes the pair-by-pair path.
+  // scratch holds >= n values. Returns false (nothing done) in that case.
+  template <typename Value, typename Valid>
+  bool seed(int64_t n, int64_t c0, const Value& value, const Valid& valid, T* scratch) {
+    int64_t count = 0;
+    bool nan = false;
+    for (int64_t t = 0; t < n; ++t) {
+      if (!valid(c0 + t)) continue;
+      const T v = value(t);
+      nan |= std::isnan(v);
+      scratch[count++] = v;
+    }
+    if (nan) return false;
+    if (count <= k) {  // every valid pair fits: no bar yet
+      for (int64_t t = 0; t < n; ++t)
+        if (valid(c0 + t)) buf[size++] = {value(t), c0 + t};
+      return true;
+    }
+    std::nth_element(scratch, scratch + k - 1, scratch + count, std::greater<T>());
+    const T kth = scratch[k - 1];
+    for (int64_t t = 0; t < n; ++t)
+      if (value(t) > kth && valid(c0 + t)) buf[size++] = {value(t), c0 + t};
+    for (int64_t t = 0; t < n && size < k; ++t)
+      if (value(t) == kth && valid(c0 + t)) buf[size++] = {kth, c0 + t};
+    has_bar = true;  // the worst kept pair: value kth, the largest index taken at it
+    bar_v = kth;
+    bar_j = -1;
+    for (int64_t e = 0; e < size; ++e)
+      if (buf[e].first == kth) bar_j = std::max(bar_j, buf[e].second);
+    return true;
   }
 
   // Keeps the best min(size, k) pairs (unordered) and sets the bar.
@@ -126,10 +168,13 @@ RELKD_SIMD_CLONES int64_t find_chunk_above(const double* row, const double* scal
 // skipped by find_chunk_above and only chunks with a candidate are examined.
 template <typename T>
 void scan_row(RowSelect<T>& sel, const T* row, const T* scale, int64_t n, int64_t i,
-              int64_t c0, const Validity& valid) {
+              int64_t c0, const Validity& valid, T* scratch) {
   const T* sc = scale ? scale + c0 : nullptr;
   auto value = [&](int64_t t) { return sc ? row[t] * sc[t] : row[t]; };
   int64_t t = 0;
+  if (sel.size == 0 && !sel.has_bar && n > 2 * sel.k &&
+      sel.seed(n, c0, value, [&](int64_t j) { return valid(i, j); }, scratch))
+    t = n;
   // Until there is a bar, and while it is NaN (fewer than k numbers so far,
   // and -inf still beats it), every valid value is offered.
   for (; t < n && (!sel.has_bar || std::isnan(sel.bar_v)); ++t) {
@@ -174,8 +219,12 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_impl(const at::Tensor& q, const at::
   const int64_t items = k_buf > 0 ? row_blocks * splits : 0;
   const int64_t slots = worker_slots(items);
   std::vector<at::Tensor> tiles(slots);
+  std::vector<std::vector<T>> scratch(slots);
   parallel_items(items, slots, [&](int64_t slot, int64_t item) {
-    if (!tiles[slot].defined()) tiles[slot] = at::empty({kRowBlock, kColTile}, q.options());
+    if (!tiles[slot].defined()) {
+      tiles[slot] = at::empty({kRowBlock, kColTile}, q.options());
+      scratch[slot].resize(kColTile);
+    }
     const int64_t rb = item / splits, split = item % splits;
     const int64_t r0 = rb * kRowBlock, rows = std::min(kRowBlock, n - r0);
     const int64_t tile_begin = split * tiles_per_split;
@@ -194,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_impl(const at::Tensor& q, const at::
       T* base = out.data_ptr<T>();
       const int64_t ld = out.stride(0);
       for (int64_t r = 0; r < rows; ++r)
-        scan_row(sels[r], base + r * ld, scale, cols, r0 + r, c0, valid);
+        scan_row(sels[r], base + r * ld, scale, cols, r0 + r, c0, valid, scratch[slot].data());
     }
     for (int64_t r = 0; r < rows; ++r) {
       sels[r].keep_best();
