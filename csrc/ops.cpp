@@ -51,4 +51,5 @@ TORCH_LIBRARY_IMPL(relkd, Autograd, m) {
   m.impl("topk_sim", torch::CppFunction::makeFallthrough());
   m.impl("pair_histogram", torch::CppFunction::makeFallthrough());
   m.impl("pair_topk", torch::CppFunction::makeFallthrough());
+  m.impl("pair_histogram_topk", torch::CppFunction::makeFallthrough());
 }

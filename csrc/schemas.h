@@ -38,6 +38,15 @@ inline void define_operators(torch::Library& m) {
       "pair_histogram(Tensor x_r, Tensor? x_c, Tensor labels_r, Tensor? labels_c, Tensor? ids_r, "
       "Tensor? ids_c, Tensor prefixes, int shift) -> Tensor");
 
+  // pair_histogram, plus the `topk` negative pairs with the largest value
+  // (ties to the smaller (id_i, id_j)) found in the same sweep over the
+  // pairs, as pair_topk returns them: EKD's first radix pass and its top-k
+  // hard negatives without a separate pass. (CPU only; CUDA runs pair_topk.)
+  m.def(
+      "pair_histogram_topk(Tensor x_r, Tensor? x_c, Tensor labels_r, Tensor? labels_c, "
+      "Tensor? ids_r, Tensor? ids_c, Tensor prefixes, int shift, int topk) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+
   // Negative pairs with order key > threshold_key, plus the first n_equal
   // (by (id_i, id_j)) with key == threshold_key; at most topk, sorted by value
   // descending then (id_i, id_j). Returns (values, id_i, id_j) of length

@@ -164,6 +164,12 @@ if HAS_EXTENSION:
     def _pair_histogram_fake(x_r, x_c, labels_r, labels_c, ids_r, ids_c, prefixes, shift):
         return prefixes.new_empty(prefixes.shape[0], DIGITS)
 
+    @torch.library.register_fake("relkd::pair_histogram_topk")
+    def _pair_histogram_topk_fake(x_r, x_c, labels_r, labels_c, ids_r, ids_c, prefixes, shift,
+                                  topk):
+        return (prefixes.new_empty(prefixes.shape[0], DIGITS), x_r.new_empty(topk),
+                x_r.new_empty(topk, dtype=torch.long), x_r.new_empty(topk, dtype=torch.long))
+
     @torch.library.register_fake("relkd::pair_topk")
     def _pair_topk_fake(x_r, x_c, labels_r, labels_c, ids_r, ids_c, threshold_key, n_equal, topk):
         return (x_r.new_empty(topk), x_r.new_empty(topk, dtype=torch.long),
@@ -415,21 +421,35 @@ def negative_pair_select(x: Tensor, labels: Tensor, divisors: List[int], topk: i
 
     bits = key_bits(x.dtype)
     k_eff = min(topk, n_neg)
-    targets = [n_neg // q for q in divisors] + ([k_eff - 1] if k_eff > 0 else [])
+    # On CPU the first histogram pass also collects the top-k pairs; the CUDA
+    # kernels select the k-th key by radix too and then collect (pair_topk).
+    top_in_first_pass = k_eff > 0 and x.device.type == "cpu"
+    targets = [n_neg // q for q in divisors]
+    if k_eff > 0 and not top_in_first_pass:
+        targets.append(k_eff - 1)
     if any(not 0 <= t < n_neg for t in targets):  # SPEC §3.2 needs every q >= 2
         raise ValueError(f"divisors: every rank position n_neg // q must lie in [0, {n_neg}), "
                          f"got divisors {list(divisors)}")
-    keys, n_above = radix_select(
-        lambda prefixes, shift: torch.ops.relkd.pair_histogram(*common, prefixes.to(x.device),
-                                                               shift),
-        targets, bits, all_reduce)
+    first_top = []
+
+    def histogram(prefixes: Tensor, shift: int) -> Tensor:
+        prefixes = prefixes.to(x.device)
+        if top_in_first_pass and not first_top:
+            hist, *found = torch.ops.relkd.pair_histogram_topk(*common, prefixes, shift, topk)
+            first_top.append(tuple(found))
+            return hist
+        return torch.ops.relkd.pair_histogram(*common, prefixes, shift)
+
+    keys, n_above = radix_select(histogram, targets, bits, all_reduce)
     thresholds = torch.tensor([key_to_value(k, bits) for k in keys[:len(divisors)]],
                               dtype=x.dtype, device=x.device)
-    if k_eff > 0:
+    if top_in_first_pass:
+        top = first_top[0]
+    elif k_eff > 0:
         n_equal = k_eff - n_above[-1]
         top = torch.ops.relkd.pair_topk(*common, as_int64(keys[-1]), n_equal, topk)
-        if group is not None:  # every rank's candidates, merged the same way everywhere
-            top = merge_top_pairs(*(relkd_dist.gather_rows(t, group) for t in top), topk)
+    if k_eff > 0 and group is not None:  # every rank's candidates, merged the same way
+        top = merge_top_pairs(*(relkd_dist.gather_rows(t, group) for t in top), topk)
     return (thresholds, *top, n_neg_t)
 
 

@@ -100,6 +100,37 @@ def test_row_blocks_combine_like_ddp_ranks():
     assert torch.equal(merged[1], whole[2]) and torch.equal(merged[2], whole[3])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("topk", [0, 1, 37, 5000])
+def test_histogram_topk_equals_histogram_then_topk(dtype, topk):
+    """The CPU path's first pass (histogram + running top-k) gives what the
+    two-pass path gives (histogram, radix threshold, pair_topk), also per row
+    block as under DDP; rows 0-2 repeat so that values tie."""
+    x = reference.normalize(embeddings(300, 9, seed=6, dtype=dtype), dtype)
+    x[100:103] = x[0:3]
+    y = labels("random", 300, 7)
+    bits = ops.key_bits(dtype)
+    whole = torch.zeros(1, dtype=torch.long)
+    for ids, xb, yb, x_c, y_c in [(None, x, y, None, None),
+                                  (torch.arange(120, 300), x[120:], y[120:], x, y)]:
+        hist, *top = torch.ops.relkd.pair_histogram_topk(xb, x_c, yb, y_c, ids, None, whole,
+                                                         bits - 16, topk)
+        assert torch.equal(hist, torch.ops.relkd.pair_histogram(xb, x_c, yb, y_c, ids, None,
+                                                                whole, bits - 16))
+        n_neg = int(hist.sum())
+        k_eff = min(topk, n_neg)
+        if k_eff == 0:
+            assert all(len(t) == topk for t in top) and (top[1] == -1).all()
+            continue
+        keys, n_above = ops.radix_select(
+            lambda p, s: torch.ops.relkd.pair_histogram(xb, x_c, yb, y_c, ids, None, p, s),
+            [k_eff - 1], bits)
+        want = torch.ops.relkd.pair_topk(xb, x_c, yb, y_c, ids, None, ops.as_int64(keys[0]),
+                                         k_eff - n_above[0], topk)
+        for got_t, want_t in zip(top, want):
+            assert torch.equal(got_t, want_t)
+
+
 def test_positive_pair_count():
     y = torch.tensor([3, 1, 3, 3, 1, 7])
     assert int(ops.positive_pair_count(y)) == 3 + 1  # three 3s, two 1s
@@ -119,6 +150,9 @@ def test_opcheck(dtype):
     for args in [(x, None, y, None, None, None, key, 3, 50),
                  (x[40:], x, y[40:], y, ids, None, key, 0, 10)]:
         torch.library.opcheck(torch.ops.relkd.pair_topk.default, args)
+    for args in [(x, None, y, None, None, None, prefixes, bits - 16, 25),
+                 (x[40:], x, y[40:], y, ids, None, prefixes, 0, 7)]:
+        torch.library.opcheck(torch.ops.relkd.pair_histogram_topk.default, args)
     torch.library.opcheck(ops.negative_pair_select, (x, y, [10, 100], 30, None, None, 0, ""))
 
 

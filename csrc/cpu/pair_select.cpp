@@ -5,7 +5,10 @@
 // values (common.h): per prefix of already-resolved high bits, a histogram of
 // the next 16 bits. relkd/ops.py drives the passes (2 for float32, 4 for
 // float64) and, under DDP, all-reduces each pass's histograms between them.
-// pair_topk then collects the pairs above the selected threshold key.
+// pair_topk then collects the pairs above the selected threshold key;
+// pair_histogram_topk instead finds the best pairs during the first
+// histogram pass with a running bar, which saves that extra pass over all
+// pairs (and their similarity products).
 #include <algorithm>
 #include <vector>
 
@@ -38,62 +41,7 @@ SelectInputs select_inputs(const at::Tensor& x_r, const c10::optional<at::Tensor
 
 constexpr Mask kNegative = Mask::UpperDiffLabel;
 
-template <typename T>
-at::Tensor histogram_impl(const SelectInputs& in, const at::Tensor& prefixes, int64_t shift) {
-  using K = typename KeyOf<T>::type;
-  constexpr int64_t bits = sizeof(K) * 8;
-  check_histogram_args(bits, prefixes, shift, in.x_r);
-  const bool check_prefix = shift + 16 < bits;
-  const int64_t n_prefix = prefixes.numel();
-  const int64_t* pre = prefixes.data_ptr<int64_t>();
-
-  const auto tiles = pair_tiles(kNegative, in.ix, in.x_r.size(0), in.x_c.size(0));
-  const int64_t slots = worker_slots(tiles.size());
-  // Per-worker counts (integers: the sum cannot depend on which worker ran a tile).
-  std::vector<std::vector<int64_t>> hist(slots);
-
-  visit_pair_tiles<T>(kNegative, in.ix, tiles, slots, in.x_r, in.x_c, 2,
-                      [&](int64_t slot, int64_t, const TileScratch& sc) {
-    const at::Tensor w_t = sc[0], s_t = sc[1];
-    const T* w = w_t.data_ptr<T>();
-    const T* s = s_t.data_ptr<T>();
-    if (hist[slot].empty()) hist[slot].assign(n_prefix * kDigits, 0);
-    int64_t* h = hist[slot].data();
-    for (int64_t e = 0; e < s_t.numel(); ++e) {
-      if (w[e] == T(0)) continue;
-      const K key = order_key(s[e]);
-      const int64_t digit = int64_t((key >> shift) & K(kDigits - 1));
-      if (!check_prefix) {
-        ++h[digit];
-        continue;
-      }
-      const int64_t high = int64_t(key >> (shift + 16));
-      for (int64_t p = 0; p < n_prefix; ++p)
-        if (pre[p] == high) ++h[p * kDigits + digit];
-    }
-  });
-
-  auto out = at::zeros({n_prefix, kDigits}, prefixes.options());
-  int64_t* o = out.data_ptr<int64_t>();
-  for (const auto& h : hist)
-    for (int64_t e = 0; e < (int64_t)h.size(); ++e) o[e] += h[e];
-  return out;
-}
-
-at::Tensor pair_histogram_cpu(const at::Tensor& x_r, const c10::optional<at::Tensor>& x_c,
-                              const at::Tensor& labels_r,
-                              const c10::optional<at::Tensor>& labels_c,
-                              const c10::optional<at::Tensor>& ids_r,
-                              const c10::optional<at::Tensor>& ids_c, const at::Tensor& prefixes,
-                              int64_t shift) {
-  BelowAutograd below_autograd;
-  const auto in = select_inputs(x_r, x_c, labels_r, labels_c, ids_r, ids_c);
-  const auto pre = prefixes.contiguous();
-  return AT_DISPATCH_FLOATING_TYPES(x_r.scalar_type(), "pair_histogram",
-                                    [&] { return histogram_impl<scalar_t>(in, pre, shift); });
-}
-
-// ------------------------------------------------------------------ top-k
+// ------------------------------------------------------------ pair lists
 template <typename T>
 struct PairEntry {
   T value;
@@ -118,6 +66,142 @@ void trim(std::vector<PairEntry<T>>& v, int64_t cap) {
   v.resize(cap);
 }
 
+// The best `cap` pairs seen so far, trimmed to cap when they reach 2 cap;
+// after a trim, the worst kept pair is the bar a newcomer must beat.
+template <typename T>
+struct TopPairs {
+  std::vector<PairEntry<T>> list;
+  int64_t cap = 0;
+  bool has_bar = false;
+  PairEntry<T> bar{};
+
+  // A cheap first test on the value alone (most pairs fail it).
+  bool may_enter(T v) const { return !has_bar || !(v < bar.value); }
+
+  void offer(const PairEntry<T>& e) {
+    if (has_bar && !entry_before(e, bar)) return;
+    list.push_back(e);
+    if ((int64_t)list.size() < 2 * cap) return;
+    trim(list, cap);
+    bar = *std::max_element(list.begin(), list.end(), entry_before<T>);
+    has_bar = true;
+  }
+};
+
+// (values, id_i, id_j) of length topk from the best pairs in order, padded
+// with (-inf, -1, -1).
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> top_tensors(const std::vector<PairEntry<T>>& best,
+                                                           int64_t topk,
+                                                           const at::TensorOptions& opts) {
+  at::Tensor values = at::full({topk}, -std::numeric_limits<T>::infinity(), opts);
+  at::Tensor rows = at::full({topk}, -1, opts.dtype(at::kLong));
+  at::Tensor cols = at::full({topk}, -1, opts.dtype(at::kLong));
+  T* pv = values.data_ptr<T>();
+  int64_t* pr = rows.data_ptr<int64_t>();
+  int64_t* pc = cols.data_ptr<int64_t>();
+  const int64_t kept = std::min<int64_t>(topk, best.size());
+  for (int64_t e = 0; e < kept; ++e) {
+    pv[e] = best[e].value;
+    pr[e] = best[e].i;
+    pc[e] = best[e].j;
+  }
+  return {values, rows, cols};
+}
+
+// ------------------------------------------------------------- histogram
+using Selected = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The histogram of pair_histogram and, when topk > 0, the best topk pairs
+// met in the same sweep (pair_histogram_topk); with topk == 0 the last three
+// outputs are empty.
+template <typename T>
+Selected histogram_impl(const SelectInputs& in, const at::Tensor& prefixes, int64_t shift,
+                        int64_t topk) {
+  using K = typename KeyOf<T>::type;
+  constexpr int64_t bits = sizeof(K) * 8;
+  check_histogram_args(bits, prefixes, shift, in.x_r);
+  const bool check_prefix = shift + 16 < bits;
+  const int64_t n_prefix = prefixes.numel();
+  const int64_t* pre = prefixes.data_ptr<int64_t>();
+  // Most keys lie outside [lowest, highest] prefix: one test rejects them.
+  const int64_t pre_lo = n_prefix ? *std::min_element(pre, pre + n_prefix) : 0;
+  const int64_t pre_hi = n_prefix ? *std::max_element(pre, pre + n_prefix) : -1;
+
+  const auto tiles = pair_tiles(kNegative, in.ix, in.x_r.size(0), in.x_c.size(0));
+  const int64_t slots = worker_slots(tiles.size());
+  // Per-worker counts (integers: the sum cannot depend on which worker ran a
+  // tile) and best pairs (an exact selection: neither can the merged best).
+  std::vector<std::vector<int64_t>> hist(slots);
+  std::vector<TopPairs<T>> best(slots);
+  for (auto& b : best) b.cap = topk;
+
+  visit_pair_tiles<T>(kNegative, in.ix, tiles, slots, in.x_r, in.x_c, 2,
+                      [&](int64_t slot, int64_t ti, const TileScratch& sc) {
+    const Tile& t = tiles[ti];
+    const at::Tensor w_t = sc[0], s_t = sc[1];
+    const T* w = w_t.data_ptr<T>();
+    const T* s = s_t.data_ptr<T>();
+    if (hist[slot].empty()) hist[slot].assign(n_prefix * kDigits, 0);
+    int64_t* h = hist[slot].data();
+    TopPairs<T>& top = best[slot];
+    for (int64_t e = 0; e < s_t.numel(); ++e) {
+      if (w[e] == T(0)) continue;
+      if (topk > 0 && top.may_enter(s[e])) {
+        const int64_t a = in.ix.id_r(t.r0 + e / t.cols), b = in.ix.id_c(t.c0 + e % t.cols);
+        top.offer({s[e], std::min(a, b), std::max(a, b)});
+      }
+      const K key = order_key(s[e]);
+      const int64_t digit = int64_t((key >> shift) & K(kDigits - 1));
+      if (!check_prefix) {
+        ++h[digit];
+        continue;
+      }
+      const int64_t high = int64_t(key >> (shift + 16));
+      if (high < pre_lo || high > pre_hi) continue;
+      for (int64_t p = 0; p < n_prefix; ++p)
+        if (pre[p] == high) ++h[p * kDigits + digit];
+    }
+  });
+
+  auto out = at::zeros({n_prefix, kDigits}, prefixes.options());
+  int64_t* o = out.data_ptr<int64_t>();
+  for (const auto& h : hist)
+    for (int64_t e = 0; e < (int64_t)h.size(); ++e) o[e] += h[e];
+  std::vector<PairEntry<T>> merged;
+  for (const auto& b : best) merged.insert(merged.end(), b.list.begin(), b.list.end());
+  trim(merged, topk);
+  std::sort(merged.begin(), merged.end(), entry_before<T>);
+  auto [values, rows, cols] = top_tensors(merged, topk, in.x_r.options());
+  return {out, values, rows, cols};
+}
+
+Selected pair_histogram_topk_cpu(const at::Tensor& x_r, const c10::optional<at::Tensor>& x_c,
+                                 const at::Tensor& labels_r,
+                                 const c10::optional<at::Tensor>& labels_c,
+                                 const c10::optional<at::Tensor>& ids_r,
+                                 const c10::optional<at::Tensor>& ids_c,
+                                 const at::Tensor& prefixes, int64_t shift, int64_t topk) {
+  BelowAutograd below_autograd;
+  const auto in = select_inputs(x_r, x_c, labels_r, labels_c, ids_r, ids_c);
+  TORCH_CHECK_VALUE(topk >= 0, "topk must be >= 0, got ", topk);
+  const auto pre = prefixes.contiguous();
+  return AT_DISPATCH_FLOATING_TYPES(x_r.scalar_type(), "pair_histogram_topk", [&] {
+    return histogram_impl<scalar_t>(in, pre, shift, topk);
+  });
+}
+
+at::Tensor pair_histogram_cpu(const at::Tensor& x_r, const c10::optional<at::Tensor>& x_c,
+                              const at::Tensor& labels_r,
+                              const c10::optional<at::Tensor>& labels_c,
+                              const c10::optional<at::Tensor>& ids_r,
+                              const c10::optional<at::Tensor>& ids_c, const at::Tensor& prefixes,
+                              int64_t shift) {
+  return std::get<0>(pair_histogram_topk_cpu(x_r, x_c, labels_r, labels_c, ids_r, ids_c,
+                                             prefixes, shift, 0));
+}
+
+// ------------------------------------------------------------------ top-k
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_impl(const SelectInputs& in,
                                                          int64_t threshold_key, int64_t n_equal,
@@ -163,20 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_impl(const SelectInputs& in,
   std::sort(ties.begin(), ties.end(), entry_before<T>);
   best.insert(best.end(), ties.begin(), ties.end());
 
-  const auto opts = in.x_r.options();
-  at::Tensor values = at::full({topk}, -std::numeric_limits<T>::infinity(), opts);
-  at::Tensor rows = at::full({topk}, -1, opts.dtype(at::kLong));
-  at::Tensor cols = at::full({topk}, -1, opts.dtype(at::kLong));
-  T* pv = values.data_ptr<T>();
-  int64_t* pr = rows.data_ptr<int64_t>();
-  int64_t* pc = cols.data_ptr<int64_t>();
-  const int64_t kept = std::min<int64_t>(topk, best.size());
-  for (int64_t e = 0; e < kept; ++e) {
-    pv[e] = best[e].value;
-    pr[e] = best[e].i;
-    pc[e] = best[e].j;
-  }
-  return {values, rows, cols};
+  return top_tensors(best, topk, in.x_r.options());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_topk_cpu(
@@ -196,6 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_topk_cpu(
 TORCH_LIBRARY_IMPL(relkd, CPU, m) {
   m.impl("pair_histogram", &pair_histogram_cpu);
   m.impl("pair_topk", &pair_topk_cpu);
+  m.impl("pair_histogram_topk", &pair_histogram_topk_cpu);
 }
 
 }  // namespace relkd
