@@ -49,6 +49,7 @@ TORCH_LIBRARY(relkd, m) {
 // on every device (torch's advice for non-differentiable operators).
 TORCH_LIBRARY_IMPL(relkd, Autograd, m) {
   m.impl("topk_sim", torch::CppFunction::makeFallthrough());
+  m.impl("topk_sim_symmetric", torch::CppFunction::makeFallthrough());
   m.impl("pair_histogram", torch::CppFunction::makeFallthrough());
   m.impl("pair_topk", torch::CppFunction::makeFallthrough());
   m.impl("pair_histogram_topk", torch::CppFunction::makeFallthrough());

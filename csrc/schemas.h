@@ -31,6 +31,10 @@ inline void define_operators(torch::Library& m) {
       "Tensor? labels_r, Tensor? labels_c, Tensor? ids_r, Tensor? ids_c, Tensor params, "
       "bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
+  // Every row's k largest x_i . x_j over the other rows j != i, each product
+  // computed once (hardest_identities); padding (-inf, -1). (CPU only.)
+  m.def("topk_sim_symmetric(Tensor x, int k) -> (Tensor, Tensor)");
+
   // Negative pairs (id_i < id_j, labels differ): histogram of the 16-bit
   // digit at `shift` of the order keys of x_i.x_j, one histogram per key
   // prefix (the key bits above shift + 16). Returns int64 (P, 65536).

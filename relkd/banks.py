@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _validation as check
+from . import ops
+from ._common import compute_dtype, normalize
 from ._group_state import ProcessGroupHolder
 from .distributed import gather_rows, resolve_group
 from .functional import similarity_topk
@@ -123,23 +125,48 @@ def hardest_identities(prototypes: Tensor, k: int, *, chunk_size: int = 4096,
     similarity of the prototypes (C, D): a (C, k) int64 tensor, -1 where
     fewer than k exist. All-zero rows (identities a PrototypeBank has not
     seen yet) are no identity: they are never chosen, and their own rows are
-    all -1. Queries run `chunk_size` rows at a time against all prototypes,
-    so peak memory is O(chunk_size * k) beyond the prototypes. With `path`,
+    all -1. On CPU with the extension, one symmetric search computes each
+    similarity once (about half the time of a search per row), keeping 2k
+    candidates per prototype (32 k bytes each; above
+    SYMMETRIC_SEARCH_MAX_BYTES in all, and on other devices, it searches in
+    chunks instead). Chunked searches run `chunk_size` rows at a time against
+    all prototypes, peak memory O(chunk_size * k) beyond the prototypes. With `path`,
     the result is also written with torch.save. backend: as
     similarity_topk's ("auto", "fused" or "reference")."""
     prototypes = check.embeddings(prototypes, "prototypes")
     check.positive_int(k, "k")
     check.positive_int(chunk_size, "chunk_size")
+    check.backend(backend)
     n = prototypes.shape[0]
     present = (prototypes != 0).any(dim=1)
     ids = torch.nonzero(present).flatten()  # bank rows that hold a prototype
     bank = prototypes[ids] if len(ids) < n else prototypes
     out = torch.full((n, k), -1, dtype=torch.long, device=prototypes.device)
-    for lo in range(0, len(ids), chunk_size):
-        rows = ids[lo:lo + chunk_size]
-        # Labels = identity ids exclude each query's own row from the candidates.
-        _, idx = similarity_topk(prototypes[rows], bank, k, rows, ids, backend=backend)
-        out[rows] = torch.where(idx >= 0, ids[idx.clamp(min=0)], idx)
+    if _symmetric_search_applies(bank, k, backend):
+        # One search over all prototypes computing each similarity once.
+        _, idx = ops.topk_sim_symmetric(normalize(bank, compute_dtype(bank)), k)
+        out[ids] = torch.where(idx >= 0, ids[idx.clamp(min=0)], idx)
+    else:
+        for lo in range(0, len(ids), chunk_size):
+            rows = ids[lo:lo + chunk_size]
+            # Labels = identity ids exclude each query's own row from the candidates.
+            _, idx = similarity_topk(prototypes[rows], bank, k, rows, ids, backend=backend)
+            out[rows] = torch.where(idx >= 0, ids[idx.clamp(min=0)], idx)
     if path is not None:
         torch.save(out.cpu(), path)
     return out
+
+
+# Candidate memory of the symmetric search (2k (value, index) pairs per
+# prototype) beyond which hardest_identities searches in chunks instead.
+SYMMETRIC_SEARCH_MAX_BYTES = 2 << 30
+
+
+def _symmetric_search_applies(bank: Tensor, k: int, backend: str) -> bool:
+    """The CPU kernel's symmetric search (topk_sim_symmetric) computes each
+    similarity once instead of twice, but keeps every prototype's candidates
+    for the whole search: used on CPU with the extension, unless backend is
+    "reference" or those candidates would exceed SYMMETRIC_SEARCH_MAX_BYTES."""
+    if backend == "reference" or bank.device.type != "cpu" or not ops.HAS_EXTENSION:
+        return False
+    return bank.shape[0] * 2 * k * 16 <= SYMMETRIC_SEARCH_MAX_BYTES

@@ -134,6 +134,10 @@ if HAS_EXTENSION:
         n = q.shape[0]
         return q.new_empty(n, k), q.new_empty(n, k, dtype=torch.long)
 
+    @torch.library.register_fake("relkd::topk_sim_symmetric")
+    def _topk_sim_symmetric_fake(x, k):
+        return x.new_empty(x.shape[0], k), x.new_empty(x.shape[0], k, dtype=torch.long)
+
     @torch.library.register_fake("relkd::pair_dot")
     def _pair_dot_fake(a, b, idx):
         return a.new_empty(idx.shape)
@@ -274,6 +278,12 @@ def topk_sim(q: Tensor, c: Tensor, k: int, q_labels: Optional[Tensor] = None,
     (csrc/ops.cpp). No gradient."""
     return torch.ops.relkd.topk_sim(q, c, k, q_labels, c_labels, c_scale, exclude_self,
                                     self_offset)
+
+
+def topk_sim_symmetric(x: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """Per row of x, the k largest x_i . x_j over the other rows, each
+    product computed once (csrc/cpu/topk_sim.cpp; CPU only). No gradient."""
+    return torch.ops.relkd.topk_sim_symmetric(x, k)
 
 
 def pair_dot(a: Tensor, b: Tensor, idx: Tensor) -> Tensor:

@@ -170,6 +170,21 @@ def test_rad_with_bank_and_precomputed_hardest_identities(tmp_path):
     torch.testing.assert_close(given, ref)
 
 
+@pytest.mark.parametrize("budget", [None, 0])
+def test_hardest_identities_symmetric_and_chunked_match_the_reference(budget, monkeypatch):
+    # On CPU one symmetric search serves every prototype; with no budget for
+    # its candidates the search runs in chunks. Both find the exact
+    # neighbours (float64: no near-ties), absent prototypes excluded.
+    if budget is not None:
+        monkeypatch.setattr(relkd.banks, "SYMMETRIC_SEARCH_MAX_BYTES", budget)
+    protos = embeddings(1300, 6, seed=8, dtype=torch.float64)
+    protos[[3, 1150]] = 0
+    hard = relkd.hardest_identities(protos, 12, chunk_size=500)
+    want = relkd.hardest_identities(protos, 12, backend="reference")
+    assert torch.equal(hard, want)
+    assert (hard[[3, 1150]] == -1).all() and not ({3, 1150} & set(hard.flatten().tolist()))
+
+
 def test_hardest_identities_ignore_prototypes_not_seen_yet():
     bank = relkd.PrototypeBank(6, 3)
     bank.update(torch.tensor([[1.0, 0, 0], [0.9, -0.5, 0], [0, 1.0, 0], [-1.0, -0.1, 0]]),

@@ -191,6 +191,18 @@ void scan_row(RowSelect<T>& sel, const T* row, const T* scale, int64_t n, int64_
   }
 }
 
+// Sorts a row's candidates best first and writes the best k, padded with
+// (-inf, -1).
+template <typename T>
+void write_best(std::pair<T, int64_t>* cand, int64_t size, int64_t k, T* out_v, int64_t* out_i) {
+  std::sort(cand, cand + size, RowSelect<T>::better);
+  const int64_t kept = std::min<int64_t>(k, size);
+  for (int64_t e = 0; e < k; ++e) {
+    out_v[e] = e < kept ? cand[e].first : -std::numeric_limits<T>::infinity();
+    out_i[e] = e < kept ? cand[e].second : -1;
+  }
+}
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> topk_sim_impl(const at::Tensor& q, const at::Tensor& c, int64_t k,
                                                  const at::Tensor& q_labels,
@@ -263,15 +275,85 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_impl(const at::Tensor& q, const at::
         cand.insert(cand.end(), cand_buf.begin() + slot * 2 * k_buf,
                     cand_buf.begin() + slot * 2 * k_buf + cand_size[slot]);
       }
-      std::sort(cand.begin(), cand.end(), RowSelect<T>::better);
-      const int64_t kept = std::min<int64_t>(k, cand.size());
-      for (int64_t e = 0; e < k; ++e) {
-        out_val[i * k + e] = e < kept ? cand[e].first : -std::numeric_limits<T>::infinity();
-        out_idx[i * k + e] = e < kept ? cand[e].second : -1;
-      }
+      write_best(cand.data(), cand.size(), k, out_val + i * k, out_idx + i * k);
     }
   });
   return {values, indices};
+}
+
+// --------------------------------------------------------- symmetric top-k
+// topk_sim_symmetric(x, k): every row's best k among the other rows of x,
+// each product x_i . x_j computed once: tiles (i, j) with block i <= j feed
+// the rows of block i and, transposed, those of block j. Every row keeps one
+// selection for the whole search (O(n k) memory), so its bar stays as strong
+// as in a plain search. Wave w holds the tiles with (i + j) mod B == w: a
+// block's only tile in a wave is the one with block (w - i) mod B, so each
+// selection has one writer at a time and meets its tiles in a fixed order.
+constexpr int64_t kSymmetricBlock = 1024;
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> symmetric_impl(const at::Tensor& x, int64_t k) {
+  const int64_t n = x.size(0);
+  const int64_t k_buf = std::min(k, std::max<int64_t>(n - 1, 0));
+  std::vector<std::pair<T, int64_t>> buf(n * 2 * k_buf);
+  std::vector<RowSelect<T>> sel(n);
+  for (int64_t i = 0; i < n; ++i)
+    sel[i] = RowSelect<T>{buf.data() + i * 2 * k_buf, 0, k_buf, false, T(0), 0};
+
+  const int64_t blocks = ceil_div(n, kSymmetricBlock);
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> waves(k_buf > 0 ? blocks : 0);
+  for (int64_t i = 0; i < blocks; ++i)
+    for (int64_t j = i; j < blocks && k_buf > 0; ++j) waves[(i + j) % blocks].push_back({i, j});
+  const int64_t slots = worker_slots(ceil_div(blocks + 1, 2));
+  const Validity not_self{nullptr, nullptr, true, 0};
+  std::vector<at::Tensor> tiles(slots), flipped(slots);
+  std::vector<std::vector<T>> scratch(slots);
+  for (const auto& wave : waves) {
+    parallel_items(wave.size(), slots, [&](int64_t slot, int64_t item) {
+      if (!tiles[slot].defined()) {
+        tiles[slot] = at::empty({kSymmetricBlock, kSymmetricBlock}, x.options());
+        flipped[slot] = at::empty({kSymmetricBlock, kSymmetricBlock}, x.options());
+        scratch[slot].resize(kSymmetricBlock);
+      }
+      const auto [bi, bj] = wave[item];
+      const int64_t r0 = bi * kSymmetricBlock, rows = std::min(kSymmetricBlock, n - r0);
+      const int64_t c0 = bj * kSymmetricBlock, cols = std::min(kSymmetricBlock, n - c0);
+      auto out = tiles[slot].narrow(0, 0, rows).narrow(1, 0, cols);
+      tile_dot(out, x.narrow(0, r0, rows), x.narrow(0, c0, cols));
+      const T* base = out.data_ptr<T>();
+      const T* no_scale = nullptr;
+      for (int64_t r = 0; r < rows; ++r)
+        scan_row(sel[r0 + r], base + r * out.stride(0), no_scale, cols, r0 + r, c0, not_self,
+                 scratch[slot].data());
+      if (bi == bj) return;  // the diagonal tile holds both directions already
+      auto out_t = flipped[slot].narrow(0, 0, cols).narrow(1, 0, rows);
+      out_t.copy_(out.t());
+      const T* base_t = out_t.data_ptr<T>();
+      for (int64_t c = 0; c < cols; ++c)
+        scan_row(sel[c0 + c], base_t + c * out_t.stride(0), no_scale, rows, c0 + c, r0, not_self,
+                 scratch[slot].data());
+    });
+  }
+
+  auto values = at::empty({n, k}, x.options());
+  auto indices = at::empty({n, k}, x.options().dtype(at::kLong));
+  T* v = values.data_ptr<T>();
+  int64_t* idx = indices.data_ptr<int64_t>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      sel[i].keep_best();
+      write_best(sel[i].buf, sel[i].size, k, v + i * k, idx + i * k);
+    }
+  });
+  return {values, indices};
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_sim_symmetric_cpu(const at::Tensor& x, int64_t k) {
+  BelowAutograd below_autograd;
+  check_topk_sim_args(x, x, k, c10::nullopt, c10::nullopt, c10::nullopt);
+  const auto xc = x.contiguous();
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "topk_sim_symmetric",
+                                    [&] { return symmetric_impl<scalar_t>(xc, k); });
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_sim_cpu(const at::Tensor& q, const at::Tensor& c, int64_t k,
@@ -291,6 +373,9 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_cpu(const at::Tensor& q, const at::T
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(relkd, CPU, m) { m.impl("topk_sim", &topk_sim_cpu); }
+TORCH_LIBRARY_IMPL(relkd, CPU, m) {
+  m.impl("topk_sim", &topk_sim_cpu);
+  m.impl("topk_sim_symmetric", &topk_sim_symmetric_cpu);
+}
 
 }  // namespace relkd
