@@ -9,6 +9,7 @@
 #include <functional>
 #include <vector>
 
+#include "../tile_plan.h"
 #include "common.h"
 
 namespace relkd {
@@ -286,9 +287,9 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_impl(const at::Tensor& q, const at::
 // each product x_i . x_j computed once: tiles (i, j) with block i <= j feed
 // the rows of block i and, transposed, those of block j. Every row keeps one
 // selection for the whole search (O(n k) memory), so its bar stays as strong
-// as in a plain search. Wave w holds the tiles with (i + j) mod B == w: a
-// block's only tile in a wave is the one with block (w - i) mod B, so each
-// selection has one writer at a time and meets its tiles in a fixed order.
+// as in a plain search. Tiles run in the symmetric waves of tile_plan.h (a
+// block in at most one tile per wave), so each selection has one writer at a
+// time and meets its tiles in a fixed order.
 constexpr int64_t kSymmetricBlock = 1024;
 
 template <typename T>
@@ -300,32 +301,33 @@ std::tuple<at::Tensor, at::Tensor> symmetric_impl(const at::Tensor& x, int64_t k
   for (int64_t i = 0; i < n; ++i)
     sel[i] = RowSelect<T>{buf.data() + i * 2 * k_buf, 0, k_buf, false, T(0), 0};
 
-  const int64_t blocks = ceil_div(n, kSymmetricBlock);
-  std::vector<std::vector<std::pair<int64_t, int64_t>>> waves(k_buf > 0 ? blocks : 0);
-  for (int64_t i = 0; i < blocks; ++i)
-    for (int64_t j = i; j < blocks && k_buf > 0; ++j) waves[(i + j) % blocks].push_back({i, j});
+  const auto ranges = block_ranges(n, kSymmetricBlock, nullptr, nullptr);
+  const auto tiles = plan_tiles(pm::Mask::OffDiagonal, true, kSymmetricBlock, n, n, ranges,
+                                ranges);
+  const int64_t blocks = ranges.size();
+  const auto waves = k_buf > 0 ? group_by_wave(tiles, true, blocks, blocks)
+                               : std::vector<std::vector<int64_t>>{};
   const int64_t slots = worker_slots(ceil_div(blocks + 1, 2));
   const Validity not_self{nullptr, nullptr, true, 0};
-  std::vector<at::Tensor> tiles(slots), flipped(slots);
+  std::vector<at::Tensor> products(slots), flipped(slots);
   std::vector<std::vector<T>> scratch(slots);
   for (const auto& wave : waves) {
     parallel_items(wave.size(), slots, [&](int64_t slot, int64_t item) {
-      if (!tiles[slot].defined()) {
-        tiles[slot] = at::empty({kSymmetricBlock, kSymmetricBlock}, x.options());
+      if (!products[slot].defined()) {
+        products[slot] = at::empty({kSymmetricBlock, kSymmetricBlock}, x.options());
         flipped[slot] = at::empty({kSymmetricBlock, kSymmetricBlock}, x.options());
         scratch[slot].resize(kSymmetricBlock);
       }
-      const auto [bi, bj] = wave[item];
-      const int64_t r0 = bi * kSymmetricBlock, rows = std::min(kSymmetricBlock, n - r0);
-      const int64_t c0 = bj * kSymmetricBlock, cols = std::min(kSymmetricBlock, n - c0);
-      auto out = tiles[slot].narrow(0, 0, rows).narrow(1, 0, cols);
+      const Tile& tile = tiles[wave[item]];
+      const int64_t r0 = tile.r0, rows = tile.rows, c0 = tile.c0, cols = tile.cols;
+      auto out = products[slot].narrow(0, 0, rows).narrow(1, 0, cols);
       tile_dot(out, x.narrow(0, r0, rows), x.narrow(0, c0, cols));
       const T* base = out.data_ptr<T>();
       const T* no_scale = nullptr;
       for (int64_t r = 0; r < rows; ++r)
         scan_row(sel[r0 + r], base + r * out.stride(0), no_scale, cols, r0 + r, c0, not_self,
                  scratch[slot].data());
-      if (bi == bj) return;  // the diagonal tile holds both directions already
+      if (tile.rb == tile.cb) return;  // the diagonal tile holds both directions already
       auto out_t = flipped[slot].narrow(0, 0, cols).narrow(1, 0, rows);
       out_t.copy_(out.t());
       const T* base_t = out_t.data_ptr<T>();
