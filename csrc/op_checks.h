@@ -8,6 +8,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <string>
 
 #include "pair_math.h"
@@ -94,7 +96,20 @@ inline void check_pair_dot_args(const at::Tensor& a, const at::Tensor& b, const 
   TORCH_CHECK_VALUE(idx.device() == a.device(), "idx must be on the device of a (", a.device(),
                     "), got ", idx.device());
   if (idx.numel() > 0) {
-    const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+    // One reduction (and on a GPU one sync); a CPU index is scanned in place,
+    // which is cheaper than a parallel reduction and its barrier.
+    int64_t lo = INT64_MAX, hi = INT64_MIN;
+    if (idx.device().is_cpu() && idx.is_contiguous()) {
+      const int64_t* p = idx.data_ptr<int64_t>();
+      for (int64_t e = 0; e < idx.numel(); ++e) {
+        lo = std::min(lo, p[e]);
+        hi = std::max(hi, p[e]);
+      }
+    } else {
+      const auto range = at::aminmax(idx);
+      lo = std::get<0>(range).item<int64_t>();
+      hi = std::get<1>(range).item<int64_t>();
+    }
     TORCH_CHECK_VALUE(lo >= -1 && hi < b.size(0), "idx values must lie in [-1, ", b.size(0),
                       "), got [", lo, ", ", hi, "]");
   }

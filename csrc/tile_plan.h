@@ -8,9 +8,11 @@
 // touch the same row block or the same column block (in the symmetric case,
 // the same block in either role), so the tiles of a wave can add their
 // gradient contributions to their blocks in parallel without races, and the
-// waves run in a fixed order. The sum each gradient row receives is then
+// waves come in a fixed order. The sum each gradient row receives is then
 // added in the same order for any number of threads and any scheduling:
 // bitwise reproducible, with one gradient buffer instead of one per thread.
+// The CUDA glue launches wave after wave; the CPU kernels need no barrier
+// between waves (order_by_block below).
 #pragma once
 
 #include <stdint.h>
@@ -118,6 +120,37 @@ inline std::vector<std::vector<int64_t>> group_by_wave(const std::vector<Tile>& 
                              [](const std::vector<int64_t>& w) { return w.empty(); }),
               waves.end());
   return waves;
+}
+
+// The tiles in wave order, each with the blocks it updates (rectangular:
+// row block rb and column block B_r + cb; symmetric: rb and cb, one block on
+// the diagonal) and, per block, how many tiles before it in that order update
+// the block too. A CPU worker may start a tile once that many tiles of each
+// of its blocks are done: each block then meets its tiles in wave order
+// whatever the scheduling, without a barrier between the waves.
+struct OrderedTile {
+  int64_t tile;
+  int64_t block[2];  // block[1] < 0: a symmetric diagonal tile (one block)
+  int64_t turn[2];   // tiles of block[j] that come first
+};
+
+inline std::vector<OrderedTile> order_by_block(const std::vector<Tile>& tiles,
+                                               const std::vector<std::vector<int64_t>>& waves,
+                                               bool symmetric, int64_t blocks_r,
+                                               int64_t blocks_c) {
+  std::vector<int64_t> seen(symmetric ? blocks_r : blocks_r + blocks_c, 0);
+  std::vector<OrderedTile> order;
+  order.reserve(tiles.size());
+  for (const auto& wave : waves)
+    for (const int64_t ti : wave) {
+      const Tile& t = tiles[ti];
+      OrderedTile o{ti, {t.rb, symmetric ? t.cb : blocks_r + t.cb}, {0, 0}};
+      if (symmetric && t.rb == t.cb) o.block[1] = -1;
+      for (int j = 0; j < 2; ++j)
+        if (o.block[j] >= 0) o.turn[j] = seen[o.block[j]]++;
+      order.push_back(o);
+    }
+  return order;
 }
 
 }  // namespace relkd

@@ -12,9 +12,12 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <thread>
 #include <type_traits>
 
 #include "../op_checks.h"
+#include "../tile_plan.h"
 
 namespace relkd {
 
@@ -47,6 +50,69 @@ void parallel_items(int64_t items, int64_t slots, const F& body) {
     for (int64_t slot = begin; slot < end; ++slot)
       for (int64_t item; (item = next.fetch_add(1, std::memory_order_relaxed)) < items;)
         body(slot, item);
+  });
+}
+
+// body(begin, end) over [0, n) in chunks of `chunk`, handed out one at a time
+// (parallel_items): for loops whose iterations are independent.
+template <typename F>
+void parallel_chunks(int64_t n, int64_t chunk, const F& body) {
+  const int64_t items = ceil_div(n, chunk);
+  parallel_items(items, worker_slots(items), [&](int64_t, int64_t item) {
+    body(item * chunk, std::min(n, (item + 1) * chunk));
+  });
+}
+
+// Runs body(slot, tile) for the tiles of `order` (csrc/tile_plan.h's
+// order_by_block) on at most `slots` workers. A worker takes the first tile
+// whose blocks have finished all their earlier tiles, so every block is
+// updated by one tile at a time, in a fixed order: results are bitwise the
+// same for any thread count and scheduling. No barrier between waves: a
+// worker descheduled by a busy core only holds back the tiles that share
+// its blocks, and the others keep going. Waiting workers yield their core.
+template <typename F>
+void parallel_in_block_order(const std::vector<OrderedTile>& order, int64_t blocks,
+                             int64_t slots, const F& body) {
+  const int64_t n = order.size();
+  std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[blocks]);
+  std::unique_ptr<std::atomic<bool>[]> claimed(new std::atomic<bool>[n]);
+  for (int64_t b = 0; b < blocks; ++b) done[b].store(0, std::memory_order_relaxed);
+  for (int64_t i = 0; i < n; ++i) claimed[i].store(false, std::memory_order_relaxed);
+  std::atomic<int64_t> first_open{0};  // every tile before it is claimed
+
+  auto ready = [&](const OrderedTile& o) {
+    for (int j = 0; j < 2; ++j)
+      if (o.block[j] >= 0 && done[o.block[j]].load(std::memory_order_acquire) != o.turn[j])
+        return false;
+    return true;
+  };
+  auto claim = [&]() -> int64_t {  // -1: nothing to claim yet; n: all claimed
+    int64_t lo = first_open.load(std::memory_order_relaxed);
+    while (lo < n && claimed[lo].load(std::memory_order_relaxed)) ++lo;
+    int64_t seen = first_open.load(std::memory_order_relaxed);
+    while (seen < lo && !first_open.compare_exchange_weak(seen, lo)) {
+    }
+    if (lo == n) return n;
+    for (int64_t i = lo; i < n; ++i)
+      if (!claimed[i].load(std::memory_order_relaxed) && ready(order[i]) &&
+          !claimed[i].exchange(true, std::memory_order_acq_rel))
+        return i;
+    return -1;
+  };
+  parallel_below_autograd(0, slots, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t slot = begin; slot < end; ++slot)
+      for (;;) {
+        const int64_t i = claim();
+        if (i == n) break;
+        if (i < 0) {
+          std::this_thread::yield();
+          continue;
+        }
+        body(slot, order[i].tile);
+        for (int j = 0; j < 2; ++j)
+          if (order[i].block[j] >= 0)
+            done[order[i].block[j]].fetch_add(1, std::memory_order_release);
+      }
   });
 }
 

@@ -4,6 +4,7 @@
 // Backward: grad_a by rows; grad_b by an inverse index (CSR over columns) so
 // every b row sums its contributions in a fixed order: bitwise identical for
 // any thread count, unlike a scatter-add with atomics.
+#include <algorithm>
 #include <vector>
 
 #include "common.h"
@@ -11,11 +12,22 @@
 namespace relkd {
 namespace {
 
+// Sixteen independent partial sums, folded pairwise: the compiler turns the
+// inner loop into vector FMAs, where one running sum is a serial dependency
+// chain (no -ffast-math reassociation). The order is fixed, so every call
+// gives the same bits.
 template <typename T>
 inline T dot(const T* x, const T* y, int64_t d) {
-  T acc = 0;
-  for (int64_t e = 0; e < d; ++e) acc += x[e] * y[e];
-  return acc;
+  constexpr int kLanes = 16;
+  T lane[kLanes] = {};
+  int64_t e = 0;
+  for (; e + kLanes <= d; e += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane[l] += x[e + l] * y[e + l];
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int l = 0; l < width; ++l) lane[l] += lane[l + width];
+  T tail = 0;
+  for (; e < d; ++e) tail += x[e] * y[e];
+  return lane[0] + tail;
 }
 
 template <typename T>
@@ -34,7 +46,7 @@ at::Tensor pair_dot_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at
     const scalar_t* pb = b.data_ptr<scalar_t>();
     const int64_t* pi = idx.data_ptr<int64_t>();
     scalar_t* po = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    parallel_chunks(n, 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
         for (int64_t s = 0; s < k; ++s) {
           const int64_t j = pi[i * k + s];
@@ -56,9 +68,11 @@ std::tuple<at::Tensor, at::Tensor> pair_dot_backward_cpu(const at::Tensor& grad_
   const auto grad = grad_in.contiguous(), a = a_in.contiguous(), b = b_in.contiguous();
   const auto idx = idx_in.contiguous();
   const int64_t n = a.size(0), m = b.size(0), k = idx.size(1), d = a.size(1);
-  // A gradient that is not needed is returned as an empty tensor.
-  at::Tensor grad_a = need_a ? at::zeros_like(a) : at::empty({0}, a.options());
-  at::Tensor grad_b = need_b ? at::zeros_like(b) : at::empty({0}, b.options());
+  // A gradient that is not needed is returned as an empty tensor. Each
+  // gradient row is zeroed by the worker that sums into it (no separate
+  // parallel fill).
+  at::Tensor grad_a = at::empty(need_a ? a.sizes() : at::IntArrayRef{0}, a.options());
+  at::Tensor grad_b = at::empty(need_b ? b.sizes() : at::IntArrayRef{0}, b.options());
 
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "pair_dot_backward", [&] {
     const scalar_t* pg = grad.data_ptr<scalar_t>();
@@ -67,7 +81,8 @@ std::tuple<at::Tensor, at::Tensor> pair_dot_backward_cpu(const at::Tensor& grad_
     const int64_t* pi = idx.data_ptr<int64_t>();
     if (need_a) {
       scalar_t* ga = grad_a.data_ptr<scalar_t>();
-      at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+      parallel_chunks(n, 64, [&](int64_t begin, int64_t end) {
+        std::fill(ga + begin * d, ga + end * d, scalar_t(0));
         for (int64_t i = begin; i < end; ++i)
           for (int64_t s = 0; s < k; ++s) {
             const int64_t j = pi[i * k + s];
@@ -87,7 +102,8 @@ std::tuple<at::Tensor, at::Tensor> pair_dot_backward_cpu(const at::Tensor& grad_
       for (int64_t e = 0; e < n * k; ++e)
         if (pi[e] >= 0) entries[fill[pi[e]]++] = e;
       scalar_t* gb = grad_b.data_ptr<scalar_t>();
-      at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
+      parallel_chunks(m, 64, [&](int64_t begin, int64_t end) {
+        std::fill(gb + begin * d, gb + end * d, scalar_t(0));
         for (int64_t j = begin; j < end; ++j)
           for (int64_t p = start[j]; p < start[j + 1]; ++p) {
             const int64_t e = entries[p];

@@ -1,7 +1,7 @@
 // pairwise_loss on CPU: sum of a pair loss over all (masked) pairs of rows and
 // columns, and its gradient, tile by tile; no N x N buffer, and one copy of
-// each gradient whatever the thread count (tiles run in waves, see
-// csrc/tile_plan.h).
+// each gradient whatever the thread count (each block's tiles run one at a
+// time in wave order: csrc/tile_plan.h, parallel_in_block_order in common.h).
 //
 // The output is a scalar, so the gradient of the sum with respect to every
 // input is accumulated in the same pass over the tiles that computes the sum:
@@ -23,8 +23,8 @@ struct PairInputs {
   int64_t n_r, n_c;
 };
 
-// One copy of every gradient, written by the tile that owns the block in the
-// current wave (csrc/tile_plan.h); columns alias rows when symmetric.
+// One copy of every gradient, written by one tile of a block at a time
+// (parallel_in_block_order); columns alias rows when symmetric.
 template <typename T>
 struct Grads {
   at::Tensor s_r, s_c, t_r, t_c;  // (rows or columns) x dim, or undefined
@@ -114,40 +114,39 @@ std::vector<at::Tensor> run_pairwise(const Kind& kind, const PairInputs& in, int
   const int64_t slots = worker_slots(largest_wave);
   WorkerScratch scratch(slots, 5, opts);
 
-  for (const auto& wave : waves) {
-    parallel_items(wave.size(), slots, [&](int64_t slot, int64_t item) {
-      const int64_t ti = wave[item];
-      const Tile& t = tiles[ti];
-      const TileScratch& sc = scratch.get(slot, t);
-      if (!prepare_tile<T>(Kind::mask, in.ix, t, in.xs_r, in.xs_c, sc)) return;
-      const at::Tensor w = sc[0], s = sc[1], tt = sc[2], gs = sc[3], gt = sc[4];
-      const auto xs_r = in.xs_r.narrow(0, t.r0, t.rows), xs_c = in.xs_c.narrow(0, t.c0, t.cols);
-      at::Tensor xt_r, xt_c;
-      if (Kind::has_teacher) {
-        xt_r = in.xt_r.narrow(0, t.r0, t.rows);
-        xt_c = in.xt_c.narrow(0, t.c0, t.cols);
-        at::Tensor tt_out = tt;
-        tile_dot(tt_out, xt_r, xt_c);
-      }
-      const bool norms = Kind::uses_norms && grad_s;
-      tile_sums[ti] = tile_terms<T>(
-          kind, t, w.data_ptr<T>(), s.data_ptr<T>(), Kind::has_teacher ? tt.data_ptr<T>() : nullptr,
-          data_or_null_t<T>(ns_r), data_or_null_t<T>(ns_c), data_or_null_t<T>(nt_r),
-          data_or_null_t<T>(nt_c), grad_s ? gs.data_ptr<T>() : nullptr,
-          grad_t ? gt.data_ptr<T>() : nullptr, norms ? g.dn_r.data() : nullptr,
-          norms ? g.dn_c(sym).data() : nullptr);
-      // The derivative tile times the opposite embeddings, into the blocks
-      // this tile owns in its wave.
-      if (grad_s) {
-        g.s_r.narrow(0, t.r0, t.rows).addmm_(gs, xs_c);
-        g.s_c.narrow(0, t.c0, t.cols).addmm_(gs.t(), xs_r);
-      }
-      if (grad_t) {
-        g.t_r.narrow(0, t.r0, t.rows).addmm_(gt, xt_c);
-        g.t_c.narrow(0, t.c0, t.cols).addmm_(gt.t(), xt_r);
-      }
-    });
-  }
+  const auto order = order_by_block(tiles, waves, sym, blocks_r, blocks_c);
+  parallel_in_block_order(order, sym ? blocks_r : blocks_r + blocks_c, slots,
+                          [&](int64_t slot, int64_t ti) {
+    const Tile& t = tiles[ti];
+    const TileScratch& sc = scratch.get(slot, t);
+    if (!prepare_tile<T>(Kind::mask, in.ix, t, in.xs_r, in.xs_c, sc)) return;
+    const at::Tensor w = sc[0], s = sc[1], tt = sc[2], gs = sc[3], gt = sc[4];
+    const auto xs_r = in.xs_r.narrow(0, t.r0, t.rows), xs_c = in.xs_c.narrow(0, t.c0, t.cols);
+    at::Tensor xt_r, xt_c;
+    if (Kind::has_teacher) {
+      xt_r = in.xt_r.narrow(0, t.r0, t.rows);
+      xt_c = in.xt_c.narrow(0, t.c0, t.cols);
+      at::Tensor tt_out = tt;
+      tile_dot(tt_out, xt_r, xt_c);
+    }
+    const bool norms = Kind::uses_norms && grad_s;
+    tile_sums[ti] = tile_terms<T>(
+        kind, t, w.data_ptr<T>(), s.data_ptr<T>(), Kind::has_teacher ? tt.data_ptr<T>() : nullptr,
+        data_or_null_t<T>(ns_r), data_or_null_t<T>(ns_c), data_or_null_t<T>(nt_r),
+        data_or_null_t<T>(nt_c), grad_s ? gs.data_ptr<T>() : nullptr,
+        grad_t ? gt.data_ptr<T>() : nullptr, norms ? g.dn_r.data() : nullptr,
+        norms ? g.dn_c(sym).data() : nullptr);
+    // The derivative tile times the opposite embeddings, into this tile's
+    // blocks (no other tile writes them until it is done).
+    if (grad_s) {
+      g.s_r.narrow(0, t.r0, t.rows).addmm_(gs, xs_c);
+      g.s_c.narrow(0, t.c0, t.cols).addmm_(gs.t(), xs_r);
+    }
+    if (grad_t) {
+      g.t_r.narrow(0, t.r0, t.rows).addmm_(gt, xt_c);
+      g.t_c.narrow(0, t.c0, t.cols).addmm_(gt.t(), xt_r);
+    }
+  });
 
   TileSums total;
   for (const TileSums& ts : tile_sums) {

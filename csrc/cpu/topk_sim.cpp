@@ -287,8 +287,8 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_impl(const at::Tensor& q, const at::
 // each product x_i . x_j computed once: tiles (i, j) with block i <= j feed
 // the rows of block i and, transposed, those of block j. Every row keeps one
 // selection for the whole search (O(n k) memory), so its bar stays as strong
-// as in a plain search. Tiles run in the symmetric waves of tile_plan.h (a
-// block in at most one tile per wave), so each selection has one writer at a
+// as in a plain search. Tiles run in the block order of tile_plan.h and
+// common.h (parallel_in_block_order), so each selection has one writer at a
 // time and meets its tiles in a fixed order.
 constexpr int64_t kSymmetricBlock = 1024;
 
@@ -311,31 +311,30 @@ std::tuple<at::Tensor, at::Tensor> symmetric_impl(const at::Tensor& x, int64_t k
   const Validity not_self{nullptr, nullptr, true, 0};
   std::vector<at::Tensor> products(slots), flipped(slots);
   std::vector<std::vector<T>> scratch(slots);
-  for (const auto& wave : waves) {
-    parallel_items(wave.size(), slots, [&](int64_t slot, int64_t item) {
-      if (!products[slot].defined()) {
-        products[slot] = at::empty({kSymmetricBlock, kSymmetricBlock}, x.options());
-        flipped[slot] = at::empty({kSymmetricBlock, kSymmetricBlock}, x.options());
-        scratch[slot].resize(kSymmetricBlock);
-      }
-      const Tile& tile = tiles[wave[item]];
-      const int64_t r0 = tile.r0, rows = tile.rows, c0 = tile.c0, cols = tile.cols;
-      auto out = products[slot].narrow(0, 0, rows).narrow(1, 0, cols);
-      tile_dot(out, x.narrow(0, r0, rows), x.narrow(0, c0, cols));
-      const T* base = out.data_ptr<T>();
-      const T* no_scale = nullptr;
-      for (int64_t r = 0; r < rows; ++r)
-        scan_row(sel[r0 + r], base + r * out.stride(0), no_scale, cols, r0 + r, c0, not_self,
-                 scratch[slot].data());
-      if (tile.rb == tile.cb) return;  // the diagonal tile holds both directions already
-      auto out_t = flipped[slot].narrow(0, 0, cols).narrow(1, 0, rows);
-      out_t.copy_(out.t());
-      const T* base_t = out_t.data_ptr<T>();
-      for (int64_t c = 0; c < cols; ++c)
-        scan_row(sel[c0 + c], base_t + c * out_t.stride(0), no_scale, rows, c0 + c, r0, not_self,
-                 scratch[slot].data());
-    });
-  }
+  const auto order = order_by_block(tiles, waves, true, blocks, blocks);
+  parallel_in_block_order(order, blocks, slots, [&](int64_t slot, int64_t tile_index) {
+    if (!products[slot].defined()) {
+      products[slot] = at::empty({kSymmetricBlock, kSymmetricBlock}, x.options());
+      flipped[slot] = at::empty({kSymmetricBlock, kSymmetricBlock}, x.options());
+      scratch[slot].resize(kSymmetricBlock);
+    }
+    const Tile& tile = tiles[tile_index];
+    const int64_t r0 = tile.r0, rows = tile.rows, c0 = tile.c0, cols = tile.cols;
+    auto out = products[slot].narrow(0, 0, rows).narrow(1, 0, cols);
+    tile_dot(out, x.narrow(0, r0, rows), x.narrow(0, c0, cols));
+    const T* base = out.data_ptr<T>();
+    const T* no_scale = nullptr;
+    for (int64_t r = 0; r < rows; ++r)
+      scan_row(sel[r0 + r], base + r * out.stride(0), no_scale, cols, r0 + r, c0, not_self,
+               scratch[slot].data());
+    if (tile.rb == tile.cb) return;  // the diagonal tile holds both directions already
+    auto out_t = flipped[slot].narrow(0, 0, cols).narrow(1, 0, rows);
+    out_t.copy_(out.t());
+    const T* base_t = out_t.data_ptr<T>();
+    for (int64_t c = 0; c < cols; ++c)
+      scan_row(sel[c0 + c], base_t + c * out_t.stride(0), no_scale, rows, c0 + c, r0, not_self,
+               scratch[slot].data());
+  });
 
   auto values = at::empty({n, k}, x.options());
   auto indices = at::empty({n, k}, x.options().dtype(at::kLong));

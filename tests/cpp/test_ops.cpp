@@ -90,10 +90,41 @@ void test_tile_waves() {
   expect(ok, "tile waves: each tile once, no block twice in a wave");
 }
 
+// order_by_block: the tiles in wave order, and for each block the turns of
+// its tiles numbered 0, 1, 2, ... in that order, so a worker that waits for
+// its turn applies a block's tiles in wave order.
+void test_block_order() {
+  bool ok = true;
+  for (bool symmetric : {true, false})
+    for (int64_t rows = 1; rows <= 9; ++rows) {
+      const int64_t cols = symmetric ? rows : rows + 2;
+      std::vector<relkd::Tile> tiles;
+      for (int64_t rb = 0; rb < rows; ++rb)
+        for (int64_t cb = symmetric ? rb : 0; cb < cols; ++cb)
+          tiles.push_back({rb, 1, cb, 1, rb, cb});
+      const auto waves = relkd::group_by_wave(tiles, symmetric, rows, cols);
+      const auto order = relkd::order_by_block(tiles, waves, symmetric, rows, cols);
+      std::vector<int64_t> flat, next(rows + cols, 0);
+      for (const auto& wave : waves) flat.insert(flat.end(), wave.begin(), wave.end());
+      ok &= order.size() == flat.size();
+      for (size_t i = 0; i < order.size() && ok; ++i) {
+        const relkd::OrderedTile& o = order[i];
+        const relkd::Tile& t = tiles[o.tile];
+        ok &= o.tile == flat[i];
+        ok &= o.block[0] == t.rb;
+        ok &= o.block[1] == (symmetric ? (t.rb == t.cb ? -1 : t.cb) : rows + t.cb);
+        for (int j = 0; j < 2; ++j)
+          if (o.block[j] >= 0) ok &= o.turn[j] == next[o.block[j]]++;
+      }
+    }
+  expect(ok, "block order: wave order, turns count each block's tiles");
+}
+
 }  // namespace
 
 int main() {
   test_tile_waves();
+  test_block_order();
   test_topk_sim();
   test_pair_dot();
   test_pairwise_cckd();
