@@ -79,38 +79,51 @@ std::tuple<at::Tensor, at::Tensor> pair_dot_backward_cpu(const at::Tensor& grad_
     const scalar_t* pa = a.data_ptr<scalar_t>();
     const scalar_t* pb = b.data_ptr<scalar_t>();
     const int64_t* pi = idx.data_ptr<int64_t>();
-    if (need_a) {
-      scalar_t* ga = grad_a.data_ptr<scalar_t>();
-      parallel_chunks(n, 64, [&](int64_t begin, int64_t end) {
-        std::fill(ga + begin * d, ga + end * d, scalar_t(0));
-        for (int64_t i = begin; i < end; ++i)
-          for (int64_t s = 0; s < k; ++s) {
-            const int64_t j = pi[i * k + s];
-            if (j >= 0) axpy(pg[i * k + s], pb + j * d, ga + i * d, d);
-          }
-      });
-    }
+    // Inverse index: for every column j, the flat entries e = i * k + s
+    // with idx[e] == j, in increasing e.
+    std::vector<int64_t> start, entries;
     if (need_b) {
-      // Inverse index: for every column j, the flat entries e = i * k + s
-      // with idx[e] == j, in increasing e.
-      std::vector<int64_t> start(static_cast<size_t>(m + 1), 0);
+      start.assign(static_cast<size_t>(m + 1), 0);
       for (int64_t e = 0; e < n * k; ++e)
         if (pi[e] >= 0) ++start[pi[e] + 1];
       for (int64_t j = 0; j < m; ++j) start[j + 1] += start[j];
-      std::vector<int64_t> entries(static_cast<size_t>(start[m]));
+      entries.resize(static_cast<size_t>(start[m]));
       std::vector<int64_t> fill(start.begin(), start.end() - 1);
       for (int64_t e = 0; e < n * k; ++e)
         if (pi[e] >= 0) entries[fill[pi[e]]++] = e;
-      scalar_t* gb = grad_b.data_ptr<scalar_t>();
-      parallel_chunks(m, 64, [&](int64_t begin, int64_t end) {
-        std::fill(gb + begin * d, gb + end * d, scalar_t(0));
-        for (int64_t j = begin; j < end; ++j)
-          for (int64_t p = start[j]; p < start[j + 1]; ++p) {
-            const int64_t e = entries[p];
-            axpy(pg[e], pa + (e / k) * d, gb + j * d, d);
-          }
-      });
     }
+    scalar_t* ga = need_a ? grad_a.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gb = need_b ? grad_b.data_ptr<scalar_t>() : nullptr;
+    auto grad_a_rows = [&](int64_t begin, int64_t end) {
+      std::fill(ga + begin * d, ga + end * d, scalar_t(0));
+      for (int64_t i = begin; i < end; ++i)
+        for (int64_t s = 0; s < k; ++s) {
+          const int64_t j = pi[i * k + s];
+          if (j >= 0) axpy(pg[i * k + s], pb + j * d, ga + i * d, d);
+        }
+    };
+    auto grad_b_rows = [&](int64_t begin, int64_t end) {
+      std::fill(gb + begin * d, gb + end * d, scalar_t(0));
+      for (int64_t j = begin; j < end; ++j)
+        for (int64_t p = start[j]; p < start[j + 1]; ++p) {
+          const int64_t e = entries[p];
+          axpy(pg[e], pa + (e / k) * d, gb + j * d, d);
+        }
+    };
+    // Both gradients' row chunks in one parallel region: every region's
+    // start and join waits for all its threads, which costs most on a busy
+    // machine.
+    constexpr int64_t kRows = 64;
+    const int64_t items_a = need_a ? ceil_div(n, kRows) : 0;
+    const int64_t items_b = need_b ? ceil_div(m, kRows) : 0;
+    parallel_items(items_a + items_b, worker_slots(items_a + items_b),
+                   [&](int64_t, int64_t item) {
+                     if (item < items_a)
+                       grad_a_rows(item * kRows, std::min(n, (item + 1) * kRows));
+                     else
+                       grad_b_rows((item - items_a) * kRows,
+                                   std::min(m, (item - items_a + 1) * kRows));
+                   });
   });
   return {grad_a, grad_b};
 }

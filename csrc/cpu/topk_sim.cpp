@@ -229,6 +229,8 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_impl(const at::Tensor& q, const at::
   const Validity valid{data_or_null(q_labels), data_or_null(c_labels), exclude_self, self_offset};
   const T* scale = c_scale.defined() ? c_scale.data_ptr<T>() : nullptr;
 
+  T* out_val = values.data_ptr<T>();
+  int64_t* out_idx = indices.data_ptr<int64_t>();
   const int64_t items = k_buf > 0 ? row_blocks * splits : 0;
   const int64_t slots = worker_slots(items);
   std::vector<at::Tensor> tiles(slots);
@@ -261,12 +263,16 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_impl(const at::Tensor& q, const at::
     for (int64_t r = 0; r < rows; ++r) {
       sels[r].keep_best();
       cand_size[split * n + r0 + r] = sels[r].size;
+      // One column range: the row's selection is final, written here while
+      // it is in cache (and no second parallel region is needed).
+      if (splits == 1)
+        write_best(sels[r].buf, sels[r].size, k, out_val + (r0 + r) * k,
+                   out_idx + (r0 + r) * k);
     }
   });
+  if (splits == 1 && k_buf > 0) return {values, indices};
 
   // Merge the column ranges of every row: best first, then padding.
-  T* out_val = values.data_ptr<T>();
-  int64_t* out_idx = indices.data_ptr<int64_t>();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     std::vector<std::pair<T, int64_t>> cand;
     for (int64_t i = begin; i < end; ++i) {
