@@ -94,6 +94,23 @@ def test_exact_ties_go_to_the_smaller_index():
     assert fused[0].tolist() == [4, 8, 1, 2, 3, 5, 6, 7, 9, 10, 11]
 
 
+@pytest.mark.parametrize("k", [1, 7, 100, 333])
+def test_exact_ties_in_wide_tiles_go_to_the_smaller_index(k):
+    # Small-integer vectors: dot products are exact small integers, so each
+    # tile row of 1024 values holds long runs of ties at the k-th value; the
+    # first tile of a row seeds its selection from the whole row.
+    g = torch.Generator().manual_seed(k)
+    q = torch.randint(-2, 3, (37, 3), generator=g).double()
+    b = torch.randint(-2, 3, (3000, 3), generator=g).double()
+    for dtype in (torch.float32, torch.float64):
+        values, fused = relkd.ops.topk_sim(q.to(dtype), b.to(dtype), k)
+        sims = q @ b.T
+        # larger similarity first, ties to the smaller index
+        order = torch.argsort(-sims * 4096 + torch.arange(3000, dtype=torch.float64), dim=1)
+        assert torch.equal(fused, order[:, :k])
+        assert torch.equal(values.double(), sims.gather(1, order[:, :k]))
+
+
 def test_label_and_self_exclusion_explicit():
     a = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.9, 0.2]])
     y = torch.tensor([0, 0, 1, 1])

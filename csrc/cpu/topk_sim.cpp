@@ -88,6 +88,7 @@ struct RowSelect {
         if (valid(c0 + t)) buf[size++] = {value(t), c0 + t};
       return true;
     }
+    count = keep_above_lower_bound(scratch, count, k);
     std::nth_element(scratch, scratch + k - 1, scratch + count, std::greater<T>());
     const T kth = scratch[k - 1];
     for (int64_t t = 0; t < n; ++t)
@@ -100,6 +101,24 @@ struct RowSelect {
     for (int64_t e = 0; e < size; ++e)
       if (buf[e].first == kth) bar_j = std::max(bar_j, buf[e].second);
     return true;
+  }
+
+  // Drops values that cannot be among the k largest of v[0, count) (count >
+  // k, no NaN) before the exact selection: the maxima of k disjoint groups
+  // are k values, so the k-th largest is at least their minimum. One
+  // vectorisable pass leaves about k ... a few k values for nth_element.
+  static int64_t keep_above_lower_bound(T* v, int64_t count, int64_t k) {
+    T bound = std::numeric_limits<T>::infinity();
+    for (int64_t g = 0; g < k; ++g) {
+      const int64_t lo = g * count / k, hi = (g + 1) * count / k;
+      T group_max = v[lo];
+      for (int64_t e = lo + 1; e < hi; ++e) group_max = v[e] > group_max ? v[e] : group_max;
+      bound = std::min(bound, group_max);
+    }
+    int64_t kept = 0;
+    for (int64_t e = 0; e < count; ++e)
+      if (v[e] >= bound) v[kept++] = v[e];
+    return kept;
   }
 
   // Keeps the best min(size, k) pairs (unordered) and sets the bar.
