@@ -93,7 +93,9 @@ class IDAScorer:
             chunk).
 
     Results are detached (no gradient) and float32 for half inputs, else the
-    promoted input dtype. A half gallery is upcast once (a float32 copy).
+    promoted input dtype. A half gallery is upcast once (a float32 copy). A
+    gallery of at most 64 MiB is searched as one normalised copy, made once;
+    a larger one in place, its rows scaled by their inverse norms.
 
         scorer = relkd.IDAScorer(train_emb, train_labels, k=50, mode="asnorm")
         aligned = scorer.scores(emb1, emb2, labels1, labels2)       # pairs

@@ -188,13 +188,17 @@ def test_chunks_search_at_most_chunk_size_faces_and_never_copy_the_support(monke
         return topk_sim(q, c, *args)
 
     monkeypatch.setattr(ops, "topk_sim", spy)
+    # A support this small is normally searched as one normalised copy; the
+    # limit at 0 takes the path of real galleries, searched in place.
+    monkeypatch.setattr(relkd.functional, "BANK_COPY_MAX_BYTES", 0)
     scorer = relkd.IDAScorer(support, k=7, chunk_size=chunk_size, backend="fused")
     got = scorer.scores(a, b)
     assert calls and all(rows <= max(2, chunk_size) for rows, _ in calls)
     assert {ptr for _, ptr in calls} == {support.data_ptr()}  # searched in place
     assert sum(rows for rows, _ in calls) == 2 * 23  # each face searched once
     monkeypatch.setattr(ops, "topk_sim", topk_sim)
-    whole = relkd.ida_scores(a, b, support, k=7, backend="fused")
+    monkeypatch.undo()
+    whole = relkd.ida_scores(a, b, support, k=7, backend="fused")  # a normalised copy
     torch.testing.assert_close(got, whole, rtol=0, atol=1e-6)
 
 

@@ -1,6 +1,8 @@
 """topk_sim (DESIGN primitive 1) and relkd.similarity_topk: fused vs the
 reference, by value (near-ties may swap indices in float32), exactly where
 ties are exact; label and self exclusion, padding, M >> N, opcheck."""
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given
@@ -64,13 +66,18 @@ def test_batch_mode_property(n, d, k_extra, dtype, pattern, exclude_self, seed):
 
 @given(n=st.integers(1, 40), m=st.integers(1, 5000), d=st.integers(1, 130),
        k=st.integers(1, 60), dtype=st.sampled_from([torch.float32, torch.float64]),
-       with_labels=st.booleans(), seed=st.integers(0, 2**16))
-def test_bank_mode_property(n, m, d, k, dtype, with_labels, seed):
+       with_labels=st.booleans(), scaled=st.booleans(), seed=st.integers(0, 2**16))
+def test_bank_mode_property(n, m, d, k, dtype, with_labels, scaled, seed):
     a = embeddings(n, d, seed, dtype)
     b = 3.0 * embeddings(m, d, seed + 1, dtype)  # unnormalised bank rows
     ya = labels("random", n, seed) if with_labels else None
     yb = labels("random", m, seed + 2) if with_labels else None
-    values, indices = relkd.similarity_topk(a, b, k, ya, yb, backend="fused")
+    # scaled: the path of banks too large to copy (raw rows times inverse
+    # norms in the search); otherwise the bank is searched as a normalised copy.
+    copy_limit = 0 if scaled else relkd.functional.BANK_COPY_MAX_BYTES
+    with mock.patch.object(relkd.functional, "BANK_COPY_MAX_BYTES", copy_limit):
+        assert (relkd.functional.bank_operand(b, dtype)[1] is not None) == scaled
+        values, indices = relkd.similarity_topk(a, b, k, ya, yb, backend="fused")
     valid = torch.ones(n, m, dtype=torch.bool)
     if with_labels:
         valid &= ya[:, None] != yb[None, :]
