@@ -51,9 +51,13 @@ struct RowSelect {
   T bar_v;
   int64_t bar_j;
 
-  static bool better(const std::pair<T, int64_t>& a, const std::pair<T, int64_t>& b) {
-    return ranks_below(b.first, b.second, a.first, a.second);
-  }
+  // A function object, not a function pointer, so that nth_element and
+  // sort inline the comparison.
+  struct Better {
+    bool operator()(const std::pair<T, int64_t>& a, const std::pair<T, int64_t>& b) const {
+      return ranks_below(b.first, b.second, a.first, a.second);
+    }
+  };
 
   // A value above this beats the bar (scan_row offers every value while
   // the bar is NaN, so it is a number here).
@@ -91,40 +95,33 @@ struct RowSelect {
     count = keep_above_lower_bound(scratch, count, k);
     std::nth_element(scratch, scratch + k - 1, scratch + count, std::greater<T>());
     const T kth = scratch[k - 1];
-    for (int64_t t = 0; t < n; ++t)
-      if (value(t) > kth && valid(c0 + t)) buf[size++] = {value(t), c0 + t};
-    for (int64_t t = 0; t < n && size < k; ++t)
-      if (value(t) == kth && valid(c0 + t)) buf[size++] = {kth, c0 + t};
-    has_bar = true;  // the worst kept pair: value kth, the largest index taken at it
-    bar_v = kth;
+    // The values above kth all lie in scratch[0, k - 1); the rest of the k
+    // are ties at kth, taken in index order (one pass for both).
+    int64_t ties = k;
+    for (int64_t e = 0; e < k; ++e) ties -= scratch[e] > kth;
     bar_j = -1;
-    for (int64_t e = 0; e < size; ++e)
-      if (buf[e].first == kth) bar_j = std::max(bar_j, buf[e].second);
+    for (int64_t t = 0; t < n; ++t) {
+      const T v = value(t);
+      if (v < kth || (v == kth && ties == 0) || !valid(c0 + t)) continue;
+      buf[size++] = {v, c0 + t};
+      if (v == kth) {
+        --ties;
+        bar_j = c0 + t;  // the worst kept pair: value kth, the largest index taken at it
+      }
+    }
+    has_bar = true;
+    bar_v = kth;
     return true;
   }
 
   // Drops values that cannot be among the k largest of v[0, count) (count >
-  // k, no NaN) before the exact selection: the maxima of k disjoint groups
-  // are k values, so the k-th largest is at least their minimum. One
-  // vectorisable pass leaves about k ... a few k values for nth_element.
-  static int64_t keep_above_lower_bound(T* v, int64_t count, int64_t k) {
-    T bound = std::numeric_limits<T>::infinity();
-    for (int64_t g = 0; g < k; ++g) {
-      const int64_t lo = g * count / k, hi = (g + 1) * count / k;
-      T group_max = v[lo];
-      for (int64_t e = lo + 1; e < hi; ++e) group_max = v[e] > group_max ? v[e] : group_max;
-      bound = std::min(bound, group_max);
-    }
-    int64_t kept = 0;
-    for (int64_t e = 0; e < count; ++e)
-      if (v[e] >= bound) v[kept++] = v[e];
-    return kept;
-  }
+  // k, no NaN) before the exact selection (defined below).
+  static int64_t keep_above_lower_bound(T* v, int64_t count, int64_t k);
 
   // Keeps the best min(size, k) pairs (unordered) and sets the bar.
   void keep_best() {
     if (size <= k) return;
-    std::nth_element(buf, buf + k - 1, buf + size, better);
+    std::nth_element(buf, buf + k - 1, buf + size, Better());
     size = k;
     has_bar = true;
     bar_v = buf[k - 1].first;
@@ -182,6 +179,42 @@ RELKD_SIMD_CLONES int64_t find_chunk_above(const double* row, const double* scal
   return find_chunk_above_impl(row, scale, begin, n, thr);
 }
 
+// out[l] = max_r v[r * k + l] over the rows r < rows of v viewed as a
+// (rows x k) matrix: lane-wise, so it vectorises.
+template <typename T>
+inline void column_max_impl(const T* v, int64_t rows, int64_t k, T* out) {
+  std::copy(v, v + k, out);
+  for (int64_t r = 1; r < rows; ++r)
+    for (int64_t l = 0; l < k; ++l) out[l] = v[r * k + l] > out[l] ? v[r * k + l] : out[l];
+}
+
+RELKD_SIMD_CLONES void column_max(const float* v, int64_t rows, int64_t k, float* out) {
+  column_max_impl(v, rows, k, out);
+}
+
+RELKD_SIMD_CLONES void column_max(const double* v, int64_t rows, int64_t k, double* out) {
+  column_max_impl(v, rows, k, out);
+}
+
+// The maxima of k disjoint groups (v[l], v[k + l], v[2k + l], ... for each
+// lane l) are k of the values, so the k-th largest value is at least their
+// minimum; the values below it go. About k to a few k values stay for the
+// exact selection, after two passes without branches.
+template <typename T>
+int64_t RowSelect<T>::keep_above_lower_bound(T* v, int64_t count, int64_t k) {
+  thread_local std::vector<T> maxima;
+  maxima.resize(k);
+  column_max(v, count / k, k, maxima.data());
+  const T bound = *std::min_element(maxima.begin(), maxima.end());
+  int64_t kept = 0;
+  for (int64_t e = 0; e < count; ++e) {
+    const T x = v[e];
+    v[kept] = x;
+    kept += x >= bound;
+  }
+  return kept;
+}
+
 // Offers one tile row (columns c0 .. c0 + n of the bank, values scaled by
 // scale[c0 + t] when given) to a row's selection. Until the selection has a
 // bar every valid value is offered; then whole chunks below the bar are
@@ -215,7 +248,7 @@ void scan_row(RowSelect<T>& sel, const T* row, const T* scale, int64_t n, int64_
 // (-inf, -1).
 template <typename T>
 void write_best(std::pair<T, int64_t>* cand, int64_t size, int64_t k, T* out_v, int64_t* out_i) {
-  std::sort(cand, cand + size, RowSelect<T>::better);
+  std::sort(cand, cand + size, typename RowSelect<T>::Better());
   const int64_t kept = std::min<int64_t>(k, size);
   for (int64_t e = 0; e < k; ++e) {
     out_v[e] = e < kept ? cand[e].first : -std::numeric_limits<T>::infinity();
