@@ -31,9 +31,10 @@ inline void define_operators(torch::Library& m) {
       "Tensor? labels_r, Tensor? labels_c, Tensor? ids_r, Tensor? ids_c, Tensor params, "
       "bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
-  // Every row's k largest x_i . x_j over the other rows j != i, each product
-  // computed once (hardest_identities); padding (-inf, -1). (CPU only.)
-  m.def("topk_sim_symmetric(Tensor x, int k) -> (Tensor, Tensor)");
+  // Every row's k largest x_i . x_j over the other rows j != i (of another
+  // label when labels are given), each product computed once
+  // (hardest_identities, batch mining); padding (-inf, -1). (CPU only.)
+  m.def("topk_sim_symmetric(Tensor x, int k, Tensor? labels=None) -> (Tensor, Tensor)");
 
   // Negative pairs (id_i < id_j, labels differ): histogram of the 16-bit
   // digit at `shift` of the order keys of x_i.x_j, one histogram per key

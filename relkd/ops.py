@@ -135,7 +135,7 @@ if HAS_EXTENSION:
         return q.new_empty(n, k), q.new_empty(n, k, dtype=torch.long)
 
     @torch.library.register_fake("relkd::topk_sim_symmetric")
-    def _topk_sim_symmetric_fake(x, k):
+    def _topk_sim_symmetric_fake(x, k, labels=None):
         return x.new_empty(x.shape[0], k), x.new_empty(x.shape[0], k, dtype=torch.long)
 
     @torch.library.register_fake("relkd::pair_dot")
@@ -280,10 +280,12 @@ def topk_sim(q: Tensor, c: Tensor, k: int, q_labels: Optional[Tensor] = None,
                                     self_offset)
 
 
-def topk_sim_symmetric(x: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-    """Per row of x, the k largest x_i . x_j over the other rows, each
-    product computed once (csrc/cpu/topk_sim.cpp; CPU only). No gradient."""
-    return torch.ops.relkd.topk_sim_symmetric(x, k)
+def topk_sim_symmetric(x: Tensor, k: int, labels: Optional[Tensor] = None
+                       ) -> Tuple[Tensor, Tensor]:
+    """Per row of x, the k largest x_i . x_j over the other rows (those of
+    another label when labels are given), each product computed once
+    (csrc/cpu/topk_sim.cpp; CPU only). No gradient."""
+    return torch.ops.relkd.topk_sim_symmetric(x, k, labels)
 
 
 def pair_dot(a: Tensor, b: Tensor, idx: Tensor) -> Tensor:

@@ -239,14 +239,18 @@ def test_minus_infinity_outranks_nan_even_after_a_nan_bar():
     assert values[0, 0] == -float("inf") and torch.isnan(values[0, 1])
 
 
-@pytest.mark.parametrize("n,k", [(1, 3), (2, 5), (1500, 7), (2049, 40), (300, 400)])
-def test_symmetric_equals_a_plain_search(n, k):
-    # topk_sim_symmetric (hardest_identities' CPU search) computes each
-    # product once and feeds both rows' selections; float64 has no
-    # near-ties here, so the indices must equal a plain search's exactly.
+@pytest.mark.parametrize("pattern", [None, "random", "same", "distinct"])
+@pytest.mark.parametrize("n,k", [(1, 3), (2, 5), (1500, 7), (2049, 40), (300, 400),
+                                 (9000, 3)])
+def test_symmetric_equals_a_plain_search(n, k, pattern):
+    # topk_sim_symmetric (hardest_identities' and RAD's batch mining on the
+    # CPU) computes each product once and feeds both rows' selections;
+    # float64 has no near-ties here, so the indices must equal a plain
+    # search's exactly, with and without label exclusion.
     x = reference.normalize(embeddings(n, 9, seed=30, dtype=torch.float64), torch.float64)
-    values, indices = ops.topk_sim_symmetric(x, k)
-    want_v, want_i = ops.topk_sim(x, x, k, exclude_self=True)
+    y = None if pattern is None else labels(pattern, n, seed=n)
+    values, indices = ops.topk_sim_symmetric(x, k, y)
+    want_v, want_i = ops.topk_sim(x, x, k, y, y, exclude_self=True)
     assert torch.equal(indices, want_i)
     torch.testing.assert_close(values, want_v, rtol=0, atol=1e-12)
 
@@ -254,6 +258,8 @@ def test_symmetric_equals_a_plain_search(n, k):
 def test_symmetric_opcheck_and_threads():
     x = embeddings(2100, 5, seed=31)
     torch.library.opcheck(torch.ops.relkd.topk_sim_symmetric.default, (x[:300], 6))
+    y = labels("random", 300, seed=31)
+    torch.library.opcheck(torch.ops.relkd.topk_sim_symmetric.default, (x[:300], 6, y))
     with num_threads(1):
         one = ops.topk_sim_symmetric(x, 6)
     with num_threads(3):

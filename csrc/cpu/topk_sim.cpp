@@ -341,40 +341,46 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_impl(const at::Tensor& q, const at::
 }
 
 // --------------------------------------------------------- symmetric top-k
-// topk_sim_symmetric(x, k): every row's best k among the other rows of x,
+// topk_sim_symmetric(x, k, labels): every row's best k among the other rows
+// of x (of another label, when labels are given),
 // each product x_i . x_j computed once: tiles (i, j) with block i <= j feed
 // the rows of block i and, transposed, those of block j. Every row keeps one
 // selection for the whole search (O(n k) memory), so its bar stays as strong
 // as in a plain search. Tiles run in the block order of tile_plan.h and
 // common.h (parallel_in_block_order), so each selection has one writer at a
 // time and meets its tiles in a fixed order.
-constexpr int64_t kSymmetricBlock = 1024;
+// Blocks of 1024 rows; 512 up to 8192 rows, so that a training batch still
+// has enough blocks for several tiles at a time. A function of n only: the
+// tiles a product is computed in never depend on the thread count.
+int64_t symmetric_block(int64_t n) { return n <= 8192 ? 512 : 1024; }
 
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> symmetric_impl(const at::Tensor& x, int64_t k) {
+std::tuple<at::Tensor, at::Tensor> symmetric_impl(const at::Tensor& x, int64_t k,
+                                                  const at::Tensor& labels) {
   const int64_t n = x.size(0);
+  const int64_t block = symmetric_block(n);
   const int64_t k_buf = std::min(k, std::max<int64_t>(n - 1, 0));
   std::vector<std::pair<T, int64_t>> buf(n * 2 * k_buf);
   std::vector<RowSelect<T>> sel(n);
   for (int64_t i = 0; i < n; ++i)
     sel[i] = RowSelect<T>{buf.data() + i * 2 * k_buf, 0, k_buf, false, T(0), 0};
 
-  const auto ranges = block_ranges(n, kSymmetricBlock, nullptr, nullptr);
-  const auto tiles = plan_tiles(pm::Mask::OffDiagonal, true, kSymmetricBlock, n, n, ranges,
-                                ranges);
+  const auto ranges = block_ranges(n, block, nullptr, nullptr);
+  const auto tiles = plan_tiles(pm::Mask::OffDiagonal, true, block, n, n, ranges, ranges);
   const int64_t blocks = ranges.size();
   const auto waves = k_buf > 0 ? group_by_wave(tiles, true, blocks, blocks)
                                : std::vector<std::vector<int64_t>>{};
   const int64_t slots = worker_slots(ceil_div(blocks + 1, 2));
-  const Validity not_self{nullptr, nullptr, true, 0};
+  const int64_t* lab = data_or_null(labels);
+  const Validity valid{lab, lab, true, 0};
   std::vector<at::Tensor> products(slots), flipped(slots);
   std::vector<std::vector<T>> scratch(slots);
   const auto order = order_by_block(tiles, waves, true, blocks, blocks);
   parallel_in_block_order(order, blocks, slots, [&](int64_t slot, int64_t tile_index) {
     if (!products[slot].defined()) {
-      products[slot] = at::empty({kSymmetricBlock, kSymmetricBlock}, x.options());
-      flipped[slot] = at::empty({kSymmetricBlock, kSymmetricBlock}, x.options());
-      scratch[slot].resize(kSymmetricBlock);
+      products[slot] = at::empty({block, block}, x.options());
+      flipped[slot] = at::empty({block, block}, x.options());
+      scratch[slot].resize(block);
     }
     const Tile& tile = tiles[tile_index];
     const int64_t r0 = tile.r0, rows = tile.rows, c0 = tile.c0, cols = tile.cols;
@@ -383,14 +389,14 @@ std::tuple<at::Tensor, at::Tensor> symmetric_impl(const at::Tensor& x, int64_t k
     const T* base = out.data_ptr<T>();
     const T* no_scale = nullptr;
     for (int64_t r = 0; r < rows; ++r)
-      scan_row(sel[r0 + r], base + r * out.stride(0), no_scale, cols, r0 + r, c0, not_self,
+      scan_row(sel[r0 + r], base + r * out.stride(0), no_scale, cols, r0 + r, c0, valid,
                scratch[slot].data());
     if (tile.rb == tile.cb) return;  // the diagonal tile holds both directions already
     auto out_t = flipped[slot].narrow(0, 0, cols).narrow(1, 0, rows);
     out_t.copy_(out.t());
     const T* base_t = out_t.data_ptr<T>();
     for (int64_t c = 0; c < cols; ++c)
-      scan_row(sel[c0 + c], base_t + c * out_t.stride(0), no_scale, rows, c0 + c, r0, not_self,
+      scan_row(sel[c0 + c], base_t + c * out_t.stride(0), no_scale, rows, c0 + c, r0, valid,
                scratch[slot].data());
   });
 
@@ -407,12 +413,14 @@ std::tuple<at::Tensor, at::Tensor> symmetric_impl(const at::Tensor& x, int64_t k
   return {values, indices};
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_sim_symmetric_cpu(const at::Tensor& x, int64_t k) {
+std::tuple<at::Tensor, at::Tensor> topk_sim_symmetric_cpu(
+    const at::Tensor& x, int64_t k, const c10::optional<at::Tensor>& labels) {
   BelowAutograd below_autograd;
-  check_topk_sim_args(x, x, k, c10::nullopt, c10::nullopt, c10::nullopt);
+  check_topk_sim_args(x, x, k, labels, labels, c10::nullopt);
   const auto xc = x.contiguous();
+  const auto lab = contiguous_or_empty(labels);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "topk_sim_symmetric",
-                                    [&] { return symmetric_impl<scalar_t>(xc, k); });
+                                    [&] { return symmetric_impl<scalar_t>(xc, k, lab); });
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_sim_cpu(const at::Tensor& q, const at::Tensor& c, int64_t k,
