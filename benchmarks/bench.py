@@ -79,6 +79,7 @@ import json
 import multiprocessing
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -259,20 +260,44 @@ def busy_process() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
+def time_quiet_and_busy(run: Callable[[], None], repeats: int, warmups: int,
+                        device: str) -> tuple:
+    """(quiet, busy) wall-clock seconds of `repeats` calls each, alternating:
+    one call with the busy process stopped (SIGSTOP), one beside it running.
+    Alternating keeps this shared machine's drift out of the ratio; stopping
+    the process instead of starting one per call keeps its start-up out."""
+    for _ in range(warmups):
+        run()
+    busy = busy_process()
+    quiet_s: List[float] = []
+    busy_s: List[float] = []
+    try:
+        for _ in range(repeats):
+            for times, signal_name in ((quiet_s, signal.SIGSTOP), (busy_s, signal.SIGCONT)):
+                busy.send_signal(signal_name)
+                time.sleep(0.02)  # let the scheduler settle
+                synchronize(device)
+                start = time.perf_counter()
+                run()
+                synchronize(device)
+                times.append(time.perf_counter() - start)
+    finally:
+        busy.kill()
+        busy.wait()
+    return quiet_s, busy_s
+
+
 def time_measurement(measurement: Measurement, inputs, contention: bool = False) -> None:
     case = measurement.case
     try:
         cases.warm_up_tiny(case)
         run = cases.prepare(case, inputs)
-        measurement.times_s = time_runs(run, measurement.repeats, measurement.warmups,
-                                        case.device)
-        if contention:  # the same runs again beside a busy process
-            busy = busy_process()
-            try:
-                measurement.contended_s = time_runs(run, measurement.repeats, 0, case.device)
-            finally:
-                busy.kill()
-                busy.wait()
+        if contention:  # quiet and beside a busy process, alternating
+            measurement.times_s, measurement.contended_s = time_quiet_and_busy(
+                run, max(measurement.repeats, 7), measurement.warmups, case.device)
+        else:
+            measurement.times_s = time_runs(run, measurement.repeats, measurement.warmups,
+                                            case.device)
     except Exception as exc:  # noqa: BLE001 - e.g. a compilation failure or OOM: recorded
         measurement.error = f"{type(exc).__name__}: {exc}".strip()[:2000]
         if case.device.startswith("cuda"):
@@ -640,8 +665,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="skip the peak-memory children")
     parser.add_argument("--contention", action="store_true",
-                        help="also time every case beside one busy process and report the "
-                             "slowdown")
+                        help="time every case alternately alone and beside one busy process "
+                             "(stopped and resumed between calls) and report the slowdown")
     parser.add_argument("--topk-shape", type=int_list,
                         help="similarity_topk N,M (default 4096,262144; quick 1024,16384)")
     parser.add_argument("--topk-k", type=int, default=TOPK_K)
