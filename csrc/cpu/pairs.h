@@ -42,17 +42,37 @@ inline std::vector<Tile> pair_tiles(Mask m, const PairIndex& ix, int64_t n_r, in
 }
 
 // Fills w (rows x cols, row-major, leading dimension cols) with the tile's
-// pair weights; returns whether any is nonzero.
+// pair weights; returns whether any is nonzero. The mask is a template
+// argument and the row's id and label are read once per row, so the inner
+// loop is a few compares per pair (it runs for every pair of every pass).
+template <Mask M, typename T>
+bool tile_weights_for(const PairIndex& ix, const Tile& t, T* w) {
+  bool any = false;
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const int64_t p = t.r0 + r, id_p = ix.id_r(p), lab_p = ix.lab_r ? ix.lab_r[p] : 0;
+    T* w_row = w + r * t.cols;
+    int row_any = 0;
+    for (int64_t c = 0; c < t.cols; ++c) {
+      const int64_t q = t.c0 + c;
+      const int wt = pm::pair_weight(M, ix.symmetric, p, q, id_p, ix.id_c(q), lab_p,
+                                     ix.lab_c ? ix.lab_c[q] : 0);
+      w_row[c] = T(wt);
+      row_any |= wt;
+    }
+    any |= row_any != 0;
+  }
+  return any;
+}
+
 template <typename T>
 bool tile_weights(Mask m, const PairIndex& ix, const Tile& t, T* w) {
-  bool any = false;
-  for (int64_t r = 0; r < t.rows; ++r)
-    for (int64_t c = 0; c < t.cols; ++c) {
-      const int wt = ix.weight(m, t.r0 + r, t.c0 + c);
-      w[r * t.cols + c] = T(wt);
-      any |= wt != 0;
-    }
-  return any;
+  switch (m) {
+    case Mask::All: return tile_weights_for<Mask::All>(ix, t, w);
+    case Mask::OffDiagonal: return tile_weights_for<Mask::OffDiagonal>(ix, t, w);
+    case Mask::UpperSameLabel: return tile_weights_for<Mask::UpperSameLabel>(ix, t, w);
+    case Mask::UpperDiffLabel: return tile_weights_for<Mask::UpperDiffLabel>(ix, t, w);
+  }
+  return false;
 }
 
 // Scratch matrices of one tile, each rows x cols and contiguous: [0] the pair
