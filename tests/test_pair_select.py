@@ -131,6 +131,53 @@ def test_histogram_topk_equals_histogram_then_topk(dtype, topk):
             assert torch.equal(got_t, want_t)
 
 
+def order_keys(values, bits):
+    """SPEC §9's order keys of a float tensor, as Python ints."""
+    import struct
+    fmt, ifmt = ("<f", "<I") if bits == 32 else ("<d", "<Q")
+    sign, mask = 1 << (bits - 1), (1 << bits) - 1
+    keys = []
+    for v in values.tolist():
+        if v != v:
+            keys.append(0)
+            continue
+        raw = struct.unpack(ifmt, struct.pack(fmt, 0.0 if v == 0 else v))[0]
+        keys.append((~raw & mask) if raw & sign else (raw | sign))
+    return keys
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_later_pass_histograms_count_exactly_the_keys_under_their_prefixes(dtype):
+    """pair_histogram at every shift below the top against a count over the
+    materialised pairs, with prefixes that hold pairs, that hold none, and
+    that lie next to held ones (later passes skip chunks of values outside
+    the prefixes' range); a few exact zeros, +-0 and infinities included."""
+    x = reference.normalize(embeddings(150, 5, seed=11, dtype=dtype), dtype)
+    x[10], x[11] = torch.zeros(5, dtype=dtype), -x[12]
+    x[20, 0] = float("inf")
+    y = labels("random", 150, 12)
+    values, _, _ = negative_pairs(x, y)
+    bits = ops.key_bits(dtype)
+    keys = order_keys(values, bits)
+    g = torch.Generator().manual_seed(13)
+    for shift in range(bits - 32, -1, -16):
+        highs = sorted({k >> (shift + 16) for k in keys})
+        picks = {highs[int(i)] for i in torch.randint(0, len(highs), (3,), generator=g)}
+        picks |= {p + 1 for p in list(picks)} | {highs[0], highs[-1]}
+        middle = highs[len(highs) // 2]
+        for prefixes in (sorted(picks), [highs[0]], [middle], [highs[-1]], [middle, highs[-1]]):
+            hist = torch.ops.relkd.pair_histogram(
+                x, None, y, None, None, None, torch.tensor([ops.as_int64(p) for p in prefixes]),
+                shift)
+            want = torch.zeros(len(prefixes), 1 << 16, dtype=torch.long)
+            row = {p: r for r, p in enumerate(prefixes)}
+            for k in keys:
+                r = row.get(k >> (shift + 16))
+                if r is not None:
+                    want[r, (k >> shift) & 0xFFFF] += 1
+            assert torch.equal(hist, want), f"shift {shift}, prefixes {prefixes}"
+
+
 def test_positive_pair_count():
     y = torch.tensor([3, 1, 3, 3, 1, 7])
     assert int(ops.positive_pair_count(y)) == 3 + 1  # three 3s, two 1s

@@ -10,6 +10,8 @@
 // histogram pass with a running bar, which saves that extra pass over all
 // pairs (and their similarity products).
 #include <algorithm>
+#include <cstring>
+#include <limits>
 #include <vector>
 
 #include "pairs.h"
@@ -112,6 +114,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> top_tensors(const std::vector<Pai
 // ------------------------------------------------------------- histogram
 using Selected = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// The value whose order key (csrc/pair_math.h) is `key`; keys of NaN bit
+// patterns above +inf's key and below -inf's give +inf and -inf.
+template <typename T>
+T key_to_value(typename KeyOf<T>::type key) {
+  using K = typename KeyOf<T>::type;
+  const K sign = K(1) << (sizeof(K) * 8 - 1);
+  const T inf = std::numeric_limits<T>::infinity();
+  if (key >= order_key(inf)) return inf;
+  if (key <= order_key(-inf)) return -inf;
+  const K bits = (key & sign) ? K(key & ~sign) : K(~key);
+  T v;
+  std::memcpy(&v, &bits, sizeof(T));
+  return v;
+}
+
+// Start of the first chunk of kRangeChunk values in [begin, n) holding one
+// in [lo, hi], or of the tail shorter than a chunk; branch-free in a chunk.
+constexpr int64_t kRangeChunk = 16;
+
+template <typename T>
+int64_t find_chunk_in_range(const T* v, int64_t begin, int64_t n, T lo, T hi) {
+  int64_t e = begin;
+  for (; e + kRangeChunk <= n; e += kRangeChunk) {
+    bool any = false;
+    for (int64_t u = 0; u < kRangeChunk; ++u) any |= (v[e + u] >= lo) & (v[e + u] <= hi);
+    if (any) return e;
+  }
+  return e;
+}
+
 // The histogram of pair_histogram and, when topk > 0, the best topk pairs
 // met in the same sweep (pair_histogram_topk); with topk == 0 the last three
 // outputs are empty.
@@ -127,6 +159,18 @@ Selected histogram_impl(const SelectInputs& in, const at::Tensor& prefixes, int6
   // Most keys lie outside [lowest, highest] prefix: one test rejects them.
   const int64_t pre_lo = n_prefix ? *std::min_element(pre, pre + n_prefix) : 0;
   const int64_t pre_hi = n_prefix ? *std::max_element(pre, pre + n_prefix) : -1;
+
+  // A later pass counts only keys under the given prefixes: their values
+  // lie in [v_lo, v_hi], so chunks of values outside it are skipped without
+  // computing keys. Not when NaN's key (0) is under a prefix (NaN compares
+  // false), nor while collecting the top pairs.
+  const bool skip_by_value = check_prefix && topk == 0 && pre_lo > 0 && pre_lo <= pre_hi;
+  T v_lo = 0, v_hi = 0;
+  if (skip_by_value) {
+    const int64_t low_bits = shift + 16;
+    v_lo = key_to_value<T>(K(pre_lo) << low_bits);
+    v_hi = key_to_value<T>((K(pre_hi) << low_bits) | ((K(1) << low_bits) - 1));
+  }
 
   const auto tiles = pair_tiles(kNegative, in.ix, in.x_r.size(0), in.x_c.size(0));
   const int64_t slots = worker_slots(tiles.size());
@@ -145,7 +189,13 @@ Selected histogram_impl(const SelectInputs& in, const at::Tensor& prefixes, int6
     if (hist[slot].empty()) hist[slot].assign(n_prefix * kDigits, 0);
     int64_t* h = hist[slot].data();
     TopPairs<T>& top = best[slot];
-    for (int64_t e = 0; e < s_t.numel(); ++e) {
+    const int64_t n_pairs = s_t.numel();
+    for (int64_t e = 0; e < n_pairs; ++e) {
+      if (skip_by_value && e % kRangeChunk == 0) {
+        // Whole chunks whose values all lie outside the prefixes' range.
+        e = find_chunk_in_range(s, e, n_pairs, v_lo, v_hi);
+        if (e == n_pairs) break;
+      }
       if (w[e] == T(0)) continue;
       if (topk > 0 && top.may_enter(s[e])) {
         const int64_t a = in.ix.id_r(t.r0 + e / t.cols), b = in.ix.id_c(t.c0 + e % t.cols);
