@@ -246,12 +246,20 @@ def time_runs(run: Callable[[], None], repeats: int, warmups: int, device: str) 
         run()
     times: List[float] = []
     while len(times) < repeats or (sum(times) < MIN_TIMED_S and len(times) < MAX_REPEATS):
-        synchronize(device)
-        start = time.perf_counter()
-        run()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append(time_call(run, device))
     return times
+
+
+def time_call(run: Callable[[], None], device: str) -> float:
+    """Wall-clock seconds of one call of run(), the device synchronised."""
+    synchronize(device)
+    start = time.perf_counter()
+    run()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+CONTENTION_MIN_REPEATS = 7  # alternating pairs per case under --contention
 
 
 def busy_process() -> subprocess.Popen:
@@ -276,11 +284,7 @@ def time_quiet_and_busy(run: Callable[[], None], repeats: int, warmups: int,
             for times, signal_name in ((quiet_s, signal.SIGSTOP), (busy_s, signal.SIGCONT)):
                 busy.send_signal(signal_name)
                 time.sleep(0.02)  # let the scheduler settle
-                synchronize(device)
-                start = time.perf_counter()
-                run()
-                synchronize(device)
-                times.append(time.perf_counter() - start)
+                times.append(time_call(run, device))
     finally:
         busy.kill()
         busy.wait()
@@ -294,7 +298,8 @@ def time_measurement(measurement: Measurement, inputs, contention: bool = False)
         run = cases.prepare(case, inputs)
         if contention:  # quiet and beside a busy process, alternating
             measurement.times_s, measurement.contended_s = time_quiet_and_busy(
-                run, max(measurement.repeats, 7), measurement.warmups, case.device)
+                run, max(measurement.repeats, CONTENTION_MIN_REPEATS), measurement.warmups,
+                case.device)
         else:
             measurement.times_s = time_runs(run, measurement.repeats, measurement.warmups,
                                             case.device)

@@ -475,9 +475,9 @@ def similarity_topk(a: Tensor, b: Optional[Tensor] = None, k: Optional[int] = No
     x = normalize_rows(a.detach(), dtype).contiguous()
     if b is None:
         labels = None if a_labels is None else a_labels.long()
-        if exclude_self and x.device.type == "cpu":  # each similarity computed once
-            return ops.topk_sim_symmetric(x, k, labels)
-        return ops.topk_sim(x, x, k, labels, labels, None, exclude_self, 0)
+        if exclude_self:
+            return ops.topk_sim_self(x, k, labels)
+        return ops.topk_sim(x, x, k, labels, labels, None, False, 0)
     return bank_topk(x, *bank_operand(b, dtype), k, a_labels, b_labels)
 
 

@@ -80,10 +80,8 @@ def rad_loss(gb: GlobalBatch, bank: Optional[Tensor], bank_labels: Optional[Tens
         if indices is None:
             q, c = (z, z_c) if mine_by == "teacher" else (x, x_c)
             y_c = None if gb.y_all is None else gb.y_all.long()
-            if gb.group is None and q.device.type == "cpu":
-                # One process: q is c, and the symmetric search computes each
-                # similarity once for both of its rows (half the GEMM).
-                indices = ops.topk_sim_symmetric(q.detach(), k, y)[1]
+            if gb.group is None:  # one process: the columns are the rows
+                indices = ops.topk_sim_self(q.detach(), k, y)[1]
             else:
                 indices = ops.topk_sim(q.detach(), c.detach(), k, y, y_c, None, True,
                                        gb.offset)[1]

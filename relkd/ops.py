@@ -288,6 +288,15 @@ def topk_sim_symmetric(x: Tensor, k: int, labels: Optional[Tensor] = None
     return torch.ops.relkd.topk_sim_symmetric(x, k, labels)
 
 
+def topk_sim_self(x: Tensor, k: int, labels: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Per row of x, the k largest x_i . x_j over the other rows (of another
+    label when labels are given): the symmetric search on the CPU, where it
+    computes each product once; topk_sim(x, x, ...) elsewhere. No gradient."""
+    if x.device.type == "cpu":
+        return topk_sim_symmetric(x, k, labels)
+    return topk_sim(x, x, k, labels, labels, None, True, 0)
+
+
 def pair_dot(a: Tensor, b: Tensor, idx: Tensor) -> Tensor:
     """out[i, s] = a_i . b_{idx[i, s]} (0 where idx is -1), differentiable."""
     return torch.ops.relkd.pair_dot(a, b, idx)
@@ -333,7 +342,7 @@ def key_bits(dtype: torch.dtype) -> int:
 
 
 def key_to_value(key: int, bits: int) -> float:
-    """Inverse of order_key (csrc/cpu/common.h)."""
+    """Inverse of order_key (csrc/pair_math.h)."""
     sign = 1 << (bits - 1)
     mask = (1 << bits) - 1
     if key == 0:

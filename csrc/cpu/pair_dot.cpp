@@ -30,6 +30,8 @@ inline T dot(const T* x, const T* y, int64_t d) {
   return lane[0] + tail;
 }
 
+constexpr int64_t kRows = 64;  // rows per work item, forward and backward
+
 template <typename T>
 inline void axpy(T alpha, const T* x, T* y, int64_t d) {
   for (int64_t e = 0; e < d; ++e) y[e] += alpha * x[e];
@@ -46,7 +48,7 @@ at::Tensor pair_dot_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at
     const scalar_t* pb = b.data_ptr<scalar_t>();
     const int64_t* pi = idx.data_ptr<int64_t>();
     scalar_t* po = out.data_ptr<scalar_t>();
-    parallel_chunks(n, 64, [&](int64_t begin, int64_t end) {
+    parallel_chunks(n, kRows, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
         for (int64_t s = 0; s < k; ++s) {
           const int64_t j = pi[i * k + s];
@@ -113,7 +115,6 @@ std::tuple<at::Tensor, at::Tensor> pair_dot_backward_cpu(const at::Tensor& grad_
     // Both gradients' row chunks in one parallel region: every region's
     // start and join waits for all its threads, which costs most on a busy
     // machine.
-    constexpr int64_t kRows = 64;
     const int64_t items_a = need_a ? ceil_div(n, kRows) : 0;
     const int64_t items_b = need_b ? ceil_div(m, kRows) : 0;
     parallel_items(items_a + items_b, worker_slots(items_a + items_b),
