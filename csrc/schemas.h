@@ -46,11 +46,16 @@ inline void define_operators(torch::Library& m) {
   // pair_histogram, plus the `topk` negative pairs with the largest value
   // (ties to the smaller (id_i, id_j)) found in the same sweep over the
   // pairs, as pair_topk returns them: EKD's first radix pass and its top-k
-  // hard negatives without a separate pass. (CPU only; CUDA runs pair_topk.)
+  // hard negatives without a separate pass. In the first pass (shift =
+  // key bits - 16) it also returns the whole order keys (int64 bit patterns,
+  // descending) of the pairs whose top 16 key bits lie in one of the
+  // inclusive collect_ranges (R, 2), or none if there are more than
+  // collect_cap of them. (CPU only; CUDA runs pair_topk.)
   m.def(
       "pair_histogram_topk(Tensor x_r, Tensor? x_c, Tensor labels_r, Tensor? labels_c, "
-      "Tensor? ids_r, Tensor? ids_c, Tensor prefixes, int shift, int topk) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? ids_r, Tensor? ids_c, Tensor prefixes, int shift, int topk, "
+      "Tensor? collect_ranges=None, int collect_cap=0) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // Negative pairs with order key > threshold_key, plus the first n_equal
   // (by (id_i, id_j)) with key == threshold_key; at most topk, sorted by value

@@ -170,9 +170,11 @@ if HAS_EXTENSION:
 
     @torch.library.register_fake("relkd::pair_histogram_topk")
     def _pair_histogram_topk_fake(x_r, x_c, labels_r, labels_c, ids_r, ids_c, prefixes, shift,
-                                  topk):
+                                  topk, collect_ranges=None, collect_cap=0):
+        n_collected = torch.library.get_ctx().new_dynamic_size()
         return (prefixes.new_empty(prefixes.shape[0], DIGITS), x_r.new_empty(topk),
-                x_r.new_empty(topk, dtype=torch.long), x_r.new_empty(topk, dtype=torch.long))
+                x_r.new_empty(topk, dtype=torch.long), x_r.new_empty(topk, dtype=torch.long),
+                prefixes.new_empty(n_collected))
 
     @torch.library.register_fake("relkd::pair_topk")
     def _pair_topk_fake(x_r, x_c, labels_r, labels_c, ids_r, ids_c, threshold_key, n_equal, topk):
@@ -358,27 +360,113 @@ def as_int64(key: int) -> int:
     return key - (1 << 64) if key >= 1 << 63 else key
 
 
-def radix_select(histogram, targets: Sequence[int], bits: int, all_reduce=None):
+def radix_select(histogram, targets: Sequence[int], bits: int, all_reduce=None, resolve=None):
     """Exact keys at the given 0-based descending positions among the pairs
     that `histogram(prefixes, shift)` counts, 16 bits per pass (`all_reduce`,
-    if given, returns the histogram summed over DDP ranks). Returns (keys,
-    n_above) with n_above[t] = number of pairs with a larger key."""
+    if given, returns the histogram summed over DDP ranks). After the first
+    pass, `resolve(bin, position)` may finish a target from keys collected
+    in that pass: it returns (key, n_above within the bin) or None. Returns
+    (keys, n_above) with n_above[t] = number of pairs with a larger key."""
     prefix = [0] * len(targets)
     remaining = list(targets)
+    active = list(range(len(targets)))
     for shift in range(bits - 16, -1, -16):
-        uniq = sorted(set(prefix))
+        if not active:
+            break
+        uniq = sorted({prefix[t] for t in active})
         hist = histogram(torch.tensor(uniq, dtype=torch.long), shift)
         if all_reduce is not None:
             hist = all_reduce(hist)
         # from_top[p, d] = number of keys with this prefix and digit >= DIGITS - 1 - d
         from_top = hist.flip(1).cumsum(1).cpu()
-        for t in range(len(targets)):
+        for t in list(active):
             row = from_top[uniq.index(prefix[t])]
             pos = int(torch.searchsorted(row, torch.tensor([remaining[t]]), right=True))
             pos = min(pos, DIGITS - 1)  # only reachable if the counts were inconsistent
             remaining[t] -= int(row[pos - 1]) if pos > 0 else 0
             prefix[t] = (prefix[t] << 16) | (DIGITS - 1 - pos)
+            found = resolve(prefix[t], remaining[t]) if resolve and shift == bits - 16 else None
+            if found is not None:
+                prefix[t], remaining[t] = found[0], remaining[t] - found[1]
+                active.remove(t)
+            elif shift == 0:
+                active.remove(t)
+    for t in active:  # never resolved (cannot happen while shift reaches 0)
+        raise AssertionError(f"radix_select left target {t} unresolved")
     return prefix, [t - r for t, r in zip(targets, remaining)]
+
+
+# On the CPU in one process, EKD's first pass also keeps the whole keys of
+# the pairs in the bins where a row sample predicts each threshold; a target
+# whose exact bin was kept is resolved from them, so the later passes over
+# all pairs (one for float32, three for float64) are skipped for it.
+COLLECT_CAP = 1 << 21        # kept keys (16 MiB of int64), else the radix passes
+COLLECT_MIN_ROWS = 256       # below this the passes are cheap: no sample
+COLLECT_SAMPLE_STRIDE = 16   # every 16th row against all columns (~1/16 of the pairs)
+COLLECT_MARGIN_SIGMAS = 5.0  # sample rank uncertainty covered, in binomial standard deviations
+
+
+def predicted_bins(sample_hist: Tensor, targets: Sequence[int], n_pairs: int,
+                   cap: int) -> List[Tuple[int, int]]:
+    """Inclusive first-pass bin ranges that hold each target's key with high
+    probability, judged from a row sample's first-pass histogram; targets
+    whose predicted bins would hold more than the cap are left out."""
+    counts = sample_hist.reshape(-1).cpu()
+    n_sample = int(counts.sum())
+    if n_sample == 0:
+        return []
+    from_top = counts.flip(0).cumsum(0)
+    scale = n_pairs / n_sample
+
+    def bin_at(position: float) -> int:
+        d = int(torch.searchsorted(from_top, torch.tensor([int(position)]), right=True))
+        return DIGITS - 1 - min(d, DIGITS - 1)
+
+    ranges = []
+    for t in targets:
+        expected = t / scale
+        margin = COLLECT_MARGIN_SIGMAS * (expected + 1) ** 0.5 + 2
+        lo_pos, hi_pos = expected - margin, expected + margin
+        top_bin = DIGITS - 1 if lo_pos <= 0 else bin_at(lo_pos)
+        bottom_bin = 0 if hi_pos >= n_sample - 1 else bin_at(hi_pos)
+        ranges.append((bottom_bin, top_bin))
+    merged: List[Tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    # Keep the ranges whose expected key count fits, smallest first.
+    expected_keys = [scale * int(counts[lo:hi + 1].sum()) for lo, hi in merged]
+    kept, total = [], 0.0
+    for i in sorted(range(len(merged)), key=lambda i: expected_keys[i]):
+        if total + expected_keys[i] <= cap / 2:
+            kept.append(merged[i])
+            total += expected_keys[i]
+    return sorted(kept)
+
+
+def collected_resolver(hist: Tensor, collected: Tensor, ranges: Sequence[Tuple[int, int]],
+                       bits: int, cap: int):
+    """radix_select's `resolve` over the keys a first pass collected in
+    `ranges` (descending); None if the pass gave up (more than cap keys)."""
+    counts = hist.reshape(-1)
+    in_ranges = sum(int(counts[lo:hi + 1].sum()) for lo, hi in ranges)
+    if not ranges or in_ranges > cap or len(collected) != in_ranges:
+        return None
+    top_bins = (collected >> (bits - 16)) & (DIGITS - 1)
+    mask = (1 << bits) - 1
+
+    def resolve(bin_: int, position: int):
+        if not any(lo <= bin_ <= hi for lo, hi in ranges):
+            return None
+        block = collected[top_bins == bin_]  # one bin's keys: same sign bit, int64 order is key order
+        if position >= len(block):
+            return None
+        key = int(block[position])
+        return key & mask, int((block > key).sum())
+
+    return resolve
 
 
 def _process_group(name: str):
@@ -452,16 +540,25 @@ def negative_pair_select(x: Tensor, labels: Tensor, divisors: List[int], topk: i
         raise ValueError(f"divisors: every rank position n_neg // q must lie in [0, {n_neg}), "
                          f"got divisors {list(divisors)}")
     first_top = []
+    ranges = _predicted_bins_of(common, targets, n_neg, bits) if (
+        group is None and x.device.type == "cpu" and len(x) >= COLLECT_MIN_ROWS) else []
+    resolvers = []
 
     def histogram(prefixes: Tensor, shift: int) -> Tensor:
         prefixes = prefixes.to(x.device)
-        if top_in_first_pass and not first_top:
-            hist, *found = torch.ops.relkd.pair_histogram_topk(*common, prefixes, shift, topk)
+        if (top_in_first_pass or ranges) and shift == bits - 16:
+            collect = torch.tensor(ranges, dtype=torch.long).reshape(-1, 2)
+            hist, *found, kept = torch.ops.relkd.pair_histogram_topk(
+                *common, prefixes, shift, topk if top_in_first_pass else 0, collect, COLLECT_CAP)
             first_top.append(tuple(found))
+            resolvers.append(collected_resolver(hist, kept, ranges, bits, COLLECT_CAP))
             return hist
         return torch.ops.relkd.pair_histogram(*common, prefixes, shift)
 
-    keys, n_above = radix_select(histogram, targets, bits, all_reduce)
+    def resolve(bin_: int, position: int):
+        return resolvers[0](bin_, position) if resolvers and resolvers[0] else None
+
+    keys, n_above = radix_select(histogram, targets, bits, all_reduce, resolve)
     thresholds = torch.tensor([key_to_value(k, bits) for k in keys[:len(divisors)]],
                               dtype=x.dtype, device=x.device)
     if top_in_first_pass:
@@ -472,6 +569,21 @@ def negative_pair_select(x: Tensor, labels: Tensor, divisors: List[int], topk: i
     if k_eff > 0 and group is not None:  # every rank's candidates, merged the same way
         top = merge_top_pairs(*(relkd_dist.gather_rows(t, group) for t in top), topk)
     return (thresholds, *top, n_neg_t)
+
+
+def _predicted_bins_of(common, targets: Sequence[int], n_pairs: int,
+                       bits: int) -> List[Tuple[int, int]]:
+    """predicted_bins from the first-pass histogram of every
+    COLLECT_SAMPLE_STRIDE-th row against all columns."""
+    x, x_cols, labels, labels_cols, ids_r, _ = common
+    n = len(x)
+    ids = ids_r if ids_r is not None else torch.arange(n, device=x.device)
+    pick = slice(0, n, COLLECT_SAMPLE_STRIDE)
+    sample = torch.ops.relkd.pair_histogram(
+        x[pick], x if x_cols is None else x_cols, labels[pick],
+        labels if labels_cols is None else labels_cols, ids[pick], None,
+        torch.zeros(1, dtype=torch.long, device=x.device), bits - 16)
+    return predicted_bins(sample, targets, n_pairs, COLLECT_CAP)
 
 
 @negative_pair_select.register_fake

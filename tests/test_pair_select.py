@@ -1,6 +1,8 @@
 """pair_select (DESIGN primitive 4): EKD's order statistics and top-k over all
 negative pairs, exact (the values sorting gives), without materialising the
 pairs; ties to the smaller (i, j); row blocks combined as under DDP; opcheck."""
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given
@@ -29,15 +31,31 @@ def sorted_reference(x, y, divisors, topk):
     return thresholds, values[hard], rows[hard], cols[hard], n
 
 
+@contextlib.contextmanager
+def first_pass_collection(min_rows, cap=None):
+    """negative_pair_select's first-pass key collection from `min_rows` rows
+    up (a huge value turns it off), with an optional smaller key cap."""
+    saved = ops.COLLECT_MIN_ROWS, ops.COLLECT_CAP
+    ops.COLLECT_MIN_ROWS = min_rows
+    ops.COLLECT_CAP = saved[1] if cap is None else cap
+    try:
+        yield
+    finally:
+        ops.COLLECT_MIN_ROWS, ops.COLLECT_CAP = saved
+
+
 @given(n=st.integers(2, 300), d=st.integers(1, 130), pattern=st.sampled_from(LABEL_PATTERNS),
        topk=st.integers(0, 3000), dtype=st.sampled_from([torch.float32, torch.float64]),
-       seed=st.integers(0, 2**16))
-def test_matches_sorting(n, d, pattern, topk, dtype, seed):
+       seed=st.integers(0, 2**16), collect=st.sampled_from([None, 0, 40, 1 << 21]))
+def test_matches_sorting(n, d, pattern, topk, dtype, seed, collect):
+    """collect: None = radix passes only; else the first pass keeps the
+    predicted bins' keys up to that cap (0 and 40 force the fallback)."""
     x = reference.normalize(embeddings(n, d, seed, dtype), dtype)
     y = labels(pattern, n, seed)
     divisors = [10, 100, 1000, 7]
-    thr, top_v, top_i, top_j, n_neg = ops.negative_pair_select(x, y, divisors, topk, None, None,
-                                                               0, "")
+    with first_pass_collection(10**9 if collect is None else 0, collect):
+        thr, top_v, top_i, top_j, n_neg = ops.negative_pair_select(x, y, divisors, topk, None,
+                                                                   None, 0, "")
     ref_thr, ref_v, ref_i, ref_j, ref_n = sorted_reference(x, y, divisors, topk)
     assert int(n_neg) == ref_n
     if ref_n == 0:
@@ -113,8 +131,9 @@ def test_histogram_topk_equals_histogram_then_topk(dtype, topk):
     whole = torch.zeros(1, dtype=torch.long)
     for ids, xb, yb, x_c, y_c in [(None, x, y, None, None),
                                   (torch.arange(120, 300), x[120:], y[120:], x, y)]:
-        hist, *top = torch.ops.relkd.pair_histogram_topk(xb, x_c, yb, y_c, ids, None, whole,
-                                                         bits - 16, topk)
+        hist, *top, kept = torch.ops.relkd.pair_histogram_topk(xb, x_c, yb, y_c, ids, None,
+                                                               whole, bits - 16, topk)
+        assert kept.numel() == 0  # no bins to collect
         assert torch.equal(hist, torch.ops.relkd.pair_histogram(xb, x_c, yb, y_c, ids, None,
                                                                 whole, bits - 16))
         n_neg = int(hist.sum())
@@ -178,6 +197,64 @@ def test_later_pass_histograms_count_exactly_the_keys_under_their_prefixes(dtype
             assert torch.equal(hist, want), f"shift {shift}, prefixes {prefixes}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_first_pass_collects_the_whole_keys_of_the_chosen_bins(dtype):
+    """The collected keys are exactly the pairs' keys whose top 16 bits lie
+    in the ranges, descending, and nothing once there are more than the cap;
+    the histogram and top pairs do not change."""
+    x = reference.normalize(embeddings(200, 6, seed=21, dtype=dtype), dtype)
+    x[30] = x[31]  # exact ties
+    y = labels("random", 200, 22)
+    bits = ops.key_bits(dtype)
+    keys = order_keys(negative_pairs(x, y)[0], bits)
+    bins = sorted({k >> (bits - 16) for k in keys})
+    ranges = [(bins[0], bins[0]), (bins[len(bins) // 2] - 1, bins[len(bins) // 2] + 2),
+              (bins[-3], 65535)]
+    want = sorted((k for k in keys if any(lo <= k >> (bits - 16) <= hi for lo, hi in ranges)),
+                  reverse=True)
+    whole = torch.zeros(1, dtype=torch.long)
+    plain = torch.ops.relkd.pair_histogram_topk(x, None, y, None, None, None, whole, bits - 16, 9)
+    for cap, expect in [(len(want), want), (10**6, want), (len(want) - 1, [])]:
+        got = torch.ops.relkd.pair_histogram_topk(x, None, y, None, None, None, whole, bits - 16,
+                                                  9, torch.tensor(ranges), cap)
+        assert [k & ((1 << bits) - 1) for k in got[4].tolist()] == expect
+        assert all(torch.equal(a, b) for a, b in zip(got[:4], plain[:4]))
+
+
+def count_histogram_passes(monkeypatch):
+    """Replaces ops.radix_select by one that records the shift of every
+    histogram pass it runs."""
+    shifts, radix_select = [], ops.radix_select
+
+    def counting(histogram, *args, **kwargs):
+        return radix_select(lambda p, s: shifts.append(s) or histogram(p, s), *args, **kwargs)
+
+    monkeypatch.setattr(ops, "radix_select", counting)
+    return shifts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pattern", ["random", "distinct", "duplicates"])
+def test_collected_keys_resolve_every_threshold_in_one_pass(dtype, pattern, monkeypatch):
+    """Above COLLECT_MIN_ROWS rows the thresholds and hard negatives come out
+    of one pass over the pairs, bitwise equal to the radix passes' result."""
+    n = 700
+    x = reference.normalize(embeddings(n, 32, seed=23, dtype=dtype), dtype)
+    if pattern == "duplicates":  # many exact ties
+        x[n // 2:] = x[:n - n // 2]
+    y = labels("random" if pattern == "duplicates" else pattern, n, 24)
+    divisors = [10, 100, 1000, 10000, 100000]
+    shifts = count_histogram_passes(monkeypatch)
+    with first_pass_collection(10**9):
+        radix = ops.negative_pair_select(x, y, divisors, 300, None, None, 0, "")
+    assert len(shifts) == ops.key_bits(dtype) // 16
+    shifts.clear()
+    with first_pass_collection(0):
+        collected = ops.negative_pair_select(x, y, divisors, 300, None, None, 0, "")
+    assert shifts == [ops.key_bits(dtype) - 16]
+    assert all(torch.equal(a, b) for a, b in zip(collected, radix))
+
+
 def test_positive_pair_count():
     y = torch.tensor([3, 1, 3, 3, 1, 7])
     assert int(ops.positive_pair_count(y)) == 3 + 1  # three 3s, two 1s
@@ -197,8 +274,10 @@ def test_opcheck(dtype):
     for args in [(x, None, y, None, None, None, key, 3, 50),
                  (x[40:], x, y[40:], y, ids, None, key, 0, 10)]:
         torch.library.opcheck(torch.ops.relkd.pair_topk.default, args)
+    collect = torch.tensor([[0, 40000], [50000, 65535]])
     for args in [(x, None, y, None, None, None, prefixes, bits - 16, 25),
-                 (x[40:], x, y[40:], y, ids, None, prefixes, 0, 7)]:
+                 (x[40:], x, y[40:], y, ids, None, prefixes, 0, 7),
+                 (x, None, y, None, None, None, prefixes[:1], bits - 16, 3, collect, 10**6)]:
         torch.library.opcheck(torch.ops.relkd.pair_histogram_topk.default, args)
     torch.library.opcheck(ops.negative_pair_select, (x, y, [10, 100], 30, None, None, 0, ""))
 
@@ -211,3 +290,14 @@ def test_op_arguments_are_checked():
                                        torch.tensor([3, 3]), 0)
     with pytest.raises(ValueError, match="threshold_key must be a 32-bit order key"):
         torch.ops.relkd.pair_topk(x, None, y, None, None, None, 1 << 40, 0, 5)
+    whole = torch.zeros(1, dtype=torch.long)
+    for ranges, shift, cap, match in [
+            (torch.tensor([[5, 70000]]), 16, 10, r"0 <= lo <= hi < 65536"),
+            (torch.tensor([[9, 5]]), 16, 10, r"0 <= lo <= hi < 65536"),
+            (torch.tensor([5, 9]), 16, 10, r"collect_ranges must be a CPU int64 tensor"),
+            (torch.tensor([[5.0, 9.0]]), 16, 10, r"collect_ranges must be a CPU int64 tensor"),
+            (torch.tensor([[5, 9]]), 0, 10, r"collected in the first pass only"),
+            (torch.tensor([[5, 9]]), 16, -1, r"collect_cap must be >= 0")]:
+        with pytest.raises(ValueError, match=match):
+            torch.ops.relkd.pair_histogram_topk(x, None, y, None, None, None, whole, shift, 0,
+                                                ranges, cap)

@@ -8,7 +8,9 @@
 // pair_topk then collects the pairs above the selected threshold key;
 // pair_histogram_topk instead finds the best pairs during the first
 // histogram pass with a running bar, which saves that extra pass over all
-// pairs (and their similarity products).
+// pairs (and their similarity products); it can also return the whole keys
+// falling in chosen first-pass bins, from which ops.py resolves a target
+// whose bin they cover without the later passes.
 #include <algorithm>
 #include <cstring>
 #include <limits>
@@ -112,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> top_tensors(const std::vector<Pai
 }
 
 // ------------------------------------------------------------- histogram
-using Selected = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Selected = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The value whose order key (csrc/pair_math.h) is `key`; keys of NaN bit
 // patterns above +inf's key and below -inf's give +inf and -inf.
@@ -144,16 +146,70 @@ int64_t find_chunk_in_range(const T* v, int64_t begin, int64_t n, T lo, T hi) {
   return e;
 }
 
+// Which first-pass bins (the top 16 key bits) to collect whole keys from,
+// and the most keys to keep: past the cap the collection is given up (its
+// memory stays bounded however many pairs tie in those bins).
+struct Collect {
+  std::vector<uint8_t> in_bin;  // empty: collect nothing
+  int64_t cap = 0;
+};
+
+Collect collect_bins(const c10::optional<at::Tensor>& ranges, int64_t cap, int64_t shift,
+                     int64_t key_bits) {
+  Collect c;
+  if (!ranges.has_value() || ranges->numel() == 0) return c;
+  const at::Tensor& r = *ranges;
+  TORCH_CHECK_VALUE(r.dim() == 2 && r.size(1) == 2 && r.scalar_type() == at::kLong &&
+                        r.device().is_cpu(),
+                    "collect_ranges must be a CPU int64 tensor of shape (R, 2), got ",
+                    r.scalar_type(), " ", r.sizes(), " on ", r.device());
+  TORCH_CHECK_VALUE(shift + 16 == key_bits,
+                    "collect_ranges: keys are collected in the first pass only (shift ",
+                    key_bits - 16, "), got shift ", shift);
+  TORCH_CHECK_VALUE(cap >= 0, "collect_cap must be >= 0, got ", cap);
+  c.in_bin.assign(kDigits, 0);
+  c.cap = cap;
+  const auto rc = r.contiguous();
+  const int64_t* p = rc.data_ptr<int64_t>();
+  for (int64_t e = 0; e < r.size(0); ++e) {
+    const int64_t lo = p[2 * e], hi = p[2 * e + 1];
+    TORCH_CHECK_VALUE(0 <= lo && lo <= hi && hi < kDigits,
+                      "collect_ranges: every range (lo, hi) needs 0 <= lo <= hi < 65536, got (",
+                      lo, ", ", hi, ")");
+    std::fill(c.in_bin.begin() + lo, c.in_bin.begin() + hi + 1, uint8_t(1));
+  }
+  return c;
+}
+
+// The workers' collected keys, sorted descending, as int64 bit patterns;
+// empty when any worker (or all together) passed the cap.
+template <typename K>
+at::Tensor merge_collected(const std::vector<std::vector<K>>& lists, int64_t cap,
+                           const at::TensorOptions& opts) {
+  std::vector<K> all;
+  for (const auto& l : lists) {
+    if ((int64_t)(all.size() + l.size()) > cap) return at::empty({0}, opts);
+    all.insert(all.end(), l.begin(), l.end());
+  }
+  std::sort(all.begin(), all.end(), std::greater<K>());
+  at::Tensor out = at::empty({(int64_t)all.size()}, opts);
+  int64_t* o = out.data_ptr<int64_t>();
+  // uint64 keys wrap to their bit pattern; uint32 keys stay non-negative.
+  for (size_t e = 0; e < all.size(); ++e) o[e] = static_cast<int64_t>(all[e]);
+  return out;
+}
+
 // The histogram of pair_histogram and, when topk > 0, the best topk pairs
 // met in the same sweep (pair_histogram_topk); with topk == 0 the last three
-// outputs are empty.
+// outputs are empty. Keys in the collected bins are returned whole.
 template <typename T>
 Selected histogram_impl(const SelectInputs& in, const at::Tensor& prefixes, int64_t shift,
-                        int64_t topk) {
+                        int64_t topk, const Collect& collect) {
   using K = typename KeyOf<T>::type;
   constexpr int64_t bits = sizeof(K) * 8;
   check_histogram_args(bits, prefixes, shift, in.x_r);
   const bool check_prefix = shift + 16 < bits;
+  const bool collecting = !collect.in_bin.empty();
   const int64_t n_prefix = prefixes.numel();
   const int64_t* pre = prefixes.data_ptr<int64_t>();
   // Most keys lie outside [lowest, highest] prefix: one test rejects them.
@@ -175,10 +231,15 @@ Selected histogram_impl(const SelectInputs& in, const at::Tensor& prefixes, int6
   const auto tiles = pair_tiles(kNegative, in.ix, in.x_r.size(0), in.x_c.size(0));
   const int64_t slots = worker_slots(tiles.size());
   // Per-worker counts (integers: the sum cannot depend on which worker ran a
-  // tile) and best pairs (an exact selection: neither can the merged best).
+  // tile), best pairs (an exact selection: neither can the merged best) and
+  // collected keys (sorted when merged).
   std::vector<std::vector<int64_t>> hist(slots);
   std::vector<TopPairs<T>> best(slots);
   for (auto& b : best) b.cap = topk;
+  std::vector<std::vector<K>> kept(slots);
+  const uint8_t* in_bin = collecting ? collect.in_bin.data() : nullptr;
+  // A worker past the cap stops collecting; the merge then returns nothing.
+  const size_t keep_cap = size_t(collect.cap) + 1;
 
   visit_pair_tiles<T>(kNegative, in.ix, tiles, slots, in.x_r, in.x_c, 2,
                       [&](int64_t slot, int64_t ti, const TileScratch& sc) {
@@ -189,6 +250,7 @@ Selected histogram_impl(const SelectInputs& in, const at::Tensor& prefixes, int6
     if (hist[slot].empty()) hist[slot].assign(n_prefix * kDigits, 0);
     int64_t* h = hist[slot].data();
     TopPairs<T>& top = best[slot];
+    std::vector<K>& keys = kept[slot];
     const int64_t n_pairs = s_t.numel();
     for (int64_t e = 0; e < n_pairs; ++e) {
       if (skip_by_value && e % kRangeChunk == 0) {
@@ -205,6 +267,7 @@ Selected histogram_impl(const SelectInputs& in, const at::Tensor& prefixes, int6
       const int64_t digit = int64_t((key >> shift) & K(kDigits - 1));
       if (!check_prefix) {
         ++h[digit];
+        if (in_bin && in_bin[digit] && keys.size() < keep_cap) keys.push_back(key);
         continue;
       }
       const int64_t high = int64_t(key >> (shift + 16));
@@ -223,7 +286,7 @@ Selected histogram_impl(const SelectInputs& in, const at::Tensor& prefixes, int6
   trim(merged, topk);
   std::sort(merged.begin(), merged.end(), entry_before<T>);
   auto [values, rows, cols] = top_tensors(merged, topk, in.x_r.options());
-  return {out, values, rows, cols};
+  return {out, values, rows, cols, merge_collected(kept, collect.cap, prefixes.options())};
 }
 
 Selected pair_histogram_topk_cpu(const at::Tensor& x_r, const c10::optional<at::Tensor>& x_c,
@@ -231,13 +294,17 @@ Selected pair_histogram_topk_cpu(const at::Tensor& x_r, const c10::optional<at::
                                  const c10::optional<at::Tensor>& labels_c,
                                  const c10::optional<at::Tensor>& ids_r,
                                  const c10::optional<at::Tensor>& ids_c,
-                                 const at::Tensor& prefixes, int64_t shift, int64_t topk) {
+                                 const at::Tensor& prefixes, int64_t shift, int64_t topk,
+                                 const c10::optional<at::Tensor>& collect_ranges,
+                                 int64_t collect_cap) {
   BelowAutograd below_autograd;
   const auto in = select_inputs(x_r, x_c, labels_r, labels_c, ids_r, ids_c);
   TORCH_CHECK_VALUE(topk >= 0, "topk must be >= 0, got ", topk);
   const auto pre = prefixes.contiguous();
+  const int64_t key_bits = x_r.scalar_type() == at::kDouble ? 64 : 32;
+  const Collect collect = collect_bins(collect_ranges, collect_cap, shift, key_bits);
   return AT_DISPATCH_FLOATING_TYPES(x_r.scalar_type(), "pair_histogram_topk", [&] {
-    return histogram_impl<scalar_t>(in, pre, shift, topk);
+    return histogram_impl<scalar_t>(in, pre, shift, topk, collect);
   });
 }
 
@@ -248,7 +315,7 @@ at::Tensor pair_histogram_cpu(const at::Tensor& x_r, const c10::optional<at::Ten
                               const c10::optional<at::Tensor>& ids_c, const at::Tensor& prefixes,
                               int64_t shift) {
   return std::get<0>(pair_histogram_topk_cpu(x_r, x_c, labels_r, labels_c, ids_r, ids_c,
-                                             prefixes, shift, 0));
+                                             prefixes, shift, 0, c10::nullopt, 0));
 }
 
 // ------------------------------------------------------------------ top-k
