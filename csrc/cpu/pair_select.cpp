@@ -16,6 +16,7 @@
 #include <limits>
 #include <vector>
 
+#include "chunk_test.h"
 #include "pairs.h"
 
 namespace relkd {
@@ -132,17 +133,14 @@ T key_to_value(typename KeyOf<T>::type key) {
 }
 
 // Start of the first chunk of kRangeChunk values in [begin, n) holding one
-// in [lo, hi], or of the tail shorter than a chunk; branch-free in a chunk.
-constexpr int64_t kRangeChunk = 16;
+// in [lo, hi], or of the tail shorter than a chunk (packed compares).
+constexpr int64_t kRangeChunk = chunk::kChunk;
 
 template <typename T>
 int64_t find_chunk_in_range(const T* v, int64_t begin, int64_t n, T lo, T hi) {
   int64_t e = begin;
-  for (; e + kRangeChunk <= n; e += kRangeChunk) {
-    bool any = false;
-    for (int64_t u = 0; u < kRangeChunk; ++u) any |= (v[e + u] >= lo) & (v[e + u] <= hi);
-    if (any) return e;
-  }
+  for (; e + kRangeChunk <= n; e += kRangeChunk)
+    if (chunk::any_in_range(v + e, lo, hi)) return e;
   return e;
 }
 

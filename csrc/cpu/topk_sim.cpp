@@ -10,16 +10,18 @@
 #include <vector>
 
 #include "../tile_plan.h"
+#include "chunk_test.h"
 #include "common.h"
 
 namespace relkd {
 namespace {
 
 constexpr int64_t kRowBlock = 256;      // query rows per work item
-constexpr int64_t kColTile = 1024;      // columns per GEMM tile
+constexpr int64_t kMaxTileCols = 4096;  // columns per scanned tile, at most
+constexpr int64_t kGemmCols = 1024;     // columns per GEMM call
 constexpr int64_t kItemsPerThread = 2;  // split columns when there are fewer row blocks
 constexpr int64_t kCandidateBytes = int64_t(64) << 20;  // bound of the split buffers
-constexpr int64_t kChunk = 16;          // values tested against the threshold at once
+using chunk::kChunk;                    // values tested against the threshold at once
 
 // Column ranges per row block: enough work items for every thread to take
 // kItemsPerThread when there are few query rows (so a busy core can take
@@ -36,6 +38,97 @@ int64_t column_splits(int64_t n, int64_t row_blocks, int64_t col_tiles, int64_t 
   const int64_t per_split = std::max<int64_t>(1, n * 2 * k_buf * pair_bytes);
   const int64_t affordable = std::max<int64_t>(1, kCandidateBytes / per_split);
   return std::max<int64_t>(1, std::min({col_tiles, wanted, affordable}));
+}
+
+// Runtime-dispatched SIMD clones of the filter: the build stays portable
+// (no -march) and AVX2 / AVX-512 machines still get wide comparisons.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define RELKD_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define RELKD_SIMD_CLONES
+#endif
+
+// Start of the first chunk of kChunk values in [begin, n) that holds a value
+// above thr (each value times scale[t] when scale is given), or the start of
+// the tail shorter than a chunk (packed compares within a chunk).
+template <typename T>
+inline int64_t find_chunk_above_impl(const T* row, const T* scale, int64_t begin, int64_t n,
+                                     T thr) {
+  int64_t t = begin;
+  for (; t + kChunk <= n; t += kChunk) {
+    if (scale ? chunk::any_scaled_above(row + t, scale + t, thr) : chunk::any_above(row + t, thr))
+      return t;
+  }
+  return t;
+}
+
+RELKD_SIMD_CLONES int64_t find_chunk_above(const float* row, const float* scale, int64_t begin,
+                                           int64_t n, float thr) {
+  return find_chunk_above_impl(row, scale, begin, n, thr);
+}
+
+RELKD_SIMD_CLONES int64_t find_chunk_above(const double* row, const double* scale,
+                                           int64_t begin, int64_t n, double thr) {
+  return find_chunk_above_impl(row, scale, begin, n, thr);
+}
+
+// Writes the values of row[0, n) that are >= bound, and their positions, to
+// values and positions in order; returns how many. Chunks without one are
+// skipped by a packed compare, the others compacted without branches.
+template <typename T>
+inline int64_t compact_at_least_impl(const T* row, int64_t n, T bound, T* values,
+                                     int64_t* positions) {
+  int64_t kept = 0, t = 0;
+  for (; t < n; t += kChunk) {
+    const int64_t stop = std::min(n, t + kChunk);
+    if (stop - t == kChunk && !chunk::any_at_least(row + t, bound)) continue;
+    for (int64_t u = t; u < stop; ++u) {
+      values[kept] = row[u];
+      positions[kept] = u;
+      kept += row[u] >= bound;
+    }
+  }
+  return kept;
+}
+
+RELKD_SIMD_CLONES int64_t compact_at_least(const float* row, int64_t n, float bound,
+                                           float* values, int64_t* positions) {
+  return compact_at_least_impl(row, n, bound, values, positions);
+}
+
+RELKD_SIMD_CLONES int64_t compact_at_least(const double* row, int64_t n, double bound,
+                                           double* values, int64_t* positions) {
+  return compact_at_least_impl(row, n, bound, values, positions);
+}
+
+template <typename T>
+inline bool has_nan_impl(const T* v, int64_t n) {
+  int64_t t = 0;
+  for (; t + kChunk <= n; t += kChunk)
+    if (chunk::any_nan(v + t)) return true;
+  for (; t < n; ++t)
+    if (v[t] != v[t]) return true;
+  return false;
+}
+
+RELKD_SIMD_CLONES bool has_nan(const float* v, int64_t n) { return has_nan_impl(v, n); }
+RELKD_SIMD_CLONES bool has_nan(const double* v, int64_t n) { return has_nan_impl(v, n); }
+
+// out[l] = max_r v[r * k + l] over the rows r < rows of v viewed as a
+// (rows x k) matrix: lane-wise, so it vectorises.
+template <typename T>
+inline void column_max_impl(const T* v, int64_t rows, int64_t k, T* out) {
+  std::copy(v, v + k, out);
+  for (int64_t r = 1; r < rows; ++r)
+    for (int64_t l = 0; l < k; ++l) out[l] = v[r * k + l] > out[l] ? v[r * k + l] : out[l];
+}
+
+RELKD_SIMD_CLONES void column_max(const float* v, int64_t rows, int64_t k, float* out) {
+  column_max_impl(v, rows, k, out);
+}
+
+RELKD_SIMD_CLONES void column_max(const double* v, int64_t rows, int64_t k, double* out) {
+  column_max_impl(v, rows, k, out);
 }
 
 // The best k (value, index) pairs a row has seen so far. Accepted pairs are
@@ -71,28 +164,48 @@ struct RowSelect {
 
   // Fills an empty selection from a whole tile row of n > 2k values at once,
   // so the bar starts at the row's k-th best instead of the k-th of its first
-  // 2k values and fewer later values pass the filter. The k-th best value is
-  // found by nth_element over plain values (cheaper than over pairs); the
-  // pairs above it, then those equal to it in index order (the tie rule),
-  // fill the selection. A row holding NaN takes the pair-by-pair path.
-  // scratch holds >= n values. Returns false (nothing done) in that case.
+  // 2k values and fewer later values pass the filter. A cheap lower bound
+  // of the k-th best value leaves a few k candidates; nth_element over their
+  // plain values (cheaper than over pairs) finds the k-th best, and the
+  // candidates above it, then those equal to it in index order (the tie
+  // rule), fill the selection. `plain`: every value of the row is valid and
+  // unscaled (value(t) == row[t]), so the row is read directly, in packed
+  // chunks, and the candidates keep their positions; otherwise the valid
+  // values are copied first and the row is walked again. scratch holds >= n
+  // values, positions >= n indices. A row holding NaN takes the pair-by-pair
+  // path: returns false, nothing done.
   template <typename Value, typename Valid>
-  bool seed(int64_t n, int64_t c0, const Value& value, const Valid& valid, T* scratch) {
+  bool seed(const T* row, bool plain, int64_t n, int64_t c0, const Value& value,
+            const Valid& valid, T* scratch, int64_t* positions) {
     int64_t count = 0;
-    bool nan = false;
-    for (int64_t t = 0; t < n; ++t) {
-      if (!valid(c0 + t)) continue;
-      const T v = value(t);
-      nan |= std::isnan(v);
-      scratch[count++] = v;
+    if (plain) {
+      if (has_nan(row, n)) return false;
+      count = compact_at_least(row, n, kth_lower_bound(row, n, k), scratch, positions);
+    } else {
+      bool nan = false;
+      for (int64_t t = 0; t < n; ++t) {
+        if (!valid(c0 + t)) continue;
+        const T v = value(t);
+        nan |= std::isnan(v);
+        scratch[count++] = v;
+      }
+      if (nan) return false;
+      if (count <= k) {  // every valid pair fits: no bar yet
+        for (int64_t t = 0; t < n; ++t)
+          if (valid(c0 + t)) buf[size++] = {value(t), c0 + t};
+        return true;
+      }
+      const T bound = kth_lower_bound(scratch, count, k);
+      int64_t kept = 0;
+      for (int64_t e = 0; e < count; ++e) {  // in place: scratch[kept] trails scratch[e]
+        const T x = scratch[e];
+        scratch[kept] = x;
+        kept += x >= bound;
+      }
+      count = kept;
     }
-    if (nan) return false;
-    if (count <= k) {  // every valid pair fits: no bar yet
-      for (int64_t t = 0; t < n; ++t)
-        if (valid(c0 + t)) buf[size++] = {value(t), c0 + t};
-      return true;
-    }
-    count = keep_above_lower_bound(scratch, count, k);
+    // Candidates in index order, for the pass below (nth_element reorders scratch).
+    const int64_t candidates = count;
     std::nth_element(scratch, scratch + k - 1, scratch + count, std::greater<T>());
     const T kth = scratch[k - 1];
     // The values above kth all lie in scratch[0, k - 1); the rest of the k
@@ -100,23 +213,28 @@ struct RowSelect {
     int64_t ties = k;
     for (int64_t e = 0; e < k; ++e) ties -= scratch[e] > kth;
     bar_j = -1;
-    for (int64_t t = 0; t < n; ++t) {
+    auto take = [&](int64_t t) {
       const T v = value(t);
-      if (v < kth || (v == kth && ties == 0) || !valid(c0 + t)) continue;
+      if (v < kth || (v == kth && ties == 0) || !valid(c0 + t)) return;
       buf[size++] = {v, c0 + t};
       if (v == kth) {
         --ties;
         bar_j = c0 + t;  // the worst kept pair: value kth, the largest index taken at it
       }
+    };
+    if (plain) {
+      for (int64_t e = 0; e < candidates; ++e) take(positions[e]);
+    } else {
+      for (int64_t t = 0; t < n; ++t) take(t);
     }
     has_bar = true;
     bar_v = kth;
     return true;
   }
 
-  // Drops values that cannot be among the k largest of v[0, count) (count >
-  // k, no NaN) before the exact selection (defined below).
-  static int64_t keep_above_lower_bound(T* v, int64_t count, int64_t k);
+  // A value at most the k-th largest of v[0, count) (count > k, no NaN)
+  // that leaves only a few k values at or above it (defined below).
+  static T kth_lower_bound(const T* v, int64_t count, int64_t k);
 
   // Keeps the best min(size, k) pairs (unordered) and sets the bar.
   void keep_best() {
@@ -140,80 +258,40 @@ struct Validity {
     if (q_labels && c_labels && q_labels[i] == c_labels[j]) return false;
     return true;
   }
+
+  // Whether row i keeps every column of [c0, c0 + n).
+  bool all_valid(int64_t i, int64_t c0, int64_t n) const {
+    if (q_labels && c_labels) return false;
+    return !exclude_self || i + self_offset < c0 || i + self_offset >= c0 + n;
+  }
 };
 
-// Runtime-dispatched SIMD clones of the filter: the build stays portable
-// (no -march) and AVX2 / AVX-512 machines still get wide comparisons.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define RELKD_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define RELKD_SIMD_CLONES
-#endif
-
-// Start of the first chunk of kChunk values in [begin, n) that holds a value
-// above thr (each value times scale[t] when scale is given), or the start of
-// the tail shorter than a chunk. Branch-free within a chunk, so it vectorises.
+// The maxima of L > k disjoint groups (v[l], v[L + l], v[2L + l], ... for
+// each lane l) are L of the values, so the k-th largest value is at least
+// the k-th largest of them. L = 2k keeps about 3 % of a row of 4096 values
+// for k = 100, against 11 % for the least of k maxima; at least kMinLanes
+// lanes, since a few long lanes would be scalar chains (k = 1: one lane).
 template <typename T>
-inline int64_t find_chunk_above_impl(const T* row, const T* scale, int64_t begin, int64_t n,
-                                     T thr) {
-  int64_t t = begin;
-  for (; t + kChunk <= n; t += kChunk) {
-    bool any = false;
-    if (scale) {
-      for (int64_t u = 0; u < kChunk; ++u) any |= row[t + u] * scale[t + u] > thr;
-    } else {
-      for (int64_t u = 0; u < kChunk; ++u) any |= row[t + u] > thr;
-    }
-    if (any) return t;
-  }
-  return t;
-}
-
-RELKD_SIMD_CLONES int64_t find_chunk_above(const float* row, const float* scale, int64_t begin,
-                                           int64_t n, float thr) {
-  return find_chunk_above_impl(row, scale, begin, n, thr);
-}
-
-RELKD_SIMD_CLONES int64_t find_chunk_above(const double* row, const double* scale,
-                                           int64_t begin, int64_t n, double thr) {
-  return find_chunk_above_impl(row, scale, begin, n, thr);
-}
-
-// out[l] = max_r v[r * k + l] over the rows r < rows of v viewed as a
-// (rows x k) matrix: lane-wise, so it vectorises.
-template <typename T>
-inline void column_max_impl(const T* v, int64_t rows, int64_t k, T* out) {
-  std::copy(v, v + k, out);
-  for (int64_t r = 1; r < rows; ++r)
-    for (int64_t l = 0; l < k; ++l) out[l] = v[r * k + l] > out[l] ? v[r * k + l] : out[l];
-}
-
-RELKD_SIMD_CLONES void column_max(const float* v, int64_t rows, int64_t k, float* out) {
-  column_max_impl(v, rows, k, out);
-}
-
-RELKD_SIMD_CLONES void column_max(const double* v, int64_t rows, int64_t k, double* out) {
-  column_max_impl(v, rows, k, out);
-}
-
-// The maxima of k disjoint groups (v[l], v[k + l], v[2k + l], ... for each
-// lane l) are k of the values, so the k-th largest value is at least their
-// minimum; the values below it go. About k to a few k values stay for the
-// exact selection, after two passes without branches.
-template <typename T>
-int64_t RowSelect<T>::keep_above_lower_bound(T* v, int64_t count, int64_t k) {
+T RowSelect<T>::kth_lower_bound(const T* v, int64_t count, int64_t k) {
+  constexpr int64_t kMinLanes = 32;
+  const int64_t lanes = std::min(count, std::max(2 * k, kMinLanes));
   thread_local std::vector<T> maxima;
-  maxima.resize(k);
-  column_max(v, count / k, k, maxima.data());
-  const T bound = *std::min_element(maxima.begin(), maxima.end());
-  int64_t kept = 0;
-  for (int64_t e = 0; e < count; ++e) {
-    const T x = v[e];
-    v[kept] = x;
-    kept += x >= bound;
-  }
-  return kept;
+  maxima.resize(lanes);
+  column_max(v, count / lanes, lanes, maxima.data());
+  std::nth_element(maxima.begin(), maxima.begin() + (k - 1), maxima.end(), std::greater<T>());
+  return maxima[k - 1];
 }
+
+// A worker's buffers for RowSelect::seed, for tile rows of up to n values.
+template <typename T>
+struct SeedScratch {
+  std::vector<T> values;
+  std::vector<int64_t> positions;
+  void resize(int64_t n) {
+    values.resize(n);
+    positions.resize(n);
+  }
+};
 
 // Offers one tile row (columns c0 .. c0 + n of the bank, values scaled by
 // scale[c0 + t] when given) to a row's selection. Until the selection has a
@@ -221,12 +299,14 @@ int64_t RowSelect<T>::keep_above_lower_bound(T* v, int64_t count, int64_t k) {
 // skipped by find_chunk_above and only chunks with a candidate are examined.
 template <typename T>
 void scan_row(RowSelect<T>& sel, const T* row, const T* scale, int64_t n, int64_t i,
-              int64_t c0, const Validity& valid, T* scratch) {
+              int64_t c0, const Validity& valid, SeedScratch<T>& scratch) {
   const T* sc = scale ? scale + c0 : nullptr;
   auto value = [&](int64_t t) { return sc ? row[t] * sc[t] : row[t]; };
   int64_t t = 0;
+  const bool plain = !sc && valid.all_valid(i, c0, n);
   if (sel.size == 0 && !sel.has_bar && n > 2 * sel.k &&
-      sel.seed(n, c0, value, [&](int64_t j) { return valid(i, j); }, scratch))
+      sel.seed(row, plain, n, c0, value, [&](int64_t j) { return valid(i, j); },
+               scratch.values.data(), scratch.positions.data()))
     t = n;
   // Until there is a bar, and while it is NaN (fewer than k numbers so far,
   // and -inf still beats it), every valid value is offered.
@@ -270,7 +350,14 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_impl(const at::Tensor& q, const at::
   // Buffers hold at most min(k, m) pairs per row: a k beyond the bank only pads.
   const int64_t k_buf = std::min(k, m);
   const int64_t row_blocks = ceil_div(n, kRowBlock);
-  const int64_t col_tiles = std::max<int64_t>(1, ceil_div(m, kColTile));
+  // Wide tiles: a row's selection is seeded from the k-th best of the whole
+  // first tile row, so the wider it is, the fewer values of later tiles beat
+  // the bar and take the pair-by-pair path (a bank of up to kMaxTileCols
+  // columns is seeded once, exactly). The tile (kRowBlock x kMaxTileCols,
+  // 4 MiB of float32 per thread) is filled by GEMMs of kGemmCols columns:
+  // MKL ran 256 x 1024 products 20-40 % faster than 64 x 4096 ones here.
+  const int64_t tile_cols = std::min(std::max<int64_t>(m, 1), kMaxTileCols);
+  const int64_t col_tiles = std::max<int64_t>(1, ceil_div(m, tile_cols));
   const int64_t splits = column_splits(n, row_blocks, col_tiles, k_buf, sizeof(std::pair<T, int64_t>));
   const int64_t tiles_per_split = ceil_div(col_tiles, splits);
 
@@ -286,11 +373,11 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_impl(const at::Tensor& q, const at::
   const int64_t items = k_buf > 0 ? row_blocks * splits : 0;
   const int64_t slots = worker_slots(items);
   std::vector<at::Tensor> tiles(slots);
-  std::vector<std::vector<T>> scratch(slots);
+  std::vector<SeedScratch<T>> scratch(slots);
   parallel_items(items, slots, [&](int64_t slot, int64_t item) {
     if (!tiles[slot].defined()) {
-      tiles[slot] = at::empty({kRowBlock, kColTile}, q.options());
-      scratch[slot].resize(kColTile);
+      tiles[slot] = at::empty({kRowBlock, tile_cols}, q.options());
+      scratch[slot].resize(tile_cols);
     }
     const int64_t rb = item / splits, split = item % splits;
     const int64_t r0 = rb * kRowBlock, rows = std::min(kRowBlock, n - r0);
@@ -303,14 +390,18 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_impl(const at::Tensor& q, const at::
     }
     const auto q_blk = q.narrow(0, r0, rows);
     for (int64_t ct = tile_begin; ct < tile_end; ++ct) {
-      const int64_t c0 = ct * kColTile, cols = std::min(kColTile, m - c0);
+      const int64_t c0 = ct * tile_cols, cols = std::min(tile_cols, m - c0);
       if (cols <= 0) break;
       auto out = tiles[slot].narrow(0, 0, rows).narrow(1, 0, cols);
-      tile_dot(out, q_blk, c.narrow(0, c0, cols));
+      for (int64_t p = 0; p < cols; p += kGemmCols) {
+        const int64_t piece_cols = std::min(kGemmCols, cols - p);
+        auto piece = out.narrow(1, p, piece_cols);
+        tile_dot(piece, q_blk, c.narrow(0, c0 + p, piece_cols));
+      }
       T* base = out.data_ptr<T>();
       const int64_t ld = out.stride(0);
       for (int64_t r = 0; r < rows; ++r)
-        scan_row(sels[r], base + r * ld, scale, cols, r0 + r, c0, valid, scratch[slot].data());
+        scan_row(sels[r], base + r * ld, scale, cols, r0 + r, c0, valid, scratch[slot]);
     }
     for (int64_t r = 0; r < rows; ++r) {
       sels[r].keep_best();
@@ -374,7 +465,7 @@ std::tuple<at::Tensor, at::Tensor> symmetric_impl(const at::Tensor& x, int64_t k
   const int64_t* lab = data_or_null(labels);
   const Validity valid{lab, lab, true, 0};
   std::vector<at::Tensor> products(slots), flipped(slots);
-  std::vector<std::vector<T>> scratch(slots);
+  std::vector<SeedScratch<T>> scratch(slots);
   const auto order = order_by_block(tiles, waves, true, blocks, blocks);
   parallel_in_block_order(order, blocks, slots, [&](int64_t slot, int64_t tile_index) {
     if (!products[slot].defined()) {
@@ -390,14 +481,14 @@ std::tuple<at::Tensor, at::Tensor> symmetric_impl(const at::Tensor& x, int64_t k
     const T* no_scale = nullptr;
     for (int64_t r = 0; r < rows; ++r)
       scan_row(sel[r0 + r], base + r * out.stride(0), no_scale, cols, r0 + r, c0, valid,
-               scratch[slot].data());
+               scratch[slot]);
     if (tile.rb == tile.cb) return;  // the diagonal tile holds both directions already
     auto out_t = flipped[slot].narrow(0, 0, cols).narrow(1, 0, rows);
     out_t.copy_(out.t());
     const T* base_t = out_t.data_ptr<T>();
     for (int64_t c = 0; c < cols; ++c)
       scan_row(sel[c0 + c], base_t + c * out_t.stride(0), no_scale, rows, c0 + c, r0, valid,
-               scratch[slot].data());
+               scratch[slot]);
   });
 
   auto values = at::empty({n, k}, x.options());
