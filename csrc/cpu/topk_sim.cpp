@@ -350,12 +350,13 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_impl(const at::Tensor& q, const at::
   // Buffers hold at most min(k, m) pairs per row: a k beyond the bank only pads.
   const int64_t k_buf = std::min(k, m);
   const int64_t row_blocks = ceil_div(n, kRowBlock);
-  // Wide tiles: a row's selection is seeded from the k-th best of the whole
-  // first tile row, so the wider it is, the fewer values of later tiles beat
-  // the bar and take the pair-by-pair path (a bank of up to kMaxTileCols
-  // columns is seeded once, exactly). The tile (kRowBlock x kMaxTileCols,
-  // 4 MiB of float32 per thread) is filled by GEMMs of kGemmCols columns:
-  // MKL ran 256 x 1024 products 20-40 % faster than 64 x 4096 ones here.
+  // Wide first tiles: a row's selection is seeded from the k-th best of the
+  // whole first tile row, so the wider it is, the fewer values of later
+  // tiles beat the bar and take the pair-by-pair path (a bank of up to
+  // kMaxTileCols columns is seeded once, exactly). The tile (kRowBlock x
+  // kMaxTileCols, 4 MiB of float32 per thread) is filled by GEMMs of
+  // kGemmCols columns: MKL ran 256 x 1024 products 20-40 % faster than
+  // 64 x 4096 ones here.
   const int64_t tile_cols = std::min(std::max<int64_t>(m, 1), kMaxTileCols);
   const int64_t col_tiles = std::max<int64_t>(1, ceil_div(m, tile_cols));
   const int64_t splits = column_splits(n, row_blocks, col_tiles, k_buf, sizeof(std::pair<T, int64_t>));
@@ -392,16 +393,23 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_impl(const at::Tensor& q, const at::
     for (int64_t ct = tile_begin; ct < tile_end; ++ct) {
       const int64_t c0 = ct * tile_cols, cols = std::min(tile_cols, m - c0);
       if (cols <= 0) break;
-      auto out = tiles[slot].narrow(0, 0, rows).narrow(1, 0, cols);
-      for (int64_t p = 0; p < cols; p += kGemmCols) {
-        const int64_t piece_cols = std::min(kGemmCols, cols - p);
-        auto piece = out.narrow(1, p, piece_cols);
-        tile_dot(piece, q_blk, c.narrow(0, c0 + p, piece_cols));
+      // The item's first tile is scanned whole (its rows seed the
+      // selections); later ones kGemmCols columns at a time, each piece
+      // scanned while it is still in L2.
+      const int64_t step = ct == tile_begin ? cols : kGemmCols;
+      for (int64_t p = 0; p < cols; p += step) {
+        const int64_t width = std::min(step, cols - p);
+        auto out = tiles[slot].narrow(0, 0, rows).narrow(1, 0, width);
+        for (int64_t g = 0; g < width; g += kGemmCols) {
+          const int64_t piece_cols = std::min(kGemmCols, width - g);
+          auto piece = out.narrow(1, g, piece_cols);
+          tile_dot(piece, q_blk, c.narrow(0, c0 + p + g, piece_cols));
+        }
+        T* base = out.data_ptr<T>();
+        const int64_t ld = out.stride(0);
+        for (int64_t r = 0; r < rows; ++r)
+          scan_row(sels[r], base + r * ld, scale, width, r0 + r, c0 + p, valid, scratch[slot]);
       }
-      T* base = out.data_ptr<T>();
-      const int64_t ld = out.stride(0);
-      for (int64_t r = 0; r < rows; ++r)
-        scan_row(sels[r], base + r * ld, scale, cols, r0 + r, c0, valid, scratch[slot]);
     }
     for (int64_t r = 0; r < rows; ++r) {
       sels[r].keep_best();
