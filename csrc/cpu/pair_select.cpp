@@ -12,6 +12,7 @@
 // falling in chosen first-pass bins, from which ops.py resolves a target
 // whose bin they cover without the later passes.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -179,16 +180,12 @@ Collect collect_bins(const c10::optional<at::Tensor>& ranges, int64_t cap, int64
   return c;
 }
 
-// The workers' collected keys, sorted descending, as int64 bit patterns;
-// empty when any worker (or all together) passed the cap.
+// The workers' collected keys, sorted descending, as int64 bit patterns.
 template <typename K>
-at::Tensor merge_collected(const std::vector<std::vector<K>>& lists, int64_t cap,
+at::Tensor merge_collected(const std::vector<std::vector<K>>& lists,
                            const at::TensorOptions& opts) {
   std::vector<K> all;
-  for (const auto& l : lists) {
-    if ((int64_t)(all.size() + l.size()) > cap) return at::empty({0}, opts);
-    all.insert(all.end(), l.begin(), l.end());
-  }
+  for (const auto& l : lists) all.insert(all.end(), l.begin(), l.end());
   std::sort(all.begin(), all.end(), std::greater<K>());
   at::Tensor out = at::empty({(int64_t)all.size()}, opts);
   int64_t* o = out.data_ptr<int64_t>();
@@ -236,8 +233,9 @@ Selected histogram_impl(const SelectInputs& in, const at::Tensor& prefixes, int6
   for (auto& b : best) b.cap = topk;
   std::vector<std::vector<K>> kept(slots);
   const uint8_t* in_bin = collecting ? collect.in_bin.data() : nullptr;
-  // A worker past the cap stops collecting; the merge then returns nothing.
-  const size_t keep_cap = size_t(collect.cap) + 1;
+  // Keys met in the bins, by all workers: past the cap nobody stores more
+  // (memory stays O(cap) for any thread count) and the merge returns none.
+  std::atomic<int64_t> in_bins{0};
 
   visit_pair_tiles<T>(kNegative, in.ix, tiles, slots, in.x_r, in.x_c, 2,
                       [&](int64_t slot, int64_t ti, const TileScratch& sc) {
@@ -265,7 +263,9 @@ Selected histogram_impl(const SelectInputs& in, const at::Tensor& prefixes, int6
       const int64_t digit = int64_t((key >> shift) & K(kDigits - 1));
       if (!check_prefix) {
         ++h[digit];
-        if (in_bin && in_bin[digit] && keys.size() < keep_cap) keys.push_back(key);
+        if (in_bin && in_bin[digit] &&
+            in_bins.fetch_add(1, std::memory_order_relaxed) < collect.cap)
+          keys.push_back(key);
         continue;
       }
       const int64_t high = int64_t(key >> (shift + 16));
@@ -284,7 +284,8 @@ Selected histogram_impl(const SelectInputs& in, const at::Tensor& prefixes, int6
   trim(merged, topk);
   std::sort(merged.begin(), merged.end(), entry_before<T>);
   auto [values, rows, cols] = top_tensors(merged, topk, in.x_r.options());
-  return {out, values, rows, cols, merge_collected(kept, collect.cap, prefixes.options())};
+  if (in_bins.load() > collect.cap) kept.clear();
+  return {out, values, rows, cols, merge_collected(kept, prefixes.options())};
 }
 
 Selected pair_histogram_topk_cpu(const at::Tensor& x_r, const c10::optional<at::Tensor>& x_c,
