@@ -291,6 +291,43 @@ def time_quiet_and_busy(run: Callable[[], None], repeats: int, warmups: int,
     return quiet_s, busy_s
 
 
+def record_error(measurement: Measurement, exc: Exception) -> None:
+    """A failed case (e.g. a compilation failure or OOM) is recorded, not fatal."""
+    measurement.error = f"{type(exc).__name__}: {exc}".strip()[:2000]
+    if measurement.case.device.startswith("cuda"):
+        torch.cuda.empty_cache()  # an out-of-memory case leaves the next one its memory
+
+
+def time_interleaved(group: List[Measurement], inputs) -> None:
+    """--interleave: the cases of one shape timed in turn, one call of each
+    per round, so that the machine's drift during the group affects every
+    backend alike (rounds go on while any case would repeat under time_runs)."""
+    runs = []
+    for measurement in group:
+        try:
+            cases.warm_up_tiny(measurement.case)
+            run = cases.prepare(measurement.case, inputs)
+            for _ in range(measurement.warmups):
+                run()
+            runs.append((measurement, run))
+        except Exception as exc:  # noqa: BLE001
+            record_error(measurement, exc)
+    def more_rounds(done: int) -> bool:  # time_runs' rule, for every case of the group
+        timed = [m for m, _ in runs if m.error is None]
+        return any(done < m.repeats or (sum(m.times_s) < MIN_TIMED_S and done < MAX_REPEATS)
+                   for m in timed)
+
+    done = 0
+    while more_rounds(done):
+        done += 1
+        for measurement, run in runs:
+            if measurement.error is None:
+                try:
+                    measurement.times_s.append(time_call(run, measurement.case.device))
+                except Exception as exc:  # noqa: BLE001
+                    record_error(measurement, exc)
+
+
 def time_measurement(measurement: Measurement, inputs, contention: bool = False) -> None:
     case = measurement.case
     try:
@@ -303,10 +340,8 @@ def time_measurement(measurement: Measurement, inputs, contention: bool = False)
         else:
             measurement.times_s = time_runs(run, measurement.repeats, measurement.warmups,
                                             case.device)
-    except Exception as exc:  # noqa: BLE001 - e.g. a compilation failure or OOM: recorded
-        measurement.error = f"{type(exc).__name__}: {exc}".strip()[:2000]
-        if case.device.startswith("cuda"):
-            torch.cuda.empty_cache()  # an out-of-memory case leaves the next one its memory
+    except Exception as exc:  # noqa: BLE001
+        record_error(measurement, exc)
 
 
 # ------------------------------------------------------------------- memory
@@ -363,20 +398,28 @@ def measure_memory(measurement: Measurement) -> None:
 
 
 # ------------------------------------------------------------------ running
-def run_sweep(sweep: List[Measurement], measure_peak: bool, contention: bool = False) -> None:
-    """Time every measurement (inputs shared by all cases of a shape), then
-    measure its peak memory; progress on stderr."""
+def run_sweep(sweep: List[Measurement], measure_peak: bool, contention: bool = False,
+              interleave: bool = False) -> None:
+    """Time every measurement (inputs shared by all cases of a shape; with
+    `interleave`, the cases of a shape in turn), then measure its peak
+    memory; progress on stderr."""
     inputs_by_key: Dict[tuple, object] = {}
     for index, measurement in enumerate(sweep, 1):
         case = measurement.case
         key = cases.inputs_key(case)
+        started = time.perf_counter()
         if key not in inputs_by_key:
             inputs_by_key.clear()  # one shape at a time
-            started = time.perf_counter()
             inputs_by_key[key] = cases.build_inputs(case)
             log(f"inputs for {case.name}: {time.perf_counter() - started:.1f} s")
+            if interleave:
+                started = time.perf_counter()
+                time_interleaved([m for m in sweep if cases.inputs_key(m.case) == key],
+                                 inputs_by_key[key])
+                log(f"timed the {case.name} cases in turn: {time.perf_counter() - started:.1f} s")
         started = time.perf_counter()
-        time_measurement(measurement, inputs_by_key[key], contention)
+        if not interleave:
+            time_measurement(measurement, inputs_by_key[key], contention)
         timed = time.perf_counter() - started
         if measure_peak:
             measure_memory(measurement)
@@ -672,6 +715,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--contention", action="store_true",
                         help="time every case alternately alone and beside one busy process "
                              "(stopped and resumed between calls) and report the slowdown")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time the cases of each shape in turn, one call each per round "
+                             "(the machine's drift then affects every backend alike)")
     parser.add_argument("--topk-shape", type=int_list,
                         help="similarity_topk N,M (default 4096,262144; quick 1024,16384)")
     parser.add_argument("--topk-k", type=int, default=TOPK_K)
@@ -722,7 +768,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log(f"warning: load average {load_before[0]} before the sweep; other processes "
             f"may distort the timings")
     started = time.perf_counter()
-    run_sweep(sweep, args.memory, args.contention)
+    if args.interleave and args.contention:
+        log("--interleave and --contention cannot be combined")
+        return 2
+    run_sweep(sweep, args.memory, args.contention, args.interleave)
     log(f"done in {time.perf_counter() - started:.1f} s")
     machine = machine_info(args.device, load_before)
     records = to_records(sweep)
