@@ -36,6 +36,23 @@ inline void define_operators(torch::Library& m) {
   // (hardest_identities, batch mining); padding (-inf, -1). (CPU only.)
   m.def("topk_sim_symmetric(Tensor x, int k, Tensor? labels=None) -> (Tensor, Tensor)");
 
+  // SP's Gram identity (relkd/fused.py, _SPGramIdentity) in float64: the
+  // Gram matrices (A_s^T A_s, A_t^T A_t, A_s^T A_t) of the batch A (F when
+  // a_s and a_t are None) and, per row i of F, (f_s F_ss f_s, f_t F_tt f_t,
+  // f_s F_st f_t) against them. (CPU only; CUDA runs the PyTorch form.)
+  m.def(
+      "sp_gram_forward(Tensor f_s, Tensor f_t, Tensor? a_s, Tensor? a_t) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // The gradients of sum_i w_s,i r_s,i + w_t,i r_t,i + u_i c_i (the row
+  // forms above, the Grams as functions of the batch) for (f_s, f_t, a_s,
+  // a_t); with a_s None the batch's part is added to the rows' and the last
+  // two are empty, as are the student's (teacher's) unless need_s (need_t).
+  m.def(
+      "sp_gram_backward(Tensor f_s, Tensor f_t, Tensor? a_s, Tensor? a_t, Tensor gram_ss, "
+      "Tensor gram_tt, Tensor gram_st, Tensor w_s, Tensor w_t, Tensor u, bool need_s, "
+      "bool need_t) -> (Tensor, Tensor, Tensor, Tensor)");
+
   // Negative pairs (id_i < id_j, labels differ): histogram of the 16-bit
   // digit at `shift` of the order keys of x_i.x_j, one histogram per key
   // prefix (the key bits above shift + 16). Returns int64 (P, 65536).

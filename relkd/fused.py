@@ -205,6 +205,20 @@ def _gram(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
+def _sp_gram_forward_torch(f_s, f_t, a_s, a_t):
+    """torch.ops.relkd.sp_gram_forward in PyTorch ops (the devices without it)."""
+    if a_s is None:
+        a_s, a_t = f_s, f_t
+    gram_s, gram_t, cross_st = _gram(a_s, a_s), _gram(a_t, a_t), _gram(a_s, a_t)
+    r_s, r_t, cross = [], [], []
+    for lo, hi in _row_blocks(f_s.shape[0]):
+        fs, ft = f_s[lo:hi].double(), f_t[lo:hi].double()
+        r_s.append(((fs @ gram_s) * fs).sum(1))
+        r_t.append(((ft @ gram_t) * ft).sum(1))
+        cross.append(((fs @ cross_st) * ft).sum(1))
+    return gram_s, gram_t, cross_st, torch.cat(r_s), torch.cat(r_t), torch.cat(cross)
+
+
 class _SPGramIdentity(torch.autograd.Function):
     """SPEC §5's identity: with G = F F^T, row i of rownorm(G) has
     |G_i|^2 = f_i^T (F^T F) f_i and G_s,i . G_t,i = f_i^T (Fs^T Ft) g_i, so
@@ -222,16 +236,14 @@ class _SPGramIdentity(torch.autograd.Function):
     @staticmethod
     def forward(ctx, f_s, f_t, a_s, a_t, n_all: int):
         ctx.single = a_s is None
+        if f_s.device.type == "cpu":  # one C++ op: a few regions, dynamic chunks
+            gram_s, gram_t, cross_st, r_s, r_t, cross = torch.ops.relkd.sp_gram_forward(
+                f_s, f_t, a_s, a_t)
+        else:
+            gram_s, gram_t, cross_st, r_s, r_t, cross = _sp_gram_forward_torch(f_s, f_t, a_s,
+                                                                               a_t)
         if ctx.single:
             a_s, a_t = f_s, f_t
-        gram_s, gram_t, cross_st = _gram(a_s, a_s), _gram(a_t, a_t), _gram(a_s, a_t)
-        r_s, r_t, cross = [], [], []
-        for lo, hi in _row_blocks(f_s.shape[0]):
-            fs, ft = f_s[lo:hi].double(), f_t[lo:hi].double()
-            r_s.append(((fs @ gram_s) * fs).sum(1))
-            r_t.append(((ft @ gram_t) * ft).sum(1))
-            cross.append(((fs @ cross_st) * ft).sum(1))
-        r_s, r_t, cross = torch.cat(r_s), torch.cat(r_t), torch.cat(cross)
         m_s, m_t = r_s.clamp(min=0).clamp(min=EPS * EPS), r_t.clamp(min=0).clamp(min=EPS * EPS)
         terms = r_s.clamp(min=0) / m_s + r_t.clamp(min=0) / m_t - 2 * cross / torch.sqrt(m_s * m_t)
         ctx.save_for_backward(f_s, f_t, a_s, a_t, gram_s, gram_t, cross_st, r_s, r_t, cross)
@@ -260,6 +272,13 @@ class _SPGramIdentity(torch.autograd.Function):
         w_t = scale * d_norm_term(r_t, m_t)
         u = scale * (-2.0 / root)
         need = list(ctx.needs_input_grad)
+        if f_s.device.type == "cpu":
+            need_s, need_t = need[0] or need[2], need[1] or need[3]
+            g_fs, g_ft, g_as, g_at = torch.ops.relkd.sp_gram_backward(
+                f_s, f_t, None if ctx.single else a_s, None if ctx.single else a_t,
+                gram_s, gram_t, cross_st, w_s, w_t, u, need_s, need_t)
+            grads = [g if n_ else None for g, n_ in zip((g_fs, g_ft, g_as, g_at), need)]
+            return tuple(grads) + (None,)
         if ctx.single:  # the batch is the rows: their two gradient parts add up
             need[2], need[3] = need[0], need[1]
         grads = [torch.zeros_like(t) if need[i] else None

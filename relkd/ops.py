@@ -176,6 +176,24 @@ if HAS_EXTENSION:
                 x_r.new_empty(topk, dtype=torch.long), x_r.new_empty(topk, dtype=torch.long),
                 prefixes.new_empty(n_collected))
 
+    @torch.library.register_fake("relkd::sp_gram_forward")
+    def _sp_gram_forward_fake(f_s, f_t, a_s, a_t):
+        ds, dt, n = f_s.shape[1], f_t.shape[1], f_s.shape[0]
+
+        def f64(*shape):
+            return f_s.new_empty(shape, dtype=torch.float64)
+
+        return f64(ds, ds), f64(dt, dt), f64(ds, dt), f64(n), f64(n), f64(n)
+
+    @torch.library.register_fake("relkd::sp_gram_backward")
+    def _sp_gram_backward_fake(f_s, f_t, a_s, a_t, gram_ss, gram_tt, gram_st, w_s, w_t, u,
+                               need_s, need_t):
+        rect = a_s is not None
+        return (torch.empty_like(f_s) if need_s else f_s.new_empty(0),
+                torch.empty_like(f_t) if need_t else f_t.new_empty(0),
+                torch.empty_like(a_s) if need_s and rect else f_s.new_empty(0),
+                torch.empty_like(a_t) if need_t and rect else f_t.new_empty(0))
+
     @torch.library.register_fake("relkd::pair_topk")
     def _pair_topk_fake(x_r, x_c, labels_r, labels_c, ids_r, ids_c, threshold_key, n_equal, topk):
         return (x_r.new_empty(topk), x_r.new_empty(topk, dtype=torch.long),
