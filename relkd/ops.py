@@ -409,8 +409,8 @@ def radix_select(histogram, targets: Sequence[int], bits: int, all_reduce=None, 
                 active.remove(t)
             elif shift == 0:
                 active.remove(t)
-    for t in active:  # never resolved (cannot happen while shift reaches 0)
-        raise AssertionError(f"radix_select left target {t} unresolved")
+    if active:  # cannot happen: the last pass (shift 0) resolves every target
+        raise AssertionError(f"radix_select left targets {active} unresolved")
     return prefix, [t - r for t, r in zip(targets, remaining)]
 
 
