@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace relkd {
 namespace chunk {
@@ -16,31 +17,34 @@ constexpr int64_t kChunk = 16;  // values per test
 template <typename T>
 struct Vec {
   typedef T type __attribute__((vector_size(32)));
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> lane_int;
+  typedef lane_int mask __attribute__((vector_size(32)));  // what comparisons give
   static constexpr int kLanes = 32 / sizeof(T);
 };
-template <typename T>
-using vec_t = typename Vec<T>::type;
 
+// The helpers take and fill vectors by reference, never return them: in
+// code built without AVX, GCC warns (-Wpsabi) about functions returning
+// 32-byte vectors, whose ABI would differ.
 template <typename T>
-inline vec_t<T> load(const T* p) {
-  vec_t<T> v;
+inline void load(const T* p, typename Vec<T>::type& v) {
   std::memcpy(&v, p, sizeof v);
-  return v;
 }
 
 template <typename T>
-inline vec_t<T> splat(T x) {
-  vec_t<T> v;
+inline void splat(T x, typename Vec<T>::type& v) {
   for (int l = 0; l < Vec<T>::kLanes; ++l) v[l] = x;
-  return v;
 }
 
-// Whether lane_mask(offset) (a lane mask of the values at offset, offset +
-// 1, ...) holds for any of the kChunk values.
-template <typename T, typename LaneMask>
-inline bool any_of(LaneMask lane_mask) {
-  auto m = lane_mask(0);
-  for (int o = Vec<T>::kLanes; o < kChunk; o += Vec<T>::kLanes) m |= lane_mask(o);
+// Whether any of the kChunk values at v satisfies the test: test(x, m)
+// ORs into the lane mask m the lanes of x (one vector of values) that pass.
+template <typename T, typename Test>
+inline bool any_of(const T* v, const Test& test) {
+  typename Vec<T>::mask m = {};
+  for (int o = 0; o < kChunk; o += Vec<T>::kLanes) {
+    typename Vec<T>::type x;
+    load(v + o, x);
+    test(x, m);
+  }
   uint64_t parts[sizeof m / 8];
   std::memcpy(parts, &m, sizeof m);
   uint64_t any = 0;
@@ -50,37 +54,45 @@ inline bool any_of(LaneMask lane_mask) {
 
 template <typename T>
 inline bool any_above(const T* v, T thr) {
-  const auto t = splat(thr);
-  return any_of<T>([&](int o) { return load(v + o) > t; });
+  typename Vec<T>::type t;
+  splat(thr, t);
+  return any_of(v, [&](const typename Vec<T>::type& x, typename Vec<T>::mask& m) { m |= x > t; });
 }
 
 template <typename T>
 inline bool any_scaled_above(const T* v, const T* scale, T thr) {
-  const auto t = splat(thr);
-  return any_of<T>([&](int o) { return load(v + o) * load(scale + o) > t; });
+  typename Vec<T>::type t;
+  splat(thr, t);
+  const T* s = scale;
+  int64_t o = 0;  // the offset of x in the chunk, advanced by the test
+  return any_of(v, [&](const typename Vec<T>::type& x, typename Vec<T>::mask& m) {
+    typename Vec<T>::type sc;
+    load(s + o, sc);
+    o += Vec<T>::kLanes;
+    m |= x * sc > t;
+  });
 }
 
 template <typename T>
 inline bool any_at_least(const T* v, T thr) {
-  const auto t = splat(thr);
-  return any_of<T>([&](int o) { return load(v + o) >= t; });
+  typename Vec<T>::type t;
+  splat(thr, t);
+  return any_of(v, [&](const typename Vec<T>::type& x, typename Vec<T>::mask& m) { m |= x >= t; });
 }
 
 template <typename T>
 inline bool any_in_range(const T* v, T lo, T hi) {
-  const auto l = splat(lo), h = splat(hi);
-  return any_of<T>([&](int o) {
-    const auto x = load(v + o);
-    return (x >= l) & (x <= h);
+  typename Vec<T>::type l, h;
+  splat(lo, l);
+  splat(hi, h);
+  return any_of(v, [&](const typename Vec<T>::type& x, typename Vec<T>::mask& m) {
+    m |= (x >= l) & (x <= h);
   });
 }
 
 template <typename T>
 inline bool any_nan(const T* v) {
-  return any_of<T>([&](int o) {
-    const auto x = load(v + o);
-    return x != x;
-  });
+  return any_of(v, [&](const typename Vec<T>::type& x, typename Vec<T>::mask& m) { m |= x != x; });
 }
 
 }  // namespace chunk
