@@ -75,6 +75,7 @@ RELKD_SIMD_CLONES int64_t find_chunk_above(const double* row, const double* scal
 // Writes the values of row[0, n) that are >= bound, and their positions, to
 // values and positions in order; returns how many. Chunks without one are
 // skipped by a packed compare, the others compacted without branches.
+// values may be row itself (a value is never written past where it is read).
 template <typename T>
 inline int64_t compact_at_least_impl(const T* row, int64_t n, T bound, T* values,
                                      int64_t* positions) {
@@ -195,14 +196,10 @@ struct RowSelect {
           if (valid(c0 + t)) buf[size++] = {value(t), c0 + t};
         return true;
       }
-      const T bound = kth_lower_bound(scratch, count, k);
-      int64_t kept = 0;
-      for (int64_t e = 0; e < count; ++e) {  // in place: scratch[kept] trails scratch[e]
-        const T x = scratch[e];
-        scratch[kept] = x;
-        kept += x >= bound;
-      }
-      count = kept;
+      // In place (each value is written at or before where it was read);
+      // the positions, within scratch, go unused: the pass below walks the row.
+      count = compact_at_least(scratch, count, kth_lower_bound(scratch, count, k), scratch,
+                               positions);
     }
     // Candidates in index order, for the pass below (nth_element reorders scratch).
     const int64_t candidates = count;
