@@ -35,15 +35,15 @@ inline void splat(T x, typename Vec<T>::type& v) {
   for (int l = 0; l < Vec<T>::kLanes; ++l) v[l] = x;
 }
 
-// Whether any of the kChunk values at v satisfies the test: test(x, m)
-// ORs into the lane mask m the lanes of x (one vector of values) that pass.
+// Whether any of the kChunk values at v satisfies the test: test(o, x, m)
+// ORs into the lane mask m the lanes of x (the values at v + o) that pass.
 template <typename T, typename Test>
 inline bool any_of(const T* v, const Test& test) {
   typename Vec<T>::mask m = {};
   for (int o = 0; o < kChunk; o += Vec<T>::kLanes) {
     typename Vec<T>::type x;
     load(v + o, x);
-    test(x, m);
+    test(o, x, m);
   }
   uint64_t parts[sizeof m / 8];
   std::memcpy(parts, &m, sizeof m);
@@ -54,45 +54,45 @@ inline bool any_of(const T* v, const Test& test) {
 
 template <typename T>
 inline bool any_above(const T* v, T thr) {
-  typename Vec<T>::type t;
+  using V = typename Vec<T>::type;
+  V t;
   splat(thr, t);
-  return any_of(v, [&](const typename Vec<T>::type& x, typename Vec<T>::mask& m) { m |= x > t; });
+  return any_of(v, [&](int, const V& x, typename Vec<T>::mask& m) { m |= x > t; });
 }
 
 template <typename T>
 inline bool any_scaled_above(const T* v, const T* scale, T thr) {
-  typename Vec<T>::type t;
+  using V = typename Vec<T>::type;
+  V t;
   splat(thr, t);
-  const T* s = scale;
-  int64_t o = 0;  // the offset of x in the chunk, advanced by the test
-  return any_of(v, [&](const typename Vec<T>::type& x, typename Vec<T>::mask& m) {
-    typename Vec<T>::type sc;
-    load(s + o, sc);
-    o += Vec<T>::kLanes;
-    m |= x * sc > t;
+  return any_of(v, [&](int o, const V& x, typename Vec<T>::mask& m) {
+    V s;
+    load(scale + o, s);
+    m |= x * s > t;
   });
 }
 
 template <typename T>
 inline bool any_at_least(const T* v, T thr) {
-  typename Vec<T>::type t;
+  using V = typename Vec<T>::type;
+  V t;
   splat(thr, t);
-  return any_of(v, [&](const typename Vec<T>::type& x, typename Vec<T>::mask& m) { m |= x >= t; });
+  return any_of(v, [&](int, const V& x, typename Vec<T>::mask& m) { m |= x >= t; });
 }
 
 template <typename T>
 inline bool any_in_range(const T* v, T lo, T hi) {
-  typename Vec<T>::type l, h;
+  using V = typename Vec<T>::type;
+  V l, h;
   splat(lo, l);
   splat(hi, h);
-  return any_of(v, [&](const typename Vec<T>::type& x, typename Vec<T>::mask& m) {
-    m |= (x >= l) & (x <= h);
-  });
+  return any_of(v, [&](int, const V& x, typename Vec<T>::mask& m) { m |= (x >= l) & (x <= h); });
 }
 
 template <typename T>
 inline bool any_nan(const T* v) {
-  return any_of(v, [&](const typename Vec<T>::type& x, typename Vec<T>::mask& m) { m |= x != x; });
+  using V = typename Vec<T>::type;
+  return any_of(v, [&](int, const V& x, typename Vec<T>::mask& m) { m |= x != x; });
 }
 
 }  // namespace chunk
