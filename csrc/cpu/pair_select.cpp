@@ -199,12 +199,13 @@ at::Tensor merge_collected(const std::vector<std::vector<K>>& lists,
 // outputs are empty. Keys in the collected bins are returned whole.
 template <typename T>
 Selected histogram_impl(const SelectInputs& in, const at::Tensor& prefixes, int64_t shift,
-                        int64_t topk, const Collect& collect) {
+                        int64_t topk, const c10::optional<at::Tensor>& collect_ranges,
+                        int64_t collect_cap) {
   using K = typename KeyOf<T>::type;
   constexpr int64_t bits = sizeof(K) * 8;
   check_histogram_args(bits, prefixes, shift, in.x_r);
+  const Collect collect = collect_bins(collect_ranges, collect_cap, shift, bits);
   const bool check_prefix = shift + 16 < bits;
-  const bool collecting = !collect.in_bin.empty();
   const int64_t n_prefix = prefixes.numel();
   const int64_t* pre = prefixes.data_ptr<int64_t>();
   // Most keys lie outside [lowest, highest] prefix: one test rejects them.
@@ -232,7 +233,7 @@ Selected histogram_impl(const SelectInputs& in, const at::Tensor& prefixes, int6
   std::vector<TopPairs<T>> best(slots);
   for (auto& b : best) b.cap = topk;
   std::vector<std::vector<K>> kept(slots);
-  const uint8_t* in_bin = collecting ? collect.in_bin.data() : nullptr;
+  const uint8_t* in_bin = collect.in_bin.empty() ? nullptr : collect.in_bin.data();
   // Keys met in the bins, by all workers: past the cap nobody stores more
   // (memory stays O(cap) for any thread count) and the merge returns none.
   std::atomic<int64_t> in_bins{0};
@@ -300,10 +301,8 @@ Selected pair_histogram_topk_cpu(const at::Tensor& x_r, const c10::optional<at::
   const auto in = select_inputs(x_r, x_c, labels_r, labels_c, ids_r, ids_c);
   TORCH_CHECK_VALUE(topk >= 0, "topk must be >= 0, got ", topk);
   const auto pre = prefixes.contiguous();
-  const int64_t key_bits = x_r.scalar_type() == at::kDouble ? 64 : 32;
-  const Collect collect = collect_bins(collect_ranges, collect_cap, shift, key_bits);
   return AT_DISPATCH_FLOATING_TYPES(x_r.scalar_type(), "pair_histogram_topk", [&] {
-    return histogram_impl<scalar_t>(in, pre, shift, topk, collect);
+    return histogram_impl<scalar_t>(in, pre, shift, topk, collect_ranges, collect_cap);
   });
 }
 
