@@ -378,6 +378,15 @@ def as_int64(key: int) -> int:
     return key - (1 << 64) if key >= 1 << 63 else key
 
 
+def digit_at(from_top: Tensor, position: int) -> Tuple[int, int]:
+    """The digit holding the 0-based descending `position` among keys counted
+    as from_top[d] = number of keys with digit >= DIGITS - 1 - d, and how
+    many keys have a larger digit."""
+    pos = int(torch.searchsorted(from_top, torch.tensor([position]), right=True))
+    pos = min(pos, DIGITS - 1)  # only reachable if the counts were inconsistent
+    return DIGITS - 1 - pos, int(from_top[pos - 1]) if pos > 0 else 0
+
+
 def radix_select(histogram, targets: Sequence[int], bits: int, all_reduce=None, resolve=None):
     """Exact keys at the given 0-based descending positions among the pairs
     that `histogram(prefixes, shift)` counts, 16 bits per pass (`all_reduce`,
@@ -398,11 +407,9 @@ def radix_select(histogram, targets: Sequence[int], bits: int, all_reduce=None, 
         # from_top[p, d] = number of keys with this prefix and digit >= DIGITS - 1 - d
         from_top = hist.flip(1).cumsum(1).cpu()
         for t in list(active):
-            row = from_top[uniq.index(prefix[t])]
-            pos = int(torch.searchsorted(row, torch.tensor([remaining[t]]), right=True))
-            pos = min(pos, DIGITS - 1)  # only reachable if the counts were inconsistent
-            remaining[t] -= int(row[pos - 1]) if pos > 0 else 0
-            prefix[t] = (prefix[t] << 16) | (DIGITS - 1 - pos)
+            digit, above = digit_at(from_top[uniq.index(prefix[t])], remaining[t])
+            remaining[t] -= above
+            prefix[t] = (prefix[t] << 16) | digit
             found = resolve(prefix[t], remaining[t]) if resolve and shift == bits - 16 else None
             if found is not None:
                 prefix[t], remaining[t] = found[0], remaining[t] - found[1]
@@ -437,8 +444,7 @@ def predicted_bins(sample_hist: Tensor, targets: Sequence[int], n_pairs: int,
     scale = n_pairs / n_sample
 
     def bin_at(position: float) -> int:
-        d = int(torch.searchsorted(from_top, torch.tensor([int(position)]), right=True))
-        return DIGITS - 1 - min(d, DIGITS - 1)
+        return digit_at(from_top, int(position))[0]
 
     ranges = []
     for t in targets:
