@@ -238,14 +238,19 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def wants_more(times: List[float], repeats: int) -> bool:
+    """At least `repeats` calls, more (up to MAX_REPEATS) while they add up
+    to less than MIN_TIMED_S, so that millisecond cases get a stable median."""
+    return len(times) < repeats or (sum(times) < MIN_TIMED_S and len(times) < MAX_REPEATS)
+
+
 def time_runs(run: Callable[[], None], repeats: int, warmups: int, device: str) -> List[float]:
-    """Wall-clock seconds of calls of run() after `warmups` calls: at least
-    `repeats` calls, more (up to MAX_REPEATS) while they add up to less than
-    MIN_TIMED_S, so that millisecond cases get a stable median."""
+    """Wall-clock seconds of calls of run() after `warmups` calls, as many as
+    wants_more asks for."""
     for _ in range(warmups):
         run()
     times: List[float] = []
-    while len(times) < repeats or (sum(times) < MIN_TIMED_S and len(times) < MAX_REPEATS):
+    while wants_more(times, repeats):
         times.append(time_call(run, device))
     return times
 
@@ -301,7 +306,7 @@ def record_error(measurement: Measurement, exc: Exception) -> None:
 def time_interleaved(group: List[Measurement], inputs) -> None:
     """--interleave: the cases of one shape timed in turn, one call of each
     per round, so that the machine's drift during the group affects every
-    backend alike (rounds go on while any case would repeat under time_runs)."""
+    backend alike (rounds go on while any case wants more calls)."""
     runs = []
     for measurement in group:
         try:
@@ -312,14 +317,7 @@ def time_interleaved(group: List[Measurement], inputs) -> None:
             runs.append((measurement, run))
         except Exception as exc:  # noqa: BLE001
             record_error(measurement, exc)
-    def more_rounds(done: int) -> bool:  # time_runs' rule, for every case of the group
-        timed = [m for m, _ in runs if m.error is None]
-        return any(done < m.repeats or (sum(m.times_s) < MIN_TIMED_S and done < MAX_REPEATS)
-                   for m in timed)
-
-    done = 0
-    while more_rounds(done):
-        done += 1
+    while any(m.error is None and wants_more(m.times_s, m.repeats) for m, _ in runs):
         for measurement, run in runs:
             if measurement.error is None:
                 try:

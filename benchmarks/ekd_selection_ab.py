@@ -18,9 +18,11 @@ def main() -> None:
         case = cases.make_case("ekd", backend, "fwd+bwd", n, d)
         runs[backend] = cases.prepare(case, cases.build_inputs(case))
     min_rows = ops.COLLECT_MIN_ROWS
-    plan = {"radix passes only": (runs["fused"], n + 1), "one-pass selection": (runs["fused"],
-                                                                               min_rows),
-            "GEMM floor": (runs["gemm"], min_rows)}
+    plan = {  # name: (call, COLLECT_MIN_ROWS during it)
+        "radix passes only": (runs["fused"], n + 1),
+        "one-pass selection": (runs["fused"], min_rows),
+        "GEMM floor": (runs["gemm"], min_rows),
+    }
     times = {name: [] for name in plan}
     for run, _ in plan.values():
         run()  # warm-up
