@@ -36,6 +36,12 @@ inline void define_operators(torch::Library& m) {
   // (hardest_identities, batch mining); padding (-inf, -1). (CPU only.)
   m.def("topk_sim_symmetric(Tensor x, int k, Tensor? labels=None) -> (Tensor, Tensor)");
 
+  // Row L2 normalisation as F.normalize computes it: (x_i / max(|x_i|, eps),
+  // |x_i|), and the gradient for x of sum(grad * y) from (y, |x|). (CPU
+  // only; other devices run F.normalize.)
+  m.def("normalize_rows(Tensor x, float eps) -> (Tensor, Tensor)");
+  m.def("normalize_rows_backward(Tensor grad, Tensor y, Tensor norm, float eps) -> Tensor");
+
   // SP's Gram identity (relkd/fused.py, _SPGramIdentity) in float64: the
   // Gram matrices (A_s^T A_s, A_t^T A_t, A_s^T A_t) of the batch A (F when
   // a_s and a_t are None) and, per row i of F, (f_s F_ss f_s, f_t F_tt f_t,

@@ -167,7 +167,10 @@ def fcd_loss(fs: Tensor, ft: Tensor, metric: str = "l2", normalize: bool = True,
     if fs.shape[0] == 0:
         local = _zero(fs, compute_dtype(fs, ft))
     else:
-        local = reference.fcd_loss(fs, ft, metric, normalize, detach_teacher)
+        # O(N*D): the fused form differs only in its one-pass normalisation,
+        # so it needs the compiled ops but no fused device.
+        fcd = fused.fcd_loss if backend != "reference" and ops.HAS_EXTENSION else reference.fcd_loss
+        local = fcd(fs, ft, metric, normalize, detach_teacher)
     return _share_of_mean(local, fs.shape[0], group)
 
 

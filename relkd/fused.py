@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from ._common import EPS, compute_dtype, masked_sum, normalize, teacher
+from ._common import EPS, compute_dtype, masked_sum, teacher
 from .distributed import GlobalBatch, all_reduce_sum, all_reduce_with_grad
 
 
@@ -24,6 +24,12 @@ def _columns(gb: GlobalBatch, all_rows: Tensor, prepare) -> Optional[Tensor]:
     """The column operand of a pair op: None when the columns are the rows
     (one process), else the prepared global batch."""
     return None if gb.group is None else prepare(all_rows)
+
+
+def _normalize(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x_i / max(|x_i|, 1e-12) in `dtype`: F.normalize's values, one pass
+    forward and backward on the CPU (ops.normalize_rows)."""
+    return ops.normalize_rows(x.to(dtype), EPS)
 
 
 def _row_ids(gb: GlobalBatch) -> Optional[Tensor]:
@@ -65,18 +71,33 @@ def _soft_rank(v: Tensor, anchors: Tensor, temperature: float) -> Tensor:
     return torch.sigmoid(u).sum(1)
 
 
+# ------------------------------------------------------------------------ FCD
+def fcd_loss(fs: Tensor, ft: Tensor, metric: str, normalize_features: bool,
+             detach_teacher: bool) -> Tensor:
+    """SPEC §1 with the one-pass normalisation; O(N*D), no relation matrix."""
+    dtype = compute_dtype(fs, ft)
+    ft = teacher(ft, detach_teacher)
+    if metric == "cosine" or normalize_features:
+        x, z = _normalize(fs, dtype), _normalize(ft, dtype)
+    else:
+        x, z = fs.to(dtype), ft.to(dtype)
+    if metric == "l2":
+        return (x - z).square().sum() / x.shape[0]
+    return 1 - (x * z).sum() / x.shape[0]
+
+
 # ------------------------------------------------------------------------ RAD
 def rad_loss(gb: GlobalBatch, bank: Optional[Tensor], bank_labels: Optional[Tensor],
              indices: Optional[Tensor], *, k: int, metric: str, margin: float, mine_by: str,
              detach_teacher: bool) -> Tensor:
     """SPEC §2 with topk_sim mining and pair_dot relations (never N x k x D)."""
     dtype = compute_dtype(gb.fs, gb.ft) if bank is None else compute_dtype(gb.fs, gb.ft, bank)
-    x = normalize(gb.fs, dtype)
-    z = normalize(teacher(gb.ft, detach_teacher), dtype)
+    x = _normalize(gb.fs, dtype)
+    z = _normalize(teacher(gb.ft, detach_teacher), dtype)
     y = None if gb.y is None else gb.y.long()
     if bank is None:
-        x_c = x if gb.group is None else normalize(gb.fs_all, dtype)
-        z_c = z if gb.group is None else normalize(teacher(gb.ft_all, detach_teacher), dtype)
+        x_c = x if gb.group is None else _normalize(gb.fs_all, dtype)
+        z_c = z if gb.group is None else _normalize(teacher(gb.ft_all, detach_teacher), dtype)
         if indices is None:
             q, c = (z, z_c) if mine_by == "teacher" else (x, x_c)
             y_c = None if gb.y_all is None else gb.y_all.long()
@@ -111,10 +132,10 @@ def cckd_loss(gb: GlobalBatch, *, kernel: str, gamma: float, order: int,
               detach_teacher: bool) -> Tensor:
     """SPEC §4: pairwise_loss('cckd') over all N^2 pairs, / N^2."""
     dtype = compute_dtype(gb.fs, gb.ft)
-    x = normalize(gb.fs, dtype)
-    z = normalize(teacher(gb.ft, detach_teacher), dtype)
-    x_c = _columns(gb, gb.fs_all, lambda f: normalize(f, dtype))
-    z_c = _columns(gb, gb.ft_all, lambda f: normalize(teacher(f, detach_teacher), dtype))
+    x = _normalize(gb.fs, dtype)
+    z = _normalize(teacher(gb.ft, detach_teacher), dtype)
+    x_c = _columns(gb, gb.fs_all, lambda f: _normalize(f, dtype))
+    z_c = _columns(gb, gb.ft_all, lambda f: _normalize(teacher(f, detach_teacher), dtype))
     coef = torch.tensor(_taylor_rbf_coefficients(kernel, gamma, order), dtype=dtype,
                         device=x.device)
     total = ops.pairwise_loss("cckd", x, z, x_c, z_c, params=coef)
@@ -129,10 +150,10 @@ def ekd_loss(gb: GlobalBatch, s_anchor: Tensor, t_anchor: Tensor, *, training: b
     negative_pair_select, the positive term by pairwise_loss('ekd_pos')."""
     dtype = compute_dtype(gb.fs, gb.ft)
     single = gb.group is None
-    x = normalize(gb.fs, dtype)
-    z = normalize(gb.ft.detach(), dtype)
-    x_c = x if single else normalize(gb.fs_all, dtype)
-    z_c = z if single else normalize(gb.ft_all.detach(), dtype)
+    x = _normalize(gb.fs, dtype)
+    z = _normalize(gb.ft.detach(), dtype)
+    x_c = x if single else _normalize(gb.fs_all, dtype)
+    z_c = z if single else _normalize(gb.ft_all.detach(), dtype)
     y, y_all = gb.y.long(), gb.y_all.long()
     # Column operands of the selection: None = the rows themselves.
     sel_x, sel_z, sel_y = (None, None, None) if single else (x_c.detach(), z_c, y_all)

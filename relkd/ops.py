@@ -194,6 +194,14 @@ if HAS_EXTENSION:
                 torch.empty_like(a_s) if need_s and rect else f_s.new_empty(0),
                 torch.empty_like(a_t) if need_t and rect else f_t.new_empty(0))
 
+    @torch.library.register_fake("relkd::normalize_rows")
+    def _normalize_rows_fake(x, eps):
+        return torch.empty_like(x), x.new_empty(x.shape[0])
+
+    @torch.library.register_fake("relkd::normalize_rows_backward")
+    def _normalize_rows_backward_fake(grad, y, norm, eps):
+        return torch.empty_like(y)
+
     @torch.library.register_fake("relkd::pair_topk")
     def _pair_topk_fake(x_r, x_c, labels_r, labels_c, ids_r, ids_c, threshold_key, n_equal, topk):
         return (x_r.new_empty(topk), x_r.new_empty(topk, dtype=torch.long),
@@ -284,6 +292,44 @@ if HAS_EXTENSION:
                                     setup_context=_pairwise_setup)
 
 
+    # normalize_rows: first derivatives by its backward op (one pass); a
+    # graph for higher orders (create_graph=True) by F.normalize's own.
+    def _normalize_rows_setup(ctx, inputs, output):
+        x, eps = inputs
+        y, norm = output
+        ctx.save_for_backward(x, y, norm)
+        ctx.eps = eps
+        ctx.set_materialize_grads(False)
+
+    def _normalize_rows_backward(ctx, grad_y, grad_norm):
+        x, y, norm = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            with torch.enable_grad():
+                x_ = x.detach().requires_grad_(True) if not x.requires_grad else x
+                outs, grads = [], []
+                if grad_y is not None:
+                    outs.append(torch.nn.functional.normalize(x_, dim=1, eps=ctx.eps))
+                    grads.append(grad_y)
+                if grad_norm is not None:
+                    outs.append(torch.linalg.vector_norm(x_, dim=1))
+                    grads.append(grad_norm)
+                if not outs:
+                    return None, None
+                return torch.autograd.grad(outs, x_, grads, create_graph=True)[0], None
+        grad_x = None
+        if grad_y is not None:
+            grad_x = torch.ops.relkd.normalize_rows_backward(grad_y.contiguous(), y, norm,
+                                                             ctx.eps)
+        if grad_norm is not None:  # d|x|/dx = x / |x| (0 at x = 0, as torch's norm)
+            unit = torch.where(norm[:, None] > 0, x / norm[:, None], torch.zeros_like(x))
+            term = grad_norm[:, None] * unit
+            grad_x = term if grad_x is None else grad_x + term
+        return grad_x, None
+
+    torch.library.register_autograd("relkd::normalize_rows", _normalize_rows_backward,
+                                    setup_context=_normalize_rows_setup)
+
+
 def require_extension(what: str) -> None:
     if not HAS_EXTENSION:
         raise RuntimeError(f"{what} needs relkd's compiled kernels, but {EXTENSION_ERROR}. "
@@ -320,6 +366,15 @@ def topk_sim_self(x: Tensor, k: int, labels: Optional[Tensor] = None) -> Tuple[T
 def pair_dot(a: Tensor, b: Tensor, idx: Tensor) -> Tensor:
     """out[i, s] = a_i . b_{idx[i, s]} (0 where idx is -1), differentiable."""
     return torch.ops.relkd.pair_dot(a, b, idx)
+
+
+def normalize_rows(x: Tensor, eps: float) -> Tensor:
+    """x_i / max(|x_i|, eps) row by row (F.normalize(x, dim=1, eps=eps)), in
+    one pass forward and backward on the CPU (csrc/cpu/normalize.cpp);
+    F.normalize elsewhere. x: 2-D float32/float64."""
+    if x.device.type == "cpu" and x.dim() == 2:
+        return torch.ops.relkd.normalize_rows(x.contiguous(), eps)[0]
+    return torch.nn.functional.normalize(x, p=2.0, dim=1, eps=eps)
 
 
 def _needs_grad(*tensors: Optional[Tensor]) -> bool:

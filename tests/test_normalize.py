@@ -1,0 +1,120 @@
+"""normalize_rows / normalize_rows_backward (CPU): every fused loss's row
+normalisation in one pass, against F.normalize (values and gradients, bounded
+by F.normalize's own float32 error against float64), zero, tiny and NaN rows,
+derivatives of every order, the same bits for any thread count, opcheck."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relkd import ops
+
+from helpers import embeddings, num_threads, requires_extension
+
+pytestmark = requires_extension
+
+EPS = 1e-12
+
+
+def rows(n, d, seed, dtype, scale_exponents=None):
+    x = embeddings(n, d, seed, dtype)
+    if scale_exponents is not None:  # rows from tiny (clamped) to large norms
+        x = x * torch.pow(10.0, scale_exponents.to(dtype))[:, None]
+    return x
+
+
+def max_abs(t):
+    return t.abs().max().item() if t.numel() else 0.0
+
+
+def values_and_grad(fn, x, g):
+    leaf = x.detach().requires_grad_()
+    y = fn(leaf)
+    y.backward(g)
+    return y.detach(), leaf.grad
+
+
+@settings(deadline=None, max_examples=40)
+@given(n=st.integers(0, 300), d=st.integers(1, 300), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([torch.float32, torch.float64]), scaled=st.booleans())
+def test_matches_f_normalize_and_its_gradient(n, d, seed, dtype, scaled):
+    gen = torch.Generator().manual_seed(seed)
+    exponents = torch.randint(-16, 4, (n,), generator=gen) if scaled else None
+    x = rows(n, d, seed, dtype, exponents)
+    g = torch.randn(n, d, generator=gen, dtype=dtype)
+    got_y, got_g = values_and_grad(lambda t: ops.normalize_rows(t, EPS), x, g)
+    want_y, want_g = values_and_grad(lambda t: F.normalize(t, dim=1, eps=EPS), x, g)
+    assert got_y.dtype == dtype and got_g.dtype == dtype
+    if dtype == torch.float64:
+        torch.testing.assert_close(got_y, want_y, rtol=1e-14, atol=1e-15)
+        torch.testing.assert_close(got_g, want_g, rtol=1e-12, atol=1e-12 * (1 + max_abs(want_g)))
+        return
+    # float32: no further from the float64 truth than F.normalize's own float32
+    # result is (plus a few units in the last place).
+    true_y, true_g = values_and_grad(lambda t: F.normalize(t, dim=1, eps=EPS), x.double(),
+                                     g.double())
+    ulp_y = 4 * torch.finfo(dtype).eps
+    assert max_abs(got_y.double() - true_y) <= max_abs(want_y.double() - true_y) + ulp_y
+    scale_g = true_g.abs().amax(1, keepdim=True).clamp(min=1)  # per row: g/|x| can be huge
+    err_got = max_abs((got_g.double() - true_g) / scale_g)
+    err_want = max_abs((want_g.double() - true_g) / scale_g)
+    assert err_got <= 2 * err_want + 16 * torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_tiny_and_nan_rows_behave_as_f_normalize(dtype):
+    x = embeddings(5, 7, 0, dtype)
+    x[1] = 0                          # zero row: y = 0, gradient g / eps
+    x[2] = x[2] * 1e-15               # below eps: clamped
+    x[3, 4] = float("nan")            # NaN row stays NaN (never silently finite)
+    g = embeddings(5, 7, 1, dtype)
+    got_y, got_g = values_and_grad(lambda t: ops.normalize_rows(t, EPS), x, g)
+    want_y, want_g = values_and_grad(lambda t: F.normalize(t, dim=1, eps=EPS), x, g)
+    torch.testing.assert_close(got_y, want_y, equal_nan=True)
+    assert got_y[3].isnan().all() and got_g[3].isnan().all()
+    keep = torch.tensor([0, 1, 2, 4])
+    torch.testing.assert_close(got_g[keep], want_g[keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_g[1], g[1] / EPS)
+
+
+def test_gradients_of_every_order_and_of_the_norm_output():
+    x = embeddings(6, 5, 2, torch.float64).requires_grad_()
+    torch.autograd.gradcheck(lambda t: torch.ops.relkd.normalize_rows(t, EPS), (x,))
+    torch.autograd.gradgradcheck(lambda t: torch.ops.relkd.normalize_rows(t, EPS), (x,))
+    torch.autograd.gradcheck(lambda t: torch.ops.relkd.normalize_rows(t, EPS)[1], (x,))
+
+
+def test_same_bits_for_any_thread_count():
+    x = embeddings(3000, 96, 3, torch.float32)
+    g = embeddings(3000, 96, 4, torch.float32)
+    results = []
+    for threads in (1, 2, 3):
+        with num_threads(threads):
+            results.append(values_and_grad(lambda t: ops.normalize_rows(t, EPS), x, g))
+    for y, grad in results[1:]:
+        assert torch.equal(y, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+def test_arguments_are_checked():
+    x = embeddings(4, 3, 0, torch.float32)
+    with pytest.raises(ValueError, match="x must be a 2-D"):
+        torch.ops.relkd.normalize_rows(x[0], EPS)
+    with pytest.raises(ValueError, match="x must be a 2-D float32/float64"):
+        torch.ops.relkd.normalize_rows(x.half(), EPS)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        torch.ops.relkd.normalize_rows(x, 0.0)
+    y, norm = torch.ops.relkd.normalize_rows(x, EPS)
+    with pytest.raises(ValueError, match="grad and y must match"):
+        torch.ops.relkd.normalize_rows_backward(x[:3], y, norm, EPS)
+    with pytest.raises(ValueError, match="norm must be a CPU vector"):
+        torch.ops.relkd.normalize_rows_backward(x, y, norm[:3], EPS)
+
+
+@pytest.mark.parametrize("n", [0, 1, 70])
+def test_opcheck(n):
+    x = embeddings(n, 9, 5, torch.float64).requires_grad_()
+    torch.library.opcheck(torch.ops.relkd.normalize_rows.default, (x, EPS))
+    y, norm = torch.ops.relkd.normalize_rows(x.detach(), EPS)
+    torch.library.opcheck(torch.ops.relkd.normalize_rows_backward.default,
+                          (torch.randn_like(y), y, norm, EPS))
