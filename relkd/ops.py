@@ -533,17 +533,33 @@ def collected_resolver(hist: Tensor, collected: Tensor, ranges: Sequence[Tuple[i
     in_ranges = sum(int(counts[lo:hi + 1].sum()) for lo, hi in ranges)
     if not ranges or in_ranges > cap or len(collected) != in_ranges:
         return None
-    top_bins = (collected >> (bits - 16)) & (DIGITS - 1)
     mask = (1 << bits) - 1
+    # A bin's keys share their top bits (the sign bit included), so they are
+    # one run of the descending list: locate every run once, then a target
+    # costs a few element reads instead of a scan of all kept keys.
+    bins, lengths = torch.unique_consecutive((collected >> (bits - 16)) & (DIGITS - 1),
+                                             return_counts=True)
+    starts = torch.cumsum(lengths, 0) - lengths
+    runs = {int(b): (int(s), int(n)) for b, s, n in zip(bins.tolist(), starts.tolist(),
+                                                        lengths.tolist())}
 
     def resolve(bin_: int, position: int):
         if not any(lo <= bin_ <= hi for lo, hi in ranges):
             return None
-        block = collected[top_bins == bin_]  # one bin's keys: same sign bit, int64 order is key order
-        if position >= len(block):
+        start, length = runs.get(bin_, (0, 0))
+        if position >= length:
             return None
-        key = int(block[position])
-        return key & mask, int((block > key).sum())
+        key = int(collected[start + position])
+        # Keys above it in its bin: the run is descending, so find the first
+        # position holding `key` by bisection.
+        lo, hi = 0, position
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if int(collected[start + mid]) > key:
+                lo = mid + 1
+            else:
+                hi = mid
+        return key & mask, lo
 
     return resolve
 

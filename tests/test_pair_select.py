@@ -255,6 +255,32 @@ def test_collected_keys_resolve_every_threshold_in_one_pass(dtype, pattern, monk
     assert all(torch.equal(a, b) for a, b in zip(collected, radix))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_collected_resolver_returns_the_radix_passes_keys_and_ranks(dtype):
+    """radix_select resolved from collected keys returns the same keys and
+    counts of larger pairs as the full radix passes, ties included (the
+    count stops at the first copy of a key)."""
+    x = reference.normalize(embeddings(300, 5, seed=25, dtype=dtype), dtype)
+    x[100:160] = x[:60]  # many exact ties
+    x[7] = -x[8]  # the sign bit both ways
+    y = labels("random", 300, 26)
+    bits = ops.key_bits(dtype)
+    n_neg = len(negative_pairs(x, y)[0])
+    targets = sorted({0, 1, 5, n_neg // 3, n_neg // 2, n_neg - 2, n_neg - 1})
+    whole = torch.zeros(1, dtype=torch.long)
+
+    def histogram(prefixes, shift):
+        return torch.ops.relkd.pair_histogram(x, None, y, None, None, None, prefixes, shift)
+
+    want = ops.radix_select(histogram, targets, bits)
+    ranges = [(0, 65535)]
+    hist, *_, kept = torch.ops.relkd.pair_histogram_topk(
+        x, None, y, None, None, None, whole, bits - 16, 0, torch.tensor(ranges), 10**6)
+    resolve = ops.collected_resolver(hist, kept, ranges, bits, 10**6)
+    assert resolve is not None
+    assert ops.radix_select(histogram, targets, bits, resolve=resolve) == want
+
+
 def test_positive_pair_count():
     y = torch.tensor([3, 1, 3, 3, 1, 7])
     assert int(ops.positive_pair_count(y)) == 3 + 1  # three 3s, two 1s
