@@ -36,17 +36,23 @@ at::Tensor weighted(const at::Tensor& x, const at::Tensor& w, int64_t r0) {
   return w.defined() ? x * w.narrow(0, r0, x.size(0)).unsqueeze(1) : x;
 }
 
-// part[0].*m += part[1].*m + ... element by element, in group order (fixed
-// bits), in one parallel region: a Tensor::add_ per group was one OpenMP
-// region each, and every region leaves the pool's threads spinning a few ms,
-// which a busy machine pays for.
-void add_in_group_order(std::vector<Grams>& part, at::Tensor Grams::*m) {
-  double* dst = (part[0].*m).data_ptr<double>();
-  const int64_t n = (part[0].*m).numel();
-  parallel_chunks(n, 1 << 14, [&](int64_t b, int64_t e) {
-    for (size_t g = 1; g < part.size(); ++g) {
-      const double* src = (part[g].*m).data_ptr<double>();
-      for (int64_t i = b; i < e; ++i) dst[i] += src[i];
+// part[0] += part[1] + ... element by element, in group order (fixed bits),
+// all three Grams in one parallel region: a Tensor::add_ per group and Gram
+// was one OpenMP region each, and every region leaves the pool's threads
+// spinning a few ms, CPU time a busy machine's other processes need.
+void add_in_group_order(std::vector<Grams>& part) {
+  at::Tensor Grams::*members[3] = {&Grams::ss, &Grams::tt, &Grams::st};
+  int64_t ends[3], total = 0;
+  for (int m = 0; m < 3; ++m) ends[m] = total += (part[0].*members[m]).numel();
+  parallel_chunks(total, 1 << 14, [&](int64_t b, int64_t e) {
+    for (int m = 0; m < 3; ++m) {  // the part of [b, e) in Gram m
+      const int64_t start = m ? ends[m - 1] : 0, lo = std::max(b, start), hi = std::min(e, ends[m]);
+      if (lo >= hi) continue;
+      double* dst = (part[0].*members[m]).data_ptr<double>();
+      for (size_t g = 1; g < part.size(); ++g) {
+        const double* src = (part[g].*members[m]).data_ptr<double>();
+        for (int64_t i = lo - start; i < hi - start; ++i) dst[i] += src[i];
+      }
     }
   });
 }
@@ -77,9 +83,7 @@ Grams grams(const at::Tensor& x_s, const at::Tensor& x_t, const at::Tensor& w_ss
     }
     part[g] = std::move(p);
   });
-  add_in_group_order(part, &Grams::ss);
-  add_in_group_order(part, &Grams::tt);
-  add_in_group_order(part, &Grams::st);
+  add_in_group_order(part);
   return part[0];
 }
 
