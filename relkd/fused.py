@@ -76,14 +76,12 @@ def fcd_loss(fs: Tensor, ft: Tensor, metric: str, normalize_features: bool,
              detach_teacher: bool) -> Tensor:
     """SPEC §1 with the one-pass normalisation; O(N*D), no relation matrix."""
     dtype = compute_dtype(fs, ft)
-    ft = teacher(ft, detach_teacher)
-    if metric == "cosine" or normalize_features:
-        x, z = _normalize(fs, dtype), _normalize(ft, dtype)
-    else:
-        x, z = fs.to(dtype), ft.to(dtype)
-    if metric == "l2":
-        return (x - z).square().sum() / x.shape[0]
-    return 1 - (x * z).sum() / x.shape[0]
+    unit = metric == "cosine" or normalize_features
+    x, z = ((_normalize(f, dtype) if unit else f.to(dtype))
+            for f in (fs, teacher(ft, detach_teacher)))
+    n = x.shape[0]
+    total = (x - z).square().sum() if metric == "l2" else n - (x * z).sum()
+    return total / n
 
 
 # ------------------------------------------------------------------------ RAD
