@@ -121,6 +121,25 @@ using pm::KeyOf;
 using pm::order_key;
 using pm::ranks_below;
 
+// ---------------------------------------------------------------- dot products
+// sum_e x[e] * y[e] accumulated in Acc over sixteen independent partial sums,
+// folded pairwise: the compiler turns the inner loop into vector FMAs, where
+// one running sum is a serial dependency chain (no -ffast-math
+// reassociation). The order is fixed, so every call gives the same bits.
+template <typename Acc, typename T>
+inline Acc lane_dot(const T* x, const T* y, int64_t d) {
+  constexpr int kLanes = 16;
+  Acc lane[kLanes] = {};
+  int64_t e = 0;
+  for (; e + kLanes <= d; e += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane[l] += Acc(x[e + l]) * Acc(y[e + l]);
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int l = 0; l < width; ++l) lane[l] += lane[l + width];
+  Acc tail = 0;
+  for (; e < d; ++e) tail += Acc(x[e]) * Acc(y[e]);
+  return lane[0] + tail;
+}
+
 // ---------------------------------------------------------------- tiles
 // out[rows x cols] = a_blk @ b_blk^T with ATen's GEMM (MKL/oneDNN). Called
 // inside at::parallel_for the GEMM runs single-threaded on the calling

@@ -10,18 +10,8 @@ namespace relkd {
 namespace {
 
 // Rows per work item: about 16K elements, so the rows of an item stay in L1/L2.
-int64_t rows_per_chunk(int64_t d) { return std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, d)); }
-
-// sum_c a[c] * b[c] in double, eight independent partial sums (vectorisable
-// without reassociating one chain).
-template <typename T>
-double dot_double(const T* a, const T* b, int64_t d) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t c = 0;
-  for (; c + 8 <= d; c += 8)
-    for (int l = 0; l < 8; ++l) acc[l] += double(a[c + l]) * double(b[c + l]);
-  for (; c < d; ++c) acc[0] += double(a[c]) * double(b[c]);
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+int64_t rows_per_chunk(int64_t d) {
+  return std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, d));
 }
 
 void check_rows(const at::Tensor& x, const char* name, const char* op) {
@@ -45,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor> normalize_rows_cpu(const at::Tensor& x_in, do
     parallel_chunks(n, rows_per_chunk(d), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const scalar_t* xi = px + i * d;
-        const scalar_t r = scalar_t(std::sqrt(dot_double(xi, xi, d)));
+        const scalar_t r = scalar_t(std::sqrt(lane_dot<double>(xi, xi, d)));
         const scalar_t m = r < scalar_t(eps) ? scalar_t(eps) : r;  // NaN stays NaN
         for (int64_t c = 0; c < d; ++c) py[i * d + c] = xi[c] / m;
         pn[i] = r;
@@ -83,7 +73,7 @@ at::Tensor normalize_rows_backward_cpu(const at::Tensor& grad_in, const at::Tens
           for (int64_t c = 0; c < d; ++c) oi[c] = gi[c] / scalar_t(eps);
           continue;
         }
-        const scalar_t dot = scalar_t(dot_double(yi, gi, d));
+        const scalar_t dot = scalar_t(lane_dot<double>(yi, gi, d));
         for (int64_t c = 0; c < d; ++c) oi[c] = (gi[c] - yi[c] * dot) / pn[i];
       }
     });

@@ -12,24 +12,6 @@
 namespace relkd {
 namespace {
 
-// Sixteen independent partial sums, folded pairwise: the compiler turns the
-// inner loop into vector FMAs, where one running sum is a serial dependency
-// chain (no -ffast-math reassociation). The order is fixed, so every call
-// gives the same bits.
-template <typename T>
-inline T dot(const T* x, const T* y, int64_t d) {
-  constexpr int kLanes = 16;
-  T lane[kLanes] = {};
-  int64_t e = 0;
-  for (; e + kLanes <= d; e += kLanes)
-    for (int l = 0; l < kLanes; ++l) lane[l] += x[e + l] * y[e + l];
-  for (int width = kLanes / 2; width > 0; width /= 2)
-    for (int l = 0; l < width; ++l) lane[l] += lane[l + width];
-  T tail = 0;
-  for (; e < d; ++e) tail += x[e] * y[e];
-  return lane[0] + tail;
-}
-
 constexpr int64_t kRows = 64;  // rows per work item, forward and backward
 
 template <typename T>
@@ -52,7 +34,7 @@ at::Tensor pair_dot_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at
       for (int64_t i = begin; i < end; ++i)
         for (int64_t s = 0; s < k; ++s) {
           const int64_t j = pi[i * k + s];
-          po[i * k + s] = j < 0 ? scalar_t(0) : dot(pa + i * d, pb + j * d, d);
+          po[i * k + s] = j < 0 ? scalar_t(0) : lane_dot<scalar_t>(pa + i * d, pb + j * d, d);
         }
     });
   });
