@@ -304,18 +304,17 @@ if HAS_EXTENSION:
     def _normalize_rows_backward(ctx, grad_y, grad_norm):
         x, y, norm = ctx.saved_tensors
         if torch.is_grad_enabled():
-            with torch.enable_grad():
-                x_ = x.detach().requires_grad_(True) if not x.requires_grad else x
+            with torch.enable_grad():  # x requires grad, or this was not called
                 outs, grads = [], []
                 if grad_y is not None:
-                    outs.append(torch.nn.functional.normalize(x_, dim=1, eps=ctx.eps))
+                    outs.append(torch.nn.functional.normalize(x, dim=1, eps=ctx.eps))
                     grads.append(grad_y)
                 if grad_norm is not None:
-                    outs.append(torch.linalg.vector_norm(x_, dim=1))
+                    outs.append(torch.linalg.vector_norm(x, dim=1))
                     grads.append(grad_norm)
                 if not outs:
                     return None, None
-                return torch.autograd.grad(outs, x_, grads, create_graph=True)[0], None
+                return torch.autograd.grad(outs, x, grads, create_graph=True)[0], None
         grad_x = None
         if grad_y is not None:
             grad_x = torch.ops.relkd.normalize_rows_backward(grad_y.contiguous(), y, norm,
@@ -544,8 +543,7 @@ def collected_resolver(hist: Tensor, collected: Tensor, ranges: Sequence[Tuple[i
                                                         lengths.tolist())}
 
     def resolve(bin_: int, position: int):
-        if not any(lo <= bin_ <= hi for lo, hi in ranges):
-            return None
+        # Only bins in `ranges` were kept: any other bin has no run.
         start, length = runs.get(bin_, (0, 0))
         if position >= length:
             return None
