@@ -43,11 +43,9 @@ def add_probe() -> None:
 def run_calls(loss: str, n: int, dim: int, calls: int) -> None:
     """Child: build the inputs, warm up, then `calls` fwd+bwd of the fused loss."""
     inputs = cases.build_loss_inputs(n, dim, "float32", "cpu", 0)
-    definition = cases.LOSSES[loss]
-    fs = inputs.fs.detach().requires_grad_(True)
+    forward_backward = cases.prepare(cases.make_case(loss, "fused", "fwd+bwd", n, dim), inputs)
     for _ in range(2 + calls):
-        out = definition.functional(fs, *definition.args(inputs), **definition.kwargs)
-        (out[0] if definition.returns_tuple else out).backward()
+        forward_backward()
 
 
 def regions(loss: str, n: int, dim: int, calls: int) -> int:
