@@ -84,6 +84,27 @@ inline void check_topk_sim_args(const at::Tensor& q, const at::Tensor& c, int64_
 }
 
 // ------------------------------------------------------------- pair_dot
+// Every value of an int64 index in [-1, bound).
+inline void check_index_values(const at::Tensor& idx, int64_t bound, const char* name) {
+  if (idx.numel() == 0) return;
+  // One reduction (and on a GPU one sync); a CPU index is scanned in place,
+  // which is cheaper than a parallel reduction and its barrier.
+  int64_t lo = INT64_MAX, hi = INT64_MIN;
+  if (idx.device().is_cpu() && idx.is_contiguous()) {
+    const int64_t* p = idx.data_ptr<int64_t>();
+    for (int64_t e = 0; e < idx.numel(); ++e) {
+      lo = std::min(lo, p[e]);
+      hi = std::max(hi, p[e]);
+    }
+  } else {
+    const auto range = at::aminmax(idx);
+    lo = std::get<0>(range).item<int64_t>();
+    hi = std::get<1>(range).item<int64_t>();
+  }
+  TORCH_CHECK_VALUE(lo >= -1 && hi < bound, name, " values must lie in [-1, ", bound, "), got [",
+                    lo, ", ", hi, "]");
+}
+
 inline void check_pair_dot_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& idx) {
   check_matrix(a, "a");
   check_matrix(b, "b");
@@ -95,30 +116,37 @@ inline void check_pair_dot_args(const at::Tensor& a, const at::Tensor& b, const 
   TORCH_CHECK_VALUE(idx.scalar_type() == at::kLong, "idx must be int64, got ", idx.scalar_type());
   TORCH_CHECK_VALUE(idx.device() == a.device(), "idx must be on the device of a (", a.device(),
                     "), got ", idx.device());
-  if (idx.numel() > 0) {
-    // One reduction (and on a GPU one sync); a CPU index is scanned in place,
-    // which is cheaper than a parallel reduction and its barrier.
-    int64_t lo = INT64_MAX, hi = INT64_MIN;
-    if (idx.device().is_cpu() && idx.is_contiguous()) {
-      const int64_t* p = idx.data_ptr<int64_t>();
-      for (int64_t e = 0; e < idx.numel(); ++e) {
-        lo = std::min(lo, p[e]);
-        hi = std::max(hi, p[e]);
-      }
-    } else {
-      const auto range = at::aminmax(idx);
-      lo = std::get<0>(range).item<int64_t>();
-      hi = std::get<1>(range).item<int64_t>();
-    }
-    TORCH_CHECK_VALUE(lo >= -1 && hi < b.size(0), "idx values must lie in [-1, ", b.size(0),
-                      "), got [", lo, ", ", hi, "]");
-  }
+  check_index_values(idx, b.size(0), "idx");
 }
 
 inline void check_pair_dot_grad(const at::Tensor& grad, const at::Tensor& a,
                                 const at::Tensor& idx) {
   TORCH_CHECK_VALUE(grad.sizes() == idx.sizes(), "grad must have the shape of idx, got ",
                     grad.sizes(), " and ", idx.sizes());
+  check_same(grad, a, "grad", "a");
+}
+
+// ------------------------------------------------------- pair_list_dot
+inline void check_pair_list_args(const at::Tensor& a, const c10::optional<at::Tensor>& b,
+                                 const at::Tensor& rows, const at::Tensor& cols) {
+  check_matrix(a, "a");
+  if (b.has_value()) {
+    check_matrix(*b, "b");
+    check_same(a, *b, "a", "b");
+    TORCH_CHECK_VALUE(a.size(1) == b->size(1), "a and b must have the same dim, got ",
+                      a.size(1), " and ", b->size(1));
+  }
+  TORCH_CHECK_VALUE(rows.dim() == 1, "rows must be 1-D, got ", rows.dim(), "-D");
+  check_index_vector(cols, rows.size(0), "cols", a);
+  check_index_vector(rows, rows.size(0), "rows", a);
+  check_index_values(rows, a.size(0), "rows");
+  check_index_values(cols, b.has_value() ? b->size(0) : a.size(0), "cols");
+}
+
+inline void check_pair_list_grad(const at::Tensor& grad, const at::Tensor& a,
+                                 const at::Tensor& rows) {
+  TORCH_CHECK_VALUE(grad.sizes() == rows.sizes(), "grad must have the shape of rows, got ",
+                    grad.sizes(), " and ", rows.sizes());
   check_same(grad, a, "grad", "a");
 }
 
@@ -232,6 +260,14 @@ struct SelectArgs {
   at::Tensor x_r, x_c, lab_r, lab_c, ids_r, ids_c;
 };
 
+// The selection reads its embeddings only through row blocks and a GEMM,
+// so on the CPU a matrix of contiguous rows at a larger row stride (EKD's
+// every-16th-row sample) is used in place, without a copy.
+inline at::Tensor rows_in_place(const at::Tensor& x) {
+  const bool unit_rows = x.size(1) <= 1 || x.stride(1) == 1;
+  return x.device().is_cpu() && unit_rows && x.stride(0) >= x.size(1) ? x : x.contiguous();
+}
+
 inline SelectArgs check_select_args(const at::Tensor& x_r, const c10::optional<at::Tensor>& x_c,
                                     const at::Tensor& labels_r,
                                     const c10::optional<at::Tensor>& labels_c,
@@ -250,8 +286,8 @@ inline SelectArgs check_select_args(const at::Tensor& x_r, const c10::optional<a
     TORCH_CHECK_VALUE(!labels_c.has_value() && !ids_c.has_value(),
                       "labels_c and ids_c must be None when x_c is None (symmetric case)");
   }
-  a.x_r = x_r.contiguous();
-  a.x_c = a.symmetric ? a.x_r : x_c->contiguous();
+  a.x_r = rows_in_place(x_r);
+  a.x_c = a.symmetric ? a.x_r : rows_in_place(*x_c);
   check_index_vector(labels_r, x_r.size(0), "labels_r", x_r);
   check_index_vector(ids_r, x_r.size(0), "ids_r", x_r);
   check_index_vector(labels_c, a.x_c.size(0), "labels_c", x_r);

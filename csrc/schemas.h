@@ -21,6 +21,16 @@ inline void define_operators(torch::Library& m) {
       "pair_dot_backward(Tensor grad, Tensor a, Tensor b, Tensor idx, bool need_a, bool need_b) "
       "-> (Tensor, Tensor)");
 
+  // out[p] = a_{rows[p]} . b_{cols[p]} over a list of pairs (b None: the
+  // columns are rows of a too), 0 where rows[p] or cols[p] is -1; the
+  // backward returns the gradients of sum_p grad[p] * out[p] for a (with b
+  // None, from both ends of every pair) and b (empty when b is None or not
+  // needed). (CPU only; other devices gather with index_select.)
+  m.def("pair_list_dot(Tensor a, Tensor? b, Tensor rows, Tensor cols) -> Tensor");
+  m.def(
+      "pair_list_dot_backward(Tensor grad, Tensor a, Tensor? b, Tensor rows, Tensor cols, "
+      "bool need_a, bool need_b) -> (Tensor, Tensor)");
+
   // Sum over the (row, column) pairs selected by the kind's mask of the
   // kind's pair loss, and its gradients (see csrc/cpu/pair_kinds.h). xs_c /
   // xt_c None = columns are the rows (symmetric case). Returns

@@ -192,14 +192,11 @@ def ekd_loss(gb: GlobalBatch, s_anchor: Tensor, t_anchor: Tensor, *, training: b
         loss_neg = x.sum() * 0
     else:
         local = (top_i >= gb.offset) & (top_i < gb.offset + n_rows)
-        rows = (top_i - gb.offset).clamp(0, n_rows - 1)
-        cols_idx = top_j.clamp(min=0)
-        # index_select, not x[rows]: its backward (index_add) sums a row's
-        # contributions in a fixed order on the CPU, where advanced indexing's
-        # accumulating scatter does not (CUDA: under
-        # torch.use_deterministic_algorithms).
-        s_hard = (x.index_select(0, rows) * x_c.index_select(0, cols_idx)).sum(1)
-        t_hard = (z.index_select(0, rows) * z_c.index_select(0, cols_idx)).sum(1)
+        rows = torch.where(local, top_i - gb.offset, torch.full_like(top_i, -1))
+        # One pass per side, its backward summing each row's terms in a
+        # fixed order (not two P x D gathers and their scatter-add).
+        s_hard = ops.pair_list_dot(x, None if single else x_c, rows, top_j)
+        t_hard = ops.pair_list_dot(z, None if single else z_c, rows, top_j)
         diff = (_soft_rank(s_hard, s_anchor, temperature)
                 - _soft_rank(t_hard, t_anchor, temperature))
         loss_neg = masked_sum(diff * diff, local) / n_hard.clamp(min=1).to(dtype)

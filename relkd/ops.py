@@ -147,6 +147,15 @@ if HAS_EXTENSION:
         return (torch.empty_like(a) if need_a else a.new_empty(0),
                 torch.empty_like(b) if need_b else b.new_empty(0))
 
+    @torch.library.register_fake("relkd::pair_list_dot")
+    def _pair_list_dot_fake(a, b, rows, cols):
+        return a.new_empty(rows.shape[0])
+
+    @torch.library.register_fake("relkd::pair_list_dot_backward")
+    def _pair_list_dot_backward_fake(grad, a, b, rows, cols, need_a, need_b):
+        grad_b = b.new_empty(b.shape) if b is not None and need_b else a.new_empty(0)
+        return a.new_empty(a.shape) if need_a else a.new_empty(0), grad_b
+
     @torch.library.register_fake("relkd::pairwise_loss")
     def _pairwise_loss_fake(kind, xs_r, xt_r, xs_c, xt_c, labels_r, labels_c, ids_r, ids_c,
                             params, grad_student, grad_teacher):
@@ -254,6 +263,60 @@ if HAS_EXTENSION:
     torch.library.register_autograd("relkd::pair_dot_backward", _pair_dot_backward_backward,
                                     setup_context=_pair_dot_backward_setup)
 
+    # pair_list_dot likewise: bilinear in (a, b), its backward linear in
+    # (grad, a) and (grad, b); with b None (b = a) the backward's a-gradient
+    # is the same sum with a in place of b, hence the shared form below.
+    def _pair_list_dot_setup(ctx, inputs, output):
+        a, b, rows, cols = inputs
+        ctx.save_for_backward(a, b, rows, cols)
+
+    def _pair_list_dot_backward(ctx, grad):
+        a, b, rows, cols = ctx.saved_tensors
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_a, grad_b = torch.ops.relkd.pair_list_dot_backward(grad.contiguous(), a, b, rows,
+                                                                cols, need_a, need_b)
+        return (grad_a if need_a else None, grad_b if need_b else None, None, None)
+
+    torch.library.register_autograd("relkd::pair_list_dot", _pair_list_dot_backward,
+                                    setup_context=_pair_list_dot_setup)
+
+    def _pair_list_dot_backward_setup(ctx, inputs, output):
+        grad, a, b, rows, cols, need_a, need_b = inputs
+        ctx.save_for_backward(grad, a, b, rows, cols)
+        ctx.computed = (need_a, need_b and b is not None)
+
+    def _pair_list_dot_backward_backward(ctx, bar_a, bar_b):
+        # Outputs: grad_a_r = sum_{rows_p = r} g_p b_{cols_p} (b None: plus
+        # sum_{cols_p = r} g_p a_{rows_p}), grad_b_c = sum_{cols_p = c} g_p a_{rows_p}.
+        grad, a, b, rows, cols = ctx.saved_tensors
+        use_a = ctx.computed[0] and bar_a is not None and bar_a.shape == a.shape
+        use_b = ctx.computed[1] and bar_b is not None and bar_b.shape == b.shape
+        need_g, need_a, need_b = ctx.needs_input_grad[:3]
+        d_grad = d_a = d_b = None
+        if need_g:
+            d_grad = torch.zeros_like(grad)
+            if use_a:
+                d_grad = d_grad + pair_list_dot(bar_a.contiguous(), a if b is None else b,
+                                                rows, cols)
+                if b is None:
+                    d_grad = d_grad + pair_list_dot(a, bar_a.contiguous(), rows, cols)
+            if use_b:
+                d_grad = d_grad + pair_list_dot(a, bar_b.contiguous(), rows, cols)
+        if need_a and b is None and use_a:
+            d_a = torch.ops.relkd.pair_list_dot_backward(grad, bar_a.contiguous(), None, rows,
+                                                         cols, True, False)[0]
+        elif need_a and use_b:
+            d_a = torch.ops.relkd.pair_list_dot_backward(grad, a, bar_b.contiguous(), rows,
+                                                         cols, True, False)[0]
+        if need_b and use_a:
+            d_b = torch.ops.relkd.pair_list_dot_backward(grad, bar_a.contiguous(), b, rows,
+                                                         cols, False, True)[1]
+        return d_grad, d_a, d_b, None, None, None, None
+
+    torch.library.register_autograd("relkd::pair_list_dot_backward",
+                                    _pair_list_dot_backward_backward,
+                                    setup_context=_pair_list_dot_backward_setup)
+
     # pairwise_loss returns the gradient of its scalar output with respect to
     # each input, computed in the same tile pass (csrc/cpu/pairwise_loss.cpp);
     # backward scales them by the incoming gradient.
@@ -263,6 +326,9 @@ if HAS_EXTENSION:
         ctx.save_for_backward(*output[1:])
         ctx.kind = inputs[0]
         ctx.input_dims = {i: inputs[i].dim() for i in _PAIRWISE_GRAD_SLOTS if inputs[i] is not None}
+        # Only the loss output takes a gradient: no zeros for the other five
+        # (N x D each, a parallel fill apiece).
+        ctx.set_materialize_grads(False)
 
     def _pairwise_backward(ctx, grad_loss, *_):
         if torch.is_grad_enabled():
@@ -272,6 +338,8 @@ if HAS_EXTENSION:
                                "(create_graph=True / double backward is not supported)")
         saved = ctx.saved_tensors
         grads: List[Optional[Tensor]] = [None] * 12
+        if grad_loss is None:  # only the returned gradients were used
+            return tuple(grads)
         for inp, out in _PAIRWISE_GRAD_SLOTS.items():
             if not ctx.needs_input_grad[inp]:
                 continue
@@ -367,6 +435,25 @@ def pair_dot(a: Tensor, b: Tensor, idx: Tensor) -> Tensor:
     return torch.ops.relkd.pair_dot(a, b, idx)
 
 
+def pair_list_dot(a: Tensor, b: Optional[Tensor], rows: Tensor, cols: Tensor) -> Tensor:
+    """out[p] = a_{rows[p]} . b_{cols[p]} (b None: a_{cols[p]}), 0 where
+    rows[p] or cols[p] is -1; differentiable. One pass forward and backward
+    on the CPU (csrc/cpu/pair_dot.cpp); two gathers elsewhere."""
+    if a.device.type == "cpu":
+        return torch.ops.relkd.pair_list_dot(a, b, rows, cols)
+    return pair_list_dot_gathered(a, b, rows, cols)
+
+
+def pair_list_dot_gathered(a: Tensor, b: Optional[Tensor], rows: Tensor, cols: Tensor) -> Tensor:
+    """pair_list_dot by index_select (the devices without the op)."""
+    other = a if b is None else b
+    if a.shape[0] == 0 or other.shape[0] == 0:  # every pair is padding
+        return (a.sum() + other.sum()) * a.new_zeros(rows.shape)
+    valid = (rows >= 0) & (cols >= 0)
+    dots = (a.index_select(0, rows.clamp(min=0)) * other.index_select(0, cols.clamp(min=0))).sum(1)
+    return torch.where(valid, dots, torch.zeros_like(dots))
+
+
 def normalize_rows(x: Tensor, eps: float) -> Tensor:
     """x_i / max(|x_i|, eps) row by row (F.normalize(x, dim=1, eps=eps)), in
     one pass forward and backward on the CPU (csrc/cpu/normalize.cpp);
@@ -399,16 +486,10 @@ def pairwise_loss(kind: str, xs_r: Tensor, xt_r: Optional[Tensor] = None,
 
 
 # ------------------------------------------------- EKD order statistics
-def same_label_counts(labels: Tensor) -> Tensor:
-    """For every sample, how many samples (itself included) share its label."""
-    ordered = torch.sort(labels).values
-    return (torch.searchsorted(ordered, labels, right=True)
-            - torch.searchsorted(ordered, labels, right=False))
-
-
 def positive_pair_count(labels: Tensor) -> Tensor:
     """Number of unordered pairs i < j with equal labels (0-dim int64)."""
-    return (same_label_counts(labels) - 1).sum() // 2
+    counts = torch.unique(labels, return_counts=True)[1]
+    return (counts * (counts - 1)).sum() // 2
 
 
 def key_bits(dtype: torch.dtype) -> int:
@@ -432,13 +513,16 @@ def as_int64(key: int) -> int:
     return key - (1 << 64) if key >= 1 << 63 else key
 
 
-def digit_at(from_top: Tensor, position: int) -> Tuple[int, int]:
+def digit_at(at_or_below: Tensor, position: int) -> Tuple[int, int]:
     """The digit holding the 0-based descending `position` among keys counted
-    as from_top[d] = number of keys with digit >= DIGITS - 1 - d, and how
-    many keys have a larger digit."""
-    pos = int(torch.searchsorted(from_top, torch.tensor([position]), right=True))
-    pos = min(pos, DIGITS - 1)  # only reachable if the counts were inconsistent
-    return DIGITS - 1 - pos, int(from_top[pos - 1]) if pos > 0 else 0
+    as at_or_below[d] = number of keys with digit <= d (a 1-D CPU cumsum),
+    and how many keys have a larger digit."""
+    total = int(at_or_below[-1])
+    # The digit is the smallest d with at_or_below[d] >= total - position:
+    # fewer than total - position keys lie below it, so it holds the position.
+    d = int(torch.searchsorted(at_or_below, torch.tensor([total - position])))
+    d = min(d, DIGITS - 1)  # only reachable if the counts were inconsistent
+    return d, total - int(at_or_below[d])
 
 
 def radix_select(histogram, targets: Sequence[int], bits: int, all_reduce=None, resolve=None):
@@ -458,10 +542,12 @@ def radix_select(histogram, targets: Sequence[int], bits: int, all_reduce=None, 
         hist = histogram(torch.tensor(uniq, dtype=torch.long), shift)
         if all_reduce is not None:
             hist = all_reduce(hist)
-        # from_top[p, d] = number of keys with this prefix and digit >= DIGITS - 1 - d
-        from_top = hist.flip(1).cumsum(1).cpu()
+        # Ascending 1-D cumsums on the host: a 2-D or flipped one is a
+        # parallel region of its own (costly beside a busy process).
+        hist = hist.cpu()
+        at_or_below = {p: hist[i].cumsum(0) for i, p in enumerate(uniq)}
         for t in list(active):
-            digit, above = digit_at(from_top[uniq.index(prefix[t])], remaining[t])
+            digit, above = digit_at(at_or_below[prefix[t]], remaining[t])
             remaining[t] -= above
             prefix[t] = (prefix[t] << 16) | digit
             found = resolve(prefix[t], remaining[t]) if resolve and shift == bits - 16 else None
@@ -485,20 +571,26 @@ COLLECT_SAMPLE_STRIDE = 16   # every 16th row against all columns (~1/16 of the 
 COLLECT_MARGIN_SIGMAS = 5.0  # sample rank uncertainty covered, in binomial standard deviations
 
 
+def count_in(at_or_below: Tensor, lo: int, hi: int) -> int:
+    """Keys in the inclusive bin range [lo, hi] from their 1-D cumsum (0 if empty)."""
+    if lo > hi:
+        return 0
+    return int(at_or_below[hi]) - (int(at_or_below[lo - 1]) if lo > 0 else 0)
+
+
 def predicted_bins(sample_hist: Tensor, targets: Sequence[int], n_pairs: int,
                    cap: int) -> List[Tuple[int, int]]:
     """Inclusive first-pass bin ranges that hold each target's key with high
     probability, judged from a row sample's first-pass histogram; targets
     whose predicted bins would hold more than the cap are left out."""
-    counts = sample_hist.reshape(-1).cpu()
-    n_sample = int(counts.sum())
+    at_or_below = sample_hist.reshape(-1).cpu().cumsum(0)
+    n_sample = int(at_or_below[-1])
     if n_sample == 0:
         return []
-    from_top = counts.flip(0).cumsum(0)
     scale = n_pairs / n_sample
 
     def bin_at(position: float) -> int:
-        return digit_at(from_top, int(position))[0]
+        return digit_at(at_or_below, int(position))[0]
 
     ranges = []
     for t in targets:
@@ -515,7 +607,7 @@ def predicted_bins(sample_hist: Tensor, targets: Sequence[int], n_pairs: int,
         else:
             merged.append((lo, hi))
     # Keep the ranges whose expected key count fits, smallest first.
-    expected_keys = [scale * int(counts[lo:hi + 1].sum()) for lo, hi in merged]
+    expected_keys = [scale * count_in(at_or_below, lo, hi) for lo, hi in merged]
     kept, total = [], 0.0
     for i in sorted(range(len(merged)), key=lambda i: expected_keys[i]):
         if total + expected_keys[i] <= cap / 2:
@@ -528,23 +620,30 @@ def collected_resolver(hist: Tensor, collected: Tensor, ranges: Sequence[Tuple[i
                        bits: int, cap: int):
     """radix_select's `resolve` over the keys a first pass collected in
     `ranges` (descending); None if the pass gave up (more than cap keys)."""
-    counts = hist.reshape(-1)
-    in_ranges = sum(int(counts[lo:hi + 1].sum()) for lo, hi in ranges)
+    # Counts of bin ranges as differences of one cumsum: a sum over 65,536
+    # bins is a parallel region of its own, a 1-D cumsum is not.
+    at_or_below = hist.reshape(-1).cpu().cumsum(0)
+    in_ranges = sum(count_in(at_or_below, lo, hi) for lo, hi in ranges)
     if not ranges or in_ranges > cap or len(collected) != in_ranges:
         return None
     mask = (1 << bits) - 1
     # A bin's keys share their top bits (the sign bit included), so they are
-    # one run of the descending list: locate every run once, then a target
-    # costs a few element reads instead of a scan of all kept keys.
-    bins, lengths = torch.unique_consecutive((collected >> (bits - 16)) & (DIGITS - 1),
-                                             return_counts=True)
-    starts = torch.cumsum(lengths, 0) - lengths
-    runs = {int(b): (int(s), int(n)) for b, s, n in zip(bins.tolist(), starts.tolist(),
-                                                        lengths.tolist())}
+    # one run of the descending list, as long as the bin's count; it starts
+    # after the keys of the kept bins above it (no pass over the keys).
+    starts, total = {}, 0
+    for lo, hi in sorted(ranges, reverse=True):
+        starts[(lo, hi)] = total
+        total += count_in(at_or_below, lo, hi)
+
+    def run_of(bin_: int) -> Tuple[int, int]:
+        for (lo, hi), start in starts.items():
+            if lo <= bin_ <= hi:
+                return (start + count_in(at_or_below, bin_ + 1, hi),
+                        count_in(at_or_below, bin_, bin_))
+        return 0, 0  # only bins in `ranges` were kept
 
     def resolve(bin_: int, position: int):
-        # Only bins in `ranges` were kept: any other bin has no run.
-        start, length = runs.get(bin_, (0, 0))
+        start, length = run_of(bin_)
         if position >= length:
             return None
         key = int(collected[start + position])

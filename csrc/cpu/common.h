@@ -116,6 +116,16 @@ void parallel_in_block_order(const std::vector<OrderedTile>& order, int64_t bloc
   });
 }
 
+// A zero tensor filled on the calling thread. Outside a parallel region
+// at::zeros of 32768 or more elements opens one of its own, and after every
+// region libgomp's idle worker spins for milliseconds: beside a busy process
+// that costs more than the memset.
+inline at::Tensor zeros_here(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(sizes, opts);
+  if (t.numel() > 0) std::memset(t.data_ptr(), 0, t.nbytes());
+  return t;
+}
+
 // ---------------------------------------------------------------- ordering
 using pm::KeyOf;
 using pm::order_key;

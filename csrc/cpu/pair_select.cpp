@@ -276,7 +276,7 @@ Selected histogram_impl(const SelectInputs& in, const at::Tensor& prefixes, int6
     }
   });
 
-  auto out = at::zeros({n_prefix, kDigits}, prefixes.options());
+  auto out = zeros_here({n_prefix, kDigits}, prefixes.options());
   int64_t* o = out.data_ptr<int64_t>();
   for (const auto& h : hist)
     for (int64_t e = 0; e < (int64_t)h.size(); ++e) o[e] += h[e];

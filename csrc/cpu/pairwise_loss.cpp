@@ -97,16 +97,16 @@ std::vector<at::Tensor> run_pairwise(const Kind& kind, const PairInputs& in, int
   }
   Grads<T> g;
   if (grad_s) {
-    g.s_r = at::zeros_like(in.xs_r);
-    g.s_c = sym ? g.s_r : at::zeros_like(in.xs_c);
+    g.s_r = zeros_here(in.xs_r.sizes(), opts);
+    g.s_c = sym ? g.s_r : zeros_here(in.xs_c.sizes(), opts);
     if (Kind::uses_norms) {
       g.dn_r.assign(in.n_r, T(0));
       if (!sym) g.dn_c_own.assign(in.n_c, T(0));
     }
   }
   if (grad_t) {
-    g.t_r = at::zeros_like(in.xt_r);
-    g.t_c = sym ? g.t_r : at::zeros_like(in.xt_c);
+    g.t_r = zeros_here(in.xt_r.sizes(), opts);
+    g.t_c = sym ? g.t_r : zeros_here(in.xt_c.sizes(), opts);
   }
   std::vector<TileSums> tile_sums(tiles.size());
   int64_t largest_wave = 1;
