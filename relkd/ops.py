@@ -239,11 +239,17 @@ if HAS_EXTENSION:
         ctx.save_for_backward(grad, a, b, idx)
         ctx.computed = (need_a, need_b)
 
+    def _cotangents_used(ctx, bar_a, bar_b, a, b):
+        """Which of a backward op's two outputs (gradients for a and b) were
+        computed and received a cotangent (an empty placeholder gets none)."""
+        use_a = ctx.computed[0] and bar_a is not None and bar_a.shape == a.shape
+        use_b = ctx.computed[1] and bar_b is not None and b is not None and bar_b.shape == b.shape
+        return use_a, use_b
+
     def _pair_dot_backward_backward(ctx, bar_a, bar_b):
         # Outputs: grad_a_i = sum_s g_is b_idx(i,s), grad_b_j = sum_{idx(i,s)=j} g_is a_i.
         grad, a, b, idx = ctx.saved_tensors
-        use_a = ctx.computed[0] and bar_a is not None and bar_a.shape == a.shape
-        use_b = ctx.computed[1] and bar_b is not None and bar_b.shape == b.shape
+        use_a, use_b = _cotangents_used(ctx, bar_a, bar_b, a, b)
         need_g, need_a, need_b = ctx.needs_input_grad[:3]
         d_grad = d_a = d_b = None
         if need_g:
@@ -289,8 +295,7 @@ if HAS_EXTENSION:
         # Outputs: grad_a_r = sum_{rows_p = r} g_p b_{cols_p} (b None: plus
         # sum_{cols_p = r} g_p a_{rows_p}), grad_b_c = sum_{cols_p = c} g_p a_{rows_p}.
         grad, a, b, rows, cols = ctx.saved_tensors
-        use_a = ctx.computed[0] and bar_a is not None and bar_a.shape == a.shape
-        use_b = ctx.computed[1] and bar_b is not None and bar_b.shape == b.shape
+        use_a, use_b = _cotangents_used(ctx, bar_a, bar_b, a, b)
         need_g, need_a, need_b = ctx.needs_input_grad[:3]
         d_grad = d_a = d_b = None
         if need_g:
