@@ -32,12 +32,12 @@ struct InverseIndex {
   template <typename Key>
   InverseIndex(int64_t count, int64_t m, const Key& key) : start(static_cast<size_t>(m + 1), 0) {
     for (int64_t e = 0; e < count; ++e)
-      if (key(e) >= 0) ++start[key(e) + 1];
+      if (const int64_t j = key(e); j >= 0) ++start[j + 1];
     for (int64_t j = 0; j < m; ++j) start[j + 1] += start[j];
     entries.resize(static_cast<size_t>(start[m]));
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
     for (int64_t e = 0; e < count; ++e)
-      if (key(e) >= 0) entries[fill[key(e)]++] = e;
+      if (const int64_t j = key(e); j >= 0) entries[fill[j]++] = e;
   }
 
   // Rows [begin, end) of out, zeroed by the worker that sums into them (no
