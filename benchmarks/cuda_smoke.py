@@ -2,12 +2,13 @@
 (memcheck, racecheck) in benchmarks/gpu_check.sh: topk_sim (batch and bank
 mode, labels, scale, k > M, a k that forces compactions), pair_dot and its
 backward, pairwise_loss of every kind (symmetric and rectangular, with
-gradients), pair_histogram and pair_topk (including many ties and more pairs
+gradients; on the float32 tiles and on the opt-in tensor-core tiles), pair_histogram and pair_topk (including many ties and more pairs
 above the threshold than it returns). Each result is also checked against
 the CPU kernels, so a sanitizer run that passes also computed right.
 
 Usage: python3 benchmarks/cuda_smoke.py   (exits 1 on a mismatch)
 """
+import os
 import sys
 from pathlib import Path
 
@@ -70,6 +71,17 @@ def main() -> int:
             on_gpu = [a_.cuda() if isinstance(a_, torch.Tensor) else a_ for a_ in args]
             check(f"pairwise_loss {kind} {name}", torch.ops.relkd.pairwise_loss(*on_gpu),
                   torch.ops.relkd.pairwise_loss(*args), atol=1e-8)
+            # The tensor-core tiles (bf16 mma), on float32 inputs bf16 represents.
+            bf16_valued = [a_.bfloat16().float() if isinstance(a_, torch.Tensor)
+                           and a_.is_floating_point() and a_.dim() == 2 else
+                           a_.float() if isinstance(a_, torch.Tensor) and a_.is_floating_point()
+                           else a_ for a_ in args]
+            os.environ["RELKD_TENSOR_CORES"] = "1"
+            got = torch.ops.relkd.pairwise_loss(
+                *[a_.cuda() if isinstance(a_, torch.Tensor) else a_ for a_ in bf16_valued])
+            del os.environ["RELKD_TENSOR_CORES"]
+            check(f"pairwise_loss {kind} {name}, tensor cores", got,
+                  torch.ops.relkd.pairwise_loss(*bf16_valued), atol=1e-3)
 
     prefixes = torch.zeros(1, dtype=torch.long)
     check("pair_histogram", torch.ops.relkd.pair_histogram(*g(x), None, *g(y), None, None, None,

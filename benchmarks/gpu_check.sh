@@ -13,6 +13,8 @@
 #   bench-fp32  bench.py --device cuda, losses at N=1024..65536, D=512, float32, and
 #               similarity_topk 8192 x 1,000,000, D=512, k=100   -> bench-fp32.json/.md, .log
 #   bench-bf16  the same losses in bfloat16                         -> bench-bf16.json/.md, .log
+#   bench-tc    CCKD, EKD, RKD fused (float32) with RELKD_TENSOR_CORES=1 (the bf16 mma
+#               tiles, opt-in until validated) beside the GEMM floor -> bench-tc.json/.md, .log
 #
 # Every stage builds first if needed (incremental), so a stage can run on a
 # fresh machine. The device tool limits one command to 10 minutes: run the
@@ -21,9 +23,9 @@
 # has no .git: pass the commit as RELKD_COMMIT=$(git rev-parse HEAD).
 # A stage's failure is recorded in OUTDIR/summary.txt and the next stages run.
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_check.sh OUTDIR [info build test sanitize bench-fp32 bench-bf16]}
+out=${1:?usage: benchmarks/gpu_check.sh OUTDIR [info build test sanitize bench-fp32 bench-bf16 bench-tc]}
 shift
-stages=${*:-info build test sanitize bench-fp32 bench-bf16}
+stages=${*:-info build test sanitize bench-fp32 bench-bf16 bench-tc}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
@@ -90,6 +92,13 @@ for stage in $stages; do
         --sizes 1024,8192,32768,65536 --dim 512 "${extra[@]}" --json "$out/$stage.json"
       # bench.py prints its Markdown tables on stdout, progress on stderr (both in the log).
       sed -n '/^relkd .* benchmark:/,$p' "$out/$stage.log" > "$out/$stage.md"
+      ;;
+    bench-tc)
+      build
+      run_logged bench-tc bench-tc.log env RELKD_TENSOR_CORES=1 $PYTHON benchmarks/bench.py \
+        --device cuda --dtype float32 --only losses --losses cckd,ekd,rkd --sizes 8192,32768 \
+        --dim 512 --backends fused,gemm --no-compile --json "$out/bench-tc.json"
+      sed -n '/^relkd .* benchmark:/,$p' "$out/bench-tc.log" > "$out/bench-tc.md"
       ;;
     *)
       echo "unknown stage $stage" >&2

@@ -5,7 +5,9 @@ gradcheck and opcheck on CUDA, hypothesis property tests over shapes, k and
 label patterns (bank mode with M >> N), every loss against the reference,
 EKD over five steps, bitwise determinism, non-contiguous inputs, N = 0 / 1,
 bad input, autocast, torch.compile of a training step, and DDP with CUDA
-tensors. Skipped without a GPU or without compiled CUDA kernels."""
+tensors; the opt-in tensor-core pairwise_loss tiles (RELKD_TENSOR_CORES=1)
+against the CPU kernels. Skipped without a GPU or without compiled CUDA kernels."""
+import contextlib
 import os
 import tempfile
 
@@ -24,7 +26,7 @@ from helpers import (LABEL_PATTERNS, assert_bounded_error, correlated, embedding
                      requires_extension)
 from test_losses_fused import GRADCHECK_CASES, compare
 from test_pair_select import sorted_reference
-from test_pairwise_loss import KINDS, direct, grads_of, inputs
+from test_pairwise_loss import KINDS, direct, fused, grads_of, inputs
 from test_topk_sim import batch_valid, check_mining
 
 HAS_CUDA = torch.cuda.is_available() and "cuda" in ops.fused_devices()
@@ -202,6 +204,58 @@ def test_pairwise_loss_gradcheck_and_opcheck(kind):
     torch.library.opcheck(torch.ops.relkd.pairwise_loss.default,
                           (kind, xs, xt, None, None, y, None, None, None, params, True,
                            kind == "cckd"))
+
+
+@contextlib.contextmanager
+def tensor_cores():
+    """RELKD_TENSOR_CORES=1 for the calls inside (float32 pairwise_loss on
+    the bf16 mma tile kernel, csrc/cuda/pair_tile_mma.cuh)."""
+    before = os.environ.get("RELKD_TENSOR_CORES")
+    os.environ["RELKD_TENSOR_CORES"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["RELKD_TENSOR_CORES"]
+        else:
+            os.environ["RELKD_TENSOR_CORES"] = before
+
+
+def bf16_valued(args):
+    """The float32 inputs rounded to values bfloat16 represents exactly, so
+    that the tensor-core path's rounding changes nothing."""
+    return [a.bfloat16().float() if isinstance(a, torch.Tensor) and a.dtype == F32 and a.dim() == 2
+            else a for a in args]
+
+
+@cuda_settings
+@given(kind=st.sampled_from(KINDS), n=st.integers(1, 600), d=st.integers(1, 130),
+       pattern=st.sampled_from(LABEL_PATTERNS), seed=st.integers(0, 2**16))
+def test_pairwise_loss_tensor_cores_match_the_cpu_kernels(kind, n, d, pattern, seed):
+    """On bf16-valued float32 embeddings the mma tiles compute exact products
+    with fp32 sums: the CPU kernels' results up to summation order."""
+    args = bf16_valued(inputs(kind, n, d, seed, F32, pattern))
+    with tensor_cores():
+        got = cpu(*grads_of(fused_on_cuda, kind, *to_cuda_args(args)))
+    want = grads_of(fused, kind, *args)
+    scale = max(float(want[0].abs()), 1.0)
+    for g, w, what in zip(got, want, ("loss", "grad xs", "grad 2", "grad 3")):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=2e-5 * scale, msg=f"{kind} {what}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pairwise_loss_tensor_cores_large_deterministic(kind):
+    """Many tiles and sub-tiles (N = 5000, D = 512): the same loss as the CPU
+    kernels on the rounded embeddings, and bitwise the same on repeat."""
+    args = bf16_valued(inputs(kind, 5000, 512, seed=9, dtype=F32))
+    with tensor_cores():
+        first = cpu(*grads_of(fused_on_cuda, kind, *to_cuda_args(args)))
+        again = cpu(*grads_of(fused_on_cuda, kind, *to_cuda_args(args)))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    want = grads_of(fused, kind, *args)
+    scale = max(float(want[0].abs()), 1.0)
+    for g, w in zip(first, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * scale)
 
 
 # ---------------------------------------------------------------- pair_select

@@ -5,7 +5,8 @@ registered as relkd_emulated::* operators on CPU tensors. Every op is
 compared with the CPU kernels (themselves tested against the reference):
 multi-tile top-k with labels, self exclusion, scale, NaN and padding;
 pair_dot and its backward; every pairwise_loss kind, symmetric and
-rectangular, with gradients; histograms and top-k pairs, with ties beyond
+rectangular, with gradients, on the float32 tiles and on the tensor-core
+tiles (bf16 mma);  histograms and top-k pairs, with ties beyond
 capacity and thresholds below more pairs than returned. This is what CI can
 check of the GPU code without a GPU (tests/test_cuda.py runs on one)."""
 import os
@@ -128,6 +129,60 @@ def test_pairwise_loss(emulated, kind, dtype, rect):
     want = torch.ops.relkd.pairwise_loss(*args)
     scale = max(float(want[0].abs()), 1.0)
     close(got, want, atol=(1e-11 if dtype == F64 else 2e-4) * scale)
+
+
+def tensor_core_case(kind, rect, representable):
+    """pairwise_loss arguments over 150 rows (three 64-row sub-tiles, the
+    last partial), student D=40 (a partial second staging step), teacher
+    D=24; representable: every entry a bfloat16 value, so that rounding to
+    bf16 changes nothing."""
+    def prepared(x):
+        return x.bfloat16().float() if representable else x
+    raw = embeddings(150, 40, seed=11, dtype=F32)
+    x = prepared(raw if kind.startswith("rkd") else reference.normalize(raw, F32))
+    z = prepared(reference.normalize(embeddings(150, 24, seed=12, dtype=F32), F32))
+    teacher = None if kind == "rkd_dist_sum" else z
+    y = labels("random", 150, 7) if kind == "ekd_pos" else None
+    params = torch.tensor(PARAMS[kind], dtype=F32)
+    grad_t = kind == "cckd"
+    if not rect:
+        return (kind, x, teacher, None, None, y, None, None, None, params, True, grad_t)
+    r = slice(30, 130)
+    return (kind, x[r], None if teacher is None else teacher[r], x, teacher,
+            None if y is None else y[r], y, torch.arange(30, 130), None, params, True, grad_t)
+
+
+@pytest.mark.parametrize("kind", list(PARAMS))
+@pytest.mark.parametrize("rect", [False, True])
+def test_pairwise_loss_tensor_cores(emulated, monkeypatch, kind, rect):
+    """RELKD_TENSOR_CORES=1: the mma tile kernel (csrc/cuda/pair_tile_mma.cuh)
+    with the emulation's m16n8k16, on embeddings that bfloat16 represents
+    exactly, equals the float32 CPU kernels up to summation order."""
+    monkeypatch.setenv("RELKD_TENSOR_CORES", "1")
+    args = tensor_core_case(kind, rect, representable=True)
+    got = emulated.pairwise_loss(*args)
+    want = torch.ops.relkd.pairwise_loss(*args)
+    scale = max(float(want[0].abs()), 1.0)
+    close(got, want, atol=2e-5 * scale)
+
+
+@pytest.mark.parametrize("kind", ["cckd", "ekd_pos"])
+def test_pairwise_loss_tensor_cores_round_to_bfloat16(emulated, monkeypatch, kind):
+    """On general float32 embeddings the tensor-core path's loss is that of
+    the bfloat16-rounded embeddings (the similarities are computed from them),
+    not that of the float32 ones: the path really runs when asked, and only
+    then."""
+    args = tensor_core_case(kind, False, representable=False)
+    rounded = tuple(a.bfloat16().float() if isinstance(a, torch.Tensor) and a.dtype == F32
+                    and a.dim() == 2 else a for a in args)
+    exact = torch.ops.relkd.pairwise_loss(*args)[0]
+    of_rounded = torch.ops.relkd.pairwise_loss(*rounded)[0]
+    gap = float((exact - of_rounded).abs())
+    assert gap > 1e-5 * max(float(exact.abs()), 1.0)  # rounding shows at this size
+    monkeypatch.setenv("RELKD_TENSOR_CORES", "1")
+    assert float((emulated.pairwise_loss(*args)[0] - of_rounded).abs()) < gap / 20
+    monkeypatch.setenv("RELKD_TENSOR_CORES", "0")
+    assert float((emulated.pairwise_loss(*args)[0] - exact).abs()) < gap / 20
 
 
 # ---------------------------------------------------------------- pair_select

@@ -130,6 +130,23 @@ int pair_tile(const PairTileArgs<float>& args, const TileView& view, const TileM
 int pair_tile(const PairTileArgs<double>& args, const TileView& view, const TileMask& mask,
               Stream stream);
 
+// The same tile on tensor cores (csrc/cuda/pair_tile_mma.cuh): the
+// similarities are computed in the kernel from the float32 embeddings
+// (rounded to bfloat16, fp32 accumulation) instead of being read from
+// args.s / args.t, which receive only the derivative tiles (where
+// requested). Needs sm_80 or later.
+struct MmaTileInputs {
+  const float* xs_r;  // student rows / columns, by global position (ds entries each)
+  const float* xs_c;
+  const float* xt_r;  // teacher rows / columns (dt entries each); nullptr: no teacher
+  const float* xt_c;
+  int64_t ds, dt;
+};
+bool has_bf16_tensor_cores(int device);  // compute capability 8.0 or later
+int64_t pair_tile_mma_blocks(const TileView& view);
+int pair_tile_mma(const PairTileArgs<float>& args, const MmaTileInputs& in,
+                  const TileView& view, const TileMask& mask, Stream stream);
+
 // Sums of `parts` consecutive blocks of 3 doubles, into out[0..3), in order.
 int sum_partials(const double* partials, int64_t parts, double* out, Stream stream);
 

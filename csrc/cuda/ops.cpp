@@ -17,7 +17,9 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -241,8 +243,22 @@ cuda::TileMask tile_mask(pm::Mask mask, bool symmetric, const at::Tensor& ids_r,
           ptr<int64_t>(lab_r), ptr<int64_t>(lab_c)};
 }
 
-at::Tensor squared_norms(const at::Tensor& x) {
-  return x.defined() ? x.to(at::kDouble).pow(2).sum(1).to(x.scalar_type()) : at::Tensor();
+// RELKD_TENSOR_CORES=1 opts float32 pairwise_loss into the tensor-core tile
+// kernel (similarities of bfloat16-rounded embeddings, fp32 accumulation,
+// sm_80+). Off by default until a GPU run has validated it (README, GPU).
+bool use_tensor_cores(const at::Tensor& x) {
+  const char* flag = std::getenv("RELKD_TENSOR_CORES");
+  if (!flag || std::strcmp(flag, "1") != 0) return false;
+  return cuda::has_bf16_tensor_cores(x.device().index());
+}
+
+// Squared row norms; of the bfloat16-rounded rows where the similarities
+// come from them (tensor cores), so that |x_i|^2 + |x_j|^2 - 2 x_i.x_j stays
+// the squared distance of one set of points.
+at::Tensor squared_norms(const at::Tensor& x, bool of_bf16 = false) {
+  if (!x.defined()) return at::Tensor();
+  const at::Tensor rows = of_bf16 ? x.to(at::kBFloat16) : x;
+  return rows.to(at::kDouble).pow(2).sum(1).to(x.scalar_type());
 }
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -259,13 +275,15 @@ Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool g
   const auto tiles = device_tiles(kind.mask, sym, block, in.n_r, in.n_c, in.ids_r, in.ids_c,
                                   in.labels_r, in.labels_c, opts);
 
+  bool tensor_cores = false;
+  if constexpr (std::is_same_v<T, float>) tensor_cores = use_tensor_cores(in.xs_r);
   at::Tensor ns_r, ns_c, nt_r, nt_c;
   if (kind.uses_norms) {
-    ns_r = squared_norms(in.xs_r);
-    ns_c = sym ? ns_r : squared_norms(in.xs_c);
+    ns_r = squared_norms(in.xs_r, tensor_cores);
+    ns_c = sym ? ns_r : squared_norms(in.xs_c, tensor_cores);
     if (kind.has_teacher) {
-      nt_r = squared_norms(in.xt_r);
-      nt_c = sym ? nt_r : squared_norms(in.xt_c);
+      nt_r = squared_norms(in.xt_r, tensor_cores);
+      nt_c = sym ? nt_r : squared_norms(in.xt_c, tensor_cores);
     }
   }
   at::Tensor g_sr, g_sc, g_tr, g_tc, dn_r, dn_c;
@@ -281,9 +299,12 @@ Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool g
     g_tr = at::zeros_like(in.xt_r);
     g_tc = sym ? g_tr : at::zeros_like(in.xt_c);
   }
+  auto blocks_of = [&](const cuda::TileView& v) {
+    return tensor_cores ? cuda::pair_tile_mma_blocks(v) : cuda::pair_tile_blocks(v);
+  };
   // Per-block partial sums of every tile, reduced in one fixed order at the end.
   int64_t parts = 0;
-  for (const Tile& t : tiles) parts += cuda::pair_tile_blocks({t.r0, t.rows, t.c0, t.cols, t.cols});
+  for (const Tile& t : tiles) parts += blocks_of({t.r0, t.rows, t.c0, t.cols, t.cols});
   auto partials = at::zeros({std::max<int64_t>(parts, 1) * 3}, opts.dtype(at::kDouble));
   const int64_t tile_elems = std::min(block, in.n_r) * std::min(block, in.n_c);
   at::Tensor s_buf = at::empty({tile_elems}, opts);
@@ -294,16 +315,30 @@ Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool g
   int64_t offset = 0;
   for (const Tile& t : tiles) {
     const cuda::TileView view{t.r0, t.rows, t.c0, t.cols, t.cols};
-    auto s = tile_product(s_buf, in.xs_r, in.xs_c, t);
-    at::Tensor tt = kind.has_teacher ? tile_product(t_buf, in.xt_r, in.xt_c, t) : at::Tensor();
-    at::Tensor dn = dn_tiles ? dn_buf.narrow(0, 0, t.rows * t.cols).view({t.rows, t.cols})
-                             : at::Tensor();
+    auto tile_of = [&](at::Tensor& buf) {
+      return buf.narrow(0, 0, t.rows * t.cols).view({t.rows, t.cols});
+    };
+    // The similarity tiles (which the kernel overwrites with their
+    // derivatives); the tensor-core kernel computes them itself.
+    at::Tensor s = tensor_cores ? tile_of(s_buf) : tile_product(s_buf, in.xs_r, in.xs_c, t);
+    at::Tensor tt;
+    if (kind.has_teacher)
+      tt = tensor_cores ? tile_of(t_buf) : tile_product(t_buf, in.xt_r, in.xt_c, t);
+    at::Tensor dn = dn_tiles ? tile_of(dn_buf) : at::Tensor();
     const cuda::PairTileArgs<T> args{pair_kind(kind_name), ptr<T>(s), ptr<T>(tt), ptr<T>(dn),
                                      ptr<T>(ns_r), ptr<T>(ns_c), ptr<T>(nt_r), ptr<T>(nt_c),
                                      ptr<T>(in.params), in.params.numel(), grad_s, grad_t,
                                      ptr<double>(partials) + offset * 3};
-    check_launch(cuda::pair_tile(args, view, mask, stream), "pairwise_loss");
-    offset += cuda::pair_tile_blocks(view);
+    if constexpr (std::is_same_v<T, float>) {
+      if (tensor_cores) {
+        const cuda::MmaTileInputs mma{ptr<float>(in.xs_r), ptr<float>(in.xs_c),
+                                      ptr<float>(in.xt_r), ptr<float>(in.xt_c),
+                                      in.xs_r.size(1), kind.has_teacher ? in.xt_r.size(1) : 0};
+        check_launch(cuda::pair_tile_mma(args, mma, view, mask, stream), "pairwise_loss");
+      }
+    }
+    if (!tensor_cores) check_launch(cuda::pair_tile(args, view, mask, stream), "pairwise_loss");
+    offset += blocks_of(view);
     // The derivative tiles times the opposite embeddings (s and tt now hold them).
     if (grad_s) {
       g_sr.narrow(0, t.r0, t.rows).addmm_(s, in.xs_c.narrow(0, t.c0, t.cols));

@@ -1,7 +1,7 @@
 // pair_select on CUDA (histograms and candidate collection of EKD's exact
 // order statistics), the dispatch of pairwise_loss tiles to their kind's
 // unit, and the fixed-order reduction of per-block partial sums.
-#include "pair_tile.cuh"
+#include "pair_tile_mma.cuh"
 
 namespace relkd {
 namespace cuda {
@@ -126,6 +126,33 @@ int dispatch_pair_tile(const PairTileArgs<T>& a, const TileView& v, const TileMa
 }
 
 }  // namespace
+
+bool has_bf16_tensor_cores(int device) {
+#ifdef RELKD_EMULATE
+  (void)device;
+  return true;  // the emulation's mma
+#else
+  int major = 0;
+  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
+             cudaSuccess &&
+         major >= 8;
+#endif
+}
+
+int64_t pair_tile_mma_blocks(const TileView& view) {
+  return blocks_for(view.rows, kMmaEdge) * blocks_for(view.cols, kMmaEdge);
+}
+
+int pair_tile_mma(const PairTileArgs<float>& a, const MmaTileInputs& in, const TileView& v,
+                  const TileMask& m, Stream s) {
+  switch (a.kind) {
+    case PairKind::Cckd: return pair_tile_mma_cckd(a, in, v, m, s);
+    case PairKind::EkdPos: return pair_tile_mma_ekd_pos(a, in, v, m, s);
+    case PairKind::RkdDistSum:
+    case PairKind::RkdDistance: return pair_tile_mma_rkd(a, in, v, m, s);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
 
 int64_t pair_tile_blocks(const TileView& view) {
   return blocks_for(view.rows * view.cols, kPairBlockElements);

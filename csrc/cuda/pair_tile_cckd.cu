@@ -1,5 +1,5 @@
 // pairwise_loss tiles of kind cckd (SPEC §4).
-#include "pair_tile.cuh"
+#include "pair_tile_mma.cuh"
 
 namespace relkd {
 namespace cuda {
@@ -10,6 +10,10 @@ int pair_tile_cckd(const PairTileArgs<float>& a, const TileView& v, const TileMa
 int pair_tile_cckd(const PairTileArgs<double>& a, const TileView& v, const TileMask& m,
                    Stream s) {
   return launch_pair_tile(CckdTerms<double>{a.params, a.n_params}, a, v, m, s);
+}
+int pair_tile_mma_cckd(const PairTileArgs<float>& a, const MmaTileInputs& in, const TileView& v,
+                       const TileMask& m, Stream s) {
+  return launch_pair_tile_mma(CckdTerms<float>{a.params, a.n_params}, a, in, v, m, s);
 }
 
 }  // namespace cuda

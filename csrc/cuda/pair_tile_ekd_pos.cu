@@ -1,5 +1,5 @@
 // pairwise_loss tiles of kind ekd_pos (SPEC §3.6).
-#include "pair_tile.cuh"
+#include "pair_tile_mma.cuh"
 
 namespace relkd {
 namespace cuda {
@@ -11,6 +11,11 @@ int pair_tile_ekd_pos(const PairTileArgs<float>& a, const TileView& v, const Til
 int pair_tile_ekd_pos(const PairTileArgs<double>& a, const TileView& v, const TileMask& m,
                       Stream s) {
   return launch_pair_tile(EkdPosTerms<double>{a.params, (a.n_params - 1) / 2}, a, v, m, s);
+}
+int pair_tile_mma_ekd_pos(const PairTileArgs<float>& a, const MmaTileInputs& in,
+                          const TileView& v, const TileMask& m, Stream s) {
+  return launch_pair_tile_mma(EkdPosTerms<float>{a.params, (a.n_params - 1) / 2}, a, in, v, m,
+                              s);
 }
 
 }  // namespace cuda

@@ -5,7 +5,9 @@
 // after the other. Emulated: thread / block indices, __syncthreads (a block
 // barrier), __shared__ memory (a static: one block at a time), warp
 // shuffles and __match_any_sync (a warp barrier and an exchange slot per
-// lane), atomicAdd (std::atomic_ref). Not emulated: the GPU's speed, its
+// lane), the bf16 tensor-core mma.m16n8k16 (fragments exchanged the same
+// way, read where the PTX ISA's tables place them), atomicAdd
+// (std::atomic_ref). Not emulated: the GPU's speed, its
 // memory model beyond what the barriers order, and launch failures.
 #pragma once
 
@@ -23,6 +25,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 #define __shared__ static
 
 using cudaStream_t = void*;
@@ -43,9 +46,10 @@ struct Block {
   std::barrier<> block_sync;
   std::vector<std::unique_ptr<std::barrier<>>> warp_sync;
   std::vector<uint64_t> exchange;  // one slot per thread, for warp operations
+  std::vector<uint32_t> fragments;  // 6 registers per thread (A and B), for mma
 
   explicit Block(unsigned threads)
-      : block_sync(threads), exchange(threads) {
+      : block_sync(threads), exchange(threads), fragments(threads * 6) {
     for (unsigned w = 0; w < (threads + kWarpSize - 1) / kWarpSize; ++w)
       warp_sync.push_back(std::make_unique<std::barrier<>>(kWarpSize));
   }
@@ -147,6 +151,47 @@ unsigned __match_any_sync(unsigned, T value) {
   warp_barrier().arrive_and_wait();
   return same;
 }
+
+namespace relkd_emulation {
+
+inline float from_bf16(uint32_t bits) { return from_bits<float>(uint64_t(bits & 0xffffu) << 16); }
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 d, a, b, d: every lane
+// of the warp calls it together. Each lane posts its fragments; then each
+// computes its four entries of D from the entries of A and B, found by the
+// PTX ISA's fragment tables (for lane l: g = l / 4, t = l % 4; register r
+// holds two 16-bit entries, the lower index in the lower half):
+//   A (16x16, row-major): r0 = A[g][2t..2t+1], r1 = A[g+8][2t..2t+1],
+//                         r2 = A[g][2t+8..2t+9], r3 = A[g+8][2t+8..2t+9]
+//   B (16x8, column-major): r0 = B[2t..2t+1][g], r1 = B[2t+8..2t+9][g]
+//   D (16x8, fp32): d[i] = D[g + 8 (i / 2)][2t + i % 2]
+// Products of bf16 values are exact in fp32; the sum runs in k order.
+inline void mma_bf16_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  constexpr int kRegs = 6;  // four of A, two of B
+  uint32_t* slots = current_block->fragments.data() + (thread_idx.x / kWarpSize) * kWarpSize * kRegs;
+  const int me = lane();
+  for (int r = 0; r < 4; ++r) slots[me * kRegs + r] = a[r];
+  for (int r = 0; r < 2; ++r) slots[me * kRegs + 4 + r] = b[r];
+  warp_barrier().arrive_and_wait();
+  auto entry = [&](int owner, int reg, int k) {
+    return from_bf16(slots[owner * kRegs + reg] >> (16 * (k % 2)));
+  };
+  auto a_at = [&](int row, int k) {
+    return entry((row % 8) * 4 + (k % 8) / 2, row / 8 + 2 * (k / 8), k);
+  };
+  auto b_at = [&](int k, int col) { return entry(col * 4 + (k % 8) / 2, 4 + k / 8, k); };
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const int row = me / 4 + 8 * (i / 2), col = 2 * (me % 4) + i % 2;
+    float sum = d[i];
+    for (int k = 0; k < 16; ++k) sum += a_at(row, k) * b_at(k, col);
+    out[i] = sum;
+  }
+  warp_barrier().arrive_and_wait();
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+
+}  // namespace relkd_emulation
 
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
