@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -148,6 +149,21 @@ inline void check_pair_list_grad(const at::Tensor& grad, const at::Tensor& a,
   TORCH_CHECK_VALUE(grad.sizes() == rows.sizes(), "grad must have the shape of rows, got ",
                     grad.sizes(), " and ", rows.sizes());
   check_same(grad, a, "grad", "a");
+}
+
+// ------------------------------------------------------- relation_penalty
+inline void check_relation_penalty_args(const at::Tensor& s, const at::Tensor& t,
+                                        const at::Tensor& indices, double margin) {
+  check_matrix(s, "s");
+  check_same(s, t, "s", "t");
+  TORCH_CHECK_VALUE(t.sizes() == s.sizes(), "t must have the shape of s, got ", t.sizes(),
+                    " and ", s.sizes());
+  TORCH_CHECK_VALUE(indices.sizes() == s.sizes(), "indices must have the shape of s, got ",
+                    indices.sizes(), " and ", s.sizes());
+  TORCH_CHECK_VALUE(indices.scalar_type() == at::kLong, "indices must be int64, got ",
+                    indices.scalar_type());
+  TORCH_CHECK_VALUE(indices.device() == s.device(), "indices must be on the device of s");
+  TORCH_CHECK_VALUE(std::isfinite(margin), "margin must be finite, got ", margin);
 }
 
 // --------------------------------------------------------- pairwise_loss

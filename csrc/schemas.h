@@ -31,6 +31,17 @@ inline void define_operators(torch::Library& m) {
       "pair_list_dot_backward(Tensor grad, Tensor a, Tensor? b, Tensor rows, Tensor cols, "
       "bool need_a, bool need_b) -> (Tensor, Tensor)");
 
+  // RAD's epilogue (SPEC §2): the sum over the entries with indices >= 0 of
+  // phi(s - t) (metric "hinge": max(0, d - margin), "l2": d^2, "l1": |d|)
+  // and their count; the backward returns grad * d total / d s and / d t.
+  // (CPU only; other devices use tensor ops.)
+  m.def(
+      "relation_penalty(Tensor s, Tensor t, Tensor indices, str metric, float margin) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "relation_penalty_backward(Tensor grad, Tensor s, Tensor t, Tensor indices, str metric, "
+      "float margin) -> (Tensor, Tensor)");
+
   // Sum over the (row, column) pairs selected by the kind's mask of the
   // kind's pair loss, and its gradients (see csrc/cpu/pair_kinds.h). xs_c /
   // xt_c None = columns are the rows (symmetric case). Returns

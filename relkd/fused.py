@@ -39,16 +39,8 @@ def _row_ids(gb: GlobalBatch) -> Optional[Tensor]:
 
 
 # The O(N*k) loss arithmetic of the fused path, written independently of
-# relkd.reference (see relkd/_common.py for why).
-def _relation_penalty(d: Tensor, metric: str, margin: float) -> Tensor:
-    """RAD's phi (SPEC §2): hinge max(0, d - margin), l2 d^2, l1 |d|."""
-    if metric == "l2":
-        return d.square()
-    if metric == "l1":
-        return d.abs()
-    return (d - margin).clamp(min=0)
-
-
+# relkd.reference (see relkd/_common.py for why); RAD's penalty is
+# ops.relation_penalty.
 def _taylor_rbf_coefficients(kernel: str, gamma: float, order: int) -> list:
     """CCKD's phi(u) = sum_p c_p u^p (SPEC §4): c_0 = e^{-2 gamma},
     c_p = c_{p-1} * 2 gamma / p; bilinear: phi(u) = u."""
@@ -119,9 +111,8 @@ def rad_loss(gb: GlobalBatch, bank: Optional[Tensor], bank_labels: Optional[Tens
         scale = inv_norm[indices.clamp(min=0)]
         s = ops.pair_dot(x, b, indices) * scale
         t = ops.pair_dot(z, b, indices) * scale
-    mined = indices >= 0
-    total = masked_sum(_relation_penalty(s - t, metric, margin), mined)
-    count = all_reduce_sum(mined.sum(), gb.group)
+    total, count = ops.relation_penalty(s, t, indices, metric, margin)
+    count = all_reduce_sum(count, gb.group)
     return total / count.clamp(min=1).to(dtype)
 
 

@@ -156,6 +156,14 @@ if HAS_EXTENSION:
         grad_b = b.new_empty(b.shape) if b is not None and need_b else a.new_empty(0)
         return a.new_empty(a.shape) if need_a else a.new_empty(0), grad_b
 
+    @torch.library.register_fake("relkd::relation_penalty")
+    def _relation_penalty_fake(s, t, indices, metric, margin):
+        return s.new_empty(()), indices.new_empty(())
+
+    @torch.library.register_fake("relkd::relation_penalty_backward")
+    def _relation_penalty_backward_fake(grad, s, t, indices, metric, margin):
+        return torch.empty_like(s), torch.empty_like(s)
+
     @torch.library.register_fake("relkd::pairwise_loss")
     def _pairwise_loss_fake(kind, xs_r, xt_r, xs_c, xt_c, labels_r, labels_c, ids_r, ids_c,
                             params, grad_student, grad_teacher):
@@ -322,6 +330,49 @@ if HAS_EXTENSION:
                                     _pair_list_dot_backward_backward,
                                     setup_context=_pair_list_dot_backward_setup)
 
+    # relation_penalty: total = sum_e m_e phi(s_e - t_e); its backward
+    # g_s = grad phi'(d) m = -g_t is linear in grad, and its own derivatives
+    # involve phi'' (2 for l2, 0 for hinge and l1, almost everywhere).
+    def _relation_penalty_setup(ctx, inputs, output):
+        s, t, indices, metric, margin = inputs
+        ctx.save_for_backward(s, t, indices)
+        ctx.metric, ctx.margin = metric, margin
+
+    def _relation_penalty_grad(ctx, grad_total, _grad_count):
+        s, t, indices = ctx.saved_tensors
+        grad_s, grad_t = torch.ops.relkd.relation_penalty_backward(
+            grad_total, s, t, indices, ctx.metric, ctx.margin)
+        return grad_s, grad_t, None, None, None
+
+    torch.library.register_autograd("relkd::relation_penalty", _relation_penalty_grad,
+                                    setup_context=_relation_penalty_setup)
+
+    def _relation_penalty_backward_setup(ctx, inputs, output):
+        grad, s, t, indices, metric, margin = inputs
+        ctx.save_for_backward(grad, s, t, indices)
+        ctx.metric, ctx.margin = metric, margin
+
+    def _relation_penalty_backward_backward(ctx, bar_s, bar_t):
+        grad, s, t, indices = ctx.saved_tensors
+        mined = indices >= 0
+        bar = torch.zeros_like(s)
+        for b, sign in ((bar_s, 1.0), (bar_t, -1.0)):
+            if b is not None:
+                bar = bar + sign * b
+        bar = torch.where(mined, bar, torch.zeros_like(bar))
+        d = s - t
+        # d grad: sum_e bar_e phi'(d_e), phi' read off the backward op at grad = 1.
+        slope = torch.ops.relkd.relation_penalty_backward(
+            torch.ones_like(grad), s, t, indices, ctx.metric, ctx.margin)[0]
+        d_grad = (bar * slope).sum()
+        curvature = 2.0 if ctx.metric == "l2" else 0.0
+        d_s = grad * curvature * bar * torch.ones_like(d)
+        return d_grad, d_s, -d_s, None, None, None
+
+    torch.library.register_autograd("relkd::relation_penalty_backward",
+                                    _relation_penalty_backward_backward,
+                                    setup_context=_relation_penalty_backward_setup)
+
     # pairwise_loss returns the gradient of its scalar output with respect to
     # each input, computed in the same tile pass (csrc/cpu/pairwise_loss.cpp);
     # backward scales them by the incoming gradient.
@@ -457,6 +508,21 @@ def pair_list_dot_gathered(a: Tensor, b: Optional[Tensor], rows: Tensor, cols: T
     valid = (rows >= 0) & (cols >= 0)
     dots = (a.index_select(0, rows.clamp(min=0)) * other.index_select(0, cols.clamp(min=0))).sum(1)
     return torch.where(valid, dots, torch.zeros_like(dots))
+
+
+def relation_penalty(s: Tensor, t: Tensor, indices: Tensor, metric: str,
+                     margin: float) -> Tuple[Tensor, Tensor]:
+    """(sum over the entries with indices >= 0 of phi(s - t), their count):
+    RAD's epilogue (SPEC §2; phi by metric "hinge", "l2" or "l1"),
+    differentiable twice. One serial pass forward and backward on the CPU
+    (csrc/cpu/relation_penalty.cpp); tensor ops elsewhere."""
+    if s.device.type == "cpu":
+        return torch.ops.relkd.relation_penalty(s, t, indices, metric, margin)
+    mined = indices >= 0
+    d = s - t
+    phi = d.square() if metric == "l2" else d.abs() if metric == "l1" else \
+        (d - margin).clamp(min=0)
+    return torch.where(mined, phi, torch.zeros_like(phi)).sum(), mined.sum()
 
 
 def normalize_rows(x: Tensor, eps: float) -> Tensor:
