@@ -100,6 +100,29 @@ __device__ __noinline__ PairSums pair_epilogue(const Terms& terms, const PairTil
   return {double(pt.loss), double(pt.dmu_s), double(pt.dmu_t)};
 }
 
+// True when every pair of the sub-tile at (tr, tc) lies below the diagonal
+// of a symmetric op (column < row), where the pair weight is 0: half the
+// sub-tiles of a diagonal tile.
+__device__ inline bool below_diagonal(const TileView& view, const TileMask& mask, int64_t tr,
+                                      int64_t tc) {
+  const int64_t end = tc + kMmaEdge < view.cols ? tc + kMmaEdge : view.cols;
+  const int64_t last_col = view.c0 + end - 1;
+  return mask.symmetric && last_col < view.r0 + tr;
+}
+
+// The sub-tile's derivative tiles, all 0 (the gradient products read them).
+__device__ inline void zero_sub_tile(const PairTileArgs<float>& a, const TileView& view,
+                                     int64_t tr, int64_t tc) {
+  for (int e = threadIdx.x; e < kMmaEdge * kMmaEdge; e += kThreads) {
+    const int64_t r = tr + e / kMmaEdge, c = tc + e % kMmaEdge;
+    if (r >= view.rows || c >= view.cols) continue;
+    const int64_t at = r * view.ld + c;
+    if (a.grad_s) a.s[at] = 0.0f;
+    if (a.grad_t) a.t[at] = 0.0f;
+    if (a.dn) a.dn[at] = 0.0f;
+  }
+}
+
 template <typename Terms>
 __global__ void pair_tile_mma_kernel(Terms terms, PairTileArgs<float> a, MmaTileInputs in,
                                      TileView view, TileMask mask) {
@@ -107,6 +130,11 @@ __global__ void pair_tile_mma_kernel(Terms terms, PairTileArgs<float> a, MmaTile
   __shared__ double shared[kThreads];
   const int64_t blocks_c = (view.cols + kMmaEdge - 1) / kMmaEdge;
   const int64_t tr = blockIdx.x / blocks_c * kMmaEdge, tc = blockIdx.x % blocks_c * kMmaEdge;
+  if (below_diagonal(view, mask, tr, tc)) {  // the whole block leaves together
+    zero_sub_tile(a, view, tr, tc);
+    if (threadIdx.x < 3) a.sums[blockIdx.x * 3 + threadIdx.x] = 0.0;
+    return;
+  }
   float s[4][4] = {}, t[4][4] = {};
   sub_tile_products(in.xs_r, in.xs_c, in.ds, view, tr, tc, stage, s);
   if (in.xt_r) sub_tile_products(in.xt_r, in.xt_c, in.dt, view, tr, tc, stage, t);
