@@ -45,42 +45,70 @@ struct RkdDistanceTerms {
   }
 };
 
+// What one pair adds to a block's sums.
+struct PairSums {
+  double loss = 0, dmu_s = 0, dmu_t = 0;
+  __device__ void add(const PairSums& o) {
+    loss += o.loss;
+    dmu_s += o.dmu_s;
+    dmu_t += o.dmu_t;
+  }
+};
+
+// The pair at (r, c) of the view, whose similarities are s and t: its terms,
+// and its entries of the derivative tiles written (0 where masked out).
+template <typename T, typename Terms>
+__device__ inline PairSums pair_at(const Terms& terms, const PairTileArgs<T>& a,
+                                   const TileView& view, const TileMask& mask, int64_t r,
+                                   int64_t c, T s, T t) {
+  if (r >= view.rows || c >= view.cols) return {};
+  const int64_t at = r * view.ld + c, p = view.r0 + r, q = view.c0 + c;
+  const int w = tile_weight(mask, p, q);
+  if (w == 0) {  // masked: exactly no contribution
+    if (a.grad_s) a.s[at] = T(0);
+    if (a.grad_t) a.t[at] = T(0);
+    if (a.dn) a.dn[at] = T(0);
+    return {};
+  }
+  const pm::PairTerms<T> pt =
+      terms(T(w), s, t, a.ns_r ? a.ns_r[p] : T(0), a.ns_c ? a.ns_c[q] : T(0),
+            a.nt_r ? a.nt_r[p] : T(0), a.nt_c ? a.nt_c[q] : T(0));
+  if (a.grad_s) a.s[at] = pt.ds;
+  if (a.grad_t) a.t[at] = pt.dt;
+  if (a.dn) a.dn[at] = pt.dn_i;  // = dn_j for every kind that has one
+  PairSums out;
+  out.loss = double(pt.loss);
+  out.dmu_s = double(pt.dmu_s);
+  out.dmu_t = double(pt.dmu_t);
+  return out;
+}
+
+// The block's sums, each reduced over its threads in a fixed order, to
+// sums[block * 3 ...].
+__device__ inline void store_block_sums(const PairSums& mine, double* shared, double* sums) {
+  const double loss = block_sum(mine.loss, shared);
+  const double dmu_s = block_sum(mine.dmu_s, shared);
+  const double dmu_t = block_sum(mine.dmu_t, shared);
+  if (threadIdx.x == 0) {
+    sums[blockIdx.x * 3 + 0] = loss;
+    sums[blockIdx.x * 3 + 1] = dmu_s;
+    sums[blockIdx.x * 3 + 2] = dmu_t;
+  }
+}
+
 template <typename T, typename Terms>
 __global__ void pair_tile_kernel(Terms terms, PairTileArgs<T> a, TileView view, TileMask mask) {
   __shared__ double shared[kThreads];
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kPairBlockElements;
   const int64_t count = view.rows * view.cols;
-  double loss = 0, dmu_s = 0, dmu_t = 0;
+  PairSums sums;
   for (int u = 0; u < kPairItems; ++u) {
     const int64_t e = first + u * kThreads + threadIdx.x;
     if (e >= count) break;
-    const int64_t r = e / view.cols, c = e % view.cols;
-    const int64_t at = r * view.ld + c, p = view.r0 + r, q = view.c0 + c;
-    const int w = tile_weight(mask, p, q);
-    if (w == 0) {  // masked: exactly no contribution
-      if (a.grad_s) a.s[at] = T(0);
-      if (a.grad_t) a.t[at] = T(0);
-      if (a.dn) a.dn[at] = T(0);
-      continue;
-    }
-    const pm::PairTerms<T> pt =
-        terms(T(w), a.s[at], a.t ? a.t[at] : T(0), a.ns_r ? a.ns_r[p] : T(0),
-              a.ns_c ? a.ns_c[q] : T(0), a.nt_r ? a.nt_r[p] : T(0), a.nt_c ? a.nt_c[q] : T(0));
-    loss += double(pt.loss);
-    dmu_s += double(pt.dmu_s);
-    dmu_t += double(pt.dmu_t);
-    if (a.grad_s) a.s[at] = pt.ds;
-    if (a.grad_t) a.t[at] = pt.dt;
-    if (a.dn) a.dn[at] = pt.dn_i;  // = dn_j for every kind that has one
+    const int64_t r = e / view.cols, c = e % view.cols, at = r * view.ld + c;
+    sums.add(pair_at(terms, a, view, mask, r, c, a.s[at], a.t ? a.t[at] : T(0)));
   }
-  loss = block_sum(loss, shared);
-  dmu_s = block_sum(dmu_s, shared);
-  dmu_t = block_sum(dmu_t, shared);
-  if (threadIdx.x == 0) {
-    a.sums[blockIdx.x * 3 + 0] = loss;
-    a.sums[blockIdx.x * 3 + 1] = dmu_s;
-    a.sums[blockIdx.x * 3 + 2] = dmu_t;
-  }
+  store_block_sums(sums, shared, a.sums);
 }
 
 template <typename T, typename Terms>

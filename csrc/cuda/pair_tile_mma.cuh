@@ -71,33 +71,13 @@ __device__ inline void sub_tile_products(const float* x_r, const float* x_c, int
   }
 }
 
-struct PairSums {
-  double loss, dmu_s, dmu_t;
-};
-
-// The pair (r, c) of the view: its terms from the similarities s and t, its
-// derivative tiles written. Not inlined: the callers' unrolled loops keep the
-// accumulators in registers, and the kind's terms are compiled once.
+// pair_at, not inlined: the kernel's unrolled loop over its accumulators
+// keeps them in registers, and the kind's terms are compiled once.
 template <typename Terms>
 __device__ __noinline__ PairSums pair_epilogue(const Terms& terms, const PairTileArgs<float>& a,
                                                const TileView& view, const TileMask& mask,
                                                int64_t r, int64_t c, float s, float t) {
-  if (r >= view.rows || c >= view.cols) return {0, 0, 0};
-  const int64_t at = r * view.ld + c, p = view.r0 + r, q = view.c0 + c;
-  const int w = tile_weight(mask, p, q);
-  if (w == 0) {  // masked: exactly no contribution
-    if (a.grad_s) a.s[at] = 0.0f;
-    if (a.grad_t) a.t[at] = 0.0f;
-    if (a.dn) a.dn[at] = 0.0f;
-    return {0, 0, 0};
-  }
-  const pm::PairTerms<float> pt =
-      terms(float(w), s, t, a.ns_r ? a.ns_r[p] : 0.0f, a.ns_c ? a.ns_c[q] : 0.0f,
-            a.nt_r ? a.nt_r[p] : 0.0f, a.nt_c ? a.nt_c[q] : 0.0f);
-  if (a.grad_s) a.s[at] = pt.ds;
-  if (a.grad_t) a.t[at] = pt.dt;
-  if (a.dn) a.dn[at] = pt.dn_i;  // = dn_j for every kind that has one
-  return {double(pt.loss), double(pt.dmu_s), double(pt.dmu_t)};
+  return pair_at(terms, a, view, mask, r, c, s, t);
 }
 
 // True when every pair of the sub-tile at (tr, tc) lies below the diagonal
@@ -141,25 +121,14 @@ __global__ void pair_tile_mma_kernel(Terms terms, PairTileArgs<float> a, MmaTile
 
   const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, q = threadIdx.x % 4;
   const int64_t row0 = tr + warp % 4 * kMmaWarpRows, col0 = tc + warp / 4 * kMmaWarpCols;
-  double loss = 0, dmu_s = 0, dmu_t = 0;
+  PairSums sums;
 #pragma unroll
   for (int j = 0; j < 4; ++j)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {  // the accumulator layout of mma.cuh
-      const PairSums e = pair_epilogue(terms, a, view, mask, row0 + g + 8 * (i / 2),
-                                       col0 + j * 8 + 2 * q + i % 2, s[j][i], t[j][i]);
-      loss += e.loss;
-      dmu_s += e.dmu_s;
-      dmu_t += e.dmu_t;
-    }
-  loss = block_sum(loss, shared);
-  dmu_s = block_sum(dmu_s, shared);
-  dmu_t = block_sum(dmu_t, shared);
-  if (threadIdx.x == 0) {
-    a.sums[blockIdx.x * 3 + 0] = loss;
-    a.sums[blockIdx.x * 3 + 1] = dmu_s;
-    a.sums[blockIdx.x * 3 + 2] = dmu_t;
-  }
+    for (int i = 0; i < 4; ++i)  // the accumulator layout of mma.cuh
+      sums.add(pair_epilogue(terms, a, view, mask, row0 + g + 8 * (i / 2),
+                             col0 + j * 8 + 2 * q + i % 2, s[j][i], t[j][i]));
+  store_block_sums(sums, shared, a.sums);
 }
 
 template <typename Terms>
