@@ -632,10 +632,11 @@ def radix_select(histogram, targets: Sequence[int], bits: int, all_reduce=None, 
     return prefix, [t - r for t, r in zip(targets, remaining)]
 
 
-# On the CPU in one process, EKD's first pass also keeps the whole keys of
-# the pairs in the bins where a row sample predicts each threshold; a target
-# whose exact bin was kept is resolved from them, so the later passes over
-# all pairs (one for float32, three for float64) are skipped for it.
+# On the CPU, EKD's first pass also keeps the whole keys of the pairs in the
+# bins where a row sample predicts each threshold; a target whose exact bin
+# was kept is resolved from them, so the later passes over all pairs (one
+# for float32, three for float64) are skipped for it. Under DDP the sample
+# histograms are summed and the kept keys gathered from every rank.
 COLLECT_CAP = 1 << 21        # kept keys (16 MiB of int64), else the radix passes
 COLLECT_MIN_ROWS = 256       # below this the passes are cheap: no sample
 COLLECT_SAMPLE_STRIDE = 16   # every 16th row against all columns (~1/16 of the pairs)
@@ -789,7 +790,12 @@ def negative_pair_select(x: Tensor, labels: Tensor, divisors: List[int], topk: i
     ids_r = (row_offset + torch.arange(len(x), device=x.device)) if rect else None
     common = (x, x_cols, labels.long(), None if labels_cols is None else labels_cols.long(),
               ids_r, None)
-    all_reduce = None if group is None else (lambda t: relkd_dist.all_reduce_sum(t, group))
+    summed = None if group is None else (lambda t: relkd_dist.all_reduce_sum(t, group))
+    reduced = []  # under DDP, the passes' histograms summed over the ranks
+
+    def all_reduce(hist: Tensor) -> Tensor:
+        reduced.append(summed(hist))
+        return reduced[-1]
 
     bits = key_bits(x.dtype)
     k_eff = min(topk, n_neg)
@@ -802,9 +808,10 @@ def negative_pair_select(x: Tensor, labels: Tensor, divisors: List[int], topk: i
     if any(not 0 <= t < n_neg for t in targets):  # SPEC §3.2 needs every q >= 2
         raise ValueError(f"divisors: every rank position n_neg // q must lie in [0, {n_neg}), "
                          f"got divisors {list(divisors)}")
-    first_top = []
-    ranges = _predicted_bins_of(common, targets, n_neg, bits) if (
-        group is None and x.device.type == "cpu" and len(x) >= COLLECT_MIN_ROWS) else []
+    first_top, first_pass = [], []
+    # `n` (global), not len(x): every rank must decide alike.
+    ranges = _predicted_bins_of(common, targets, n_neg, bits, summed) if (
+        x.device.type == "cpu" and n >= COLLECT_MIN_ROWS) else []
     resolvers = []
 
     def histogram(prefixes: Tensor, shift: int) -> Tensor:
@@ -814,14 +821,24 @@ def negative_pair_select(x: Tensor, labels: Tensor, divisors: List[int], topk: i
             hist, *found, kept = torch.ops.relkd.pair_histogram_topk(
                 *common, prefixes, shift, topk if top_in_first_pass else 0, collect, COLLECT_CAP)
             first_top.append(tuple(found))
-            resolvers.append(collected_resolver(hist, kept, ranges, bits, COLLECT_CAP))
+            first_pass.append((hist, kept))
             return hist
         return torch.ops.relkd.pair_histogram(*common, prefixes, shift)
 
     def resolve(bin_: int, position: int):
-        return resolvers[0](bin_, position) if resolvers and resolvers[0] else None
+        # Built at the first call, which comes after the first pass's
+        # histogram was summed over the ranks (on every rank at once).
+        if not resolvers:
+            hist, kept = first_pass[0] if first_pass and ranges else (None, None)
+            if kept is not None and group is not None:  # every rank's keys, one order
+                hist = reduced[0]
+                kept = keys_descending(relkd_dist.gather_rows(kept, group), bits)
+            resolvers.append(None if kept is None else
+                             collected_resolver(hist, kept, ranges, bits, COLLECT_CAP))
+        return resolvers[0](bin_, position) if resolvers[0] else None
 
-    keys, n_above = radix_select(histogram, targets, bits, all_reduce, resolve)
+    keys, n_above = radix_select(histogram, targets, bits, all_reduce if summed else None,
+                                 resolve)
     thresholds = torch.tensor([key_to_value(k, bits) for k in keys[:len(divisors)]],
                               dtype=x.dtype, device=x.device)
     if top_in_first_pass:
@@ -834,10 +851,20 @@ def negative_pair_select(x: Tensor, labels: Tensor, divisors: List[int], topk: i
     return (thresholds, *top, n_neg_t)
 
 
-def _predicted_bins_of(common, targets: Sequence[int], n_pairs: int,
-                       bits: int) -> List[Tuple[int, int]]:
+def keys_descending(keys: Tensor, bits: int) -> Tensor:
+    """Collected keys (int64 bit patterns of unsigned keys) sorted in
+    descending unsigned order, as pair_histogram_topk returns them: 64-bit
+    keys with the top bit set are negative as int64, so they sort with that
+    bit flipped."""
+    order = keys ^ torch.iinfo(torch.int64).min if bits == 64 else keys
+    return keys[torch.sort(order, descending=True, stable=True).indices]
+
+
+def _predicted_bins_of(common, targets: Sequence[int], n_pairs: int, bits: int,
+                       all_reduce=None) -> List[Tuple[int, int]]:
     """predicted_bins from the first-pass histogram of every
-    COLLECT_SAMPLE_STRIDE-th row against all columns."""
+    COLLECT_SAMPLE_STRIDE-th row against all columns (under DDP, of every
+    rank's rows: `all_reduce` sums the sample histograms)."""
     x, x_cols, labels, labels_cols, ids_r, _ = common
     n = len(x)
     ids = ids_r if ids_r is not None else torch.arange(n, device=x.device)
@@ -846,6 +873,8 @@ def _predicted_bins_of(common, targets: Sequence[int], n_pairs: int,
         x[pick], x if x_cols is None else x_cols, labels[pick],
         labels if labels_cols is None else labels_cols, ids[pick], None,
         torch.zeros(1, dtype=torch.long, device=x.device), bits - 16)
+    if all_reduce is not None:
+        sample = all_reduce(sample)
     return predicted_bins(sample, targets, n_pairs, COLLECT_CAP)
 
 

@@ -3,7 +3,9 @@
 For every loss and both backends: the per-rank shares sum to the loss of one
 process holding the concatenated batch, each rank's gradient equals that
 process's gradient for its rows, and EKD's anchors (and a PrototypeBank) are
-identical on every rank and equal the single-process ones. Collectives time
+identical on every rank and equal the single-process ones; EKD's
+selection resolves its thresholds from keys gathered from every rank in
+one pass. Collectives time
 out and the spawned ranks are bounded in time, so a hang fails the test
 instead of blocking CI."""
 import datetime
@@ -18,6 +20,7 @@ import torch.multiprocessing as mp
 
 import relkd
 from relkd import functional as Fn
+from relkd import ops
 
 from helpers import correlated, embeddings, labels, requires_extension
 
@@ -69,6 +72,41 @@ for backend in ("fused", "reference"):
     })
 
 
+# EKD's selection (ops.negative_pair_select) on its own, with enough rows
+# that its first pass keeps the keys near each predicted threshold.
+SELECT_SHARDS = {"world2": [140, 160], "world3": [90, 100, 110],
+                 "world3_empty_shard": [150, 0, 150]}
+SELECT_DIVISORS = [10, 100, 1000]
+
+
+def selection_inputs(dtype):
+    n = sum(SELECT_SHARDS["world2"])
+    x = torch.nn.functional.normalize(embeddings(n, 16, seed=5, dtype=dtype), dim=1)
+    return x, labels("random", n, seed=6)
+
+
+def selections(layout, rank, group_name):
+    """This rank's negative_pair_select results and histogram passes, with the
+    first-pass key collection off (radix passes) and on, per dtype."""
+    shards = SELECT_SHARDS[layout]
+    lo = sum(shards[:rank])
+    out = {}
+    radix_select, min_rows = ops.radix_select, ops.COLLECT_MIN_ROWS
+    for dtype in (torch.float32, torch.float64):
+        x, y = selection_inputs(dtype)
+        for collect in (False, True):
+            ops.COLLECT_MIN_ROWS = 0 if collect else 10**9
+            shifts = []
+            ops.radix_select = lambda h, *a, **k: radix_select(
+                lambda p, sh: shifts.append(sh) or h(p, sh), *a, **k)
+            result = ops.negative_pair_select(x[lo:lo + shards[rank]], y[lo:lo + shards[rank]],
+                                              SELECT_DIVISORS, 50, x, y, lo, group_name)
+            ops.radix_select = radix_select
+            out[(dtype, collect)] = (result, shifts)
+    ops.COLLECT_MIN_ROWS = min_rows
+    return out
+
+
 def run_case(fn, fs, ft, y, **dist_kw):
     fs = fs.detach().clone().requires_grad_()
     out = fn(fs, ft, y, **dist_kw)
@@ -92,6 +130,7 @@ def worker(rank, layout, init_file, out_dir):
     fs, ft, y = batch()
     bank.update(ft[rows], y[rows] % 9)
     results["bank"] = bank.prototypes
+    results["select"] = selections(layout, rank, dist.group.WORLD.group_name)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()  # no rank tears down gloo while a peer still drains a collective
     dist.destroy_process_group()
@@ -145,6 +184,29 @@ def test_prototype_bank_is_global(ranks):
     bank.update(ft, y % 9)
     for r in results:
         torch.testing.assert_close(r["bank"], bank.prototypes, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_selection_collects_keys_across_ranks(ranks, dtype):
+    """Under DDP the first pass's kept keys (gathered from every rank, bins
+    predicted from the summed row samples) resolve every threshold in one
+    pass, with bitwise the radix passes' result, the same on every rank and
+    equal to one process's selection."""
+    world, results = ranks
+    bits = ops.key_bits(dtype)
+    x, y = selection_inputs(dtype)
+    single = ops.negative_pair_select(x, y, SELECT_DIVISORS, 50, None, None, 0, "")
+    for r in results:
+        (radix, radix_shifts), (collected, collected_shifts) = (
+            r["select"][(dtype, False)], r["select"][(dtype, True)])
+        assert len(radix_shifts) == bits // 16 and collected_shifts == [bits - 16]
+        assert all(torch.equal(a, b) for a, b in zip(collected, radix))
+        first_rank = results[0]["select"][(dtype, True)][0]
+        assert all(torch.equal(a, b) for a, b in zip(collected, first_rank))
+        # One process computes some similarities in another order: equal to the last bits.
+        torch.testing.assert_close(collected[0], single[0], rtol=1e-6, atol=0)
+        torch.testing.assert_close(collected[1], single[1], rtol=1e-6, atol=0)
+        assert int(collected[4]) == int(single[4])
 
 
 def test_gather_without_process_group_is_an_error():
