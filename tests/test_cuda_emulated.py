@@ -14,11 +14,13 @@ import pathlib
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.cpp_extension import load
 
 from relkd import ops, reference
 
-from helpers import embeddings, labels, requires_extension
+from helpers import LABEL_PATTERNS, embeddings, labels, requires_extension
 
 pytestmark = requires_extension
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -161,6 +163,38 @@ def test_pairwise_loss_tensor_cores(emulated, monkeypatch, kind, rect):
     monkeypatch.setenv("RELKD_TENSOR_CORES", "1")
     args = tensor_core_case(kind, rect, representable=True)
     got = emulated.pairwise_loss(*args)
+    want = torch.ops.relkd.pairwise_loss(*args)
+    scale = max(float(want[0].abs()), 1.0)
+    close(got, want, atol=2e-5 * scale)
+
+
+@settings(max_examples=25, deadline=None)
+@given(kind=st.sampled_from(list(PARAMS)), n=st.integers(1, 140), d=st.integers(1, 70),
+       dt=st.integers(1, 40), pattern=st.sampled_from(LABEL_PATTERNS), rect=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_pairwise_loss_tensor_cores_property(emulated, kind, n, d, dt, pattern, rect, seed):
+    """The tensor-core tiles over random shapes (partial sub-tiles and
+    staging steps, n = 1, teacher dims other than the student's), label
+    patterns, symmetric and rectangular with global ids."""
+    def bf16_valued(x):
+        return x.bfloat16().float()
+    raw = embeddings(n, d, seed, F32)
+    x = bf16_valued(raw if kind.startswith("rkd") else reference.normalize(raw, F32))
+    z = bf16_valued(reference.normalize(embeddings(n, dt, seed + 1, F32), F32))
+    teacher = None if kind == "rkd_dist_sum" else z
+    y = labels(pattern, n, seed) if kind == "ekd_pos" else None
+    params = torch.tensor(PARAMS[kind], dtype=F32)
+    grad_t = kind == "cckd"
+    if rect and n > 1:
+        r = slice(n // 3, n)
+        args = (kind, x[r], None if teacher is None else teacher[r], x, teacher,
+                None if y is None else y[r], y, torch.arange(n // 3, n), None, params, True,
+                grad_t)
+    else:
+        args = (kind, x, teacher, None, None, y, None, None, None, params, True, grad_t)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RELKD_TENSOR_CORES", "1")
+        got = emulated.pairwise_loss(*args)
     want = torch.ops.relkd.pairwise_loss(*args)
     scale = max(float(want[0].abs()), 1.0)
     close(got, want, atol=2e-5 * scale)
