@@ -2,8 +2,9 @@
 (memcheck, racecheck) in benchmarks/gpu_check.sh: topk_sim (batch and bank
 mode, labels, scale, k > M, a k that forces compactions), pair_dot and its
 backward, pairwise_loss of every kind (symmetric and rectangular, with
-gradients; on the float32 tiles and on the opt-in tensor-core tiles), pair_histogram and pair_topk (including many ties and more pairs
-above the threshold than it returns). Each result is also checked against
+gradients; on the float32 tiles and on the opt-in tensor-core kernels),
+pair_histogram and pair_topk (including many ties and more pairs above the
+threshold than it returns). Each result is also checked against
 the CPU kernels, so a sanitizer run that passes also computed right.
 
 Usage: python3 benchmarks/cuda_smoke.py   (exits 1 on a mismatch)
@@ -20,12 +21,19 @@ from relkd import ops  # noqa: E402
 FAILURES = []
 
 
-def check(name, got, want, atol=1e-10):
+def check(name, got, want, atol=1e-10, rel_norm=None):
+    """got == want within atol per entry, or (rel_norm) within that fraction
+    of want's norm per output."""
     got = [g.cpu() for g in (got if isinstance(got, (tuple, list)) else [got])]
     want = want if isinstance(want, (tuple, list)) else [want]
     for g, w in zip(got, want):
-        if g.shape != w.shape or not torch.allclose(g.double(), w.double(), atol=atol, rtol=0,
-                                                    equal_nan=True):
+        if rel_norm is not None and g.shape == w.shape:
+            error = float((g.double() - w.double()).norm())
+            ok = error <= rel_norm * float(w.double().norm()) + 1e-6
+        else:
+            ok = g.shape == w.shape and torch.allclose(g.double(), w.double(), atol=atol, rtol=0,
+                                                       equal_nan=True)
+        if not ok:
             FAILURES.append(name)
             print(f"MISMATCH {name}")
             return
@@ -80,8 +88,10 @@ def main() -> int:
             got = torch.ops.relkd.pairwise_loss(
                 *[a_.cuda() if isinstance(a_, torch.Tensor) else a_ for a_ in bf16_valued])
             del os.environ["RELKD_TENSOR_CORES"]
+            # (ekd_pos symmetric: the rows pass, whose bf16 derivatives
+            # multiply the embeddings: relative 2^-9 each.)
             check(f"pairwise_loss {kind} {name}, tensor cores", got,
-                  torch.ops.relkd.pairwise_loss(*bf16_valued), atol=1e-3)
+                  torch.ops.relkd.pairwise_loss(*bf16_valued), rel_norm=4e-3)
 
     prefixes = torch.zeros(1, dtype=torch.long)
     check("pair_histogram", torch.ops.relkd.pair_histogram(*g(x), None, *g(y), None, None, None,

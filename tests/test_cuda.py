@@ -228,6 +228,20 @@ def bf16_valued(args):
             else a for a in args]
 
 
+def assert_tensor_core_result(got, want, rows_pass, what, atol=2e-5):
+    """The loss up to summation order; the gradients too, except after the
+    symmetric rows pass (ekd_pos, cckd without the teacher's gradient),
+    which rounds its derivatives to bf16 (relative 2^-9 each) before they
+    multiply the embeddings: then within 1/250 of the gradient's norm."""
+    scale = max(float(want[0].abs()), 1.0)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=atol * scale, msg=what)
+    for g, w in zip(got[1:], want[1:]):
+        if rows_pass:
+            assert float((g - w).norm()) <= 4e-3 * float(w.norm()) + 1e-6, what
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=atol * scale, msg=what)
+
+
 @cuda_settings
 @given(kind=st.sampled_from(KINDS), n=st.integers(1, 600), d=st.integers(1, 130),
        pattern=st.sampled_from(LABEL_PATTERNS), seed=st.integers(0, 2**16))
@@ -237,10 +251,23 @@ def test_pairwise_loss_tensor_cores_match_the_cpu_kernels(kind, n, d, pattern, s
     args = bf16_valued(inputs(kind, n, d, seed, F32, pattern))
     with tensor_cores():
         got = cpu(*grads_of(fused_on_cuda, kind, *to_cuda_args(args)))
-    want = grads_of(fused, kind, *args)
-    scale = max(float(want[0].abs()), 1.0)
-    for g, w, what in zip(got, want, ("loss", "grad xs", "grad 2", "grad 3")):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=2e-5 * scale, msg=f"{kind} {what}")
+    assert_tensor_core_result(got, grads_of(fused, kind, *args), kind == "ekd_pos", kind)
+
+
+@pytest.mark.parametrize("n,d", [(1, 7), (300, 96), (2000, 512)])
+def test_pairwise_loss_rows_pass_cckd_student_only(n, d):
+    """CCKD with a detached teacher takes the rows pass (gradient products
+    inside the kernel); at D=512 its shared memory is at the A100 limit."""
+    xs, xt, y, params = bf16_valued(inputs("cckd", n, d, seed=4, dtype=F32))
+
+    def value_and_grad(device):
+        a = xs.to(device).requires_grad_()
+        loss = ops.pairwise_loss("cckd", a, xt.to(device), params=params.to(device))
+        return [loss.detach().cpu(), torch.autograd.grad(loss, a)[0].cpu()]
+
+    with tensor_cores():
+        got = value_and_grad("cuda")
+    assert_tensor_core_result(got, value_and_grad("cpu"), True, f"cckd n={n} d={d}")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -252,10 +279,8 @@ def test_pairwise_loss_tensor_cores_large_deterministic(kind):
         first = cpu(*grads_of(fused_on_cuda, kind, *to_cuda_args(args)))
         again = cpu(*grads_of(fused_on_cuda, kind, *to_cuda_args(args)))
     assert all(torch.equal(a, b) for a, b in zip(first, again))
-    want = grads_of(fused, kind, *args)
-    scale = max(float(want[0].abs()), 1.0)
-    for g, w in zip(first, want):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * scale)
+    assert_tensor_core_result(first, grads_of(fused, kind, *args), kind == "ekd_pos", kind,
+                              atol=1e-4)
 
 
 # ---------------------------------------------------------------- pair_select

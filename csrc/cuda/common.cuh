@@ -30,6 +30,26 @@ inline cudaStream_t as_stream(Stream s) { return static_cast<cudaStream_t>(s); }
 #define RELKD_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<grid, block, 0, as_stream(stream)>>>
 #endif
 
+// The same with `bytes` of dynamic shared memory (dynamic_shared below).
+#ifdef RELKD_EMULATE
+#define RELKD_LAUNCH_SHARED(grid, block, bytes, stream, ...) \
+  ::relkd_emulation::launch_shared(grid, block, bytes, __VA_ARGS__)
+#else
+#define RELKD_LAUNCH_SHARED(grid, block, bytes, stream, ...) \
+  __VA_ARGS__<<<grid, block, bytes, as_stream(stream)>>>
+#endif
+
+// The block's dynamic shared memory.
+template <typename T>
+__device__ inline T* dynamic_shared() {
+#ifdef RELKD_EMULATE
+  return reinterpret_cast<T*>(::relkd_emulation::dynamic_shared_memory.data());
+#else
+  extern __shared__ __align__(16) unsigned char relkd_dynamic_shared[];
+  return reinterpret_cast<T*>(relkd_dynamic_shared);
+#endif
+}
+
 // Status of the last launch (a launch error, e.g. a bad configuration,
 // surfaces here; errors inside a kernel surface at the next synchronising
 // call, where torch reports them).

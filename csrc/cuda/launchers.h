@@ -147,6 +147,27 @@ int64_t pair_tile_mma_blocks(const TileView& view);
 int pair_tile_mma(const PairTileArgs<float>& args, const MmaTileInputs& in,
                   const TileView& view, const TileMask& mask, Stream stream);
 
+// The symmetric pass with the gradient products inside, on tensor cores
+// (csrc/cuda/pair_rows_mma.cuh): grad_s (n x ds) is written whole, the loss
+// and its parameter derivatives go to sums (3 per block, pair_rows_mma_blocks
+// blocks). Kinds cckd and ekd_pos, student gradient only; mask is the
+// symmetric one of the tile path.
+struct RowsMmaArgs {
+  PairKind kind;
+  const float* params;  // device
+  int64_t n_params;
+  const float* xs;  // n x ds
+  const float* xt;  // n x dt; nullptr: no teacher
+  int64_t n, ds, dt;
+  float* grad_s;
+  double* sums;
+};
+// Whether the device's shared memory holds the block's gradient rows (ds
+// entries each), and its bf16 tensor cores run.
+bool rows_mma_fits(int device, int64_t ds);
+int64_t pair_rows_mma_blocks(int64_t n);
+int pair_rows_mma(const RowsMmaArgs& args, const TileMask& mask, Stream stream);
+
 // Sums of `parts` consecutive blocks of 3 doubles, into out[0..3), in order.
 int sum_partials(const double* partials, int64_t parts, double* out, Stream stream);
 

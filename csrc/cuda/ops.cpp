@@ -263,6 +263,33 @@ at::Tensor squared_norms(const at::Tensor& x, bool of_bf16 = false) {
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// The symmetric tensor-core pass with the gradient products inside
+// (cuda::pair_rows_mma): only the student's gradient, no squared norms.
+bool rows_pass_applies(const PairwiseArgs& in, cuda::PairKind kind, bool grad_s, bool grad_t) {
+  return in.symmetric && grad_s && !grad_t && !in.kind.uses_norms &&
+         (kind == cuda::PairKind::Cckd || kind == cuda::PairKind::EkdPos) &&
+         cuda::rows_mma_fits(in.xs_r.device().index(), in.xs_r.size(1));
+}
+
+Outputs rows_pass(cuda::PairKind kind, const PairwiseArgs& in) {
+  const auto opts = in.xs_r.options();
+  const int64_t n = in.n_r, blocks = cuda::pair_rows_mma_blocks(n);
+  at::Tensor grad = at::empty_like(in.xs_r);  // every row written by its block
+  auto partials = at::zeros({blocks * 3}, opts.dtype(at::kDouble));
+  const cuda::RowsMmaArgs args{kind, ptr<float>(in.params), in.params.numel(),
+                               ptr<float>(in.xs_r), ptr<float>(in.xt_r), n, in.xs_r.size(1),
+                               in.kind.has_teacher ? in.xt_r.size(1) : 0, ptr<float>(grad),
+                               ptr<double>(partials)};
+  const auto mask = tile_mask(in.kind.mask, true, in.ids_r, in.ids_c, in.labels_r, in.labels_c);
+  const auto stream = current_stream(in.xs_r);
+  check_launch(cuda::pair_rows_mma(args, mask, stream), "pairwise_loss (rows)");
+  auto sums = at::zeros({3}, opts.dtype(at::kDouble));
+  check_launch(cuda::sum_partials(ptr<double>(partials), blocks, ptr<double>(sums), stream),
+               "pairwise_loss (sum)");
+  auto empty = [&] { return at::empty({0}, opts); };
+  return {sums[0].to(opts.dtype(), false, true), grad, empty(), empty(), empty(), empty()};
+}
+
 template <typename T>
 Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool grad_s,
                       bool grad_t) {
@@ -276,7 +303,11 @@ Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool g
                                   in.labels_r, in.labels_c, opts);
 
   bool tensor_cores = false;
-  if constexpr (std::is_same_v<T, float>) tensor_cores = use_tensor_cores(in.xs_r);
+  if constexpr (std::is_same_v<T, float>) {
+    tensor_cores = use_tensor_cores(in.xs_r);
+    if (tensor_cores && rows_pass_applies(in, pair_kind(kind_name), grad_s, grad_t))
+      return rows_pass(pair_kind(kind_name), in);
+  }
   at::Tensor ns_r, ns_c, nt_r, nt_c;
   if (kind.uses_norms) {
     ns_r = squared_norms(in.xs_r, tensor_cores);

@@ -1,7 +1,7 @@
 // pair_select on CUDA (histograms and candidate collection of EKD's exact
 // order statistics), the dispatch of pairwise_loss tiles to their kind's
 // unit, and the fixed-order reduction of per-block partial sums.
-#include "pair_tile_mma.cuh"
+#include "pair_rows_mma.cuh"
 
 namespace relkd {
 namespace cuda {
@@ -137,6 +137,31 @@ bool has_bf16_tensor_cores(int device) {
              cudaSuccess &&
          major >= 8;
 #endif
+}
+
+bool rows_mma_fits(int device, int64_t ds) {
+  constexpr size_t kStaticBytes = 32 << 10;  // the kernel's static shared memory, rounded up
+  const size_t need = rows_mma_dynamic_bytes(ds) + kStaticBytes;
+#ifdef RELKD_EMULATE
+  (void)device;
+  return need <= (160u << 10);  // an A100's opt-in limit, about
+#else
+  int most = 0;
+  return has_bf16_tensor_cores(device) &&
+         cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) ==
+             cudaSuccess &&
+         need <= static_cast<size_t>(most);
+#endif
+}
+
+int64_t pair_rows_mma_blocks(int64_t n) { return blocks_for(n, kMmaEdge); }
+
+int pair_rows_mma(const RowsMmaArgs& a, const TileMask& m, Stream s) {
+  switch (a.kind) {
+    case PairKind::Cckd: return pair_rows_mma_cckd(a, m, s);
+    case PairKind::EkdPos: return pair_rows_mma_ekd_pos(a, m, s);
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
 }
 
 int64_t pair_tile_mma_blocks(const TileView& view) {

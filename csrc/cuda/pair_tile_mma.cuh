@@ -34,19 +34,20 @@ __device__ inline void stage_rows(const float* x, int64_t end, int64_t d, int64_
 }
 
 // acc[j] += (the warp's 16 staged rows) x (its columns j*8 .. j*8 + 8)^T over
-// the staged depth.
+// `Depth` staged entries (rows and columns `Stride` entries apart).
+template <int Depth = kMmaDepth, int Stride = kMmaStride>
 __device__ inline void warp_products(const uint16_t* rows, const uint16_t* cols, int warp_row,
                                      int warp_col, float (&acc)[4][4]) {
   const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
 #pragma unroll
-  for (int k = 0; k < kMmaDepth; k += 16) {
-    const uint16_t* a0 = rows + (warp_row + g) * kMmaStride + k + 2 * t;
-    const uint16_t* a8 = a0 + 8 * kMmaStride;
+  for (int k = 0; k < Depth; k += 16) {
+    const uint16_t* a0 = rows + (warp_row + g) * Stride + k + 2 * t;
+    const uint16_t* a8 = a0 + 8 * Stride;
     const uint32_t a[4] = {fragment_pair(a0), fragment_pair(a8), fragment_pair(a0 + 8),
                            fragment_pair(a8 + 8)};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const uint16_t* b0 = cols + (warp_col + j * 8 + g) * kMmaStride + k + 2 * t;
+      const uint16_t* b0 = cols + (warp_col + j * 8 + g) * Stride + k + 2 * t;
       const uint32_t b[2] = {fragment_pair(b0), fragment_pair(b0 + 8)};
       mma_bf16_16816(acc[j], a, b);
     }

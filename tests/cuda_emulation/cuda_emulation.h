@@ -3,7 +3,8 @@
 // with -DRELKD_EMULATE) and tests/test_cuda_emulated.py compares it with the
 // CPU kernels. Each CUDA thread of a block is a host thread; blocks run one
 // after the other. Emulated: thread / block indices, __syncthreads (a block
-// barrier), __shared__ memory (a static: one block at a time), warp
+// barrier), __shared__ memory (a static: one block at a time; dynamic
+// shared memory one buffer), warp
 // shuffles and __match_any_sync (a warp barrier and an exchange slot per
 // lane), the bf16 tensor-core mma.m16n8k16 (fragments exchanged the same
 // way, read where the PTX ISA's tables place them), atomicAdd
@@ -105,6 +106,17 @@ Launcher<Params...> launch(long long grid, long long threads, void (*kernel)(Par
   return {grid, threads, kernel};
 }
 
+// Dynamic shared memory: one buffer, as blocks run one at a time (its
+// contents are not cleared between blocks, as on the GPU).
+inline std::vector<double> dynamic_shared_memory;  // doubles: aligned for any type
+
+template <typename... Params>
+Launcher<Params...> launch_shared(long long grid, long long threads, size_t bytes,
+                                  void (*kernel)(Params...)) {
+  dynamic_shared_memory.assign((bytes + sizeof(double) - 1) / sizeof(double), 0.0);
+  return {grid, threads, kernel};
+}
+
 inline int lane() { return static_cast<int>(thread_idx.x % kWarpSize); }
 inline std::barrier<>& warp_barrier() { return *current_block->warp_sync[thread_idx.x / kWarpSize]; }
 inline uint64_t* warp_slots() {
@@ -168,7 +180,8 @@ inline float from_bf16(uint32_t bits) { return from_bits<float>(uint64_t(bits & 
 // Products of bf16 values are exact in fp32; the sum runs in k order.
 inline void mma_bf16_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   constexpr int kRegs = 6;  // four of A, two of B
-  uint32_t* slots = current_block->fragments.data() + (thread_idx.x / kWarpSize) * kWarpSize * kRegs;
+  const unsigned warp_first = thread_idx.x / kWarpSize * kWarpSize;
+  uint32_t* slots = current_block->fragments.data() + warp_first * kRegs;
   const int me = lane();
   for (int r = 0; r < 4; ++r) slots[me * kRegs + r] = a[r];
   for (int r = 0; r < 2; ++r) slots[me * kRegs + 4 + r] = b[r];

@@ -1,0 +1,128 @@
+// The symmetric pairwise_loss pass with its gradient products inside, on
+// tensor cores (FlashAttention-2 style): each thread block owns 64 rows and
+// sweeps every column block. Per 64 x 64 sub-tile it computes the
+// similarities with bf16 mma (pair_tile_mma.cuh), the derivative
+// G_pq = W_pq dl/ds(s_pq) in registers, W_pq = w(p, q) + w(q, p) the ordered
+// masks of both orders, rounds G to bf16 in shared memory and multiplies it
+// straight back by the column rows: grad_p += sum_q G_pq x_q, accumulated in
+// shared memory (fp32). Neither a similarity nor a derivative tile reaches
+// global memory, and every gradient row is written once by its owner: no
+// atomics, bitwise reproducible. The loss is (1/2) sum_pq W_pq l_pq, the
+// symmetric sum of the tile path. Kinds without squared norms (cckd,
+// ekd_pos), student gradient only.
+#pragma once
+
+#include "pair_tile_mma.cuh"
+
+namespace relkd {
+namespace cuda {
+
+constexpr int kGradStride = kMmaEdge + 8;  // a row of the G tile / of the staged x^T chunk
+
+// Shared memory of the dynamic part: the block's gradient rows (64 x ds fp32).
+inline size_t rows_mma_dynamic_bytes(int64_t ds) {
+  return static_cast<size_t>(kMmaEdge) * static_cast<size_t>(ds) * sizeof(float);
+}
+
+// Entries d0 .. d0 + 64 of rows c0 .. c0 + 64 (below n) of x (d entries per
+// row), transposed into stage[64 (entry)][kGradStride (row)] as bf16, 0 out of range:
+// the B operand of G x X, whose k index (the column row) must run along a staged row.
+__device__ inline void stage_transposed(const float* x, int64_t n, int64_t d, int64_t c0,
+                                        int64_t d0, uint16_t* stage) {
+  for (int e = threadIdx.x; e < kMmaEdge * kMmaEdge; e += kThreads) {
+    const int j = e / kMmaEdge, dd = e % kMmaEdge;  // consecutive threads: consecutive entries
+    const int64_t q = c0 + j, k = d0 + dd;
+    stage[dd * kGradStride + j] = (q < n && k < d) ? bf16_bits(x[q * d + k]) : uint16_t(0);
+  }
+}
+
+// The sub-tile's pair terms with weights W_pq, derivatives into g_tile as bf16.
+template <typename Terms>
+__device__ __noinline__ PairSums rows_pair(const Terms& terms, const TileMask& ordered,
+                                           int64_t n, int64_t p, int64_t q, float s, float t,
+                                           uint16_t* g_at) {
+  const int w = (p < n && q < n) ? tile_weight(ordered, p, q) + tile_weight(ordered, q, p) : 0;
+  if (w == 0) {
+    *g_at = 0;
+    return {};
+  }
+  const pm::PairTerms<float> pt = terms(float(w), s, t, 0.0f, 0.0f, 0.0f, 0.0f);
+  *g_at = bf16_bits(pt.ds);
+  PairSums out;
+  out.loss = 0.5 * double(pt.loss);  // each unordered pair is met twice
+  return out;
+}
+
+template <typename Terms>
+__global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) {
+  __shared__ uint16_t stage[2 * kMmaEdge * kMmaStride];
+  __shared__ uint16_t g_tile[kMmaEdge * kGradStride];
+  __shared__ uint16_t x_chunk[kMmaEdge * kGradStride];
+  __shared__ double shared[kThreads];
+  float* grad = dynamic_shared<float>();  // kMmaEdge x ds
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kMmaEdge;
+  const int64_t rows = a.n - r0 < kMmaEdge ? a.n - r0 : kMmaEdge;
+  for (int64_t e = threadIdx.x; e < kMmaEdge * a.ds; e += kThreads) grad[e] = 0.0f;
+  TileMask ordered = mask;
+  ordered.symmetric = false;
+
+  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, q4 = threadIdx.x % 4;
+  const int warp_row = warp % 4 * kMmaWarpRows, warp_col = warp / 4 * kMmaWarpCols;
+  PairSums sums;
+  for (int64_t c0 = 0; c0 < a.n; c0 += kMmaEdge) {
+    const TileView view{r0, rows, c0, a.n - c0 < kMmaEdge ? a.n - c0 : kMmaEdge, kMmaEdge};
+    float s[4][4] = {}, t[4][4] = {};
+    sub_tile_products(a.xs, a.xs, a.ds, view, 0, 0, stage, s);
+    if (a.xt) sub_tile_products(a.xt, a.xt, a.dt, view, 0, 0, stage, t);
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // the accumulator layout of mma.cuh
+        const int r = warp_row + g + 8 * (i / 2), c = warp_col + j * 8 + 2 * q4 + i % 2;
+        sums.add(rows_pair(terms, ordered, a.n, r0 + r, c0 + c, s[j][i], t[j][i],
+                           &g_tile[r * kGradStride + c]));
+      }
+    // grad rows += G x (the column rows), 64 entries of the embedding at a time.
+    for (int64_t d0 = 0; d0 < a.ds; d0 += kMmaEdge) {
+      __syncthreads();  // g_tile complete; x_chunk free
+      stage_transposed(a.xs, a.n, a.ds, c0, d0, x_chunk);
+      __syncthreads();
+      float acc[4][4] = {};
+      warp_products<kMmaEdge, kGradStride>(g_tile, x_chunk, warp_row, warp_col, acc);
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {  // each entry has one owner: no race, fixed order
+          const int r = warp_row + g + 8 * (i / 2);
+          const int64_t d = d0 + warp_col + j * 8 + 2 * q4 + i % 2;
+          if (d < a.ds) grad[r * a.ds + d] += acc[j][i];
+        }
+    }
+    __syncthreads();  // g_tile is rewritten by the next column block
+  }
+  for (int64_t e = threadIdx.x; e < rows * a.ds; e += kThreads) a.grad_s[r0 * a.ds + e] = grad[e];
+  store_block_sums(sums, shared, a.sums);
+}
+
+template <typename Terms>
+int launch_pair_rows_mma(const Terms& terms, const RowsMmaArgs& args, const TileMask& mask,
+                         Stream stream) {
+  if (args.n == 0) return 0;
+  const size_t bytes = rows_mma_dynamic_bytes(args.ds);
+#ifndef RELKD_EMULATE
+  const cudaError_t set = cudaFuncSetAttribute(
+      pair_rows_mma_kernel<Terms>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      static_cast<int>(bytes));
+  if (set != cudaSuccess) return static_cast<int>(set);
+#endif
+  RELKD_LAUNCH_SHARED(pair_rows_mma_blocks(args.n), kThreads, bytes, stream,
+                      pair_rows_mma_kernel<Terms>)(terms, args, mask);
+  return launched();
+}
+
+// One launcher per kind, defined in csrc/cuda/pair_tile_<kind>.cu.
+int pair_rows_mma_cckd(const RowsMmaArgs&, const TileMask&, Stream);
+int pair_rows_mma_ekd_pos(const RowsMmaArgs&, const TileMask&, Stream);
+
+}  // namespace cuda
+}  // namespace relkd
