@@ -1,6 +1,7 @@
 """A small case of every relkd CUDA kernel, for compute-sanitizer
 (memcheck, racecheck) in benchmarks/gpu_check.sh: topk_sim (batch and bank
-mode, labels, scale, k > M, a k that forces compactions), pair_dot and its
+mode, labels, scale, k > M, a k that forces compactions; the opt-in tensor-core
+search), pair_dot and its
 backward, pairwise_loss of every kind (symmetric and rectangular, with
 gradients; on the float32 tiles and on the opt-in tensor-core kernels),
 pair_histogram and pair_topk (including many ties and more pairs above the
@@ -52,6 +53,15 @@ def main() -> int:
     check("topk_sim batch + self", ops.topk_sim(*g(q, q), 5000, None, None, None, True),
           ops.topk_sim(q, q, 5000, None, None, None, True))
     check("topk_sim many compactions", ops.topk_sim(*g(q[:7], c), 3), ops.topk_sim(q[:7], c, 3))
+    # The tensor-core search, on float32 rows bf16 represents (unit rows:
+    # float32 sums differ from the CPU's in the last bits only).
+    q16 = torch.nn.functional.normalize(q, dim=1).float().bfloat16().float()
+    c16 = torch.nn.functional.normalize(c, dim=1).float().bfloat16().float()
+    os.environ["RELKD_TENSOR_CORES"] = "1"
+    got = ops.topk_sim(*g(q16, c16), 40, *g(ql, cl, scale.float()))
+    del os.environ["RELKD_TENSOR_CORES"]
+    check("topk_sim tensor cores (values)", got[0],
+          ops.topk_sim(q16, c16, 40, ql, cl, scale.float())[0], atol=1e-5)
 
     a, b = torch.randn(200, 16, dtype=f64), torch.randn(500, 16, dtype=f64)
     idx = torch.randint(-1, 500, (200, 9))

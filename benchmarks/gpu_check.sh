@@ -13,8 +13,9 @@
 #   bench-fp32  bench.py --device cuda, losses at N=1024..65536, D=512, float32, and
 #               similarity_topk 8192 x 1,000,000, D=512, k=100   -> bench-fp32.json/.md, .log
 #   bench-bf16  the same losses in bfloat16                         -> bench-bf16.json/.md, .log
-#   bench-tc    CCKD, EKD, RKD fused (float32) with RELKD_TENSOR_CORES=1 (the bf16 mma
-#               tiles, opt-in until validated) beside the GEMM floor -> bench-tc.json/.md, .log
+#   bench-tc    with RELKD_TENSOR_CORES=1 (the bf16 mma kernels, opt-in until validated):
+#               CCKD, EKD, RKD fused (float32) beside the GEMM floor, and similarity_topk
+#               8192 x 1,000,000, D=512, k=100         -> bench-tc.json/.md, bench-tc-topk.*, .log
 #
 # Every stage builds first if needed (incremental), so a stage can run on a
 # fresh machine. The device tool limits one command to 10 minutes: run the
@@ -99,6 +100,10 @@ for stage in $stages; do
         --device cuda --dtype float32 --only losses --losses cckd,ekd,rkd --sizes 8192,32768 \
         --dim 512 --backends fused,gemm --no-compile --json "$out/bench-tc.json"
       sed -n '/^relkd .* benchmark:/,$p' "$out/bench-tc.log" > "$out/bench-tc.md"
+      run_logged bench-tc-topk bench-tc-topk.log env RELKD_TENSOR_CORES=1 $PYTHON \
+        benchmarks/bench.py --device cuda --dtype float32 --only topk --topk-shape 8192,1000000 \
+        --topk-k 100 --dim 512 --backends fused,gemm --json "$out/bench-tc-topk.json"
+      sed -n '/^relkd .* benchmark:/,$p' "$out/bench-tc-topk.log" > "$out/bench-tc-topk.md"
       ;;
     *)
       echo "unknown stage $stage" >&2

@@ -68,3 +68,20 @@ def num_threads(n: int):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def assert_same_mining(got, want, q, c, scale):
+    """Values equal up to float32 summation order; each returned index is
+    the column its value belongs to (near-ties may swap which of two
+    columns comes first)."""
+    (gv, gi), (wv, wi) = got, want
+    torch.testing.assert_close(gv, wv, atol=2e-6, rtol=0, equal_nan=True)
+    valid = gi >= 0
+    assert torch.equal(valid, wi >= 0)
+    rows = torch.arange(len(q))[:, None].expand_as(gi)[valid]
+    sims = (q.double()[rows] * c.double()[gi[valid]]).sum(1)
+    if scale is not None:
+        sims = sims * scale.double()[gi[valid]]
+    torch.testing.assert_close(sims, gv[valid].double(), atol=2e-6, rtol=0, equal_nan=True)
+    exact = valid & ((wv - wv.roll(1, 1)).abs() > 1e-5) & ((wv - wv.roll(-1, 1)).abs() > 1e-5)
+    assert torch.equal(gi[exact], wi[exact])

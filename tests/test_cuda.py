@@ -22,8 +22,8 @@ import relkd
 from relkd import functional as Fn
 from relkd import ops, reference
 
-from helpers import (LABEL_PATTERNS, assert_bounded_error, correlated, embeddings, labels,
-                     requires_extension)
+from helpers import (LABEL_PATTERNS, assert_bounded_error, assert_same_mining, correlated,
+                     embeddings, labels, requires_extension)
 from test_losses_fused import GRADCHECK_CASES, compare
 from test_pair_select import sorted_reference
 from test_pairwise_loss import KINDS, direct, fused, grads_of, inputs
@@ -90,6 +90,23 @@ def test_topk_bank_far_larger_than_queries():
     sim = a.double() @ b.double().T
     torch.testing.assert_close(sim.gather(1, indices.cpu()), values.cpu().double(), atol=2e-6,
                                rtol=0)
+
+
+@cuda_settings
+@given(n=st.integers(1, 300), m=st.integers(1, 5000), d=st.integers(1, 130),
+       k=st.integers(1, 300), with_labels=st.booleans(), scaled=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_topk_sim_tensor_cores_match_the_cpu_kernel(n, m, d, k, with_labels, scaled, seed):
+    """RELKD_TENSOR_CORES=1: similarities on tensor cores, filtered in
+    registers; on bf16-valued unit rows the CPU kernel's selection."""
+    q = reference.normalize(embeddings(n, d, seed), F32).bfloat16().float()
+    c = reference.normalize(embeddings(m, d, seed + 1), F32).bfloat16().float()
+    ql = labels("random", n, seed) if with_labels else None
+    cl = labels("random", m, seed + 2) if with_labels else None
+    scale = torch.rand(m, generator=torch.Generator().manual_seed(seed)) + 0.5 if scaled else None
+    with tensor_cores():
+        got = cpu(*ops.topk_sim(*gpu(q, c), k, *gpu(ql, cl, scale)))
+    assert_same_mining(got, ops.topk_sim(q, c, k, ql, cl, scale), q, c, scale)
 
 
 def test_topk_ties_nan_and_padding():

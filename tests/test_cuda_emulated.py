@@ -20,7 +20,8 @@ from torch.utils.cpp_extension import load
 
 from relkd import ops, reference
 
-from helpers import LABEL_PATTERNS, embeddings, labels, requires_extension
+from helpers import (LABEL_PATTERNS, assert_same_mining, embeddings, labels,
+                     requires_extension)
 
 pytestmark = requires_extension
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -88,6 +89,41 @@ def test_topk_sim_batch_mode_self_exclusion_ties_and_nan(emulated):
     x[7, 2] = float("nan")  # NaN ranks below every number
     close(emulated.topk_sim(x, x, 310, None, None, None, False, 0),
           ops.topk_sim(x, x, 310, None, None, None, False, 0), atol=1e-12)
+
+
+@pytest.mark.parametrize("n,m,k,with_labels,scaled", [
+    (5, 3000, 7, True, True),      # many compactions of a partial row block
+    (70, 900, 1, False, False),    # two row blocks (the second partial), k = 1
+    (17, 400, 300, True, False),   # k near M: every value kept, no compaction
+    (9, 50, 80, False, True),      # k > M: padding
+])
+def test_topk_sim_tensor_cores(emulated, monkeypatch, n, m, k, with_labels, scaled):
+    """RELKD_TENSOR_CORES=1: the bank search with the similarities computed
+    on (emulated) tensor cores and filtered in registers, on bf16-valued
+    embeddings, against the CPU kernel."""
+    q = embeddings(n, 12, seed=n, dtype=F32).bfloat16().float()
+    c = embeddings(m, 12, seed=m, dtype=F32).bfloat16().float()
+    ql = labels("random", n, 1) if with_labels else None
+    cl = labels("random", m, 2) if with_labels else None
+    scale = (torch.rand(m, generator=torch.Generator().manual_seed(3)) + 0.5
+             if scaled else None)
+    monkeypatch.setenv("RELKD_TENSOR_CORES", "1")
+    got = emulated.topk_sim(q, c, k, ql, cl, scale, False, 0)
+    assert_same_mining(got, ops.topk_sim(q, c, k, ql, cl, scale, False, 0), q, c, scale)
+
+
+def test_topk_sim_tensor_cores_self_exclusion_ties_and_nan(emulated, monkeypatch):
+    monkeypatch.setenv("RELKD_TENSOR_CORES", "1")
+    x = embeddings(130, 6, seed=4, dtype=F32).bfloat16().float()
+    y = labels("random", 130, 5)
+    assert_same_mining(emulated.topk_sim(x, x, 25, y, y, None, True, 0),
+                       ops.topk_sim(x, x, 25, y, y, None, True, 0), x, x, None)
+    ties = torch.eye(4, 6).repeat(5, 1)  # exact ties: the smaller column first
+    close(emulated.topk_sim(ties, ties, 9, None, None, None, True, 3),
+          ops.topk_sim(ties, ties, 9, None, None, None, True, 3), atol=0)
+    x[7, 2] = float("nan")  # NaN ranks below every number
+    close(emulated.topk_sim(x, x, 140, None, None, None, False, 0)[0].isnan(),
+          ops.topk_sim(x, x, 140, None, None, None, False, 0)[0].isnan(), atol=0)
 
 
 # ------------------------------------------------------------------ pair_dot

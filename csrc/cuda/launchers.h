@@ -71,6 +71,14 @@ int topk_offer_tile(const double* tile, const TileView& view, int64_t block_r0,
                     const double* scale, const TopkValidity& valid,
                     const TopkState<double>& st, Stream stream);
 
+// The same for the view's query rows (q) against its bank columns (c), both
+// float32 with d entries per row, the similarities computed in the kernel on
+// tensor cores (bf16-rounded rows, fp32 accumulation; sm_80+) instead of
+// read from a tile. The state's capacity must exceed k by at least 64.
+int topk_offer_mma(const float* q, const float* c, int64_t d, const TileView& view,
+                   int64_t block_r0, const float* scale, const TopkValidity& valid,
+                   const TopkState<float>& st, Stream stream);
+
 // Writes each row's best out_k pairs sorted (value descending, ties to the
 // smaller column) to values / indices (rows x out_k), padding (-inf, -1).
 int topk_finish(const TopkState<float>& st, int64_t rows, int64_t out_k, float* values,

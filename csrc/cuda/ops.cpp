@@ -53,6 +53,16 @@ T* ptr(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
+// RELKD_TENSOR_CORES=1 opts float32 topk_sim and pairwise_loss into the
+// tensor-core kernels (similarities of bfloat16-rounded embeddings, fp32
+// accumulation, sm_80+). Off by default until a GPU run has validated them
+// (README, GPU).
+bool use_tensor_cores(const at::Tensor& x) {
+  const char* flag = std::getenv("RELKD_TENSOR_CORES");
+  if (!flag || std::strcmp(flag, "1") != 0) return false;
+  return cuda::has_bf16_tensor_cores(x.device().index());
+}
+
 // The largest power-of-two block of rows = columns such that `buffers`
 // square tiles of it fit the tile budget.
 int64_t square_block(int64_t buffers, int64_t elem_bytes) {
@@ -109,7 +119,9 @@ void topk_sim_impl(const at::Tensor& q, const at::Tensor& c, int64_t k, const at
   const cuda::TopkValidity valid{ptr<int64_t>(q_labels), ptr<int64_t>(c_labels), exclude_self,
                                  self_offset};
   auto opts = q.options();
-  at::Tensor tile = at::empty({block_rows * cols}, opts);
+  bool tensor_cores = false;
+  if constexpr (std::is_same_v<T, float>) tensor_cores = use_tensor_cores(q);
+  at::Tensor tile = tensor_cores ? at::Tensor() : at::empty({block_rows * cols}, opts);
   for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
     const int64_t rows = std::min(block_rows, n - r0);
     auto buf_v = at::empty({rows, cap}, opts);
@@ -121,7 +133,14 @@ void topk_sim_impl(const at::Tensor& q, const at::Tensor& c, int64_t k, const at
                                 reinterpret_cast<uint64_t*>(ptr<int64_t>(bar_hi)),
                                 reinterpret_cast<uint32_t*>(ptr<int32_t>(bar_lo)),
                                 ptr<int32_t>(has_bar), cap, k_buf};
-    for (int64_t c0 = 0; c0 < m; c0 += cols) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (tensor_cores)  // every column of the row block in one launch
+        check_launch(cuda::topk_offer_mma(ptr<float>(q), ptr<float>(c), q.size(1),
+                                          {r0, rows, 0, m, 0}, r0, ptr<float>(c_scale), valid,
+                                          st, stream),
+                     "topk_sim (tensor cores)");
+    }
+    for (int64_t c0 = 0; c0 < m && !tensor_cores; c0 += cols) {
       const Tile t{r0, rows, c0, std::min(cols, m - c0), 0, 0};
       const auto sims = tile_product(tile, q, c, t);
       check_launch(cuda::topk_offer_tile(ptr<T>(sims), {t.r0, t.rows, t.c0, t.cols, t.cols}, r0,
@@ -241,15 +260,6 @@ cuda::TileMask tile_mask(pm::Mask mask, bool symmetric, const at::Tensor& ids_r,
                          const at::Tensor& lab_c) {
   return {static_cast<int>(mask), symmetric, ptr<int64_t>(ids_r), ptr<int64_t>(ids_c),
           ptr<int64_t>(lab_r), ptr<int64_t>(lab_c)};
-}
-
-// RELKD_TENSOR_CORES=1 opts float32 pairwise_loss into the tensor-core tile
-// kernel (similarities of bfloat16-rounded embeddings, fp32 accumulation,
-// sm_80+). Off by default until a GPU run has validated it (README, GPU).
-bool use_tensor_cores(const at::Tensor& x) {
-  const char* flag = std::getenv("RELKD_TENSOR_CORES");
-  if (!flag || std::strcmp(flag, "1") != 0) return false;
-  return cuda::has_bf16_tensor_cores(x.device().index());
 }
 
 // Squared row norms; of the bfloat16-rounded rows where the similarities

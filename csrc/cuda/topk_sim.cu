@@ -6,8 +6,9 @@
 // composite key (value's order key, then the complemented column), which is
 // unique per pair: larger value first, ties to the smaller column, NaN below
 // every number, and no two pairs tie, so every result is exact and
-// deterministic.
-#include "common.cuh"
+// deterministic. offer_mma_kernel (below) computes its own tiles on tensor
+// cores.
+#include "pair_tile_mma.cuh"
 
 namespace relkd {
 namespace cuda {
@@ -199,6 +200,83 @@ __global__ void offer_tile_kernel(const T* tile, TileView view, int64_t block_r0
   }
 }
 
+// The tensor-core form (RELKD_TENSOR_CORES=1): a block owns 64 query rows
+// and sweeps the view's columns 64 at a time, the similarities computed by
+// bf16 mma (pair_tile_mma.cuh) and filtered against each row's bar while
+// they are in registers; only the survivors reach the rows' buffers (in an
+// order set by integer atomics, which the unique composite keys make
+// irrelevant to the result). A row whose buffer could overflow in the next
+// sub-tile is compacted first, by the same exact selection.
+struct RowsState {
+  Key bar[kMmaEdge];
+  int size[kMmaEdge], has_bar[kMmaEdge];
+};
+
+__device__ inline void compact_full_rows(RowsState& rs, SelectShared& sh, float* values,
+                                         int32_t* columns, int rows, const TopkState<float>& st) {
+  for (int r = 0; r < rows; ++r) {
+    if (rs.size[r] <= st.cap - kMmaEdge) continue;  // every thread reads the same size
+    const Key bar = keep_best(values + r * st.cap, columns + r * st.cap, rs.size[r],
+                              static_cast<int>(st.k), sh);
+    if (threadIdx.x == 0) {
+      rs.size[r] = static_cast<int>(st.k);
+      rs.has_bar[r] = 1;
+      rs.bar[r] = bar;
+    }
+    __syncthreads();
+  }
+}
+
+__global__ void offer_mma_kernel(const float* q, const float* c, int64_t d, TileView view,
+                                 int64_t block_r0, const float* scale, TopkValidity valid,
+                                 TopkState<float> st) {
+  __shared__ uint16_t stage[2 * kMmaEdge * kMmaStride];
+  __shared__ SelectShared sh;
+  __shared__ RowsState rs;
+  const int64_t tr = static_cast<int64_t>(blockIdx.x) * kMmaEdge;
+  const int rows = static_cast<int>(view.rows - tr < kMmaEdge ? view.rows - tr : kMmaEdge);
+  const int64_t slot0 = view.r0 + tr - block_r0;  // the first row's slot in the state
+  float* values = st.values + slot0 * st.cap;
+  int32_t* columns = st.columns + slot0 * st.cap;
+  for (int r = threadIdx.x; r < rows; r += kThreads) {
+    rs.size[r] = st.size[slot0 + r];
+    rs.has_bar[r] = st.has_bar[slot0 + r];
+    rs.bar[r] = Key{st.bar_hi[slot0 + r], st.bar_lo[slot0 + r]};
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, q4 = threadIdx.x % 4;
+  const int row0 = warp % 4 * kMmaWarpRows, col0 = warp / 4 * kMmaWarpCols;
+  for (int64_t tc = 0; tc < view.cols; tc += kMmaEdge) {
+    compact_full_rows(rs, sh, values, columns, rows, st);
+    float acc[4][4] = {};
+    sub_tile_products(q, c, d, view, tr, tc, stage, acc);
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // the accumulator layout of mma.cuh
+        const int r = row0 + g + 8 * (i / 2);
+        const int64_t col = view.c0 + tc + col0 + j * 8 + 2 * q4 + i % 2;
+        if (r >= rows || col >= view.c0 + view.cols) continue;
+        const int64_t row = view.r0 + tr + r;
+        if (valid.exclude_self && col == row + valid.self_offset) continue;
+        if (valid.q_labels && valid.c_labels[col] == valid.q_labels[row]) continue;
+        const float value = scale ? acc[j][i] * scale[col] : acc[j][i];
+        if (rs.has_bar[r] && !greater(key_of(value, static_cast<int32_t>(col)), rs.bar[r]))
+          continue;
+        const int at = atomicAdd(&rs.size[r], 1);  // below cap: compacted above
+        values[r * st.cap + at] = value;
+        columns[r * st.cap + at] = static_cast<int32_t>(col);
+      }
+    __syncthreads();
+  }
+  for (int r = threadIdx.x; r < rows; r += kThreads) {
+    st.size[slot0 + r] = rs.size[r];
+    st.has_bar[slot0 + r] = rs.has_bar[r];
+    st.bar_hi[slot0 + r] = rs.bar[r].hi;
+    st.bar_lo[slot0 + r] = rs.bar[r].lo;
+  }
+}
+
 template <typename T>
 __global__ void finish_kernel(TopkState<T> st, int64_t out_k, T* out_values,
                               int64_t* out_indices) {
@@ -254,6 +332,15 @@ int topk_offer_tile(const double* tile, const TileView& view, int64_t block_r0,
                     const double* scale, const TopkValidity& valid,
                     const TopkState<double>& st, Stream stream) {
   return offer(tile, view, block_r0, scale, valid, st, stream);
+}
+
+int topk_offer_mma(const float* q, const float* c, int64_t d, const TileView& view,
+                   int64_t block_r0, const float* scale, const TopkValidity& valid,
+                   const TopkState<float>& st, Stream stream) {
+  if (view.rows == 0 || view.cols == 0) return 0;
+  RELKD_LAUNCH(blocks_for(view.rows, kMmaEdge), kThreads, stream, offer_mma_kernel)(
+      q, c, d, view, block_r0, scale, valid, st);
+  return launched();
 }
 
 int topk_finish(const TopkState<float>& st, int64_t rows, int64_t out_k, float* values,
