@@ -19,8 +19,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <type_traits>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../op_checks.h"
@@ -309,15 +309,14 @@ Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool g
   const auto stream = current_stream(in.xs_r);
   const bool dn_tiles = kind.uses_norms && grad_s;
   const int64_t block = square_block(1 + kind.has_teacher + dn_tiles, sizeof(T));
-  const auto tiles = device_tiles(kind.mask, sym, block, in.n_r, in.n_c, in.ids_r, in.ids_c,
-                                  in.labels_r, in.labels_c, opts);
-
   bool tensor_cores = false;
   if constexpr (std::is_same_v<T, float>) {
     tensor_cores = use_tensor_cores(in.xs_r);
     if (tensor_cores && rows_pass_applies(in, pair_kind(kind_name), grad_s, grad_t))
       return rows_pass(pair_kind(kind_name), in);
   }
+  const auto tiles = device_tiles(kind.mask, sym, block, in.n_r, in.n_c, in.ids_r, in.ids_c,
+                                  in.labels_r, in.labels_c, opts);
   at::Tensor ns_r, ns_c, nt_r, nt_c;
   if (kind.uses_norms) {
     ns_r = squared_norms(in.xs_r, tensor_cores);
