@@ -88,8 +88,9 @@ cxx-test: deps
 SANITIZE_DIR := build/sanitize
 SANITIZE_TESTS := tests/test_tile_boundaries.py tests/test_topk_sim.py tests/test_pair_dot.py \
 	tests/test_pair_select.py tests/test_pairwise_loss.py tests/test_losses_fused.py \
-	tests/test_normalize.py tests/test_sp_gram.py \
-	"tests/test_distributed.py::test_shares_sum_to_the_global_loss"
+	tests/test_normalize.py tests/test_sp_gram.py tests/test_relation_penalty.py \
+	"tests/test_distributed.py::test_shares_sum_to_the_global_loss" \
+	"tests/test_distributed.py::test_selection_collects_keys_across_ranks"
 SANITIZE_RUNTIME = $$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)
 sanitize: test-deps
 	rm -rf $(SANITIZE_DIR) && mkdir -p $(SANITIZE_DIR)
