@@ -1,4 +1,6 @@
 """`python -m relkd`: what this installation can do."""
+import os
+
 import torch
 
 import relkd
@@ -19,6 +21,9 @@ def main() -> None:
     if "cuda" in devices:
         print(f"CUDA kernels: compiled for {info.get('cuda_archs')} (CUDA runtime: "
               f"{info.get('cudart')})")
+        opted_in = os.environ.get("RELKD_TENSOR_CORES") == "1"
+        print(f"  tensor-core kernels (bf16 mma, opt-in with RELKD_TENSOR_CORES=1, not yet "
+              f"validated on a GPU): {'on' if opted_in else 'off'}")
     else:
         print("CUDA kernels: not compiled (no CUDA toolkit at build time, or RELKD_CUDA=0)")
     if torch.cuda.is_available():
