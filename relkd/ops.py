@@ -360,13 +360,12 @@ if HAS_EXTENSION:
             if b is not None:
                 bar = bar + sign * b
         bar = torch.where(mined, bar, torch.zeros_like(bar))
-        d = s - t
         # d grad: sum_e bar_e phi'(d_e), phi' read off the backward op at grad = 1.
         slope = torch.ops.relkd.relation_penalty_backward(
             torch.ones_like(grad), s, t, indices, ctx.metric, ctx.margin)[0]
         d_grad = (bar * slope).sum()
         curvature = 2.0 if ctx.metric == "l2" else 0.0
-        d_s = grad * curvature * bar * torch.ones_like(d)
+        d_s = grad * curvature * bar
         return d_grad, d_s, -d_s, None, None, None
 
     torch.library.register_autograd("relkd::relation_penalty_backward",
@@ -791,11 +790,13 @@ def negative_pair_select(x: Tensor, labels: Tensor, divisors: List[int], topk: i
     common = (x, x_cols, labels.long(), None if labels_cols is None else labels_cols.long(),
               ids_r, None)
     summed = None if group is None else (lambda t: relkd_dist.all_reduce_sum(t, group))
-    reduced = []  # under DDP, the passes' histograms summed over the ranks
+    first_summed = []  # under DDP, the first pass's histogram summed over the ranks
 
     def all_reduce(hist: Tensor) -> Tensor:
-        reduced.append(summed(hist))
-        return reduced[-1]
+        out = summed(hist)
+        if not first_summed:
+            first_summed.append(out)
+        return out
 
     bits = key_bits(x.dtype)
     k_eff = min(topk, n_neg)
@@ -831,7 +832,7 @@ def negative_pair_select(x: Tensor, labels: Tensor, divisors: List[int], topk: i
         if not resolvers:
             hist, kept = first_pass[0] if first_pass and ranges else (None, None)
             if kept is not None and group is not None:  # every rank's keys, one order
-                hist = reduced[0]
+                hist = first_summed[0]
                 kept = keys_descending(relkd_dist.gather_rows(kept, group), bits)
             resolvers.append(None if kept is None else
                              collected_resolver(hist, kept, ranges, bits, COLLECT_CAP))

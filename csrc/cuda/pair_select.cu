@@ -1,6 +1,7 @@
 // pair_select on CUDA (histograms and candidate collection of EKD's exact
-// order statistics), the dispatch of pairwise_loss tiles to their kind's
-// unit, and the fixed-order reduction of per-block partial sums.
+// order statistics), the dispatch of pairwise_loss tiles (float32/64 and
+// tensor-core) and rows passes to their kind's unit, the tensor-core
+// capability checks, and the fixed-order reduction of per-block partial sums.
 #include "pair_rows_mma.cuh"
 
 namespace relkd {
