@@ -62,6 +62,14 @@ def main() -> int:
     del os.environ["RELKD_TENSOR_CORES"]
     check("topk_sim tensor cores (values)", got[0],
           ops.topk_sim(q16, c16, 40, ql, cl, scale.float())[0], atol=1e-5)
+    # A long bank for a few rows: cut into column ranges (2 of >= 8192
+    # columns here), each with its own selection, joined per row.
+    long_bank = torch.cat([c16] * 6)
+    os.environ["RELKD_TENSOR_CORES"] = "1"
+    got = ops.topk_sim(*g(q16[:5], long_bank), 300)
+    del os.environ["RELKD_TENSOR_CORES"]
+    check("topk_sim tensor cores, column ranges (values)", got[0],
+          ops.topk_sim(q16[:5], long_bank, 300)[0], atol=1e-5)
 
     a, b = torch.randn(200, 16, dtype=f64), torch.randn(500, 16, dtype=f64)
     idx = torch.randint(-1, 500, (200, 9))

@@ -21,9 +21,12 @@ def main() -> None:
     if "cuda" in devices:
         print(f"CUDA kernels: compiled for {info.get('cuda_archs')} (CUDA runtime: "
               f"{info.get('cudart')})")
-        opted_in = os.environ.get("RELKD_TENSOR_CORES") == "1"
-        print(f"  tensor-core kernels (bf16 mma, opt-in with RELKD_TENSOR_CORES=1, not yet "
-              f"validated on a GPU): {'on' if opted_in else 'off'}")
+        mode = os.environ.get("RELKD_TENSOR_CORES", "0")
+        precision = torch.get_float32_matmul_precision()
+        on = mode == "1" or (mode == "auto" and precision == "medium")
+        print(f"  tensor-core kernels (bf16 mma; RELKD_TENSOR_CORES=1 always, =auto when "
+              f"float32 matmul precision is 'medium'; not yet validated on a GPU): "
+              f"{'on' if on else 'off'} (RELKD_TENSOR_CORES={mode}, precision {precision!r})")
     else:
         print("CUDA kernels: not compiled (no CUDA toolkit at build time, or RELKD_CUDA=0)")
     if torch.cuda.is_available():

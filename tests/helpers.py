@@ -85,3 +85,14 @@ def assert_same_mining(got, want, q, c, scale):
     torch.testing.assert_close(sims, gv[valid].double(), atol=2e-6, rtol=0, equal_nan=True)
     exact = valid & ((wv - wv.roll(1, 1)).abs() > 1e-5) & ((wv - wv.roll(-1, 1)).abs() > 1e-5)
     assert torch.equal(gi[exact], wi[exact])
+
+
+def spread_ties(m, every):
+    """Queries e0..e3 and a bank of m rows, e0 at every `every`-th row and
+    e5 elsewhere: query 0 ties (value 1) with m / every columns spread over
+    the whole bank, the others tie (value 0) with every column. A top-k
+    whose bank is cut into ranges must still rank ties by column."""
+    q, c = torch.eye(4, 6), torch.zeros(m, 6)
+    c[:, 5] = 1.0
+    c[::every] = q[0]
+    return q, c

@@ -23,7 +23,7 @@ from relkd import functional as Fn
 from relkd import ops, reference
 
 from helpers import (LABEL_PATTERNS, assert_bounded_error, assert_same_mining, correlated,
-                     embeddings, labels, requires_extension)
+                     embeddings, labels, requires_extension, spread_ties)
 from test_losses_fused import GRADCHECK_CASES, compare
 from test_pair_select import sorted_reference
 from test_pairwise_loss import KINDS, direct, fused, grads_of, inputs
@@ -93,12 +93,13 @@ def test_topk_bank_far_larger_than_queries():
 
 
 @cuda_settings
-@given(n=st.integers(1, 300), m=st.integers(1, 5000), d=st.integers(1, 130),
+@given(n=st.integers(1, 300), m=st.integers(1, 40_000), d=st.integers(1, 130),
        k=st.integers(1, 300), with_labels=st.booleans(), scaled=st.booleans(),
        seed=st.integers(0, 2**16))
 def test_topk_sim_tensor_cores_match_the_cpu_kernel(n, m, d, k, with_labels, scaled, seed):
     """RELKD_TENSOR_CORES=1: similarities on tensor cores, filtered in
-    registers; on bf16-valued unit rows the CPU kernel's selection."""
+    registers; on bf16-valued unit rows the CPU kernel's selection. Banks
+    of 16384+ columns are cut into ranges of 8192+, joined per row."""
     q = reference.normalize(embeddings(n, d, seed), F32).bfloat16().float()
     c = reference.normalize(embeddings(m, d, seed + 1), F32).bfloat16().float()
     ql = labels("random", n, seed) if with_labels else None
@@ -107,6 +108,14 @@ def test_topk_sim_tensor_cores_match_the_cpu_kernel(n, m, d, k, with_labels, sca
     with tensor_cores():
         got = cpu(*ops.topk_sim(*gpu(q, c), k, *gpu(ql, cl, scale)))
     assert_same_mining(got, ops.topk_sim(q, c, k, ql, cl, scale), q, c, scale)
+
+
+def test_topk_sim_tensor_cores_ties_across_column_ranges():
+    q, c = spread_ties(36_000, every=200)  # 4 ranges, 45 ties each
+    with tensor_cores():
+        got = cpu(*ops.topk_sim(*gpu(q, c), 100))
+    want = ops.topk_sim(q, c, 100)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_topk_ties_nan_and_padding():

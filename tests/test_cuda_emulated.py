@@ -9,6 +9,7 @@ rectangular, with gradients, on the float32 tiles and on the tensor-core
 tiles (bf16 mma);  histograms and top-k pairs, with ties beyond
 capacity and thresholds below more pairs than returned. This is what CI can
 check of the GPU code without a GPU (tests/test_cuda.py runs on one)."""
+import contextlib
 import os
 import pathlib
 
@@ -21,7 +22,7 @@ from torch.utils.cpp_extension import load
 from relkd import ops, reference
 
 from helpers import (LABEL_PATTERNS, assert_same_mining, embeddings, labels,
-                     requires_extension)
+                     requires_extension, spread_ties)
 
 pytestmark = requires_extension
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -124,6 +125,22 @@ def test_topk_sim_tensor_cores_self_exclusion_ties_and_nan(emulated, monkeypatch
     x[7, 2] = float("nan")  # NaN ranks below every number
     close(emulated.topk_sim(x, x, 140, None, None, None, False, 0)[0].isnan(),
           ops.topk_sim(x, x, 140, None, None, None, False, 0)[0].isnan(), atol=0)
+
+
+def test_topk_sim_tensor_cores_column_splits(emulated, monkeypatch):
+    """A few query rows against a long bank: the bank is cut into column
+    ranges (4 here: the emulation counts 2 multiprocessors and cuts ranges
+    of at least 256 columns), each with its own selection, joined per row.
+    Exact ties span the ranges: the smaller column must still win."""
+    monkeypatch.setenv("RELKD_TENSOR_CORES", "1")
+    q, c = spread_ties(1200, every=20)  # 16 ties in each range of 320 columns
+    close(emulated.topk_sim(q, c, 40, None, None, None, False, 0),
+          ops.topk_sim(q, c, 40, None, None, None, False, 0), atol=0)
+    q = embeddings(9, 12, seed=1, dtype=F32).bfloat16().float()
+    c = embeddings(5000, 12, seed=2, dtype=F32).bfloat16().float()
+    for k in (1, 40, 1200):  # one pair per row; a compaction per range; more than a range holds
+        assert_same_mining(emulated.topk_sim(q, c, k, None, None, None, False, 0),
+                           ops.topk_sim(q, c, k, None, None, None, False, 0), q, c, None)
 
 
 # ------------------------------------------------------------------ pair_dot
@@ -276,6 +293,27 @@ def test_pairwise_loss_tensor_cores_round_to_bfloat16(emulated, monkeypatch, kin
     assert float((emulated.pairwise_loss(*args)[0] - of_rounded).abs()) < gap / 20
     monkeypatch.setenv("RELKD_TENSOR_CORES", "0")
     assert float((emulated.pairwise_loss(*args)[0] - exact).abs()) < gap / 20
+    monkeypatch.setenv("RELKD_TENSOR_CORES", "auto")  # follows the float32 matmul precision
+    for precision, want in [("highest", exact), ("high", exact), ("medium", of_rounded)]:
+        with matmul_precision(precision):
+            assert float((emulated.pairwise_loss(*args)[0] - want).abs()) < gap / 20, precision
+
+
+def test_tensor_core_switch_names_bad_values(emulated, monkeypatch):
+    monkeypatch.setenv("RELKD_TENSOR_CORES", "yes")
+    x = embeddings(8, 4, seed=1, dtype=F32)
+    with pytest.raises(ValueError, match="RELKD_TENSOR_CORES must be 0, 1 or auto"):
+        emulated.topk_sim(x, x, 2, None, None, None, False, 0)
+
+
+@contextlib.contextmanager
+def matmul_precision(precision):
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 # ---------------------------------------------------------------- pair_select

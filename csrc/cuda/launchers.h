@@ -74,10 +74,20 @@ int topk_offer_tile(const double* tile, const TileView& view, int64_t block_r0,
 // The same for the view's query rows (q) against its bank columns (c), both
 // float32 with d entries per row, the similarities computed in the kernel on
 // tensor cores (bf16-rounded rows, fp32 accumulation; sm_80+) instead of
-// read from a tile. The state's capacity must exceed k by at least 64.
+// read from a tile. The view's columns are cut into `splits` ranges, each
+// with its own selection: the state has rows * splits slots (slot
+// row * splits + split) of capacity cap, which must exceed k by at least 64.
+// With splits > 1 each row's selections are then joined at the front of its
+// splits * cap entries, their count in merged[row]: finish the state
+// {values, columns, merged, ..., splits * cap, k}.
 int topk_offer_mma(const float* q, const float* c, int64_t d, const TileView& view,
-                   int64_t block_r0, const float* scale, const TopkValidity& valid,
-                   const TopkState<float>& st, Stream stream);
+                   int64_t block_r0, int splits, const float* scale, const TopkValidity& valid,
+                   const TopkState<float>& st, int32_t* merged, Stream stream);
+
+// How many column ranges topk_offer_mma should cut a bank of m columns into
+// for `rows` query rows: enough blocks for every multiprocessor, each range
+// long enough for the bar to prune most of it.
+int topk_mma_splits(int device, int64_t rows, int64_t m);
 
 // Writes each row's best out_k pairs sorted (value descending, ties to the
 // smaller column) to values / indices (rows x out_k), padding (-inf, -1).

@@ -13,6 +13,7 @@
 // budget (kTileBytes) whatever N is; tiles run in a fixed order on one
 // stream, and no kernel adds floats with atomics, so results are bitwise
 // reproducible.
+#include <ATen/Context.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
@@ -20,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -53,13 +55,23 @@ T* ptr(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
-// RELKD_TENSOR_CORES=1 opts float32 topk_sim and pairwise_loss into the
-// tensor-core kernels (similarities of bfloat16-rounded embeddings, fp32
-// accumulation, sm_80+). Off by default until a GPU run has validated them
-// (README, GPU).
+// Whether float32 topk_sim and pairwise_loss run the tensor-core kernels
+// (similarities of bfloat16-rounded embeddings, fp32 accumulation, sm_80+).
+// RELKD_TENSOR_CORES: unset or 0 = never (the default until a GPU run has
+// validated them, README GPU); 1 = always; auto = when
+// torch.set_float32_matmul_precision("medium") allows bfloat16 products
+// ("high" keeps the tile path, whose torch.mm follows the precision itself,
+// TF32 on sm_80+; "highest" keeps fp32).
 bool use_tensor_cores(const at::Tensor& x) {
   const char* flag = std::getenv("RELKD_TENSOR_CORES");
-  if (!flag || std::strcmp(flag, "1") != 0) return false;
+  const std::string mode = flag ? flag : "0";
+  TORCH_CHECK_VALUE(mode == "0" || mode == "1" || mode == "auto",
+                    "the environment variable RELKD_TENSOR_CORES must be 0, 1 or auto, got '",
+                    mode, "'");
+  if (mode == "0") return false;
+  if (mode == "auto" &&
+      at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::MEDIUM)
+    return false;
   return cuda::has_bf16_tensor_cores(x.device().index());
 }
 
@@ -114,31 +126,47 @@ void topk_sim_impl(const at::Tensor& q, const at::Tensor& c, int64_t k, const at
   const auto stream = current_stream(q);
   const int64_t cols = std::min(m, kTopkColumns);
   const int64_t cap = k_buf + std::max(k_buf, cuda::kTopkChunk);
-  const int64_t row_bytes = cols * int64_t(sizeof(T)) + cap * int64_t(sizeof(T) + 4) + 32;
-  const int64_t block_rows = std::max<int64_t>(1, std::min(n, kTileBytes / row_bytes));
+  const int64_t slot_bytes = cap * int64_t(sizeof(T) + 4) + 32;  // one row's selection
+  bool tensor_cores = false;
+  if constexpr (std::is_same_v<T, float>) tensor_cores = use_tensor_cores(q);
+  // The tensor-core kernel computes its own tiles and keeps one selection
+  // per (row, column range); the tile path keeps one per row beside a tile.
+  const int splits = tensor_cores ? cuda::topk_mma_splits(q.device().index(),
+                                                          std::min(n, kTileBytes / slot_bytes), m)
+                                  : 1;
+  const int64_t row_bytes = tensor_cores ? splits * slot_bytes
+                                         : cols * int64_t(sizeof(T)) + slot_bytes;
+  const int64_t most_rows = std::max<int64_t>(1, std::min(n, kTileBytes / row_bytes));
+  // As many row blocks as the budget needs, of equal size (the last one not
+  // a sliver that leaves the GPU idle).
+  const int64_t block_rows = ceil_div(n, ceil_div(n, most_rows));
   const cuda::TopkValidity valid{ptr<int64_t>(q_labels), ptr<int64_t>(c_labels), exclude_self,
                                  self_offset};
   auto opts = q.options();
-  bool tensor_cores = false;
-  if constexpr (std::is_same_v<T, float>) tensor_cores = use_tensor_cores(q);
   at::Tensor tile = tensor_cores ? at::Tensor() : at::empty({block_rows * cols}, opts);
   for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
-    const int64_t rows = std::min(block_rows, n - r0);
-    auto buf_v = at::empty({rows, cap}, opts);
-    auto buf_c = at::empty({rows, cap}, opts.dtype(at::kInt));
-    auto size = at::zeros({rows}, opts.dtype(at::kInt)), has_bar = at::zeros_like(size);
+    const int64_t rows = std::min(block_rows, n - r0), slots = rows * splits;
+    auto buf_v = at::empty({slots, cap}, opts);
+    auto buf_c = at::empty({slots, cap}, opts.dtype(at::kInt));
+    auto size = at::zeros({slots}, opts.dtype(at::kInt)), has_bar = at::zeros_like(size);
     auto bar_lo = at::zeros_like(size);
-    auto bar_hi = at::zeros({rows}, opts.dtype(at::kLong));
-    const cuda::TopkState<T> st{ptr<T>(buf_v), ptr<int32_t>(buf_c), ptr<int32_t>(size),
-                                reinterpret_cast<uint64_t*>(ptr<int64_t>(bar_hi)),
-                                reinterpret_cast<uint32_t*>(ptr<int32_t>(bar_lo)),
-                                ptr<int32_t>(has_bar), cap, k_buf};
+    auto bar_hi = at::zeros({slots}, opts.dtype(at::kLong));
+    cuda::TopkState<T> st{ptr<T>(buf_v), ptr<int32_t>(buf_c), ptr<int32_t>(size),
+                          reinterpret_cast<uint64_t*>(ptr<int64_t>(bar_hi)),
+                          reinterpret_cast<uint32_t*>(ptr<int32_t>(bar_lo)),
+                          ptr<int32_t>(has_bar), cap, k_buf};
+    const auto merged = splits > 1 ? at::empty({rows}, opts.dtype(at::kInt)) : at::Tensor();
     if constexpr (std::is_same_v<T, float>) {
-      if (tensor_cores)  // every column of the row block in one launch
+      if (tensor_cores) {  // every column of the row block in one launch
         check_launch(cuda::topk_offer_mma(ptr<float>(q), ptr<float>(c), q.size(1),
-                                          {r0, rows, 0, m, 0}, r0, ptr<float>(c_scale), valid,
-                                          st, stream),
+                                          {r0, rows, 0, m, 0}, r0, splits, ptr<float>(c_scale),
+                                          valid, st, ptr<int32_t>(merged), stream),
                      "topk_sim (tensor cores)");
+        if (splits > 1) {  // finish the joined selections, one per row
+          st.size = ptr<int32_t>(merged);
+          st.cap = splits * cap;
+        }
+      }
     }
     for (int64_t c0 = 0; c0 < m && !tensor_cores; c0 += cols) {
       const Tile t{r0, rows, c0, std::min(cols, m - c0), 0, 0};

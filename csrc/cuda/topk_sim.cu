@@ -8,6 +8,8 @@
 // every number, and no two pairs tie, so every result is exact and
 // deterministic. offer_mma_kernel (below) computes its own tiles on tensor
 // cores.
+#include <algorithm>
+
 #include "pair_tile_mma.cuh"
 
 namespace relkd {
@@ -201,23 +203,27 @@ __global__ void offer_tile_kernel(const T* tile, TileView view, int64_t block_r0
 }
 
 // The tensor-core form (RELKD_TENSOR_CORES=1): a block owns 64 query rows
-// and sweeps the view's columns 64 at a time, the similarities computed by
-// bf16 mma (pair_tile_mma.cuh) and filtered against each row's bar while
-// they are in registers; only the survivors reach the rows' buffers (in an
-// order set by integer atomics, which the unique composite keys make
-// irrelevant to the result). A row whose buffer could overflow in the next
-// sub-tile is compacted first, by the same exact selection.
+// and one of `splits` column ranges of the view, sweeps it 64 columns at a
+// time, the similarities computed by bf16 mma (pair_tile_mma.cuh) and
+// filtered against each row's bar while they are in registers; only the
+// survivors reach the rows' buffers (in an order set by integer atomics,
+// which the unique composite keys make irrelevant to the result). A row
+// whose buffer could overflow in the next sub-tile is compacted first, by
+// the same exact selection. Each (row, split) has its own selection state,
+// slot row * splits + split, so a few row blocks still fill the GPU;
+// merge_splits_kernel then joins a row's splits for the finish.
 struct RowsState {
   Key bar[kMmaEdge];
   int size[kMmaEdge], has_bar[kMmaEdge];
 };
 
-__device__ inline void compact_full_rows(RowsState& rs, SelectShared& sh, float* values,
-                                         int32_t* columns, int rows, const TopkState<float>& st) {
+template <typename Slot>
+__device__ inline void compact_full_rows(RowsState& rs, SelectShared& sh,
+                                         const TopkState<float>& st, int rows, const Slot& slot) {
   for (int r = 0; r < rows; ++r) {
     if (rs.size[r] <= st.cap - kMmaEdge) continue;  // every thread reads the same size
-    const Key bar = keep_best(values + r * st.cap, columns + r * st.cap, rs.size[r],
-                              static_cast<int>(st.k), sh);
+    const Key bar = keep_best(st.values + slot(r) * st.cap, st.columns + slot(r) * st.cap,
+                              rs.size[r], static_cast<int>(st.k), sh);
     if (threadIdx.x == 0) {
       rs.size[r] = static_cast<int>(st.k);
       rs.has_bar[r] = 1;
@@ -227,36 +233,50 @@ __device__ inline void compact_full_rows(RowsState& rs, SelectShared& sh, float*
   }
 }
 
+// The columns of split `split` of `splits`: whole sub-tiles, the last split
+// taking what is left.
+__device__ inline void split_columns(const TileView& view, int splits, int split, int64_t* c0,
+                                     int64_t* cols) {
+  const int64_t tiles = (view.cols + kMmaEdge - 1) / kMmaEdge;
+  const int64_t per_split = (tiles + splits - 1) / splits * kMmaEdge;
+  const int64_t begin = split * per_split < view.cols ? split * per_split : view.cols;
+  *c0 = view.c0 + begin;
+  *cols = view.cols - begin < per_split ? view.cols - begin : per_split;
+}
+
 __global__ void offer_mma_kernel(const float* q, const float* c, int64_t d, TileView view,
-                                 int64_t block_r0, const float* scale, TopkValidity valid,
-                                 TopkState<float> st) {
+                                 int64_t block_r0, int splits, const float* scale,
+                                 TopkValidity valid, TopkState<float> st) {
   __shared__ uint16_t stage[2 * kMmaEdge * kMmaStride];
   __shared__ SelectShared sh;
   __shared__ RowsState rs;
-  const int64_t tr = static_cast<int64_t>(blockIdx.x) * kMmaEdge;
+  const int split = static_cast<int>(blockIdx.x % splits);
+  const int64_t tr = static_cast<int64_t>(blockIdx.x / splits) * kMmaEdge;
   const int rows = static_cast<int>(view.rows - tr < kMmaEdge ? view.rows - tr : kMmaEdge);
-  const int64_t slot0 = view.r0 + tr - block_r0;  // the first row's slot in the state
-  float* values = st.values + slot0 * st.cap;
-  int32_t* columns = st.columns + slot0 * st.cap;
+  TileView mine = view;  // this block's columns
+  split_columns(view, splits, split, &mine.c0, &mine.cols);
+  // Row r's state is slot (row0 + r) * splits + split: `splits` slots apart.
+  const int64_t slot0 = (view.r0 + tr - block_r0) * splits + split;
+  auto slot = [&](int r) { return slot0 + static_cast<int64_t>(r) * splits; };
   for (int r = threadIdx.x; r < rows; r += kThreads) {
-    rs.size[r] = st.size[slot0 + r];
-    rs.has_bar[r] = st.has_bar[slot0 + r];
-    rs.bar[r] = Key{st.bar_hi[slot0 + r], st.bar_lo[slot0 + r]};
+    rs.size[r] = st.size[slot(r)];
+    rs.has_bar[r] = st.has_bar[slot(r)];
+    rs.bar[r] = Key{st.bar_hi[slot(r)], st.bar_lo[slot(r)]};
   }
   __syncthreads();
   const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, q4 = threadIdx.x % 4;
   const int row0 = warp % 4 * kMmaWarpRows, col0 = warp / 4 * kMmaWarpCols;
-  for (int64_t tc = 0; tc < view.cols; tc += kMmaEdge) {
-    compact_full_rows(rs, sh, values, columns, rows, st);
+  for (int64_t tc = 0; tc < mine.cols; tc += kMmaEdge) {
+    compact_full_rows(rs, sh, st, rows, slot);
     float acc[4][4] = {};
-    sub_tile_products(q, c, d, view, tr, tc, stage, acc);
+    sub_tile_products(q, c, d, mine, tr, tc, stage, acc);
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {  // the accumulator layout of mma.cuh
         const int r = row0 + g + 8 * (i / 2);
-        const int64_t col = view.c0 + tc + col0 + j * 8 + 2 * q4 + i % 2;
-        if (r >= rows || col >= view.c0 + view.cols) continue;
+        const int64_t col = mine.c0 + tc + col0 + j * 8 + 2 * q4 + i % 2;
+        if (r >= rows || col >= mine.c0 + mine.cols) continue;
         const int64_t row = view.r0 + tr + r;
         if (valid.exclude_self && col == row + valid.self_offset) continue;
         if (valid.q_labels && valid.c_labels[col] == valid.q_labels[row]) continue;
@@ -264,17 +284,45 @@ __global__ void offer_mma_kernel(const float* q, const float* c, int64_t d, Tile
         if (rs.has_bar[r] && !greater(key_of(value, static_cast<int32_t>(col)), rs.bar[r]))
           continue;
         const int at = atomicAdd(&rs.size[r], 1);  // below cap: compacted above
-        values[r * st.cap + at] = value;
-        columns[r * st.cap + at] = static_cast<int32_t>(col);
+        st.values[slot(r) * st.cap + at] = value;
+        st.columns[slot(r) * st.cap + at] = static_cast<int32_t>(col);
       }
     __syncthreads();
   }
   for (int r = threadIdx.x; r < rows; r += kThreads) {
-    st.size[slot0 + r] = rs.size[r];
-    st.has_bar[slot0 + r] = rs.has_bar[r];
-    st.bar_hi[slot0 + r] = rs.bar[r].hi;
-    st.bar_lo[slot0 + r] = rs.bar[r].lo;
+    st.size[slot(r)] = rs.size[r];
+    st.has_bar[slot(r)] = rs.has_bar[r];
+    st.bar_hi[slot(r)] = rs.bar[r].hi;
+    st.bar_lo[slot(r)] = rs.bar[r].lo;
   }
+}
+
+// Joins row blockIdx.x's `splits` adjacent selections (slots row * splits
+// + s, each st.cap long) into one list at the front of their buffers, its
+// length into merged[row]: a row of the state with capacity splits * cap.
+__global__ void merge_splits_kernel(TopkState<float> st, int splits, int32_t* merged) {
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * splits;
+  float* values = st.values + first * st.cap;
+  int32_t* columns = st.columns + first * st.cap;
+  int64_t out = 0;
+  for (int s = 0; s < splits; ++s) {
+    const int64_t size = st.size[first + s], from = s * st.cap;
+    // Every chunk is read before it is written, and out <= from: a move to
+    // the left never overwrites an entry not yet read.
+    for (int64_t base = 0; base < size; base += kThreads) {
+      const int64_t e = base + threadIdx.x;
+      const float v = e < size ? values[from + e] : 0.0f;
+      const int32_t col = e < size ? columns[from + e] : 0;
+      __syncthreads();
+      if (e < size) {
+        values[out + e] = v;
+        columns[out + e] = col;
+      }
+      __syncthreads();
+    }
+    out += size;
+  }
+  if (threadIdx.x == 0) merged[blockIdx.x] = static_cast<int32_t>(out);
 }
 
 template <typename T>
@@ -335,12 +383,29 @@ int topk_offer_tile(const double* tile, const TileView& view, int64_t block_r0,
 }
 
 int topk_offer_mma(const float* q, const float* c, int64_t d, const TileView& view,
-                   int64_t block_r0, const float* scale, const TopkValidity& valid,
-                   const TopkState<float>& st, Stream stream) {
+                   int64_t block_r0, int splits, const float* scale, const TopkValidity& valid,
+                   const TopkState<float>& st, int32_t* merged, Stream stream) {
   if (view.rows == 0 || view.cols == 0) return 0;
-  RELKD_LAUNCH(blocks_for(view.rows, kMmaEdge), kThreads, stream, offer_mma_kernel)(
-      q, c, d, view, block_r0, scale, valid, st);
+  RELKD_LAUNCH(blocks_for(view.rows, kMmaEdge) * splits, kThreads, stream, offer_mma_kernel)(
+      q, c, d, view, block_r0, splits, scale, valid, st);
+  if (splits == 1 || launched() != 0) return launched();
+  RELKD_LAUNCH(view.rows, kThreads, stream, merge_splits_kernel)(st, splits, merged);
   return launched();
+}
+
+int topk_mma_splits(int device, int64_t rows, int64_t m) {
+#ifdef RELKD_EMULATE
+  (void)device;
+  const int64_t processors = 2, min_columns = 256;  // small tests split too
+#else
+  int count = 0;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    count = 1;
+  const int64_t processors = count, min_columns = 8192;  // the bar prunes most of a split
+#endif
+  const int64_t want = blocks_for(4 * processors, blocks_for(rows, kMmaEdge));
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(m / min_columns, 64));
+  return static_cast<int>(std::min(want, most));
 }
 
 int topk_finish(const TopkState<float>& st, int64_t rows, int64_t out_k, float* values,
