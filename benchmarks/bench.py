@@ -15,6 +15,10 @@ median time over repeats, the peak extra memory of one pass and ratios:
   memory vs eager     this peak extra / eager reference's    (memory_ratio_vs_eager)
   vs best chunked     best chunked median / this median      (ratio_vs_chunked)
   x GEMM floor        this median / best bare-GEMM median    (time_over_gemm_floor)
+  floor TFLOP/s       the floor's FLOPs / this median         (floor_tflops); in
+                      brackets against the machine's bf16 torch.mm rate,
+                      measured in the same run (fraction_of_bf16_mm; machine
+                      bf16_mm_tflops)
   vs reference        IDA: reference time for all pairs / this (ratio_vs_reference)
 
 The IDA reference sorts each face's M similarities; at full size it would
@@ -474,6 +478,9 @@ def to_records(sweep: List[Measurement]) -> List[Dict]:
             record.update(ida_fields(m, sweep))
         gemm = best_median("gemm", case)
         record["time_over_gemm_floor"] = m.median_s / gemm if gemm and m.median_s else None
+        flops = cases.floor_flops(case)
+        record["floor_flops"] = flops
+        record["floor_tflops"] = flops / m.median_s / 1e12 if flops and m.median_s else None
         record["median_contended_s"] = (statistics.median(m.contended_s) if m.contended_s
                                         else None)
         record["slowdown_under_contention"] = (record["median_contended_s"] / m.median_s
@@ -550,6 +557,23 @@ def machine_info(device: str, load_before: Optional[List[float]]) -> Dict:
     return info
 
 
+def bf16_mm_tflops(device: str) -> float:
+    """The machine's bfloat16 torch.mm rate: the median of 5 square
+    products (8192 on a GPU, 1024 on a CPU), in TFLOP/s. The floor_tflops of
+    every record are reported against it (fraction_of_bf16_mm)."""
+    n = 8192 if device.startswith("cuda") else 1024
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(torch.bfloat16).to(device) for _ in range(2))
+    times = time_runs(lambda: torch.mm(a, b), repeats=5, warmups=2, device=device)
+    return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+def add_rate_fractions(records: List[Dict], rate: Optional[float]) -> None:
+    for r in records:
+        r["fraction_of_bf16_mm"] = (r["floor_tflops"] / rate
+                                    if rate and r.get("floor_tflops") else None)
+
+
 # ------------------------------------------------------------------ tables
 def format_time(seconds: Optional[float]) -> str:
     if seconds is None:
@@ -609,16 +633,27 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
     return "\n".join(lines)
 
 
+def rate_cell(record: Dict) -> str:
+    """The floor's FLOPs over this time, and that against the bf16 mm rate."""
+    tflops = record.get("floor_tflops")
+    if tflops is None:
+        return ""
+    fraction = record.get("fraction_of_bf16_mm")
+    return f"{tflops:.3g}" + (f" ({format_percent(fraction)})" if fraction else "")
+
+
 def loss_table(records: List[Dict]) -> str:
     contention = any(r["median_contended_s"] for r in records)
     headers = ["loss", "N x D", "pass", "backend", "median", "peak extra memory",
-               "speedup vs eager", "memory vs eager", "x GEMM floor"]
+               "speedup vs eager", "memory vs eager", "x GEMM floor",
+               "floor TFLOP/s (of bf16 mm)"]
     headers += ["slowdown, one busy process"] if contention else []
     rows = [[r["op"], f"{r['N']} x {r['D']}", r["pass"],
              describe_backend(r["backend"], r["chunk"]),
              time_cell(r), memory_cell(r), format_ratio(r["ratio_vs_eager"]),
              format_percent(r["memory_ratio_vs_eager"]),
-             "" if r["backend"] == "gemm" else format_ratio(r["time_over_gemm_floor"])]
+             "" if r["backend"] == "gemm" else format_ratio(r["time_over_gemm_floor"]),
+             rate_cell(r)]
             + ([format_ratio(r["slowdown_under_contention"])] if contention else [])
             for r in records if r["kind"] == "loss"]
     return markdown_table(headers, rows, text_columns=4)
@@ -626,12 +661,14 @@ def loss_table(records: List[Dict]) -> str:
 
 def topk_table(records: List[Dict]) -> str:
     headers = ["N x M, D, k", "backend", "best", "median", "peak extra memory",
-               "speedup vs best chunked", "speedup vs FAISS", "x bare-GEMM floor"]
+               "speedup vs best chunked", "speedup vs FAISS", "x bare-GEMM floor",
+               "floor TFLOP/s (of bf16 mm)"]
     rows = [[f"{r['N']} x {r['M']}, {r['D']}, {r['k']}",
              describe_backend(r["backend"], r["chunk"]),
              "*" if r["best_of_backend"] and r["backend"] in ("chunked", "gemm") else "",
              time_cell(r), memory_cell(r), format_ratio(r["ratio_vs_chunked"]),
-             format_ratio(r.get("ratio_vs_faiss")), format_ratio(r["time_over_gemm_floor"])]
+             format_ratio(r.get("ratio_vs_faiss")), format_ratio(r["time_over_gemm_floor"]),
+             rate_cell(r)]
             for r in records if r["kind"] == "topk"]
     return markdown_table(headers, rows, text_columns=3)
 
@@ -658,7 +695,9 @@ def report(machine: Dict, records: List[Dict]) -> str:
     parts = [f"relkd {machine['relkd']} benchmark: {where}, torch {machine['torch']}, "
              f"{machine['date']}, load average {machine['load_average_before']} before, "
              f"{machine['load_average_after']} after. Median of repeats; peak extra memory "
-             f"of one pass."]
+             f"of one pass. Floor TFLOP/s: the GEMM floor's FLOPs over the time, against "
+             f"the measured bf16 torch.mm rate ({machine.get('bf16_mm_tflops') or 0:.3g} "
+             f"TFLOP/s)."]
     if any(r["kind"] == "loss" for r in records):
         dtypes = ", ".join(sorted({r["dtype"] for r in records if r["kind"] == "loss"}))
         parts += ["", f"Losses ({dtypes}):", "", loss_table(records)]
@@ -772,7 +811,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run_sweep(sweep, args.memory, args.contention, args.interleave)
     log(f"done in {time.perf_counter() - started:.1f} s")
     machine = machine_info(args.device, load_before)
+    machine["bf16_mm_tflops"] = bf16_mm_tflops(args.device)
     records = to_records(sweep)
+    add_rate_fractions(records, machine["bf16_mm_tflops"])
     print(report(machine, records))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

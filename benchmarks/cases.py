@@ -235,6 +235,17 @@ def gemm_floor_products(op: str, mode: str, d: int, d_teacher: int) -> List[int]
     return forward + backward
 
 
+def floor_flops(case: Case) -> Optional[int]:
+    """Floating-point operations of the GEMM work `case` cannot avoid: the
+    floor's N x N products (losses; the teacher has the student's D) or the
+    N x M similarity product (similarity_topk); None for ida_scores."""
+    if case.kind == "topk":
+        return 2 * case.n * case.m * case.d
+    if case.kind == "ida":
+        return None
+    return 2 * case.n * case.n * sum(gemm_floor_products(case.op, case.mode, case.d, case.d))
+
+
 def gemm_floor_callable(case: Case, inputs: LossInputs, chunk: int = 4096) -> Callable[[], None]:
     """The floor's products, each computed in row chunks into one reused
     output buffer (the same arithmetic as one N x N product, without its

@@ -16,6 +16,8 @@
 #   bench-tc    with RELKD_TENSOR_CORES=1 (the bf16 mma kernels, opt-in until validated):
 #               CCKD, EKD, RKD fused (float32) beside the GEMM floor, and similarity_topk
 #               8192 x 1,000,000, D=512, k=100         -> bench-tc.json/.md, bench-tc-topk.*, .log
+#   plot        benchmarks/plot.py: time vs N, log-log, of each bench-*.json present
+#               (needs matplotlib; plot.py can also run later, on any machine) -> bench-*.png
 #
 # Every stage builds first if needed (incremental), so a stage can run on a
 # fresh machine. The device tool limits one command to 10 minutes: run the
@@ -24,9 +26,9 @@
 # has no .git: pass the commit as RELKD_COMMIT=$(git rev-parse HEAD).
 # A stage's failure is recorded in OUTDIR/summary.txt and the next stages run.
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_check.sh OUTDIR [info build test sanitize bench-fp32 bench-bf16 bench-tc]}
+out=${1:?usage: benchmarks/gpu_check.sh OUTDIR [info build test sanitize bench-fp32 bench-bf16 bench-tc plot]}
 shift
-stages=${*:-info build test sanitize bench-fp32 bench-bf16 bench-tc}
+stages=${*:-info build test sanitize bench-fp32 bench-bf16 bench-tc plot}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
@@ -104,6 +106,14 @@ for stage in $stages; do
         benchmarks/bench.py --device cuda --dtype float32 --only topk --topk-shape 8192,1000000 \
         --topk-k 100 --dim 512 --backends fused,gemm --json "$out/bench-tc-topk.json"
       sed -n '/^relkd .* benchmark:/,$p' "$out/bench-tc-topk.log" > "$out/bench-tc-topk.md"
+      ;;
+    plot)
+      for run in "$out"/bench-fp32.json "$out"/bench-bf16.json "$out"/bench-tc.json; do
+        [ -f "$run" ] || continue
+        name=$(basename "$run" .json)
+        run_logged "plot-$name" "plot-$name.log" $PYTHON benchmarks/plot.py "$run" \
+          --out "$out/$name.png"
+      done
       ;;
     *)
       echo "unknown stage $stage" >&2

@@ -1,0 +1,48 @@
+"""The benchmark tooling's own arithmetic and outputs (benchmarks/): the GEMM
+floor's FLOP counts behind the TFLOP/s columns, and the plot of a run."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import cases  # noqa: E402
+import plot  # noqa: E402
+
+
+@pytest.mark.parametrize("op,mode,products", [
+    ("cckd", "fwd", 2),        # student and teacher similarities
+    ("cckd", "fwd+bwd", 4),    # + the two gradient products
+    ("rad", "fwd+bwd", 1),     # the teacher's similarities for the mining
+    ("fcd", "fwd", 0),         # no relation matrix
+])
+def test_floor_flops_count_the_floor_products(op, mode, products):
+    case = cases.make_case(op, "fused", mode, n=1000, d=64)
+    assert cases.floor_flops(case) == 2 * 1000 * 1000 * 64 * products
+
+
+def test_floor_flops_of_a_bank_search():
+    case = cases.Case(cases.TOPK, "fused", "fwd", 100, 32, m=5000, k=10)
+    assert cases.floor_flops(case) == 2 * 100 * 5000 * 32
+
+
+def record(op, backend, n, median, dtype="float32", error=None):
+    return {"kind": "loss", "op": op, "backend": backend, "N": n, "D": 512, "dtype": dtype,
+            "pass": "fwd+bwd", "median_s": median, "error": error}
+
+
+def test_plot_writes_a_png_with_failed_cases(tmp_path):
+    pytest.importorskip("matplotlib")
+    records = [record("cckd", "fused", n, n * 1e-6) for n in (1024, 8192, 32768)]
+    records += [record("cckd", "reference", 1024, 1e-2),
+                record("cckd", "reference", 32768, None, error="CUDA out of memory"),
+                record("ekd", "gemm", 1024, 1e-3, dtype="bfloat16")]
+    run = tmp_path / "bench.json"
+    run.write_text(json.dumps({"machine": {"gpu": "test GPU"}, "records": records}))
+    out = tmp_path / "plot.png"
+    assert plot.main([str(run), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    points = plot.series(plot.load_records([run], "fwd+bwd"))
+    assert points[("cckd", "reference", "float32, D=512")] == {1024: 1e-2, 32768: None}
+    assert plot.main([str(run), "--out", str(out), "--pass", "fwd"]) == 1  # nothing to draw
