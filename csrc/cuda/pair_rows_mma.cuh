@@ -55,9 +55,9 @@ __device__ __noinline__ PairSums rows_pair(const Terms& terms, const TileMask& o
 
 template <typename Terms>
 __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) {
-  __shared__ uint16_t stage[2 * kMmaEdge * kMmaStride];
-  __shared__ uint16_t g_tile[kMmaEdge * kGradStride];
-  __shared__ uint16_t x_chunk[kMmaEdge * kGradStride];
+  alignas(16) __shared__ uint16_t stage[kStageEntries];
+  alignas(16) __shared__ uint16_t g_tile[kMmaEdge * kGradStride];
+  alignas(16) __shared__ uint16_t x_chunk[kMmaEdge * kGradStride];
   __shared__ double shared[kThreads];
   float* grad = dynamic_shared<float>();  // kMmaEdge x ds
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kMmaEdge;

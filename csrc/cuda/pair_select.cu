@@ -141,7 +141,7 @@ bool has_bf16_tensor_cores(int device) {
 }
 
 bool rows_mma_fits(int device, int64_t ds) {
-  constexpr size_t kStaticBytes = 32 << 10;  // the kernel's static shared memory, rounded up
+  constexpr size_t kStaticBytes = 42 << 10;  // the kernel's static shared memory (40 KiB), rounded up
   const size_t need = rows_mma_dynamic_bytes(ds) + kStaticBytes;
 #ifdef RELKD_EMULATE
   (void)device;

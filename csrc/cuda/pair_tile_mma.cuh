@@ -21,55 +21,114 @@ constexpr int kMmaWarpRows = 16, kMmaWarpCols = 32;  // 8 warps: 4 x 2 of these
 static_assert(kThreads == 256 && (kMmaEdge / kMmaWarpRows) * (kMmaEdge / kMmaWarpCols) == 8,
               "the warp grid covers the sub-tile with kThreads threads");
 
-// Rows row0 .. row0 + 64 (those below `end`) and entries k0 .. k0 + 32 (those
-// below d) of x (rows of d entries), as bf16 into stage[64][kMmaStride];
-// the rest of the stage is 0, so it adds nothing to the products.
-__device__ inline void stage_rows(const float* x, int64_t end, int64_t d, int64_t row0,
-                                  int64_t k0, uint16_t* stage) {
-  for (int e = threadIdx.x; e < kMmaEdge * kMmaDepth; e += kThreads) {
-    const int r = e / kMmaDepth, k = e % kMmaDepth;
-    const int64_t p = row0 + r, kk = k0 + k;
-    stage[r * kMmaStride + k] = (p < end && kk < d) ? bf16_bits(x[p * d + kk]) : uint16_t(0);
+constexpr int kStageEntries = 4 * kMmaEdge * kMmaStride;  // rows and columns, two buffers
+
+// A thread's share of one staging step: 8 consecutive entries of one of
+// the 64 rows (64 x 32 entries = 256 threads x 8), as bf16: 16 bytes.
+struct alignas(16) StagePiece {
+  uint32_t bits[4];
+};
+struct alignas(16) Float4 {
+  float v[4];
+};
+static_assert(kMmaEdge * kMmaDepth == 8 * kThreads, "one piece per thread and step");
+
+// Whether x's rows (d floats each) may be read 8 floats at a time.
+__device__ inline bool vector_rows(const float* x, int64_t d) {
+  return d % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+}
+
+// This thread's piece of rows row0 .. row0 + 64 (those below `end`),
+// entries k0 .. k0 + 32 (those below d) of x, 0 out of range (adding
+// nothing to the products), rounded to bf16.
+__device__ inline StagePiece load_piece(const float* x, int64_t end, int64_t d, int64_t row0,
+                                        int64_t k0, bool vector) {
+  const int64_t p = row0 + threadIdx.x / 4, k = k0 + threadIdx.x % 4 * 8;
+  float v[8];
+  if (vector && p < end && k < d) {  // d % 8 == 0: all 8 are in range
+    const Float4* at = reinterpret_cast<const Float4*>(x + p * d + k);
+    const Float4 lo = at[0], hi = at[1];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      v[i] = lo.v[i];
+      v[4 + i] = hi.v[i];
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = (p < end && k + i < d) ? x[p * d + k + i] : 0.0f;
   }
+  StagePiece piece;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    piece.bits[i] = uint32_t(bf16_bits(v[2 * i])) | (uint32_t(bf16_bits(v[2 * i + 1])) << 16);
+  return piece;
+}
+
+// The piece into its place in a staged block [64][kMmaStride] (16-byte
+// aligned: kMmaStride entries are 80 bytes).
+__device__ inline void store_piece(const StagePiece& piece, uint16_t* stage) {
+  *reinterpret_cast<StagePiece*>(stage + threadIdx.x / 4 * kMmaStride + threadIdx.x % 4 * 8) =
+      piece;
 }
 
 // acc[j] += (the warp's 16 staged rows) x (its columns j*8 .. j*8 + 8)^T over
-// `Depth` staged entries (rows and columns `Stride` entries apart).
+// `Depth` staged entries (rows and columns `Stride` entries apart, each row
+// 16-byte aligned). Fragments come by ldmatrix (mma.cuh): lane l addresses
+// row l % 8 of matrix l / 8, which is, for A, rows (0-7 | 8-15) x entries
+// (0-7 | 8-15) in the order of a[0..3]; for B, two 8-column groups x the
+// two entry halves, the registers of b for groups j and j + 1.
 template <int Depth = kMmaDepth, int Stride = kMmaStride>
 __device__ inline void warp_products(const uint16_t* rows, const uint16_t* cols, int warp_row,
                                      int warp_col, float (&acc)[4][4]) {
-  const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+  static_assert(Stride * 2 % 16 == 0, "ldmatrix reads 16-byte aligned rows");
+  const int m = threadIdx.x % 32 / 8, i = threadIdx.x % 8;
+  const uint16_t* a_row = rows + (warp_row + m % 2 * 8 + i) * Stride + m / 2 * 8;
+  const uint16_t* b_row = cols + (warp_col + m / 2 * 8 + i) * Stride + m % 2 * 8;
 #pragma unroll
   for (int k = 0; k < Depth; k += 16) {
-    const uint16_t* a0 = rows + (warp_row + g) * Stride + k + 2 * t;
-    const uint16_t* a8 = a0 + 8 * Stride;
-    const uint32_t a[4] = {fragment_pair(a0), fragment_pair(a8), fragment_pair(a0 + 8),
-                           fragment_pair(a8 + 8)};
+    uint32_t a[4];
+    ldmatrix_x4(a, a_row + k);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint16_t* b0 = cols + (warp_col + j * 8 + g) * Stride + k + 2 * t;
-      const uint32_t b[2] = {fragment_pair(b0), fragment_pair(b0 + 8)};
-      mma_bf16_16816(acc[j], a, b);
+    for (int j = 0; j < 4; j += 2) {
+      uint32_t b[4];
+      ldmatrix_x4(b, b_row + j * 8 * Stride + k);
+      const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+      mma_bf16_16816(acc[j], a, b0);
+      mma_bf16_16816(acc[j + 1], a, b1);
     }
   }
 }
 
 // The sub-tile at (tr, tc) of the view of x_r x_c^T (d entries per row) into
-// acc, the warp's 16 x 32 share. `stage` holds two staged blocks.
+// acc, the warp's 16 x 32 share. `stage` (kStageEntries, 16-byte aligned)
+// holds two buffers of staged rows and columns: while the warps multiply
+// one step, the next step's pieces are already loading into registers, and
+// one barrier per step suffices (a buffer is rewritten only after every
+// thread has passed the barrier that follows its last read).
 __device__ inline void sub_tile_products(const float* x_r, const float* x_c, int64_t d,
                                          const TileView& view, int64_t tr, int64_t tc,
                                          uint16_t* stage, float (&acc)[4][4]) {
   const int warp = threadIdx.x / 32;
   const int warp_row = warp % 4 * kMmaWarpRows, warp_col = warp / 4 * kMmaWarpCols;
-  uint16_t* rows = stage;
-  uint16_t* cols = stage + kMmaEdge * kMmaStride;
+  const int64_t end_r = view.r0 + view.rows, end_c = view.c0 + view.cols;
+  const bool vector_r = vector_rows(x_r, d), vector_c = vector_rows(x_c, d);
+  StagePiece piece_r = load_piece(x_r, end_r, d, view.r0 + tr, 0, vector_r);
+  StagePiece piece_c = load_piece(x_c, end_c, d, view.c0 + tc, 0, vector_c);
+  int buffer = 0;
   for (int64_t k0 = 0; k0 < d; k0 += kMmaDepth) {
-    stage_rows(x_r, view.r0 + view.rows, d, view.r0 + tr, k0, rows);
-    stage_rows(x_c, view.c0 + view.cols, d, view.c0 + tc, k0, cols);
+    uint16_t* rows = stage + buffer * 2 * kMmaEdge * kMmaStride;
+    uint16_t* cols = rows + kMmaEdge * kMmaStride;
+    store_piece(piece_r, rows);
+    store_piece(piece_c, cols);
     __syncthreads();
+    if (k0 + kMmaDepth < d) {  // the next step's loads overlap this step's products
+      piece_r = load_piece(x_r, end_r, d, view.r0 + tr, k0 + kMmaDepth, vector_r);
+      piece_c = load_piece(x_c, end_c, d, view.c0 + tc, k0 + kMmaDepth, vector_c);
+    }
     warp_products(rows, cols, warp_row, warp_col, acc);
-    __syncthreads();  // the next step overwrites the stage
+    buffer ^= 1;
   }
+  __syncthreads();  // the caller may restage or reuse the buffers
 }
 
 // pair_at, not inlined: the kernel's unrolled loop over its accumulators
@@ -107,7 +166,7 @@ __device__ inline void zero_sub_tile(const PairTileArgs<float>& a, const TileVie
 template <typename Terms>
 __global__ void pair_tile_mma_kernel(Terms terms, PairTileArgs<float> a, MmaTileInputs in,
                                      TileView view, TileMask mask) {
-  __shared__ uint16_t stage[2 * kMmaEdge * kMmaStride];
+  alignas(16) __shared__ uint16_t stage[kStageEntries];
   __shared__ double shared[kThreads];
   const int64_t blocks_c = (view.cols + kMmaEdge - 1) / kMmaEdge;
   const int64_t tr = blockIdx.x / blocks_c * kMmaEdge, tc = blockIdx.x % blocks_c * kMmaEdge;

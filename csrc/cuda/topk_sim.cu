@@ -247,7 +247,7 @@ __device__ inline void split_columns(const TileView& view, int splits, int split
 __global__ void offer_mma_kernel(const float* q, const float* c, int64_t d, TileView view,
                                  int64_t block_r0, int splits, const float* scale,
                                  TopkValidity valid, TopkState<float> st) {
-  __shared__ uint16_t stage[2 * kMmaEdge * kMmaStride];
+  alignas(16) __shared__ uint16_t stage[kStageEntries];
   __shared__ SelectShared sh;
   __shared__ RowsState rs;
   const int split = static_cast<int>(blockIdx.x % splits);

@@ -7,7 +7,8 @@
 // shared memory one buffer), warp
 // shuffles and __match_any_sync (a warp barrier and an exchange slot per
 // lane), the bf16 tensor-core mma.m16n8k16 (fragments exchanged the same
-// way, read where the PTX ISA's tables place them), atomicAdd
+// way, read where the PTX ISA's tables place them), ldmatrix .x4 (row
+// addresses exchanged the same way), atomicAdd
 // (std::atomic_ref). Not emulated: the GPU's speed, its
 // memory model beyond what the barriers order, and launch failures.
 #pragma once
@@ -16,6 +17,8 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -202,6 +205,32 @@ inline void mma_bf16_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint3
   }
   warp_barrier().arrive_and_wait();
   for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16 {r0, r1, r2, r3}, [row]: every
+// lane of the warp calls it together, lanes 8m .. 8m + 7 giving the
+// addresses of rows 0 .. 7 of matrix m (8 consecutive 16-bit entries each,
+// 16-byte aligned); lane l receives in r[m] entries 2 (l % 4) and
+// 2 (l % 4) + 1 of row l / 4 of matrix m (the lower index in the lower
+// half). A misaligned row address faults on the GPU: here it aborts.
+inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) {
+  const uintptr_t address = reinterpret_cast<uintptr_t>(row);
+  if (address % 16 != 0) {
+    std::fprintf(stderr, "emulated ldmatrix: row address %p is not 16-byte aligned\n",
+                 static_cast<const void*>(row));
+    std::abort();
+  }
+  uint64_t* slots = warp_slots();
+  const int me = lane();
+  slots[me] = address;
+  warp_barrier().arrive_and_wait();
+  uint32_t out[4];
+  for (int m = 0; m < 4; ++m) {
+    const uint16_t* entries = reinterpret_cast<const uint16_t*>(slots[8 * m + me / 4]);
+    out[m] = uint32_t(entries[2 * (me % 4)]) | (uint32_t(entries[2 * (me % 4) + 1]) << 16);
+  }
+  warp_barrier().arrive_and_wait();
+  for (int m = 0; m < 4; ++m) r[m] = out[m];
 }
 
 }  // namespace relkd_emulation
