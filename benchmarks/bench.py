@@ -549,6 +549,7 @@ def machine_info(device: str, load_before: Optional[List[float]]) -> Dict:
         "platform": platform.platform(), "device": device, "git_commit": git_commit(),
         "fused_devices": relkd.ops.fused_devices(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "relkd_tensor_cores": os.environ.get("RELKD_TENSOR_CORES", "0"),
         "load_average_before": load_before, "load_average_after": load_average(),
     }
     if device.startswith("cuda"):
@@ -770,6 +771,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              f"(default {IDA_REFERENCE_SUBSET}; quick: all)")
     parser.add_argument("--dtype", default="float32",
                         choices=("float32", "float16", "bfloat16", "float64"))
+    parser.add_argument("--matmul-precision", choices=("highest", "high", "medium"),
+                        help="torch.set_float32_matmul_precision for the run (float32 torch.mm "
+                             "in every backend; with RELKD_TENSOR_CORES=auto, 'medium' runs "
+                             "relkd's bf16 tensor-core kernels); recorded in the JSON's machine")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
@@ -796,6 +801,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.case:
         print(json.dumps(cases.probe_peak_memory(Case(**json.loads(args.case)))))
         return 0
+    if args.matmul_precision:
+        torch.set_float32_matmul_precision(args.matmul_precision)
     sweep = build_sweep(args)
     if not sweep:
         log("nothing selected")

@@ -13,8 +13,9 @@
 #   bench-fp32  bench.py --device cuda, losses at N=1024..65536, D=512, float32, and
 #               similarity_topk 8192 x 1,000,000, D=512, k=100   -> bench-fp32.json/.md, .log
 #   bench-bf16  the same losses in bfloat16                         -> bench-bf16.json/.md, .log
-#   bench-tc    with RELKD_TENSOR_CORES=1 (the bf16 mma kernels, opt-in until validated):
-#               CCKD, EKD, RKD fused (float32) beside the GEMM floor, and similarity_topk
+#   bench-tc    RELKD_TENSOR_CORES=auto, matmul precision medium (the bf16 mma kernels,
+#               opt-in until validated): CCKD, EKD, RKD, RAD fused (float32) beside the
+#               GEMM floor, and similarity_topk
 #               8192 x 1,000,000, D=512, k=100         -> bench-tc.json/.md, bench-tc-topk.*, .log
 #   plot        benchmarks/plot.py: time vs N, log-log, of each bench-*.json present
 #               (needs matplotlib; plot.py can also run later, on any machine) -> bench-*.png
@@ -98,12 +99,16 @@ for stage in $stages; do
       ;;
     bench-tc)
       build
-      run_logged bench-tc bench-tc.log env RELKD_TENSOR_CORES=1 $PYTHON benchmarks/bench.py \
-        --device cuda --dtype float32 --only losses --losses cckd,ekd,rkd --sizes 8192,32768 \
-        --dim 512 --backends fused,gemm --no-compile --json "$out/bench-tc.json"
+      # auto + medium: relkd's bf16 mma kernels, and torch.mm (the gradient
+      # products of the tile path, the floor) on tensor cores too.
+      run_logged bench-tc bench-tc.log env RELKD_TENSOR_CORES=auto $PYTHON benchmarks/bench.py \
+        --device cuda --dtype float32 --matmul-precision medium --only losses \
+        --losses cckd,ekd,rkd,rad --sizes 8192,32768 --dim 512 --backends fused,gemm \
+        --no-compile --json "$out/bench-tc.json"
       sed -n '/^relkd .* benchmark:/,$p' "$out/bench-tc.log" > "$out/bench-tc.md"
-      run_logged bench-tc-topk bench-tc-topk.log env RELKD_TENSOR_CORES=1 $PYTHON \
-        benchmarks/bench.py --device cuda --dtype float32 --only topk --topk-shape 8192,1000000 \
+      run_logged bench-tc-topk bench-tc-topk.log env RELKD_TENSOR_CORES=auto $PYTHON \
+        benchmarks/bench.py --device cuda --dtype float32 --matmul-precision medium \
+        --only topk --topk-shape 8192,1000000 \
         --topk-k 100 --dim 512 --backends fused,gemm --json "$out/bench-tc-topk.json"
       sed -n '/^relkd .* benchmark:/,$p' "$out/bench-tc-topk.log" > "$out/bench-tc-topk.md"
       ;;
