@@ -10,7 +10,8 @@ namespace relkd {
 inline void define_operators(torch::Library& m) {
   // Per row i of q: the k largest c_scale[j] * q_i.c_j over valid columns j
   // (c_labels[j] != q_labels[i]; j != i + self_offset when exclude_self),
-  // sorted descending, ties to the smaller j, padding (-inf, -1).
+  // sorted descending, ties to the smaller j, padding (-inf, -1). float32 /
+  // float64; on CUDA also bfloat16 q and c (float32 values).
   m.def(
       "topk_sim(Tensor q, Tensor c, int k, Tensor? q_labels=None, Tensor? c_labels=None, "
       "Tensor? c_scale=None, bool exclude_self=False, int self_offset=0) -> (Tensor, Tensor)");
@@ -46,7 +47,9 @@ inline void define_operators(torch::Library& m) {
   // kind's pair loss, and its gradients (see csrc/cpu/pair_kinds.h). xs_c /
   // xt_c None = columns are the rows (symmetric case). Returns
   // (loss, grad_xs_r, grad_xs_c, grad_xt_r, grad_xt_c, grad_params); a
-  // gradient that was not asked for is an empty tensor.
+  // gradient that was not asked for is an empty tensor. float32 / float64;
+  // on CUDA also bfloat16 embeddings (then float32 params and loss,
+  // bfloat16 gradients of the embeddings).
   m.def(
       "pairwise_loss(str kind, Tensor xs_r, Tensor? xt_r, Tensor? xs_c, Tensor? xt_c, "
       "Tensor? labels_r, Tensor? labels_c, Tensor? ids_r, Tensor? ids_c, Tensor params, "

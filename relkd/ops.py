@@ -131,8 +131,9 @@ if HAS_EXTENSION:
     @torch.library.register_fake("relkd::topk_sim")
     def _topk_sim_fake(q, c, k, q_labels=None, c_labels=None, c_scale=None,
                        exclude_self=False, self_offset=0):
-        n = q.shape[0]
-        return q.new_empty(n, k), q.new_empty(n, k, dtype=torch.long)
+        n = q.shape[0]  # bfloat16 operands (CUDA): float32 values
+        values = torch.float32 if q.dtype == torch.bfloat16 else q.dtype
+        return q.new_empty(n, k, dtype=values), q.new_empty(n, k, dtype=torch.long)
 
     @torch.library.register_fake("relkd::topk_sim_symmetric")
     def _topk_sim_symmetric_fake(x, k, labels=None):
@@ -172,13 +173,17 @@ if HAS_EXTENSION:
         def grad_or_placeholder(like, computed):
             return torch.empty_like(like) if computed else xs_r.new_empty(0)
 
+        # The loss and the parameters' gradient have the params' dtype: the
+        # embeddings' (float32 / float64), or float32 for bfloat16
+        # embeddings (CUDA), whose gradients are bfloat16.
         return (
-            xs_r.new_empty(()),
+            params.new_empty(()),
             grad_or_placeholder(xs_r, grad_student),
             grad_or_placeholder(xs_c, grad_student and rect),
             grad_or_placeholder(xt_r, grad_teacher),
             grad_or_placeholder(xt_c, grad_teacher and rect),
-            grad_or_placeholder(params, grad_student and kind in PARAMS_GRAD_KINDS),
+            torch.empty_like(params) if grad_student and kind in PARAMS_GRAD_KINDS
+            else params.new_empty(0),
         )
 
     @torch.library.register_fake("relkd::pair_histogram")
@@ -544,8 +549,9 @@ def pairwise_loss(kind: str, xs_r: Tensor, xt_r: Optional[Tensor] = None,
                   params: Optional[Tensor] = None) -> Tensor:
     """Differentiable sum of a pair loss over all masked (row, column) pairs;
     columns default to the rows. See csrc/cpu/pair_kinds.h for the kinds."""
-    if params is None:
-        params = xs_r.new_empty(0)
+    if params is None:  # the loss's dtype: float32 for bfloat16 embeddings (CUDA)
+        params = xs_r.new_empty(0, dtype=torch.float32 if xs_r.dtype == torch.bfloat16
+                                else xs_r.dtype)
     if params.requires_grad and kind not in PARAMS_GRAD_KINDS:
         raise ValueError(f"params: kind '{kind}' defines no gradient with respect to params, "
                          "so params must not require grad")

@@ -316,6 +316,79 @@ def matmul_precision(precision):
         torch.set_float32_matmul_precision(before)
 
 
+def as_bf16_operands(args):
+    """The same pairwise_loss arguments with the embeddings as bfloat16."""
+    return tuple(a.bfloat16() if isinstance(a, torch.Tensor) and a.dim() == 2 else a
+                 for a in args)
+
+
+@pytest.mark.parametrize("kind", list(PARAMS) + ["cckd_student_only"])
+@pytest.mark.parametrize("rect", [False, True])
+@pytest.mark.parametrize("mode", ["0", "auto"])
+def test_pairwise_loss_bf16_operands(emulated, monkeypatch, kind, rect, mode):
+    """bfloat16 embeddings (what the fused losses pass on CUDA for bfloat16
+    inputs): a float32 loss, bfloat16 gradients. RELKD_TENSOR_CORES=auto runs
+    the tensor cores for them whatever the matmul precision (their products
+    are exact there), with bf16 gradient products; 0 the float32 tile path on
+    the same values."""
+    args = tensor_core_case(kind.replace("_student_only", ""), rect, representable=True)
+    if kind == "cckd_student_only":
+        args = args[:11] + (False,)
+    monkeypatch.setenv("RELKD_TENSOR_CORES", mode)
+    got = emulated.pairwise_loss(*as_bf16_operands(args))
+    want = torch.ops.relkd.pairwise_loss(*args)  # the CPU kernel on the same values
+    assert got[0].dtype == F32 and got[5].dtype == F32
+    for g, w in zip(got[1:5], want[1:5]):
+        assert g.dtype == torch.bfloat16 and g.shape == w.shape
+    scale = max(float(want[0].abs()), 1.0)
+    torch.testing.assert_close(got[0], want[0], atol=2e-5 * scale, rtol=0)
+    torch.testing.assert_close(got[5], want[5], atol=2e-5 * scale, rtol=0)
+    for g, w in zip(got[1:5], want[1:5]):  # bf16 results; bf16 products under auto
+        bound = (4e-3 if mode == "auto" else 2 ** -8) * float(w.norm()) + 1e-6
+        assert float((g.float() - w).norm()) <= bound
+
+
+@pytest.mark.parametrize("rect", [False, True])
+def test_bf16_operands_run_the_tensor_cores_under_auto(emulated, monkeypatch, rect):
+    """Which path ran shows in the student's gradient: the float32 path's,
+    rounded once to bfloat16, is the CPU kernel's rounded (every entry);
+    the tensor-core paths round derivatives to bf16 before multiplying them
+    back (rows pass, symmetric) or multiply in bf16 (tile path,
+    rectangular), which moves about a third of the entries by an ulp. Under
+    auto they run for bfloat16 operands at precision "highest"."""
+    args = tensor_core_case("cckd", rect, representable=True)[:11] + (False,)
+    exact = torch.ops.relkd.pairwise_loss(*args)[1].bfloat16()
+
+    def agreement(mode):
+        monkeypatch.setenv("RELKD_TENSOR_CORES", mode)
+        grad = emulated.pairwise_loss(*as_bf16_operands(args))[1]
+        return float((grad == exact).float().mean())
+
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert agreement("0") > 0.99
+    assert agreement("auto") < 0.9
+
+
+def test_bf16_operands_must_all_be_bf16(emulated):
+    args = list(tensor_core_case("cckd", True, representable=True))
+    args[1] = args[1].bfloat16()  # xs_r bf16, the rest float32
+    with pytest.raises(ValueError, match="xt_r must be bfloat16 like the other embeddings"):
+        emulated.pairwise_loss(*args)
+    q = embeddings(9, 8, seed=1, dtype=F32)
+    with pytest.raises(ValueError, match="c must be bfloat16 like the other embeddings"):
+        emulated.topk_sim(q.bfloat16(), q, 3, None, None, None, False, 0)
+
+
+@pytest.mark.parametrize("mode", ["0", "auto"])
+def test_topk_sim_bf16_operands(emulated, monkeypatch, mode):
+    q = embeddings(70, 16, seed=3, dtype=F32).bfloat16()
+    c = embeddings(2000, 16, seed=4, dtype=F32).bfloat16()
+    monkeypatch.setenv("RELKD_TENSOR_CORES", mode)
+    got = emulated.topk_sim(q, c, 30, None, None, None, False, 0)
+    assert got[0].dtype == F32
+    assert_same_mining(got, ops.topk_sim(q.float(), c.float(), 30), q.float(), c.float(), None)
+
+
 # ---------------------------------------------------------------- pair_select
 @pytest.mark.parametrize("dtype", [F64, F32])
 def test_histograms(emulated, dtype):

@@ -58,21 +58,54 @@ T* ptr(const at::Tensor& t) {
 // Whether float32 topk_sim and pairwise_loss run the tensor-core kernels
 // (similarities of bfloat16-rounded embeddings, fp32 accumulation, sm_80+).
 // RELKD_TENSOR_CORES: unset or 0 = never (the default until a GPU run has
-// validated them, README GPU); 1 = always; auto = when
+// validated them, README GPU); 1 = always; auto = for bfloat16 operands
+// (whose products the kernels compute exactly) and when
 // torch.set_float32_matmul_precision("medium") allows bfloat16 products
 // ("high" keeps the tile path, whose torch.mm follows the precision itself,
 // TF32 on sm_80+; "highest" keeps fp32).
-bool use_tensor_cores(const at::Tensor& x) {
+bool use_tensor_cores(const at::Tensor& x, bool bf16_operands = false) {
   const char* flag = std::getenv("RELKD_TENSOR_CORES");
   const std::string mode = flag ? flag : "0";
   TORCH_CHECK_VALUE(mode == "0" || mode == "1" || mode == "auto",
                     "the environment variable RELKD_TENSOR_CORES must be 0, 1 or auto, got '",
                     mode, "'");
   if (mode == "0") return false;
-  if (mode == "auto" &&
+  if (mode == "auto" && !bf16_operands &&
       at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::MEDIUM)
     return false;
   return cuda::has_bf16_tensor_cores(x.device().index());
+}
+
+// bfloat16 operands (the fused losses pass them on CUDA when their inputs
+// were bfloat16) run as float32 copies, which hold the same values: the
+// tensor-core kernels' products of them are exact, the float32 tile path's
+// too. Returns t itself when it is not bfloat16.
+at::Tensor float_copy(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t;
+}
+
+c10::optional<at::Tensor> float_copy(const c10::optional<at::Tensor>& t) {
+  if (!t.has_value()) return t;
+  return float_copy(*t);
+}
+
+// Whether the embeddings are bfloat16: all of them, or (a ValueError) none.
+bool bf16_operands(std::initializer_list<std::pair<const char*, const at::Tensor*>> operands) {
+  int bf16 = 0, given = 0;
+  for (const auto& [name, t] : operands) {
+    if (!t || !t->defined()) continue;
+    ++given;
+    bf16 += t->scalar_type() == at::kBFloat16;
+  }
+  if (bf16 == 0) return false;
+  for (const auto& [name, t] : operands)
+    TORCH_CHECK_VALUE(!t || !t->defined() || t->scalar_type() == at::kBFloat16, name,
+                      " must be bfloat16 like the other embeddings, got ", t->scalar_type());
+  return bf16 == given;
+}
+
+const at::Tensor* present(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? &*t : nullptr;
 }
 
 // The largest power-of-two block of rows = columns such that `buffers`
@@ -121,25 +154,25 @@ at::Tensor tile_product(at::Tensor& buffer, const at::Tensor& a, const at::Tenso
 template <typename T>
 void topk_sim_impl(const at::Tensor& q, const at::Tensor& c, int64_t k, const at::Tensor& q_labels,
                    const at::Tensor& c_labels, const at::Tensor& c_scale, bool exclude_self,
-                   int64_t self_offset, at::Tensor& values, at::Tensor& indices) {
+                   int64_t self_offset, bool bf16, at::Tensor& values, at::Tensor& indices) {
   const int64_t n = q.size(0), m = c.size(0), k_buf = std::min(k, m);
   const auto stream = current_stream(q);
   const int64_t cols = std::min(m, kTopkColumns);
   const int64_t cap = k_buf + std::max(k_buf, cuda::kTopkChunk);
   const int64_t slot_bytes = cap * int64_t(sizeof(T) + 4) + 32;  // one row's selection
   bool tensor_cores = false;
-  if constexpr (std::is_same_v<T, float>) tensor_cores = use_tensor_cores(q);
+  if constexpr (std::is_same_v<T, float>) tensor_cores = use_tensor_cores(q, bf16);
   // The tensor-core kernel computes its own tiles and keeps one selection
   // per (row, column range); the tile path keeps one per row beside a tile.
-  const int splits = tensor_cores ? cuda::topk_mma_splits(q.device().index(),
-                                                          std::min(n, kTileBytes / slot_bytes), m)
-                                  : 1;
-  const int64_t row_bytes = tensor_cores ? splits * slot_bytes
-                                         : cols * int64_t(sizeof(T)) + slot_bytes;
-  const int64_t most_rows = std::max<int64_t>(1, std::min(n, kTileBytes / row_bytes));
-  // As many row blocks as the budget needs, of equal size (the last one not
-  // a sliver that leaves the GPU idle).
-  const int64_t block_rows = ceil_div(n, ceil_div(n, most_rows));
+  // Row blocks as large as the budget allows with one range, of equal size
+  // (the last one not a sliver), then as many ranges as those rows want
+  // (topk_mma_splits) and the budget holds.
+  const int64_t row_bytes = tensor_cores ? slot_bytes : cols * int64_t(sizeof(T)) + slot_bytes;
+  int64_t block_rows = std::max<int64_t>(1, std::min(n, kTileBytes / row_bytes));
+  block_rows = ceil_div(n, ceil_div(n, block_rows));
+  const int splits = !tensor_cores ? 1 : static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>(cuda::topk_mma_splits(q.device().index(), block_rows, m),
+                           kTileBytes / (block_rows * slot_bytes))));
   const cuda::TopkValidity valid{ptr<int64_t>(q_labels), ptr<int64_t>(c_labels), exclude_self,
                                  self_offset};
   auto opts = q.options();
@@ -181,12 +214,12 @@ void topk_sim_impl(const at::Tensor& q, const at::Tensor& c, int64_t k, const at
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_sim_cuda(const at::Tensor& q, const at::Tensor& c, int64_t k,
-                                                 const c10::optional<at::Tensor>& q_labels,
-                                                 const c10::optional<at::Tensor>& c_labels,
-                                                 const c10::optional<at::Tensor>& c_scale,
-                                                 bool exclude_self, int64_t self_offset) {
-  BelowAutograd below_autograd;
+std::tuple<at::Tensor, at::Tensor> topk_sim_run(const at::Tensor& q, const at::Tensor& c, int64_t k,
+                                                const c10::optional<at::Tensor>& q_labels,
+                                                const c10::optional<at::Tensor>& c_labels,
+                                                const c10::optional<at::Tensor>& c_scale,
+                                                bool exclude_self, int64_t self_offset,
+                                                bool bf16) {
   check_topk_sim_args(q, c, k, q_labels, c_labels, c_scale);
   TORCH_CHECK_VALUE(c.size(0) < std::numeric_limits<int32_t>::max(),
                     "c must have fewer than 2^31 rows on CUDA, got ", c.size(0));
@@ -204,9 +237,23 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_cuda(const at::Tensor& q, const at::
   const auto ql = contiguous_or_empty(q_labels), cl = contiguous_or_empty(c_labels);
   const auto sc = contiguous_or_empty(c_scale);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "topk_sim_cuda", [&] {
-    topk_sim_impl<scalar_t>(qc, cc, k, ql, cl, sc, exclude_self, self_offset, values, indices);
+    topk_sim_impl<scalar_t>(qc, cc, k, ql, cl, sc, exclude_self, self_offset, bf16, values,
+                            indices);
   });
   return {values, indices};
+}
+
+// bfloat16 q and c: float32 copies (the same values), values in float32 as
+// for every half input.
+std::tuple<at::Tensor, at::Tensor> topk_sim_cuda(const at::Tensor& q, const at::Tensor& c, int64_t k,
+                                                 const c10::optional<at::Tensor>& q_labels,
+                                                 const c10::optional<at::Tensor>& c_labels,
+                                                 const c10::optional<at::Tensor>& c_scale,
+                                                 bool exclude_self, int64_t self_offset) {
+  BelowAutograd below_autograd;
+  const bool bf16 = bf16_operands({{"q", &q}, {"c", &c}});
+  return topk_sim_run(float_copy(q), float_copy(c), k, q_labels, c_labels, c_scale,
+                      exclude_self, self_offset, bf16);
 }
 
 // ------------------------------------------------------------- pair_dot
@@ -328,9 +375,12 @@ Outputs rows_pass(cuda::PairKind kind, const PairwiseArgs& in) {
   return {sums[0].to(opts.dtype(), false, true), grad, empty(), empty(), empty(), empty()};
 }
 
+// With bf16 (bfloat16 operands, float32 copies in `in`) the tensor-core
+// path's gradient products are bfloat16 GEMMs too (fp32 accumulation, each
+// tile's product rounded to bf16 once), as an eager bf16 backward's.
 template <typename T>
 Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool grad_s,
-                      bool grad_t) {
+                      bool grad_t, bool bf16) {
   const KindInfo& kind = in.kind;
   const bool sym = in.symmetric;
   const auto opts = in.xs_r.options();
@@ -339,7 +389,7 @@ Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool g
   const int64_t block = square_block(1 + kind.has_teacher + dn_tiles, sizeof(T));
   bool tensor_cores = false;
   if constexpr (std::is_same_v<T, float>) {
-    tensor_cores = use_tensor_cores(in.xs_r);
+    tensor_cores = use_tensor_cores(in.xs_r, bf16);
     if (tensor_cores && rows_pass_applies(in, pair_kind(kind_name), grad_s, grad_t))
       return rows_pass(pair_kind(kind_name), in);
   }
@@ -408,13 +458,20 @@ Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool g
     if (!tensor_cores) check_launch(cuda::pair_tile(args, view, mask, stream), "pairwise_loss");
     offset += blocks_of(view);
     // The derivative tiles times the opposite embeddings (s and tt now hold them).
+    const bool bf16_products = bf16 && tensor_cores;
+    auto add_product = [&](at::Tensor out, const at::Tensor& tile, const at::Tensor& x) {
+      if (bf16_products)
+        out.add_(at::mm(tile.to(at::kBFloat16), x.to(at::kBFloat16)));
+      else
+        out.addmm_(tile, x);
+    };
     if (grad_s) {
-      g_sr.narrow(0, t.r0, t.rows).addmm_(s, in.xs_c.narrow(0, t.c0, t.cols));
-      g_sc.narrow(0, t.c0, t.cols).addmm_(s.t(), in.xs_r.narrow(0, t.r0, t.rows));
+      add_product(g_sr.narrow(0, t.r0, t.rows), s, in.xs_c.narrow(0, t.c0, t.cols));
+      add_product(g_sc.narrow(0, t.c0, t.cols), s.t(), in.xs_r.narrow(0, t.r0, t.rows));
     }
     if (grad_t) {
-      g_tr.narrow(0, t.r0, t.rows).addmm_(tt, in.xt_c.narrow(0, t.c0, t.cols));
-      g_tc.narrow(0, t.c0, t.cols).addmm_(tt.t(), in.xt_r.narrow(0, t.r0, t.rows));
+      add_product(g_tr.narrow(0, t.r0, t.rows), tt, in.xt_c.narrow(0, t.c0, t.cols));
+      add_product(g_tc.narrow(0, t.c0, t.cols), tt.t(), in.xt_r.narrow(0, t.r0, t.rows));
     }
     if (dn_tiles) {
       dn_r.narrow(0, t.r0, t.rows).add_(dn.sum(1));
@@ -452,13 +509,21 @@ Outputs pairwise_loss_cuda(c10::string_view kind_name, const at::Tensor& xs_r,
                            const c10::optional<at::Tensor>& ids_c, const at::Tensor& params,
                            bool grad_student, bool grad_teacher) {
   BelowAutograd below_autograd;
-  const PairwiseArgs args = check_pairwise_args(kind_name, xs_r, xt_r, xs_c, xt_c, labels_r,
-                                                labels_c, ids_r, ids_c, params, grad_teacher);
+  const bool bf16 = bf16_operands({{"xs_r", &xs_r}, {"xt_r", present(xt_r)},
+                                   {"xs_c", present(xs_c)}, {"xt_c", present(xt_c)}});
+  const PairwiseArgs args = check_pairwise_args(
+      kind_name, float_copy(xs_r), float_copy(xt_r), float_copy(xs_c), float_copy(xt_c),
+      labels_r, labels_c, ids_r, ids_c, params, grad_teacher);
   c10::DeviceGuard guard(xs_r.device());
   Outputs out;
-  AT_DISPATCH_FLOATING_TYPES(xs_r.scalar_type(), "pairwise_loss_cuda", [&] {
-    out = pairwise_impl<scalar_t>(kind_name, args, grad_student, grad_teacher);
+  AT_DISPATCH_FLOATING_TYPES(args.xs_r.scalar_type(), "pairwise_loss_cuda", [&] {
+    out = pairwise_impl<scalar_t>(kind_name, args, grad_student, grad_teacher, bf16);
   });
+  if (bf16) {  // the loss stays float32 (SPEC: half inputs); gradients like their operands
+    for (at::Tensor* g : {&std::get<1>(out), &std::get<2>(out), &std::get<3>(out),
+                          &std::get<4>(out)})
+      *g = g->to(at::kBFloat16);
+  }
   return out;
 }
 

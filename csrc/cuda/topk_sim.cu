@@ -388,7 +388,10 @@ int topk_offer_mma(const float* q, const float* c, int64_t d, const TileView& vi
   if (view.rows == 0 || view.cols == 0) return 0;
   RELKD_LAUNCH(blocks_for(view.rows, kMmaEdge) * splits, kThreads, stream, offer_mma_kernel)(
       q, c, d, view, block_r0, splits, scale, valid, st);
-  if (splits == 1 || launched() != 0) return launched();
+  // launched() clears the error it reports: keep it, and never join
+  // selections a failed launch left unwritten.
+  const int offered = launched();
+  if (splits == 1 || offered != 0) return offered;
   RELKD_LAUNCH(view.rows, kThreads, stream, merge_splits_kernel)(st, splits, merged);
   return launched();
 }
