@@ -17,6 +17,9 @@
 #               opt-in until validated): CCKD, EKD, RKD, RAD fused (float32) beside the
 #               GEMM floor, and similarity_topk
 #               8192 x 1,000,000, D=512, k=100         -> bench-tc.json/.md, bench-tc-topk.*, .log
+#   bench-tc-bf16  RELKD_TENSOR_CORES=auto, bfloat16 inputs (the CUDA-speed issue's targets):
+#               CCKD, EKD, RKD, RAD at N=8192 and 32768, D=512: fused, eager, GEMM floor
+#                                                          -> bench-tc-bf16.json/.md, .log
 #   plot        benchmarks/plot.py: time vs N, log-log, of each bench-*.json present
 #               (needs matplotlib; plot.py can also run later, on any machine) -> bench-*.png
 #
@@ -27,9 +30,9 @@
 # has no .git: pass the commit as RELKD_COMMIT=$(git rev-parse HEAD).
 # A stage's failure is recorded in OUTDIR/summary.txt and the next stages run.
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_check.sh OUTDIR [info build test sanitize bench-fp32 bench-bf16 bench-tc plot]}
+out=${1:?usage: benchmarks/gpu_check.sh OUTDIR [info build test sanitize bench-fp32 bench-bf16 bench-tc bench-tc-bf16 plot]}
 shift
-stages=${*:-info build test sanitize bench-fp32 bench-bf16 bench-tc plot}
+stages=${*:-info build test sanitize bench-fp32 bench-bf16 bench-tc bench-tc-bf16 plot}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
@@ -112,8 +115,17 @@ for stage in $stages; do
         --topk-k 100 --dim 512 --backends fused,gemm --json "$out/bench-tc-topk.json"
       sed -n '/^relkd .* benchmark:/,$p' "$out/bench-tc-topk.log" > "$out/bench-tc-topk.md"
       ;;
+    bench-tc-bf16)
+      build
+      run_logged bench-tc-bf16 bench-tc-bf16.log env RELKD_TENSOR_CORES=auto $PYTHON \
+        benchmarks/bench.py --device cuda --dtype bfloat16 --only losses \
+        --losses cckd,ekd,rkd,rad --sizes 8192,32768 --dim 512 --backends fused,reference,gemm \
+        --no-compile --json "$out/bench-tc-bf16.json"
+      sed -n '/^relkd .* benchmark:/,$p' "$out/bench-tc-bf16.log" > "$out/bench-tc-bf16.md"
+      ;;
     plot)
-      for run in "$out"/bench-fp32.json "$out"/bench-bf16.json "$out"/bench-tc.json; do
+      for run in "$out"/bench-fp32.json "$out"/bench-bf16.json "$out"/bench-tc.json \
+                 "$out"/bench-tc-bf16.json; do
         [ -f "$run" ] || continue
         name=$(basename "$run" .json)
         run_logged "plot-$name" "plot-$name.log" $PYTHON benchmarks/plot.py "$run" \
