@@ -38,9 +38,16 @@ __host__ __device__ inline uint16_t bf16_bits(float v) {
 // aligned); lane l receives entries 2 (l % 4), 2 (l % 4) + 1 of row l / 4
 // of matrix m in r[m], the fragment layout of the table above. One
 // instruction instead of four 32-bit shared loads per register set.
+// ldmatrix_x4_trans delivers each matrix transposed: lane l receives entry
+// l / 4 of rows 2 (l % 4) and 2 (l % 4) + 1, i.e. B's fragment where the
+// staged rows run along B's k (mma.m16n8k16's .col operand from a [k][n]
+// array).
 #ifdef RELKD_EMULATE
 inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) {
-  ::relkd_emulation::ldmatrix_x4(r, row);
+  ::relkd_emulation::ldmatrix_x4(r, row, false);
+}
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* row) {
+  ::relkd_emulation::ldmatrix_x4(r, row, true);
 }
 #else
 __device__ inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) {
@@ -53,6 +60,19 @@ __device__ inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) {
   (void)row;
   r[0] = r[1] = r[2] = r[3] = 0;
   __trap();  // sm_80+ only, as the mma below
+#endif
+}
+
+__device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+#else
+  (void)row;
+  r[0] = r[1] = r[2] = r[3] = 0;
+  __trap();
 #endif
 }
 #endif

@@ -17,7 +17,7 @@
 namespace relkd {
 namespace cuda {
 
-constexpr int kGradStride = kMmaEdge + 8;  // a row of the G tile / of the staged x^T chunk
+constexpr int kGradStride = kMmaEdge + 8;  // a row of the G tile / of the staged x chunk
 
 // Shared memory of the dynamic part: the block's gradient rows (64 x ds fp32).
 inline size_t rows_mma_dynamic_bytes(int64_t ds) {
@@ -25,16 +25,21 @@ inline size_t rows_mma_dynamic_bytes(int64_t ds) {
 }
 
 // Entries d0 .. d0 + 64 of rows c0 .. c0 + 64 (below n) of x (d entries per
-// row), transposed into stage[64 (entry)][kGradStride (row)] as bf16, 0 out of range:
-// the B operand of G x X, whose k index (the column row) must run along a staged row.
-__device__ inline void stage_transposed(const float* x, int64_t n, int64_t d, int64_t c0,
-                                        int64_t d0, uint16_t* stage) {
-  for (int e = threadIdx.x; e < kMmaEdge * kMmaEdge; e += kThreads) {
-    const int j = e / kMmaEdge, dd = e % kMmaEdge;  // consecutive threads: consecutive entries
-    const int64_t q = c0 + j, k = d0 + dd;
-    stage[dd * kGradStride + j] = (q < n && k < d) ? bf16_bits(x[q * d + k]) : uint16_t(0);
+// row) into stage[64 (row)][kGradStride] as bf16, 0 out of range: the B
+// operand of G x X, whose k index (the column row) runs along the staged
+// rows, read by ldmatrix .trans. Two 16-byte pieces per thread; the eight
+// threads of a store phase fill one row.
+__device__ inline void stage_chunk(const float* x, int64_t n, int64_t d, int64_t c0, int64_t d0,
+                                   bool vector, uint16_t* stage) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int e = threadIdx.x + h * kThreads, row = e / 8, entry = e % 8 * 8;
+    const StagePiece piece = load_piece_at(x, n, d, c0 + row, d0 + entry, vector);
+    *reinterpret_cast<StagePiece*>(stage + row * kGradStride + entry) = piece;
   }
 }
+static_assert(kMmaEdge * kMmaEdge == 2 * 8 * kThreads, "stage_chunk: two pieces per thread");
+static_assert(kGradStride * 2 % 16 == 0, "stage_chunk: 16-byte aligned rows");
 
 // The sub-tile's pair terms with weights W_pq, derivatives into g_tile as bf16.
 template <typename Terms>
@@ -65,6 +70,7 @@ __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) 
   for (int64_t e = threadIdx.x; e < kMmaEdge * a.ds; e += kThreads) grad[e] = 0.0f;
   TileMask ordered = mask;
   ordered.symmetric = false;
+  const bool vector_x = vector_rows(a.xs, a.ds);
 
   const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, q4 = threadIdx.x % 4;
   const int warp_row = warp % 4 * kMmaWarpRows, warp_col = warp / 4 * kMmaWarpCols;
@@ -85,10 +91,10 @@ __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) 
     // grad rows += G x (the column rows), 64 entries of the embedding at a time.
     for (int64_t d0 = 0; d0 < a.ds; d0 += kMmaEdge) {
       __syncthreads();  // g_tile complete; x_chunk free
-      stage_transposed(a.xs, a.n, a.ds, c0, d0, x_chunk);
+      stage_chunk(a.xs, a.n, a.ds, c0, d0, vector_x, x_chunk);
       __syncthreads();
       float acc[4][4] = {};
-      warp_products<kMmaEdge, kGradStride>(g_tile, x_chunk, warp_row, warp_col, acc);
+      warp_products<kMmaEdge, kGradStride, true>(g_tile, x_chunk, warp_row, warp_col, acc);
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll

@@ -38,12 +38,10 @@ __device__ inline bool vector_rows(const float* x, int64_t d) {
   return d % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
 }
 
-// This thread's piece of rows row0 .. row0 + 64 (those below `end`),
-// entries k0 .. k0 + 32 (those below d) of x, 0 out of range (adding
-// nothing to the products), rounded to bf16.
-__device__ inline StagePiece load_piece(const float* x, int64_t end, int64_t d, int64_t row0,
-                                        int64_t k0, bool vector) {
-  const int64_t p = row0 + threadIdx.x / 4, k = k0 + threadIdx.x % 4 * 8;
+// Entries k .. k + 8 (those below d) of row p (if below `end`) of x, 0 out
+// of range (adding nothing to the products), rounded to bf16.
+__device__ inline StagePiece load_piece_at(const float* x, int64_t end, int64_t d, int64_t p,
+                                           int64_t k, bool vector) {
   float v[8];
   if (vector && p < end && k < d) {  // d % 8 == 0: all 8 are in range
     const Float4* at = reinterpret_cast<const Float4*>(x + p * d + k);
@@ -64,6 +62,13 @@ __device__ inline StagePiece load_piece(const float* x, int64_t end, int64_t d, 
   return piece;
 }
 
+// This thread's piece of a staging step: rows row0 .. row0 + 64, entries
+// k0 .. k0 + 32.
+__device__ inline StagePiece load_piece(const float* x, int64_t end, int64_t d, int64_t row0,
+                                        int64_t k0, bool vector) {
+  return load_piece_at(x, end, d, row0 + threadIdx.x / 4, k0 + threadIdx.x % 4 * 8, vector);
+}
+
 // The piece into its place in a staged block [64][kMmaStride] (16-byte
 // aligned: kMmaStride entries are 80 bytes).
 __device__ inline void store_piece(const StagePiece& piece, uint16_t* stage) {
@@ -76,14 +81,18 @@ __device__ inline void store_piece(const StagePiece& piece, uint16_t* stage) {
 // 16-byte aligned). Fragments come by ldmatrix (mma.cuh): lane l addresses
 // row l % 8 of matrix l / 8, which is, for A, rows (0-7 | 8-15) x entries
 // (0-7 | 8-15) in the order of a[0..3]; for B, two 8-column groups x the
-// two entry halves, the registers of b for groups j and j + 1.
-template <int Depth = kMmaDepth, int Stride = kMmaStride>
+// two entry halves, the registers of b for groups j and j + 1. With
+// ColumnsAlongK the columns are staged transposed, [entry][column] (the
+// product's k along the staged rows), and ldmatrix .trans delivers them.
+template <int Depth = kMmaDepth, int Stride = kMmaStride, bool ColumnsAlongK = false>
 __device__ inline void warp_products(const uint16_t* rows, const uint16_t* cols, int warp_row,
                                      int warp_col, float (&acc)[4][4]) {
   static_assert(Stride * 2 % 16 == 0, "ldmatrix reads 16-byte aligned rows");
   const int m = threadIdx.x % 32 / 8, i = threadIdx.x % 8;
   const uint16_t* a_row = rows + (warp_row + m % 2 * 8 + i) * Stride + m / 2 * 8;
-  const uint16_t* b_row = cols + (warp_col + m / 2 * 8 + i) * Stride + m % 2 * 8;
+  const uint16_t* b_row = ColumnsAlongK
+                              ? cols + (m % 2 * 8 + i) * Stride + warp_col + m / 2 * 8
+                              : cols + (warp_col + m / 2 * 8 + i) * Stride + m % 2 * 8;
 #pragma unroll
   for (int k = 0; k < Depth; k += 16) {
     uint32_t a[4];
@@ -91,7 +100,10 @@ __device__ inline void warp_products(const uint16_t* rows, const uint16_t* cols,
 #pragma unroll
     for (int j = 0; j < 4; j += 2) {
       uint32_t b[4];
-      ldmatrix_x4(b, b_row + j * 8 * Stride + k);
+      if constexpr (ColumnsAlongK)
+        ldmatrix_x4_trans(b, b_row + k * Stride + j * 8);
+      else
+        ldmatrix_x4(b, b_row + j * 8 * Stride + k);
       const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
       mma_bf16_16816(acc[j], a, b0);
       mma_bf16_16816(acc[j + 1], a, b1);

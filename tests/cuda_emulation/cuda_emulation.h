@@ -8,7 +8,7 @@
 // shuffles and __match_any_sync (a warp barrier and an exchange slot per
 // lane), the bf16 tensor-core mma.m16n8k16 (fragments exchanged the same
 // way, read where the PTX ISA's tables place them), ldmatrix .x4 (row
-// addresses exchanged the same way), atomicAdd
+// addresses exchanged the same way; .trans too), atomicAdd
 // (std::atomic_ref). Not emulated: the GPU's speed, its
 // memory model beyond what the barriers order, and launch failures.
 #pragma once
@@ -213,7 +213,10 @@ inline void mma_bf16_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint3
 // 16-byte aligned); lane l receives in r[m] entries 2 (l % 4) and
 // 2 (l % 4) + 1 of row l / 4 of matrix m (the lower index in the lower
 // half). A misaligned row address faults on the GPU: here it aborts.
-inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) {
+// ldmatrix .x4 (trans = false) and ldmatrix .x4.trans (trans = true, each
+// 8x8 matrix delivered transposed: lane l receives entries l / 4 of rows
+// 2 (l % 4) and 2 (l % 4) + 1).
+inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row, bool trans = false) {
   const uintptr_t address = reinterpret_cast<uintptr_t>(row);
   if (address % 16 != 0) {
     std::fprintf(stderr, "emulated ldmatrix: row address %p is not 16-byte aligned\n",
@@ -225,9 +228,13 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) {
   slots[me] = address;
   warp_barrier().arrive_and_wait();
   uint32_t out[4];
+  auto at = [&](int m, int r, int c) {  // entry (r, c) of matrix m
+    return uint32_t(reinterpret_cast<const uint16_t*>(slots[8 * m + r])[c]);
+  };
   for (int m = 0; m < 4; ++m) {
-    const uint16_t* entries = reinterpret_cast<const uint16_t*>(slots[8 * m + me / 4]);
-    out[m] = uint32_t(entries[2 * (me % 4)]) | (uint32_t(entries[2 * (me % 4) + 1]) << 16);
+    const int g = me / 4, t = me % 4;
+    out[m] = trans ? at(m, 2 * t, g) | (at(m, 2 * t + 1, g) << 16)
+                   : at(m, g, 2 * t) | (at(m, g, 2 * t + 1) << 16);
   }
   warp_barrier().arrive_and_wait();
   for (int m = 0; m < 4; ++m) r[m] = out[m];
