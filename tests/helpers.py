@@ -61,13 +61,18 @@ def assert_bounded_error(fused, same_precision, exact, what: str, factor: float 
 
 
 @contextlib.contextmanager
-def num_threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
+def temporarily(get, set_, value):
+    """set_(value) inside the block; afterwards set_(what get() returned)."""
+    before = get()
+    set_(value)
     try:
         yield
     finally:
-        torch.set_num_threads(old)
+        set_(before)
+
+
+def num_threads(n: int):
+    return temporarily(torch.get_num_threads, torch.set_num_threads, n)
 
 
 def assert_same_mining(got, want, q, c, scale):

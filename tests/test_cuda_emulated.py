@@ -9,7 +9,6 @@ rectangular, with gradients, on the float32 tiles and on the tensor-core
 tiles (bf16 mma);  histograms and top-k pairs, with ties beyond
 capacity and thresholds below more pairs than returned. This is what CI can
 check of the GPU code without a GPU (tests/test_cuda.py runs on one)."""
-import contextlib
 import os
 import pathlib
 
@@ -22,7 +21,7 @@ from torch.utils.cpp_extension import load
 from relkd import ops, reference
 
 from helpers import (LABEL_PATTERNS, assert_same_mining, embeddings, labels,
-                     requires_extension, spread_ties)
+                     requires_extension, spread_ties, temporarily)
 
 pytestmark = requires_extension
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -306,14 +305,9 @@ def test_tensor_core_switch_names_bad_values(emulated, monkeypatch):
         emulated.topk_sim(x, x, 2, None, None, None, False, 0)
 
 
-@contextlib.contextmanager
 def matmul_precision(precision):
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
+    return temporarily(torch.get_float32_matmul_precision, torch.set_float32_matmul_precision,
+                       precision)
 
 
 def as_bf16_operands(args):
