@@ -8,7 +8,7 @@
 // shuffles and __match_any_sync (a warp barrier and an exchange slot per
 // lane), the bf16 tensor-core mma.m16n8k16 (fragments exchanged the same
 // way, read where the PTX ISA's tables place them), ldmatrix .x4 (row
-// addresses exchanged the same way; .trans too), atomicAdd
+// addresses exchanged the same way; .trans too), atomicAdd and atomicMin
 // (std::atomic_ref). Not emulated: the GPU's speed, its
 // memory model beyond what the barriers order, and launch failures.
 #pragma once
@@ -138,6 +138,15 @@ inline void __syncthreads() { relkd_emulation::current_block->block_sync.arrive_
 template <typename T>
 T atomicAdd(T* address, T value) {
   return std::atomic_ref<T>(*address).fetch_add(value);
+}
+
+template <typename T>
+T atomicMin(T* address, T value) {
+  std::atomic_ref<T> at(*address);
+  T seen = at.load();
+  while (value < seen && !at.compare_exchange_weak(seen, value)) {
+  }
+  return seen;
 }
 
 // Every lane of the warp must call the warp operations together (as on the
