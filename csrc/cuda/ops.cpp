@@ -91,17 +91,14 @@ c10::optional<at::Tensor> float_copy(const c10::optional<at::Tensor>& t) {
 
 // Whether the embeddings are bfloat16: all of them, or (a ValueError) none.
 bool bf16_operands(std::initializer_list<std::pair<const char*, const at::Tensor*>> operands) {
-  int bf16 = 0, given = 0;
-  for (const auto& [name, t] : operands) {
-    if (!t || !t->defined()) continue;
-    ++given;
-    bf16 += t->scalar_type() == at::kBFloat16;
-  }
-  if (bf16 == 0) return false;
+  auto given = [](const at::Tensor* t) { return t && t->defined(); };
+  bool any = false;
+  for (const auto& [name, t] : operands) any |= given(t) && t->scalar_type() == at::kBFloat16;
+  if (!any) return false;
   for (const auto& [name, t] : operands)
-    TORCH_CHECK_VALUE(!t || !t->defined() || t->scalar_type() == at::kBFloat16, name,
+    TORCH_CHECK_VALUE(!given(t) || t->scalar_type() == at::kBFloat16, name,
                       " must be bfloat16 like the other embeddings, got ", t->scalar_type());
-  return bf16 == given;
+  return true;
 }
 
 const at::Tensor* present(const c10::optional<at::Tensor>& t) {
@@ -375,12 +372,19 @@ Outputs rows_pass(cuda::PairKind kind, const PairwiseArgs& in) {
   return {sums[0].to(opts.dtype(), false, true), grad, empty(), empty(), empty(), empty()};
 }
 
-// With bf16 (bfloat16 operands, float32 copies in `in`) the tensor-core
-// path's gradient products are bfloat16 GEMMs too (fp32 accumulation, each
-// tile's product rounded to bf16 once), as an eager bf16 backward's.
+// A pairwise_loss's four embedding operands (columns alias the rows in the
+// symmetric case, as in PairwiseArgs).
+struct Embeddings {
+  at::Tensor xs_r, xs_c, xt_r, xt_c;
+};
+
+// bf16: the embeddings as they came in when bfloat16 (`in` holds float32
+// copies), else nullptr. With them the tensor-core path's gradient products
+// are bfloat16 GEMMs of them (fp32 accumulation, each tile's product rounded to bf16
+// once), as an eager bf16 backward's.
 template <typename T>
 Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool grad_s,
-                      bool grad_t, bool bf16) {
+                      bool grad_t, const Embeddings* bf16) {
   const KindInfo& kind = in.kind;
   const bool sym = in.symmetric;
   const auto opts = in.xs_r.options();
@@ -389,7 +393,7 @@ Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool g
   const int64_t block = square_block(1 + kind.has_teacher + dn_tiles, sizeof(T));
   bool tensor_cores = false;
   if constexpr (std::is_same_v<T, float>) {
-    tensor_cores = use_tensor_cores(in.xs_r, bf16);
+    tensor_cores = use_tensor_cores(in.xs_r, bf16 != nullptr);
     if (tensor_cores && rows_pass_applies(in, pair_kind(kind_name), grad_s, grad_t))
       return rows_pass(pair_kind(kind_name), in);
   }
@@ -429,6 +433,16 @@ Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool g
   at::Tensor t_buf = kind.has_teacher ? at::empty({tile_elems}, opts) : at::Tensor();
   at::Tensor dn_buf = dn_tiles ? at::empty({tile_elems}, opts) : at::Tensor();
   const auto mask = tile_mask(kind.mask, sym, in.ids_r, in.ids_c, in.labels_r, in.labels_c);
+  // The right-hand operands of the gradient products: the bf16 embeddings
+  // on the tensor-core path (bf16 GEMMs), else the float ones (addmm_).
+  const Embeddings ps = bf16 && tensor_cores ? *bf16
+                                             : Embeddings{in.xs_r, in.xs_c, in.xt_r, in.xt_c};
+  auto add_product = [](at::Tensor out, const at::Tensor& tile, const at::Tensor& x) {
+    if (x.scalar_type() == at::kBFloat16)
+      out.add_(at::mm(tile.to(at::kBFloat16), x));
+    else
+      out.addmm_(tile, x);
+  };
 
   int64_t offset = 0;
   for (const Tile& t : tiles) {
@@ -458,20 +472,13 @@ Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool g
     if (!tensor_cores) check_launch(cuda::pair_tile(args, view, mask, stream), "pairwise_loss");
     offset += blocks_of(view);
     // The derivative tiles times the opposite embeddings (s and tt now hold them).
-    const bool bf16_products = bf16 && tensor_cores;
-    auto add_product = [&](at::Tensor out, const at::Tensor& tile, const at::Tensor& x) {
-      if (bf16_products)
-        out.add_(at::mm(tile.to(at::kBFloat16), x.to(at::kBFloat16)));
-      else
-        out.addmm_(tile, x);
-    };
     if (grad_s) {
-      add_product(g_sr.narrow(0, t.r0, t.rows), s, in.xs_c.narrow(0, t.c0, t.cols));
-      add_product(g_sc.narrow(0, t.c0, t.cols), s.t(), in.xs_r.narrow(0, t.r0, t.rows));
+      add_product(g_sr.narrow(0, t.r0, t.rows), s, ps.xs_c.narrow(0, t.c0, t.cols));
+      add_product(g_sc.narrow(0, t.c0, t.cols), s.t(), ps.xs_r.narrow(0, t.r0, t.rows));
     }
     if (grad_t) {
-      add_product(g_tr.narrow(0, t.r0, t.rows), tt, in.xt_c.narrow(0, t.c0, t.cols));
-      add_product(g_tc.narrow(0, t.c0, t.cols), tt.t(), in.xt_r.narrow(0, t.r0, t.rows));
+      add_product(g_tr.narrow(0, t.r0, t.rows), tt, ps.xt_c.narrow(0, t.c0, t.cols));
+      add_product(g_tc.narrow(0, t.c0, t.cols), tt.t(), ps.xt_r.narrow(0, t.r0, t.rows));
     }
     if (dn_tiles) {
       dn_r.narrow(0, t.r0, t.rows).add_(dn.sum(1));
@@ -516,8 +523,11 @@ Outputs pairwise_loss_cuda(c10::string_view kind_name, const at::Tensor& xs_r,
       labels_r, labels_c, ids_r, ids_c, params, grad_teacher);
   c10::DeviceGuard guard(xs_r.device());
   Outputs out;
+  const Embeddings originals{xs_r, xs_c.value_or(xs_r), xt_r.value_or(at::Tensor()),
+                             xt_c.value_or(xt_r.value_or(at::Tensor()))};
   AT_DISPATCH_FLOATING_TYPES(args.xs_r.scalar_type(), "pairwise_loss_cuda", [&] {
-    out = pairwise_impl<scalar_t>(kind_name, args, grad_student, grad_teacher, bf16);
+    out = pairwise_impl<scalar_t>(kind_name, args, grad_student, grad_teacher,
+                                  bf16 ? &originals : nullptr);
   });
   if (bf16) {  // the loss stays float32 (SPEC: half inputs); gradients like their operands
     for (at::Tensor* g : {&std::get<1>(out), &std::get<2>(out), &std::get<3>(out),

@@ -34,12 +34,11 @@ __device__ inline void stage_chunk(const float* x, int64_t n, int64_t d, int64_t
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int e = threadIdx.x + h * kThreads, row = e / 8, entry = e % 8 * 8;
-    const StagePiece piece = load_piece_at(x, n, d, c0 + row, d0 + entry, vector);
-    *reinterpret_cast<StagePiece*>(stage + row * kGradStride + entry) = piece;
+    store_piece_at<kGradStride>(load_piece_at(x, n, d, c0 + row, d0 + entry, vector), stage,
+                                row, entry);
   }
 }
 static_assert(kMmaEdge * kMmaEdge == 2 * 8 * kThreads, "stage_chunk: two pieces per thread");
-static_assert(kGradStride * 2 % 16 == 0, "stage_chunk: 16-byte aligned rows");
 
 // The sub-tile's pair terms with weights W_pq, derivatives into g_tile as bf16.
 template <typename Terms>

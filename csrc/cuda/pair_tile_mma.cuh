@@ -69,11 +69,18 @@ __device__ inline StagePiece load_piece(const float* x, int64_t end, int64_t d, 
   return load_piece_at(x, end, d, row0 + threadIdx.x / 4, k0 + threadIdx.x % 4 * 8, vector);
 }
 
-// The piece into its place in a staged block [64][kMmaStride] (16-byte
-// aligned: kMmaStride entries are 80 bytes).
+// A piece into entries k .. k + 8 of row `row` of a staged block whose rows
+// are Stride entries apart (16-byte aligned rows).
+template <int Stride>
+__device__ inline void store_piece_at(const StagePiece& piece, uint16_t* stage, int row, int k) {
+  static_assert(Stride * 2 % 16 == 0, "16-byte aligned staged rows");
+  *reinterpret_cast<StagePiece*>(stage + row * Stride + k) = piece;
+}
+
+// This thread's piece into its place in a staged block [64][kMmaStride]
+// (kMmaStride entries are 80 bytes).
 __device__ inline void store_piece(const StagePiece& piece, uint16_t* stage) {
-  *reinterpret_cast<StagePiece*>(stage + threadIdx.x / 4 * kMmaStride + threadIdx.x % 4 * 8) =
-      piece;
+  store_piece_at<kMmaStride>(piece, stage, threadIdx.x / 4, threadIdx.x % 4 * 8);
 }
 
 // acc[j] += (the warp's 16 staged rows) x (its columns j*8 .. j*8 + 8)^T over

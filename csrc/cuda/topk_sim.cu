@@ -90,7 +90,8 @@ static_assert(kThreads == 256, "select_digit: one thread per 8-bit digit");
 // owns bin d; its suffix sum (keys in bins >= d) comes from warp shuffles
 // and the warps above it, and exactly one thread's bin straddles the
 // target (the histogram holds at least `remaining` keys). Replaces a
-// 256-step loop on one thread: keep_best runs 8 of these per selection.
+// 256-step loop on one thread: keep_best runs up to 8 (float32) of these
+// per selection.
 template <typename T>
 __device__ inline void select_digit(SelectShared& sh, int pass) {
   const int d = threadIdx.x, lane = d % 32, warp = d / 32;
