@@ -111,23 +111,28 @@ def main() -> int:
             check(f"pairwise_loss {kind} {name}, tensor cores", got,
                   torch.ops.relkd.pairwise_loss(*bf16_valued), rel_norm=4e-3)
 
-    # bfloat16 operands under auto: float32 copies, tensor cores, bf16
-    # gradient products (the rectangular cckd takes the tile path).
-    os.environ["RELKD_TENSOR_CORES"] = "auto"
+    # 16-bit operands under auto: float32 copies, tensor cores in that
+    # format (bf16 gradient products for bfloat16; the rectangular cckd
+    # takes the tile path).
     rect = ("cckd", x[100:400], z[100:400], x, z, None, None, torch.arange(100, 400), None,
             cases["cckd"].float(), True, True)
-    got = torch.ops.relkd.pairwise_loss(
-        *[a_.cuda().bfloat16() if isinstance(a_, torch.Tensor) and a_.dim() == 2 else
-          a_.cuda() if isinstance(a_, torch.Tensor) else a_ for a_ in rect])
-    got_topk = ops.topk_sim(*g(q16.bfloat16(), c16.bfloat16()), 40)
-    del os.environ["RELKD_TENSOR_CORES"]
-    want = torch.ops.relkd.pairwise_loss(
-        *[a_.bfloat16().float() if isinstance(a_, torch.Tensor) and a_.dim() == 2 else
-          a_.float() if isinstance(a_, torch.Tensor) and a_.is_floating_point() else a_
-          for a_ in rect])
-    check("pairwise_loss cckd bf16 operands (loss)", got[0], want[0], atol=1e-3)
-    check("topk_sim bf16 operands (values)", got_topk[0], ops.topk_sim(q16, c16, 40)[0],
-          atol=1e-5)
+    for half in (torch.bfloat16, torch.float16):
+        name = str(half).replace("torch.", "")
+        os.environ["RELKD_TENSOR_CORES"] = "auto"
+        got = torch.ops.relkd.pairwise_loss(
+            *[a_.cuda().to(half) if isinstance(a_, torch.Tensor) and a_.dim() == 2 else
+              a_.cuda() if isinstance(a_, torch.Tensor) else a_ for a_ in rect])
+        got_topk = ops.topk_sim(*g(q16.to(half), c16.to(half)), 40)
+        del os.environ["RELKD_TENSOR_CORES"]
+        same_values = [a_.to(half).float() if isinstance(a_, torch.Tensor) and a_.dim() == 2
+                       else a_.float() if isinstance(a_, torch.Tensor) and a_.is_floating_point()
+                       else a_ for a_ in rect]
+        want = torch.ops.relkd.pairwise_loss(*same_values)
+        check(f"pairwise_loss cckd {name} operands (loss)", got[0], want[0], atol=1e-3)
+        check(f"pairwise_loss cckd {name} operands (gradient)", got[1], want[1], rel_norm=4e-3)
+        q_h, c_h = q16.to(half).float(), c16.to(half).float()
+        check(f"topk_sim {name} operands (values)", got_topk[0], ops.topk_sim(q_h, c_h, 40)[0],
+              atol=1e-5)
 
     prefixes = torch.zeros(1, dtype=torch.long)
     check("pair_histogram", torch.ops.relkd.pair_histogram(*g(x), None, *g(y), None, None, None,

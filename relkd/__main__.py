@@ -24,12 +24,12 @@ def main() -> None:
         mode = os.environ.get("RELKD_TENSOR_CORES", "0")
         precision = torch.get_float32_matmul_precision()
         float32_on = mode == "1" or (mode == "auto" and precision == "medium")
-        bf16_on = mode in ("1", "auto")
-        print(f"  tensor-core kernels (bf16 mma; RELKD_TENSOR_CORES=1 always, =auto for "
-              f"bfloat16 inputs and when float32 matmul precision is 'medium'; not yet "
-              f"validated on a GPU): float32 inputs {'on' if float32_on else 'off'}, "
-              f"bfloat16 inputs {'on' if bf16_on else 'off'} (RELKD_TENSOR_CORES={mode}, "
-              f"precision {precision!r})")
+        half_on = mode in ("1", "auto")
+        print(f"  tensor-core kernels (bf16 / fp16 mma; RELKD_TENSOR_CORES=1 always, =auto "
+              f"for bfloat16 / float16 inputs and when float32 matmul precision is 'medium'; "
+              f"not yet validated on a GPU): float32 inputs {'on' if float32_on else 'off'}, "
+              f"bfloat16 / float16 inputs {'on' if half_on else 'off'} "
+              f"(RELKD_TENSOR_CORES={mode}, precision {precision!r})")
     else:
         print("CUDA kernels: not compiled (no CUDA toolkit at build time, or RELKD_CUDA=0)")
     if torch.cuda.is_available():

@@ -33,21 +33,25 @@ def _normalize(x: Tensor, dtype: torch.dtype) -> Tensor:
     return ops.normalize_rows(x.to(dtype), EPS)
 
 
-def _bf16_operands(*inputs: Optional[Tensor]) -> bool:
-    """Whether pairwise_loss / topk_sim take the embeddings as bfloat16: for
-    bfloat16 inputs on CUDA with the tensor-core kernels on
-    (RELKD_TENSOR_CORES=1 or auto; read at each call, or once when
-    torch.compile traces). Their products are then the bf16 products an
-    eager bf16 computation makes, run on tensor cores; the losses stay
-    float32 (SPEC: half inputs)."""
+def _half_operands(*inputs: Optional[Tensor]) -> Optional[torch.dtype]:
+    """The 16-bit dtype in which pairwise_loss / topk_sim take the embeddings:
+    the inputs' own when they are all bfloat16 or all float16 on CUDA with the
+    tensor-core kernels on (RELKD_TENSOR_CORES=1 or auto; read at each call,
+    or once when torch.compile traces), else None (float operands). The
+    products are then the 16-bit products an eager computation in that dtype
+    makes, run on tensor cores; the losses stay float32 (SPEC: half inputs)."""
     given = [t for t in inputs if t is not None]
-    return (given[0].is_cuda and all(t.dtype == torch.bfloat16 for t in given)
-            and os.environ.get("RELKD_TENSOR_CORES", "0") in ("1", "auto"))
+    dtype = given[0].dtype
+    if (dtype in (torch.bfloat16, torch.float16) and given[0].is_cuda
+            and all(t.dtype == dtype for t in given)
+            and os.environ.get("RELKD_TENSOR_CORES", "0") in ("1", "auto")):
+        return dtype
+    return None
 
 
-def _operands(bf16: bool, *xs: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
-    """xs rounded to bfloat16 when bf16 (the kernels' operands), else as they are."""
-    return tuple(x.to(torch.bfloat16) if bf16 and x is not None else x for x in xs)
+def _operands(half: Optional[torch.dtype], *xs: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """xs rounded to `half` (the kernels' operands), or as they are for None."""
+    return tuple(x.to(half) if half is not None and x is not None else x for x in xs)
 
 
 def _row_ids(gb: GlobalBatch) -> Optional[Tensor]:
@@ -103,12 +107,12 @@ def rad_loss(gb: GlobalBatch, bank: Optional[Tensor], bank_labels: Optional[Tens
     x = _normalize(gb.fs, dtype)
     z = _normalize(teacher(gb.ft, detach_teacher), dtype)
     y = None if gb.y is None else gb.y.long()
-    bf16 = _bf16_operands(gb.fs, gb.ft, bank)
+    half = _half_operands(gb.fs, gb.ft, bank)
     if bank is None:
         x_c = x if gb.group is None else _normalize(gb.fs_all, dtype)
         z_c = z if gb.group is None else _normalize(teacher(gb.ft_all, detach_teacher), dtype)
         if indices is None:
-            q, c = _operands(bf16, *((z, z_c) if mine_by == "teacher" else (x, x_c)))
+            q, c = _operands(half, *((z, z_c) if mine_by == "teacher" else (x, x_c)))
             y_c = None if gb.y_all is None else gb.y_all.long()
             if gb.group is None:  # one process: the columns are the rows
                 indices = ops.topk_sim_self(q.detach(), k, y)[1]
@@ -123,8 +127,8 @@ def rad_loss(gb: GlobalBatch, bank: Optional[Tensor], bank_labels: Optional[Tens
         b = bank.detach().to(dtype).contiguous()
         inv_norm = 1.0 / b.norm(dim=1).clamp(min=EPS)
         if indices is None:
-            q = _operands(bf16, z if mine_by == "teacher" else x)[0]
-            b_q = bank.detach().contiguous() if bf16 else b  # bf16: the bank itself
+            q = _operands(half, z if mine_by == "teacher" else x)[0]
+            b_q = bank.detach().contiguous() if half else b  # 16-bit: the bank itself
             c_labels = None if bank_labels is None else bank_labels.long()
             indices = ops.topk_sim(q.detach(), b_q, k, y if c_labels is not None else None,
                                    c_labels, inv_norm)[1]
@@ -147,7 +151,7 @@ def cckd_loss(gb: GlobalBatch, *, kernel: str, gamma: float, order: int,
     z_c = _columns(gb, gb.ft_all, lambda f: _normalize(teacher(f, detach_teacher), dtype))
     coef = torch.tensor(_taylor_rbf_coefficients(kernel, gamma, order), dtype=dtype,
                         device=x.device)
-    operands = _operands(_bf16_operands(gb.fs, gb.ft), x, z, x_c, z_c)
+    operands = _operands(_half_operands(gb.fs, gb.ft), x, z, x_c, z_c)
     total = ops.pairwise_loss("cckd", *operands, params=coef)
     return total / (gb.n_global ** 2)
 
@@ -184,13 +188,13 @@ def ekd_loss(gb: GlobalBatch, s_anchor: Tensor, t_anchor: Tensor, *, training: b
     # and pairwise_loss skips every other tile.
     params = torch.cat([s_anchor.new_tensor([temperature]), s_anchor, t_anchor])
     perm_r = torch.argsort(y, stable=True)
-    bf16 = _bf16_operands(gb.fs, gb.ft)
+    half = _half_operands(gb.fs, gb.ft)
     if single:
-        pos_sum = ops.pairwise_loss("ekd_pos", *_operands(bf16, x[perm_r], z[perm_r]),
+        pos_sum = ops.pairwise_loss("ekd_pos", *_operands(half, x[perm_r], z[perm_r]),
                                     labels_r=y[perm_r], params=params)
     else:
         perm_c = torch.argsort(y_all, stable=True)
-        pos_sum = ops.pairwise_loss("ekd_pos", *_operands(bf16, x[perm_r], z[perm_r],
+        pos_sum = ops.pairwise_loss("ekd_pos", *_operands(half, x[perm_r], z[perm_r],
                                                           x_c[perm_c], z_c[perm_c]),
                                     y[perm_r], y_all[perm_c], gb.offset + perm_r, perm_c,
                                     params)
@@ -372,8 +376,8 @@ def rkd_loss(gb: GlobalBatch, *, distance_weight: float) -> Tensor:
     ids = _row_ids(gb)
     n = gb.n_global
     pairs = n * (n - 1)
-    # bf16 inputs as bf16 operands: the same values, on tensor cores.
-    e_s, e_t, c_s, c_t = _operands(_bf16_operands(gb.fs, gb.ft), e_s, e_t, c_s, c_t)
+    # 16-bit inputs as 16-bit operands: the same values, on tensor cores.
+    e_s, e_t, c_s, c_t = _operands(_half_operands(gb.fs, gb.ft), e_s, e_t, c_s, c_t)
     dist_s = ops.pairwise_loss("rkd_dist_sum", e_s, None, c_s, None, ids_r=ids)
     with torch.no_grad():
         dist_t = ops.pairwise_loss("rkd_dist_sum", e_t, None, c_t, None, ids_r=ids)

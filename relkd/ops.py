@@ -67,6 +67,7 @@ if EXTENSION_STATE == "failed to load":
                   "(backend='auto') or raises (backend='fused').", ExtensionWarning, stacklevel=2)
 DIGITS = 1 << 16  # radix of the order-statistics passes (csrc/cpu/pair_select.cpp)
 PARAMS_GRAD_KINDS = ("rkd_distance",)  # pairwise_loss kinds differentiable in params
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # run as float32 copies on CUDA (csrc/cuda/ops.cpp)
 
 
 def _compiled_devices() -> Tuple[str, ...]:
@@ -131,8 +132,8 @@ if HAS_EXTENSION:
     @torch.library.register_fake("relkd::topk_sim")
     def _topk_sim_fake(q, c, k, q_labels=None, c_labels=None, c_scale=None,
                        exclude_self=False, self_offset=0):
-        n = q.shape[0]  # bfloat16 operands (CUDA): float32 values
-        values = torch.float32 if q.dtype == torch.bfloat16 else q.dtype
+        n = q.shape[0]  # 16-bit operands (CUDA): float32 values
+        values = torch.float32 if q.dtype in HALF_DTYPES else q.dtype
         return q.new_empty(n, k, dtype=values), q.new_empty(n, k, dtype=torch.long)
 
     @torch.library.register_fake("relkd::topk_sim_symmetric")
@@ -171,11 +172,13 @@ if HAS_EXTENSION:
         rect = xs_c is not None
 
         def grad_or_placeholder(like, computed):
-            return torch.empty_like(like) if computed else xs_r.new_empty(0)
+            # float32 for 16-bit embeddings (CUDA): _pairwise_backward rounds
+            # grad_loss * gradient to their dtype.
+            dtype = torch.float32 if like is not None and like.dtype in HALF_DTYPES else None
+            return torch.empty_like(like, dtype=dtype) if computed else xs_r.new_empty(0)
 
         # The loss and the parameters' gradient have the params' dtype: the
-        # embeddings' (float32 / float64), or float32 for bfloat16
-        # embeddings (CUDA), whose gradients are bfloat16.
+        # embeddings' (float32 / float64), or float32 for 16-bit embeddings.
         return (
             params.new_empty(()),
             grad_or_placeholder(xs_r, grad_student),
@@ -386,6 +389,8 @@ if HAS_EXTENSION:
         ctx.save_for_backward(*output[1:])
         ctx.kind = inputs[0]
         ctx.input_dims = {i: inputs[i].dim() for i in _PAIRWISE_GRAD_SLOTS if inputs[i] is not None}
+        ctx.input_dtypes = {i: inputs[i].dtype for i in _PAIRWISE_GRAD_SLOTS
+                            if inputs[i] is not None}
         # Only the loss output takes a gradient: no zeros for the other five
         # (N x D each, a parallel fill apiece).
         ctx.set_materialize_grads(False)
@@ -413,7 +418,9 @@ if HAS_EXTENSION:
                     "relkd::pairwise_loss: a gradient was requested that the forward did not "
                     "compute; call it with grad_student / grad_teacher set for inputs that "
                     "require grad (relkd.ops.pairwise_loss does this)")
-            grads[inp] = grad_loss * grad
+            # 16-bit embeddings have float32 gradients (see the fake), rounded
+            # after the chain rule: a loss scale applies before float16 rounding.
+            grads[inp] = (grad_loss * grad).to(ctx.input_dtypes[inp])
         return tuple(grads)
 
     torch.library.register_autograd("relkd::pairwise_loss", _pairwise_backward,
@@ -549,8 +556,8 @@ def pairwise_loss(kind: str, xs_r: Tensor, xt_r: Optional[Tensor] = None,
                   params: Optional[Tensor] = None) -> Tensor:
     """Differentiable sum of a pair loss over all masked (row, column) pairs;
     columns default to the rows. See csrc/cpu/pair_kinds.h for the kinds."""
-    if params is None:  # the loss's dtype: float32 for bfloat16 embeddings (CUDA)
-        params = xs_r.new_empty(0, dtype=torch.float32 if xs_r.dtype == torch.bfloat16
+    if params is None:  # the loss's dtype: float32 for 16-bit embeddings (CUDA)
+        params = xs_r.new_empty(0, dtype=torch.float32 if xs_r.dtype in HALF_DTYPES
                                 else xs_r.dtype)
     if params.requires_grad and kind not in PARAMS_GRAD_KINDS:
         raise ValueError(f"params: kind '{kind}' defines no gradient with respect to params, "

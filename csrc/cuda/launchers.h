@@ -17,6 +17,11 @@ namespace cuda {
 
 using Stream = void*;
 
+// The 16-bit format the tensor-core kernels round their operands to (and
+// multiply in, fp32 accumulation): bfloat16 for float32 and bfloat16
+// embeddings, float16 for float16 ones (their values exactly).
+enum class MmaOperands : int { Bf16 = 0, Fp16 = 1 };
+
 const char* error_string(int code);
 
 // Which (row, column) pairs a tile holds and how they are weighted
@@ -73,7 +78,7 @@ int topk_offer_tile(const double* tile, const TileView& view, int64_t block_r0,
 
 // The same for the view's query rows (q) against its bank columns (c), both
 // float32 with d entries per row, the similarities computed in the kernel on
-// tensor cores (bf16-rounded rows, fp32 accumulation; sm_80+) instead of
+// tensor cores (rows rounded to `operands`, fp32 accumulation; sm_80+) instead of
 // read from a tile. The view's columns are cut into `splits` ranges, each
 // with its own selection: the state has rows * splits slots (slot
 // row * splits + split) of capacity cap, which must exceed k by at least 64.
@@ -82,7 +87,8 @@ int topk_offer_tile(const double* tile, const TileView& view, int64_t block_r0,
 // {values, columns, merged, ..., splits * cap, k}.
 int topk_offer_mma(const float* q, const float* c, int64_t d, const TileView& view,
                    int64_t block_r0, int splits, const float* scale, const TopkValidity& valid,
-                   const TopkState<float>& st, int32_t* merged, Stream stream);
+                   const TopkState<float>& st, int32_t* merged, MmaOperands operands,
+                   Stream stream);
 
 // How many column ranges topk_offer_mma should cut a bank of m columns into
 // for `rows` query rows: enough blocks for every multiprocessor, each range
@@ -150,7 +156,7 @@ int pair_tile(const PairTileArgs<double>& args, const TileView& view, const Tile
 
 // The same tile on tensor cores (csrc/cuda/pair_tile_mma.cuh): the
 // similarities are computed in the kernel from the float32 embeddings
-// (rounded to bfloat16, fp32 accumulation) instead of being read from
+// (rounded to `operands`, fp32 accumulation) instead of being read from
 // args.s / args.t, which receive only the derivative tiles (where
 // requested). Needs sm_80 or later.
 struct MmaTileInputs {
@@ -159,8 +165,9 @@ struct MmaTileInputs {
   const float* xt_r;  // teacher rows / columns (dt entries each); nullptr: no teacher
   const float* xt_c;
   int64_t ds, dt;
+  MmaOperands operands;
 };
-bool has_bf16_tensor_cores(int device);  // compute capability 8.0 or later
+bool has_tensor_cores(int device);  // compute capability 8.0 or later
 int64_t pair_tile_mma_blocks(const TileView& view);
 int pair_tile_mma(const PairTileArgs<float>& args, const MmaTileInputs& in,
                   const TileView& view, const TileMask& mask, Stream stream);
@@ -179,6 +186,7 @@ struct RowsMmaArgs {
   int64_t n, ds, dt;
   float* grad_s;
   double* sums;
+  MmaOperands operands;  // of the similarity products (G x X is bf16: see the kernel)
 };
 // Whether the device's shared memory holds the block's gradient rows (ds
 // entries each), and its bf16 tensor cores run.

@@ -1,5 +1,7 @@
-// Tensor-core building blocks: bfloat16 rounding and the warp-wide
-// m16n8k16 matrix product (bf16 inputs, fp32 accumulation, sm_80 and later).
+// Tensor-core building blocks: rounding to the 16-bit operand formats
+// (bfloat16, float16) and the warp-wide m16n8k16 matrix product of either
+// (fp32 accumulation, sm_80 and later). Products of two bf16 or two fp16
+// values are exact in fp32.
 // Torch-free. The emulated build (RELKD_EMULATE) runs the same kernels with
 // tests/cuda_emulation's mma, which reads the fragments where the PTX ISA's
 // tables for mma.m16n8k16 place them.
@@ -20,17 +22,63 @@
 namespace relkd {
 namespace cuda {
 
-// The bfloat16 nearest to v (ties to even) as its 16 bits; NaN stays NaN.
-__host__ __device__ inline uint16_t bf16_bits(float v) {
+__host__ __device__ inline uint32_t float_bits(float v) {
 #ifdef __CUDA_ARCH__
-  uint32_t u = __float_as_uint(v);
+  return __float_as_uint(v);
 #else
   uint32_t u;
   std::memcpy(&u, &v, sizeof(u));
+  return u;
 #endif
+}
+
+// The bfloat16 nearest to v (ties to even) as its 16 bits; NaN stays NaN.
+__host__ __device__ inline uint16_t bf16_bits(float v) {
+  const uint32_t u = float_bits(v);
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// The float16 nearest to v (ties to even; beyond 65504 rounds to infinity,
+// below 2^-14 to a subnormal) as its 16 bits; NaN stays NaN.
+__host__ __device__ inline uint16_t fp16_bits(float v) {
+  const uint32_t u = float_bits(v);
+  const uint32_t sign = (u >> 16) & 0x8000u, magnitude = u & 0x7fffffffu;
+  if (magnitude > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
+  if (magnitude >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520
+  const int exponent = static_cast<int>(magnitude >> 23) - 127;
+  if (exponent < -25) return static_cast<uint16_t>(sign);  // below half the least subnormal
+  // The 11 significant bits the result keeps (fewer for a subnormal), the
+  // rest rounded to nearest, ties to even.
+  const uint32_t significand = (magnitude & 0x7fffffu) | 0x800000u;
+  const int dropped = exponent < -14 ? 13 + (-14 - exponent) : 13;
+  const uint32_t kept = significand >> dropped, rest = significand & ((1u << dropped) - 1u);
+  const uint32_t half = 1u << (dropped - 1);
+  const uint32_t rounded = kept + (rest > half || (rest == half && (kept & 1u)));
+  // A normal result stores exponent + 15 above its 10 fraction bits (the
+  // implicit bit adds 1 to it: hence + 14); a carry out of the significand
+  // bumps the exponent by itself.
+  const uint32_t biased = exponent < -14 ? 0u : static_cast<uint32_t>(exponent + 14) << 10;
+  return static_cast<uint16_t>(sign | (biased + rounded));
+}
+
+// Two floats rounded to the operand format H, packed as one register of a
+// fragment (lo in the lower half). On sm_80+ one cvt instruction does both.
+template <MmaOperands H>
+__host__ __device__ inline uint32_t pack_pair(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(RELKD_EMULATE)
+  uint32_t out;
+  if constexpr (H == MmaOperands::Bf16)
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(out) : "f"(hi), "f"(lo));
+  else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(out) : "f"(hi), "f"(lo));
+  return out;
+#else
+  if constexpr (H == MmaOperands::Bf16)
+    return uint32_t(bf16_bits(lo)) | (uint32_t(bf16_bits(hi)) << 16);
+  else
+    return uint32_t(fp16_bits(lo)) | (uint32_t(fp16_bits(hi)) << 16);
+#endif
 }
 
 // Four 8x8 matrices of 16-bit entries from shared memory (ldmatrix .x4):
@@ -77,21 +125,31 @@ __device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* row) 
 }
 #endif
 
+// d += a * b on the warp's fragments (mma.m16n8k16.row.col, fp32
+// accumulation) of H-format operands.
 #ifdef RELKD_EMULATE
-inline void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  ::relkd_emulation::mma_bf16_m16n8k16(d, a, b);
+template <MmaOperands H>
+inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  ::relkd_emulation::mma_m16n8k16(d, a, b, H == MmaOperands::Fp16);
 }
 #else
-__device__ inline void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4],
-                                      const uint32_t (&b)[2]) {
+template <MmaOperands H>
+__device__ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  if constexpr (H == MmaOperands::Bf16)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #else
-  __trap();  // bf16 tensor cores need sm_80; the glue never launches this below it
+  __trap();  // 16-bit tensor cores need sm_80; the glue never launches this below it
 #endif
 }
 #endif

@@ -56,32 +56,36 @@ T* ptr(const at::Tensor& t) {
 }
 
 // Whether float32 topk_sim and pairwise_loss run the tensor-core kernels
-// (similarities of bfloat16-rounded embeddings, fp32 accumulation, sm_80+).
+// (similarities of bfloat16-rounded embeddings, or of the float16 /
+// bfloat16 embeddings given, fp32 accumulation, sm_80+).
 // RELKD_TENSOR_CORES: unset or 0 = never (the default until a GPU run has
-// validated them, README GPU); 1 = always; auto = for bfloat16 operands
+// validated them, README GPU); 1 = always; auto = for 16-bit operands
 // (whose products the kernels compute exactly) and when
 // torch.set_float32_matmul_precision("medium") allows bfloat16 products
 // ("high" keeps the tile path, whose torch.mm follows the precision itself,
 // TF32 on sm_80+; "highest" keeps fp32).
-bool use_tensor_cores(const at::Tensor& x, bool bf16_operands = false) {
+bool use_tensor_cores(const at::Tensor& x, bool half_operands = false) {
   const char* flag = std::getenv("RELKD_TENSOR_CORES");
   const std::string mode = flag ? flag : "0";
   TORCH_CHECK_VALUE(mode == "0" || mode == "1" || mode == "auto",
                     "the environment variable RELKD_TENSOR_CORES must be 0, 1 or auto, got '",
                     mode, "'");
   if (mode == "0") return false;
-  if (mode == "auto" && !bf16_operands &&
+  if (mode == "auto" && !half_operands &&
       at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::MEDIUM)
     return false;
-  return cuda::has_bf16_tensor_cores(x.device().index());
+  return cuda::has_tensor_cores(x.device().index());
 }
 
-// bfloat16 operands (the fused losses pass them on CUDA when their inputs
-// were bfloat16) run as float32 copies, which hold the same values: the
-// tensor-core kernels' products of them are exact, the float32 tile path's
-// too. Returns t itself when it is not bfloat16.
+bool is_half(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+// 16-bit operands (the fused losses pass them on CUDA when their inputs
+// were bfloat16 / float16) run as float32 copies, which hold the same
+// values: the tensor-core kernels round them back exactly and their
+// products are exact, the float32 tile path's too. Returns t itself when
+// it is not 16-bit.
 at::Tensor float_copy(const at::Tensor& t) {
-  return t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t;
+  return is_half(t.scalar_type()) ? t.to(at::kFloat) : t;
 }
 
 c10::optional<at::Tensor> float_copy(const c10::optional<at::Tensor>& t) {
@@ -89,16 +93,29 @@ c10::optional<at::Tensor> float_copy(const c10::optional<at::Tensor>& t) {
   return float_copy(*t);
 }
 
-// Whether the embeddings are bfloat16: all of them, or (a ValueError) none.
-bool bf16_operands(std::initializer_list<std::pair<const char*, const at::Tensor*>> operands) {
+// The embeddings' 16-bit format (bfloat16 or float16) when they have one:
+// all of them the same, or (a ValueError) none 16-bit.
+c10::optional<at::ScalarType> half_operands(
+    std::initializer_list<std::pair<const char*, const at::Tensor*>> operands) {
   auto given = [](const at::Tensor* t) { return t && t->defined(); };
-  bool any = false;
-  for (const auto& [name, t] : operands) any |= given(t) && t->scalar_type() == at::kBFloat16;
-  if (!any) return false;
+  c10::optional<at::ScalarType> half;
   for (const auto& [name, t] : operands)
-    TORCH_CHECK_VALUE(!given(t) || t->scalar_type() == at::kBFloat16, name,
-                      " must be bfloat16 like the other embeddings, got ", t->scalar_type());
-  return true;
+    if (!half && given(t) && is_half(t->scalar_type())) half = t->scalar_type();
+  if (!half) return half;
+  for (const auto& [name, t] : operands)
+    TORCH_CHECK_VALUE(!given(t) || t->scalar_type() == *half, name, " must be ",
+                      *half == at::kHalf ? "float16" : "bfloat16",
+                      " like the other embeddings, got ", t->scalar_type());
+  return half;
+}
+
+// The tensor cores' operand format: float16 for float16 embeddings (their
+// values), else bfloat16 (float32's range).
+cuda::MmaOperands mma_operands(c10::optional<at::ScalarType> half) {
+  return half == at::kHalf ? cuda::MmaOperands::Fp16 : cuda::MmaOperands::Bf16;
+}
+at::ScalarType mma_dtype(c10::optional<at::ScalarType> half) {
+  return half == at::kHalf ? at::kHalf : at::kBFloat16;
 }
 
 const at::Tensor* present(const c10::optional<at::Tensor>& t) {
@@ -151,14 +168,15 @@ at::Tensor tile_product(at::Tensor& buffer, const at::Tensor& a, const at::Tenso
 template <typename T>
 void topk_sim_impl(const at::Tensor& q, const at::Tensor& c, int64_t k, const at::Tensor& q_labels,
                    const at::Tensor& c_labels, const at::Tensor& c_scale, bool exclude_self,
-                   int64_t self_offset, bool bf16, at::Tensor& values, at::Tensor& indices) {
+                   int64_t self_offset, c10::optional<at::ScalarType> half, at::Tensor& values,
+                   at::Tensor& indices) {
   const int64_t n = q.size(0), m = c.size(0), k_buf = std::min(k, m);
   const auto stream = current_stream(q);
   const int64_t cols = std::min(m, kTopkColumns);
   const int64_t cap = k_buf + std::max(k_buf, cuda::kTopkChunk);
   const int64_t slot_bytes = cap * int64_t(sizeof(T) + 4) + 32;  // one row's selection
   bool tensor_cores = false;
-  if constexpr (std::is_same_v<T, float>) tensor_cores = use_tensor_cores(q, bf16);
+  if constexpr (std::is_same_v<T, float>) tensor_cores = use_tensor_cores(q, half.has_value());
   // The tensor-core kernel computes its own tiles and keeps one selection
   // per (row, column range); the tile path keeps one per row beside a tile.
   // Row blocks as large as the budget allows with one range, of equal size
@@ -190,7 +208,8 @@ void topk_sim_impl(const at::Tensor& q, const at::Tensor& c, int64_t k, const at
       if (tensor_cores) {  // every column of the row block in one launch
         check_launch(cuda::topk_offer_mma(ptr<float>(q), ptr<float>(c), q.size(1),
                                           {r0, rows, 0, m, 0}, r0, splits, ptr<float>(c_scale),
-                                          valid, st, ptr<int32_t>(merged), stream),
+                                          valid, st, ptr<int32_t>(merged), mma_operands(half),
+                                          stream),
                      "topk_sim (tensor cores)");
         if (splits > 1) {  // finish the joined selections, one per row
           st.size = ptr<int32_t>(merged);
@@ -216,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_run(const at::Tensor& q, const at::T
                                                 const c10::optional<at::Tensor>& c_labels,
                                                 const c10::optional<at::Tensor>& c_scale,
                                                 bool exclude_self, int64_t self_offset,
-                                                bool bf16) {
+                                                c10::optional<at::ScalarType> half) {
   check_topk_sim_args(q, c, k, q_labels, c_labels, c_scale);
   TORCH_CHECK_VALUE(c.size(0) < std::numeric_limits<int32_t>::max(),
                     "c must have fewer than 2^31 rows on CUDA, got ", c.size(0));
@@ -234,23 +253,23 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_run(const at::Tensor& q, const at::T
   const auto ql = contiguous_or_empty(q_labels), cl = contiguous_or_empty(c_labels);
   const auto sc = contiguous_or_empty(c_scale);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "topk_sim_cuda", [&] {
-    topk_sim_impl<scalar_t>(qc, cc, k, ql, cl, sc, exclude_self, self_offset, bf16, values,
+    topk_sim_impl<scalar_t>(qc, cc, k, ql, cl, sc, exclude_self, self_offset, half, values,
                             indices);
   });
   return {values, indices};
 }
 
-// bfloat16 q and c: float32 copies (the same values), values in float32 as
-// for every half input.
+// bfloat16 / float16 q and c: float32 copies (the same values), values in
+// float32 as for every half input.
 std::tuple<at::Tensor, at::Tensor> topk_sim_cuda(const at::Tensor& q, const at::Tensor& c, int64_t k,
                                                  const c10::optional<at::Tensor>& q_labels,
                                                  const c10::optional<at::Tensor>& c_labels,
                                                  const c10::optional<at::Tensor>& c_scale,
                                                  bool exclude_self, int64_t self_offset) {
   BelowAutograd below_autograd;
-  const bool bf16 = bf16_operands({{"q", &q}, {"c", &c}});
+  const auto half = half_operands({{"q", &q}, {"c", &c}});
   return topk_sim_run(float_copy(q), float_copy(c), k, q_labels, c_labels, c_scale,
-                      exclude_self, self_offset, bf16);
+                      exclude_self, self_offset, half);
 }
 
 // ------------------------------------------------------------- pair_dot
@@ -334,12 +353,12 @@ cuda::TileMask tile_mask(pm::Mask mask, bool symmetric, const at::Tensor& ids_r,
           ptr<int64_t>(lab_r), ptr<int64_t>(lab_c)};
 }
 
-// Squared row norms; of the bfloat16-rounded rows where the similarities
-// come from them (tensor cores), so that |x_i|^2 + |x_j|^2 - 2 x_i.x_j stays
-// the squared distance of one set of points.
-at::Tensor squared_norms(const at::Tensor& x, bool of_bf16 = false) {
+// Squared row norms; of the rows rounded to `rounded` where the
+// similarities come from such rows (tensor cores), so that
+// |x_i|^2 + |x_j|^2 - 2 x_i.x_j stays the squared distance of one set of points.
+at::Tensor squared_norms(const at::Tensor& x, c10::optional<at::ScalarType> rounded) {
   if (!x.defined()) return at::Tensor();
-  const at::Tensor rows = of_bf16 ? x.to(at::kBFloat16) : x;
+  const at::Tensor rows = rounded ? x.to(*rounded) : x;
   return rows.to(at::kDouble).pow(2).sum(1).to(x.scalar_type());
 }
 
@@ -353,7 +372,7 @@ bool rows_pass_applies(const PairwiseArgs& in, cuda::PairKind kind, bool grad_s,
          cuda::rows_mma_fits(in.xs_r.device().index(), in.xs_r.size(1));
 }
 
-Outputs rows_pass(cuda::PairKind kind, const PairwiseArgs& in) {
+Outputs rows_pass(cuda::PairKind kind, const PairwiseArgs& in, cuda::MmaOperands operands) {
   const auto opts = in.xs_r.options();
   const int64_t n = in.n_r, blocks = cuda::pair_rows_mma_blocks(n);
   at::Tensor grad = at::empty_like(in.xs_r);  // every row written by its block
@@ -361,7 +380,7 @@ Outputs rows_pass(cuda::PairKind kind, const PairwiseArgs& in) {
   const cuda::RowsMmaArgs args{kind, ptr<float>(in.params), in.params.numel(),
                                ptr<float>(in.xs_r), ptr<float>(in.xt_r), n, in.xs_r.size(1),
                                in.kind.has_teacher ? in.xt_r.size(1) : 0, ptr<float>(grad),
-                               ptr<double>(partials)};
+                               ptr<double>(partials), operands};
   const auto mask = tile_mask(in.kind.mask, true, in.ids_r, in.ids_c, in.labels_r, in.labels_c);
   const auto stream = current_stream(in.xs_r);
   check_launch(cuda::pair_rows_mma(args, mask, stream), "pairwise_loss (rows)");
@@ -378,34 +397,40 @@ struct Embeddings {
   at::Tensor xs_r, xs_c, xt_r, xt_c;
 };
 
-// bf16: the embeddings as they came in when bfloat16 (`in` holds float32
-// copies), else nullptr. With them the tensor-core path's gradient products
-// are bfloat16 GEMMs of them (fp32 accumulation, each tile's product rounded to bf16
-// once), as an eager bf16 backward's.
+// half: the embeddings as they came in when 16-bit (`in` holds float32
+// copies), else nullptr. With bfloat16 ones the tensor-core path's gradient
+// products are bfloat16 GEMMs of them (fp32 accumulation, each derivative
+// tile rounded to bf16 once), as an eager bf16 backward's; with float16 ones
+// they stay float32 GEMMs (a pair's derivative, about 1/N^2 of the loss,
+// falls below float16's range).
 template <typename T>
 Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool grad_s,
-                      bool grad_t, const Embeddings* bf16) {
+                      bool grad_t, const Embeddings* half) {
   const KindInfo& kind = in.kind;
   const bool sym = in.symmetric;
   const auto opts = in.xs_r.options();
   const auto stream = current_stream(in.xs_r);
   const bool dn_tiles = kind.uses_norms && grad_s;
   const int64_t block = square_block(1 + kind.has_teacher + dn_tiles, sizeof(T));
+  const c10::optional<at::ScalarType> half_type =
+      half ? c10::make_optional(half->xs_r.scalar_type()) : c10::nullopt;
   bool tensor_cores = false;
   if constexpr (std::is_same_v<T, float>) {
-    tensor_cores = use_tensor_cores(in.xs_r, bf16 != nullptr);
+    tensor_cores = use_tensor_cores(in.xs_r, half != nullptr);
     if (tensor_cores && rows_pass_applies(in, pair_kind(kind_name), grad_s, grad_t))
-      return rows_pass(pair_kind(kind_name), in);
+      return rows_pass(pair_kind(kind_name), in, mma_operands(half_type));
   }
+  // The rows the norms are taken of: as the kernels round them.
+  const auto rounded = tensor_cores ? c10::make_optional(mma_dtype(half_type)) : c10::nullopt;
   const auto tiles = device_tiles(kind.mask, sym, block, in.n_r, in.n_c, in.ids_r, in.ids_c,
                                   in.labels_r, in.labels_c, opts);
   at::Tensor ns_r, ns_c, nt_r, nt_c;
   if (kind.uses_norms) {
-    ns_r = squared_norms(in.xs_r, tensor_cores);
-    ns_c = sym ? ns_r : squared_norms(in.xs_c, tensor_cores);
+    ns_r = squared_norms(in.xs_r, rounded);
+    ns_c = sym ? ns_r : squared_norms(in.xs_c, rounded);
     if (kind.has_teacher) {
-      nt_r = squared_norms(in.xt_r, tensor_cores);
-      nt_c = sym ? nt_r : squared_norms(in.xt_c, tensor_cores);
+      nt_r = squared_norms(in.xt_r, rounded);
+      nt_c = sym ? nt_r : squared_norms(in.xt_c, rounded);
     }
   }
   at::Tensor g_sr, g_sc, g_tr, g_tc, dn_r, dn_c;
@@ -433,10 +458,11 @@ Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool g
   at::Tensor t_buf = kind.has_teacher ? at::empty({tile_elems}, opts) : at::Tensor();
   at::Tensor dn_buf = dn_tiles ? at::empty({tile_elems}, opts) : at::Tensor();
   const auto mask = tile_mask(kind.mask, sym, in.ids_r, in.ids_c, in.labels_r, in.labels_c);
-  // The right-hand operands of the gradient products: the bf16 embeddings
+  // The right-hand operands of the gradient products: bfloat16 embeddings
   // on the tensor-core path (bf16 GEMMs), else the float ones (addmm_).
-  const Embeddings ps = bf16 && tensor_cores ? *bf16
-                                             : Embeddings{in.xs_r, in.xs_c, in.xt_r, in.xt_c};
+  const bool bf16_products = tensor_cores && half_type == at::kBFloat16;
+  const Embeddings ps = bf16_products ? *half
+                                      : Embeddings{in.xs_r, in.xs_c, in.xt_r, in.xt_c};
   auto add_product = [](at::Tensor out, const at::Tensor& tile, const at::Tensor& x) {
     if (x.scalar_type() == at::kBFloat16)
       out.add_(at::mm(tile.to(at::kBFloat16), x));
@@ -465,7 +491,8 @@ Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool g
       if (tensor_cores) {
         const cuda::MmaTileInputs mma{ptr<float>(in.xs_r), ptr<float>(in.xs_c),
                                       ptr<float>(in.xt_r), ptr<float>(in.xt_c),
-                                      in.xs_r.size(1), kind.has_teacher ? in.xt_r.size(1) : 0};
+                                      in.xs_r.size(1), kind.has_teacher ? in.xt_r.size(1) : 0,
+                                      mma_operands(half_type)};
         check_launch(cuda::pair_tile_mma(args, mma, view, mask, stream), "pairwise_loss");
       }
     }
@@ -516,7 +543,7 @@ Outputs pairwise_loss_cuda(c10::string_view kind_name, const at::Tensor& xs_r,
                            const c10::optional<at::Tensor>& ids_c, const at::Tensor& params,
                            bool grad_student, bool grad_teacher) {
   BelowAutograd below_autograd;
-  const bool bf16 = bf16_operands({{"xs_r", &xs_r}, {"xt_r", present(xt_r)},
+  const auto half = half_operands({{"xs_r", &xs_r}, {"xt_r", present(xt_r)},
                                    {"xs_c", present(xs_c)}, {"xt_c", present(xt_c)}});
   const PairwiseArgs args = check_pairwise_args(
       kind_name, float_copy(xs_r), float_copy(xt_r), float_copy(xs_c), float_copy(xt_c),
@@ -527,13 +554,12 @@ Outputs pairwise_loss_cuda(c10::string_view kind_name, const at::Tensor& xs_r,
                              xt_c.value_or(xt_r.value_or(at::Tensor()))};
   AT_DISPATCH_FLOATING_TYPES(args.xs_r.scalar_type(), "pairwise_loss_cuda", [&] {
     out = pairwise_impl<scalar_t>(kind_name, args, grad_student, grad_teacher,
-                                  bf16 ? &originals : nullptr);
+                                  half ? &originals : nullptr);
   });
-  if (bf16) {  // the loss stays float32 (SPEC: half inputs); gradients like their operands
-    for (at::Tensor* g : {&std::get<1>(out), &std::get<2>(out), &std::get<3>(out),
-                          &std::get<4>(out)})
-      *g = g->to(at::kBFloat16);
-  }
+  // 16-bit embeddings: the loss and the gradients stay float32 (SPEC: half
+  // inputs); the autograd formula rounds grad_loss * gradient to the
+  // embeddings' dtype, so that a GradScaler's scale applies before float16
+  // rounding, as in an eager float16 backward.
   return out;
 }
 

@@ -1,11 +1,14 @@
 // The symmetric pairwise_loss pass with its gradient products inside, on
 // tensor cores (FlashAttention-2 style): each thread block owns 64 rows and
 // sweeps every column block. Per 64 x 64 sub-tile it computes the
-// similarities with bf16 mma (pair_tile_mma.cuh), the derivative
-// G_pq = W_pq dl/ds(s_pq) in registers, W_pq = w(p, q) + w(q, p) the ordered
-// masks of both orders, rounds G to bf16 in shared memory and multiplies it
-// straight back by the column rows: grad_p += sum_q G_pq x_q, accumulated in
-// shared memory (fp32). Neither a similarity nor a derivative tile reaches
+// similarities with mma (pair_tile_mma.cuh; bf16 or fp16 operands), the
+// derivative G_pq = W_pq dl/ds(s_pq) in registers, W_pq = w(p, q) + w(q, p)
+// the ordered masks of both orders, rounds G to bf16 in shared memory and
+// multiplies it straight back by the column rows: grad_p += sum_q G_pq x_q,
+// accumulated in shared memory (fp32). That product is bf16 whatever the
+// operands: a pair's derivative carries the loss's 1/N^2-like scale, below
+// float16's range (2^-24) at the batch sizes this pass serves, while
+// bfloat16 keeps float32's exponent. Neither a similarity nor a derivative tile reaches
 // global memory, and every gradient row is written once by its owner: no
 // atomics, bitwise reproducible. The loss is (1/2) sum_pq W_pq l_pq, the
 // symmetric sum of the tile path. Kinds without squared norms (cckd,
@@ -34,8 +37,9 @@ __device__ inline void stage_chunk(const float* x, int64_t n, int64_t d, int64_t
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int e = threadIdx.x + h * kThreads, row = e / 8, entry = e % 8 * 8;
-    store_piece_at<kGradStride>(load_piece_at(x, n, d, c0 + row, d0 + entry, vector), stage,
-                                row, entry);
+    const StagePiece piece =
+        load_piece_at<MmaOperands::Bf16>(x, n, d, c0 + row, d0 + entry, vector);
+    store_piece_at<kGradStride>(piece, stage, row, entry);
   }
 }
 static_assert(kMmaEdge * kMmaEdge == 2 * 8 * kThreads, "stage_chunk: two pieces per thread");
@@ -57,7 +61,7 @@ __device__ __noinline__ PairSums rows_pair(const Terms& terms, const TileMask& o
   return out;
 }
 
-template <typename Terms>
+template <typename Terms, MmaOperands H>
 __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) {
   alignas(16) __shared__ uint16_t stage[kStageEntries];
   alignas(16) __shared__ uint16_t g_tile[kMmaEdge * kGradStride];
@@ -77,8 +81,8 @@ __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) 
   for (int64_t c0 = 0; c0 < a.n; c0 += kMmaEdge) {
     const TileView view{r0, rows, c0, a.n - c0 < kMmaEdge ? a.n - c0 : kMmaEdge, kMmaEdge};
     float s[4][4] = {}, t[4][4] = {};
-    sub_tile_products(a.xs, a.xs, a.ds, view, 0, 0, stage, s);
-    if (a.xt) sub_tile_products(a.xt, a.xt, a.dt, view, 0, 0, stage, t);
+    sub_tile_products<H>(a.xs, a.xs, a.ds, view, 0, 0, stage, s);
+    if (a.xt) sub_tile_products<H>(a.xt, a.xt, a.dt, view, 0, 0, stage, t);
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -93,7 +97,7 @@ __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) 
       stage_chunk(a.xs, a.n, a.ds, c0, d0, vector_x, x_chunk);
       __syncthreads();
       float acc[4][4] = {};
-      warp_products<kMmaEdge, kGradStride, true>(g_tile, x_chunk, warp_row, warp_col, acc);
+      warp_products<MmaOperands::Bf16, kMmaEdge, kGradStride, true>(g_tile, x_chunk, warp_row, warp_col, acc);
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -109,20 +113,28 @@ __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) 
   store_block_sums(sums, shared, a.sums);
 }
 
-template <typename Terms>
-int launch_pair_rows_mma(const Terms& terms, const RowsMmaArgs& args, const TileMask& mask,
-                         Stream stream) {
-  if (args.n == 0) return 0;
+template <typename Terms, MmaOperands H>
+int launch_rows_mma_as(const Terms& terms, const RowsMmaArgs& args, const TileMask& mask,
+                       Stream stream) {
   const size_t bytes = rows_mma_dynamic_bytes(args.ds);
 #ifndef RELKD_EMULATE
   const cudaError_t set = cudaFuncSetAttribute(
-      pair_rows_mma_kernel<Terms>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      pair_rows_mma_kernel<Terms, H>, cudaFuncAttributeMaxDynamicSharedMemorySize,
       static_cast<int>(bytes));
   if (set != cudaSuccess) return static_cast<int>(set);
 #endif
   RELKD_LAUNCH_SHARED(pair_rows_mma_blocks(args.n), kThreads, bytes, stream,
-                      pair_rows_mma_kernel<Terms>)(terms, args, mask);
+                      pair_rows_mma_kernel<Terms, H>)(terms, args, mask);
   return launched();
+}
+
+template <typename Terms>
+int launch_pair_rows_mma(const Terms& terms, const RowsMmaArgs& args, const TileMask& mask,
+                         Stream stream) {
+  if (args.n == 0) return 0;
+  if (args.operands == MmaOperands::Fp16)
+    return launch_rows_mma_as<Terms, MmaOperands::Fp16>(terms, args, mask, stream);
+  return launch_rows_mma_as<Terms, MmaOperands::Bf16>(terms, args, mask, stream);
 }
 
 // One launcher per kind, defined in csrc/cuda/pair_tile_<kind>.cu.

@@ -128,7 +128,7 @@ int dispatch_pair_tile(const PairTileArgs<T>& a, const TileView& v, const TileMa
 
 }  // namespace
 
-bool has_bf16_tensor_cores(int device) {
+bool has_tensor_cores(int device) {
 #ifdef RELKD_EMULATE
   (void)device;
   return true;  // the emulation's mma
@@ -148,7 +148,7 @@ bool rows_mma_fits(int device, int64_t ds) {
   return need <= (160u << 10);  // an A100's opt-in limit, about
 #else
   int most = 0;
-  return has_bf16_tensor_cores(device) &&
+  return has_tensor_cores(device) &&
          cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) ==
              cudaSuccess &&
          need <= static_cast<size_t>(most);

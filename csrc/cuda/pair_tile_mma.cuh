@@ -1,10 +1,10 @@
 // The pairwise_loss tile on tensor cores: each thread block computes a 64 x 64
-// sub-tile of the student's (and teacher's) similarities with bf16
-// mma.m16n8k16 (fp32 accumulation) and runs the kind's pair terms on the
-// accumulators while they are in registers, so the similarities never reach
-// memory; only the derivative tiles the gradient products need are written.
-// float32 embeddings are rounded to bfloat16 as they are staged in shared
-// memory. csrc/cuda/pair_tile_<kind>.cu instantiate it, one unit per kind.
+// sub-tile of the student's (and teacher's) similarities with
+// mma.m16n8k16 (bf16 or fp16 operands, MmaOperands; fp32 accumulation) and
+// runs the kind's pair terms on the accumulators while they are in
+// registers, so the similarities never reach memory; only the derivative
+// tiles the gradient products need are written. The float32 embeddings are
+// rounded to the operand format as they are staged in shared memory. csrc/cuda/pair_tile_<kind>.cu instantiate it, one unit per kind.
 #pragma once
 
 #include "mma.cuh"
@@ -24,7 +24,7 @@ static_assert(kThreads == 256 && (kMmaEdge / kMmaWarpRows) * (kMmaEdge / kMmaWar
 constexpr int kStageEntries = 4 * kMmaEdge * kMmaStride;  // rows and columns, two buffers
 
 // A thread's share of one staging step: 8 consecutive entries of one of
-// the 64 rows (64 x 32 entries = 256 threads x 8), as bf16: 16 bytes.
+// the 64 rows (64 x 32 entries = 256 threads x 8), as 16-bit operands: 16 bytes.
 struct alignas(16) StagePiece {
   uint32_t bits[4];
 };
@@ -39,7 +39,8 @@ __device__ inline bool vector_rows(const float* x, int64_t d) {
 }
 
 // Entries k .. k + 8 (those below d) of row p (if below `end`) of x, 0 out
-// of range (adding nothing to the products), rounded to bf16.
+// of range (adding nothing to the products), rounded to the format H.
+template <MmaOperands H>
 __device__ inline StagePiece load_piece_at(const float* x, int64_t end, int64_t d, int64_t p,
                                            int64_t k, bool vector) {
   float v[8];
@@ -57,16 +58,16 @@ __device__ inline StagePiece load_piece_at(const float* x, int64_t end, int64_t 
   }
   StagePiece piece;
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
-    piece.bits[i] = uint32_t(bf16_bits(v[2 * i])) | (uint32_t(bf16_bits(v[2 * i + 1])) << 16);
+  for (int i = 0; i < 4; ++i) piece.bits[i] = pack_pair<H>(v[2 * i], v[2 * i + 1]);
   return piece;
 }
 
 // This thread's piece of a staging step: rows row0 .. row0 + 64, entries
 // k0 .. k0 + 32.
+template <MmaOperands H>
 __device__ inline StagePiece load_piece(const float* x, int64_t end, int64_t d, int64_t row0,
                                         int64_t k0, bool vector) {
-  return load_piece_at(x, end, d, row0 + threadIdx.x / 4, k0 + threadIdx.x % 4 * 8, vector);
+  return load_piece_at<H>(x, end, d, row0 + threadIdx.x / 4, k0 + threadIdx.x % 4 * 8, vector);
 }
 
 // A piece into entries k .. k + 8 of row `row` of a staged block whose rows
@@ -91,7 +92,8 @@ __device__ inline void store_piece(const StagePiece& piece, uint16_t* stage) {
 // two entry halves, the registers of b for groups j and j + 1. With
 // ColumnsAlongK the columns are staged transposed, [entry][column] (the
 // product's k along the staged rows), and ldmatrix .trans delivers them.
-template <int Depth = kMmaDepth, int Stride = kMmaStride, bool ColumnsAlongK = false>
+template <MmaOperands H, int Depth = kMmaDepth, int Stride = kMmaStride,
+          bool ColumnsAlongK = false>
 __device__ inline void warp_products(const uint16_t* rows, const uint16_t* cols, int warp_row,
                                      int warp_col, float (&acc)[4][4]) {
   static_assert(Stride * 2 % 16 == 0, "ldmatrix reads 16-byte aligned rows");
@@ -112,8 +114,8 @@ __device__ inline void warp_products(const uint16_t* rows, const uint16_t* cols,
       else
         ldmatrix_x4(b, b_row + j * 8 * Stride + k);
       const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-      mma_bf16_16816(acc[j], a, b0);
-      mma_bf16_16816(acc[j + 1], a, b1);
+      mma_16816<H>(acc[j], a, b0);
+      mma_16816<H>(acc[j + 1], a, b1);
     }
   }
 }
@@ -124,6 +126,7 @@ __device__ inline void warp_products(const uint16_t* rows, const uint16_t* cols,
 // one step, the next step's pieces are already loading into registers, and
 // one barrier per step suffices (a buffer is rewritten only after every
 // thread has passed the barrier that follows its last read).
+template <MmaOperands H>
 __device__ inline void sub_tile_products(const float* x_r, const float* x_c, int64_t d,
                                          const TileView& view, int64_t tr, int64_t tc,
                                          uint16_t* stage, float (&acc)[4][4]) {
@@ -131,8 +134,8 @@ __device__ inline void sub_tile_products(const float* x_r, const float* x_c, int
   const int warp_row = warp % 4 * kMmaWarpRows, warp_col = warp / 4 * kMmaWarpCols;
   const int64_t end_r = view.r0 + view.rows, end_c = view.c0 + view.cols;
   const bool vector_r = vector_rows(x_r, d), vector_c = vector_rows(x_c, d);
-  StagePiece piece_r = load_piece(x_r, end_r, d, view.r0 + tr, 0, vector_r);
-  StagePiece piece_c = load_piece(x_c, end_c, d, view.c0 + tc, 0, vector_c);
+  StagePiece piece_r = load_piece<H>(x_r, end_r, d, view.r0 + tr, 0, vector_r);
+  StagePiece piece_c = load_piece<H>(x_c, end_c, d, view.c0 + tc, 0, vector_c);
   int buffer = 0;
   for (int64_t k0 = 0; k0 < d; k0 += kMmaDepth) {
     uint16_t* rows = stage + buffer * 2 * kMmaEdge * kMmaStride;
@@ -141,10 +144,10 @@ __device__ inline void sub_tile_products(const float* x_r, const float* x_c, int
     store_piece(piece_c, cols);
     __syncthreads();
     if (k0 + kMmaDepth < d) {  // the next step's loads overlap this step's products
-      piece_r = load_piece(x_r, end_r, d, view.r0 + tr, k0 + kMmaDepth, vector_r);
-      piece_c = load_piece(x_c, end_c, d, view.c0 + tc, k0 + kMmaDepth, vector_c);
+      piece_r = load_piece<H>(x_r, end_r, d, view.r0 + tr, k0 + kMmaDepth, vector_r);
+      piece_c = load_piece<H>(x_c, end_c, d, view.c0 + tc, k0 + kMmaDepth, vector_c);
     }
-    warp_products(rows, cols, warp_row, warp_col, acc);
+    warp_products<H>(rows, cols, warp_row, warp_col, acc);
     buffer ^= 1;
   }
   __syncthreads();  // the caller may restage or reuse the buffers
@@ -182,7 +185,7 @@ __device__ inline void zero_sub_tile(const PairTileArgs<float>& a, const TileVie
   }
 }
 
-template <typename Terms>
+template <typename Terms, MmaOperands H>
 __global__ void pair_tile_mma_kernel(Terms terms, PairTileArgs<float> a, MmaTileInputs in,
                                      TileView view, TileMask mask) {
   alignas(16) __shared__ uint16_t stage[kStageEntries];
@@ -195,8 +198,8 @@ __global__ void pair_tile_mma_kernel(Terms terms, PairTileArgs<float> a, MmaTile
     return;
   }
   float s[4][4] = {}, t[4][4] = {};
-  sub_tile_products(in.xs_r, in.xs_c, in.ds, view, tr, tc, stage, s);
-  if (in.xt_r) sub_tile_products(in.xt_r, in.xt_c, in.dt, view, tr, tc, stage, t);
+  sub_tile_products<H>(in.xs_r, in.xs_c, in.ds, view, tr, tc, stage, s);
+  if (in.xt_r) sub_tile_products<H>(in.xt_r, in.xt_c, in.dt, view, tr, tc, stage, t);
 
   const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, q = threadIdx.x % 4;
   const int64_t row0 = tr + warp % 4 * kMmaWarpRows, col0 = tc + warp / 4 * kMmaWarpCols;
@@ -215,8 +218,12 @@ int launch_pair_tile_mma(const Terms& terms, const PairTileArgs<float>& args,
                          const MmaTileInputs& in, const TileView& view, const TileMask& mask,
                          Stream stream) {
   if (view.rows * view.cols == 0) return 0;
-  RELKD_LAUNCH(pair_tile_mma_blocks(view), kThreads, stream, pair_tile_mma_kernel<Terms>)(
-      terms, args, in, view, mask);
+  if (in.operands == MmaOperands::Fp16)
+    RELKD_LAUNCH(pair_tile_mma_blocks(view), kThreads, stream,
+                 pair_tile_mma_kernel<Terms, MmaOperands::Fp16>)(terms, args, in, view, mask);
+  else
+    RELKD_LAUNCH(pair_tile_mma_blocks(view), kThreads, stream,
+                 pair_tile_mma_kernel<Terms, MmaOperands::Bf16>)(terms, args, in, view, mask);
   return launched();
 }
 

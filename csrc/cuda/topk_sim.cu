@@ -242,7 +242,7 @@ __global__ void offer_tile_kernel(const T* tile, TileView view, int64_t block_r0
 
 // The tensor-core form (RELKD_TENSOR_CORES=1): a block owns 64 query rows
 // and one of `splits` column ranges of the view, sweeps it 64 columns at a
-// time, the similarities computed by bf16 mma (pair_tile_mma.cuh) and
+// time, the similarities computed by mma (pair_tile_mma.cuh) and
 // filtered against each row's bar while they are in registers; only the
 // survivors reach the rows' buffers (in an order set by integer atomics,
 // which the unique composite keys make irrelevant to the result). A row
@@ -282,6 +282,7 @@ __device__ inline void split_columns(const TileView& view, int splits, int split
   *cols = view.cols - begin < per_split ? view.cols - begin : per_split;
 }
 
+template <MmaOperands H>
 __global__ void offer_mma_kernel(const float* q, const float* c, int64_t d, TileView view,
                                  int64_t block_r0, int splits, const float* scale,
                                  TopkValidity valid, TopkState<float> st) {
@@ -307,7 +308,7 @@ __global__ void offer_mma_kernel(const float* q, const float* c, int64_t d, Tile
   for (int64_t tc = 0; tc < mine.cols; tc += kMmaEdge) {
     compact_full_rows(rs, sh, st, rows, slot);
     float acc[4][4] = {};
-    sub_tile_products(q, c, d, mine, tr, tc, stage, acc);
+    sub_tile_products<H>(q, c, d, mine, tr, tc, stage, acc);
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -422,10 +423,16 @@ int topk_offer_tile(const double* tile, const TileView& view, int64_t block_r0,
 
 int topk_offer_mma(const float* q, const float* c, int64_t d, const TileView& view,
                    int64_t block_r0, int splits, const float* scale, const TopkValidity& valid,
-                   const TopkState<float>& st, int32_t* merged, Stream stream) {
+                   const TopkState<float>& st, int32_t* merged, MmaOperands operands,
+                   Stream stream) {
   if (view.rows == 0 || view.cols == 0) return 0;
-  RELKD_LAUNCH(blocks_for(view.rows, kMmaEdge) * splits, kThreads, stream, offer_mma_kernel)(
-      q, c, d, view, block_r0, splits, scale, valid, st);
+  const int64_t blocks = blocks_for(view.rows, kMmaEdge) * splits;
+  if (operands == MmaOperands::Fp16)
+    RELKD_LAUNCH(blocks, kThreads, stream, offer_mma_kernel<MmaOperands::Fp16>)(
+        q, c, d, view, block_r0, splits, scale, valid, st);
+  else
+    RELKD_LAUNCH(blocks, kThreads, stream, offer_mma_kernel<MmaOperands::Bf16>)(
+        q, c, d, view, block_r0, splits, scale, valid, st);
   // launched() clears the error it reports: keep it, and never join
   // selections a failed launch left unwritten.
   const int offered = launched();

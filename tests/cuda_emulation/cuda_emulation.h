@@ -180,7 +180,18 @@ namespace relkd_emulation {
 
 inline float from_bf16(uint32_t bits) { return from_bits<float>(uint64_t(bits & 0xffffu) << 16); }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 d, a, b, d: every lane
+// The value of a float16's 16 bits, decoded field by field (not by the
+// conversion under test in mma.cuh).
+inline float from_fp16(uint32_t bits) {
+  const int exponent = int(bits >> 10 & 0x1fu), fraction = int(bits & 0x3ffu);
+  const float sign = (bits & 0x8000u) ? -1.0f : 1.0f;
+  if (exponent == 31) return fraction ? std::nanf("") : sign * INFINITY;
+  if (exponent == 0) return sign * std::ldexp(float(fraction), -24);  // subnormal
+  return sign * std::ldexp(float(1024 + fraction), exponent - 25);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 d, a, b, d
+// (fp16: the f16 form): every lane
 // of the warp calls it together. Each lane posts its fragments; then each
 // computes its four entries of D from the entries of A and B, found by the
 // PTX ISA's fragment tables (for lane l: g = l / 4, t = l % 4; register r
@@ -189,8 +200,10 @@ inline float from_bf16(uint32_t bits) { return from_bits<float>(uint64_t(bits & 
 //                         r2 = A[g][2t+8..2t+9], r3 = A[g+8][2t+8..2t+9]
 //   B (16x8, column-major): r0 = B[2t..2t+1][g], r1 = B[2t+8..2t+9][g]
 //   D (16x8, fp32): d[i] = D[g + 8 (i / 2)][2t + i % 2]
-// Products of bf16 values are exact in fp32; the sum runs in k order.
-inline void mma_bf16_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+// Products of two bf16 or two fp16 values are exact in fp32; the sum runs
+// in k order.
+inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                         bool fp16) {
   constexpr int kRegs = 6;  // four of A, two of B
   const unsigned warp_first = thread_idx.x / kWarpSize * kWarpSize;
   uint32_t* slots = current_block->fragments.data() + warp_first * kRegs;
@@ -199,7 +212,8 @@ inline void mma_bf16_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint3
   for (int r = 0; r < 2; ++r) slots[me * kRegs + 4 + r] = b[r];
   warp_barrier().arrive_and_wait();
   auto entry = [&](int owner, int reg, int k) {
-    return from_bf16(slots[owner * kRegs + reg] >> (16 * (k % 2)));
+    const uint32_t bits = slots[owner * kRegs + reg] >> (16 * (k % 2));
+    return fp16 ? from_fp16(bits & 0xffffu) : from_bf16(bits);
   };
   auto a_at = [&](int row, int k) {
     return entry((row % 8) * 4 + (k % 8) / 2, row / 8 + 2 * (k / 8), k);
