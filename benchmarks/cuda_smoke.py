@@ -1,9 +1,10 @@
 """A small case of every relkd CUDA kernel, for compute-sanitizer
 (memcheck, racecheck) in benchmarks/gpu_check.sh: topk_sim (batch and bank
 mode, labels, scale, k > M, a k that forces compactions; the opt-in tensor-core
-search), pair_dot and its
+search, bf16 and TF32), pair_dot and its
 backward, pairwise_loss of every kind (symmetric and rectangular, with
-gradients; on the float32 tiles and on the opt-in tensor-core kernels),
+gradients; on the float32 tiles and on the opt-in tensor-core kernels: bf16,
+TF32, 16-bit operands),
 pair_histogram and pair_topk (including many ties and more pairs above the
 threshold than it returns). Each result is also checked against
 the CPU kernels, so a sanitizer run that passes also computed right.
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from relkd import ops  # noqa: E402
+from helpers import tf32_values  # noqa: E402
 
 FAILURES = []
 
@@ -70,6 +73,16 @@ def main() -> int:
     del os.environ["RELKD_TENSOR_CORES"]
     check("topk_sim tensor cores, column ranges (values)", got[0],
           ops.topk_sim(q16[:5], long_bank, 300)[0], atol=1e-5)
+    # TF32 (auto at precision "high"), on rows TF32 represents.
+    q32 = tf32_values(torch.nn.functional.normalize(q, dim=1).float())
+    c32 = tf32_values(torch.nn.functional.normalize(c, dim=1).float())
+    os.environ["RELKD_TENSOR_CORES"] = "auto"
+    torch.set_float32_matmul_precision("high")
+    got = ops.topk_sim(*g(q32, c32), 40, *g(ql, cl, scale.float()))
+    torch.set_float32_matmul_precision("highest")
+    del os.environ["RELKD_TENSOR_CORES"]
+    check("topk_sim TF32 tensor cores (values)", got[0],
+          ops.topk_sim(q32, c32, 40, ql, cl, scale.float())[0], atol=1e-5)
 
     a, b = torch.randn(200, 16, dtype=f64), torch.randn(500, 16, dtype=f64)
     idx = torch.randint(-1, 500, (200, 9))
@@ -110,6 +123,18 @@ def main() -> int:
             # multiply the embeddings: relative 2^-9 each.)
             check(f"pairwise_loss {kind} {name}, tensor cores", got,
                   torch.ops.relkd.pairwise_loss(*bf16_valued), rel_norm=4e-3)
+            # TF32 tiles (auto at precision "high"), on float32 inputs TF32
+            # represents; the gradient products are torch's TF32 GEMMs.
+            tf32_valued = [tf32_values(a_) if isinstance(a_, torch.Tensor) and a_.dim() == 2
+                           and a_.dtype == torch.float32 else a_ for a_ in bf16_valued]
+            os.environ["RELKD_TENSOR_CORES"] = "auto"
+            torch.set_float32_matmul_precision("high")
+            got = torch.ops.relkd.pairwise_loss(
+                *[a_.cuda() if isinstance(a_, torch.Tensor) else a_ for a_ in tf32_valued])
+            torch.set_float32_matmul_precision("highest")
+            del os.environ["RELKD_TENSOR_CORES"]
+            check(f"pairwise_loss {kind} {name}, TF32 tensor cores", got,
+                  torch.ops.relkd.pairwise_loss(*tf32_valued), rel_norm=2.0 ** -9)
 
     # 16-bit operands under auto: float32 copies, tensor cores in that
     # format (bf16 gradient products for bfloat16; the rectangular cckd

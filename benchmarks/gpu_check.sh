@@ -20,6 +20,9 @@
 #   bench-tc-bf16  RELKD_TENSOR_CORES=auto, bfloat16 inputs (the CUDA-speed issue's targets):
 #               CCKD, EKD, RKD, RAD at N=8192 and 32768, D=512: fused, eager, GEMM floor
 #                                                          -> bench-tc-bf16.json/.md, .log
+#   bench-tc-fp16  the same with float16 inputs (fp16 mma)  -> bench-tc-fp16.json/.md, .log
+#   bench-tc-tf32  RELKD_TENSOR_CORES=auto, float32 at matmul precision high (TF32 mma):
+#               CCKD, EKD, RKD, RAD fused beside the GEMM floor -> bench-tc-tf32.json/.md, .log
 #   plot        benchmarks/plot.py: time vs N, log-log, of each bench-*.json present
 #               (needs matplotlib; plot.py can also run later, on any machine) -> bench-*.png
 #
@@ -30,9 +33,9 @@
 # has no .git: pass the commit as RELKD_COMMIT=$(git rev-parse HEAD).
 # A stage's failure is recorded in OUTDIR/summary.txt and the next stages run.
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_check.sh OUTDIR [info build test sanitize bench-fp32 bench-bf16 bench-tc bench-tc-bf16 plot]}
+out=${1:?usage: benchmarks/gpu_check.sh OUTDIR [info build test sanitize bench-fp32 bench-bf16 bench-tc bench-tc-bf16 bench-tc-fp16 bench-tc-tf32 plot]}
 shift
-stages=${*:-info build test sanitize bench-fp32 bench-bf16 bench-tc bench-tc-bf16 plot}
+stages=${*:-info build test sanitize bench-fp32 bench-bf16 bench-tc bench-tc-bf16 bench-tc-fp16 bench-tc-tf32 plot}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
@@ -115,17 +118,27 @@ for stage in $stages; do
         --topk-k 100 --dim 512 --backends fused,gemm --json "$out/bench-tc-topk.json"
       sed -n '/^relkd .* benchmark:/,$p' "$out/bench-tc-topk.log" > "$out/bench-tc-topk.md"
       ;;
-    bench-tc-bf16)
+    bench-tc-bf16|bench-tc-fp16)
       build
-      run_logged bench-tc-bf16 bench-tc-bf16.log env RELKD_TENSOR_CORES=auto $PYTHON \
-        benchmarks/bench.py --device cuda --dtype bfloat16 --only losses \
+      dtype=bfloat16
+      [ "$stage" = bench-tc-fp16 ] && dtype=float16
+      run_logged "$stage" "$stage.log" env RELKD_TENSOR_CORES=auto $PYTHON \
+        benchmarks/bench.py --device cuda --dtype "$dtype" --only losses \
         --losses cckd,ekd,rkd,rad --sizes 8192,32768 --dim 512 --backends fused,reference,gemm \
-        --no-compile --json "$out/bench-tc-bf16.json"
-      sed -n '/^relkd .* benchmark:/,$p' "$out/bench-tc-bf16.log" > "$out/bench-tc-bf16.md"
+        --no-compile --json "$out/$stage.json"
+      sed -n '/^relkd .* benchmark:/,$p' "$out/$stage.log" > "$out/$stage.md"
+      ;;
+    bench-tc-tf32)
+      build
+      run_logged bench-tc-tf32 bench-tc-tf32.log env RELKD_TENSOR_CORES=auto $PYTHON \
+        benchmarks/bench.py --device cuda --dtype float32 --matmul-precision high \
+        --only losses --losses cckd,ekd,rkd,rad --sizes 8192,32768 --dim 512 \
+        --backends fused,gemm --no-compile --json "$out/bench-tc-tf32.json"
+      sed -n '/^relkd .* benchmark:/,$p' "$out/bench-tc-tf32.log" > "$out/bench-tc-tf32.md"
       ;;
     plot)
       for run in "$out"/bench-fp32.json "$out"/bench-bf16.json "$out"/bench-tc.json \
-                 "$out"/bench-tc-bf16.json; do
+                 "$out"/bench-tc-bf16.json "$out"/bench-tc-fp16.json "$out"/bench-tc-tf32.json; do
         [ -f "$run" ] || continue
         name=$(basename "$run" .json)
         run_logged "plot-$name" "plot-$name.log" $PYTHON benchmarks/plot.py "$run" \

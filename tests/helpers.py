@@ -101,3 +101,15 @@ def spread_ties(m, every):
     c[:, 5] = 1.0
     c[::every] = q[0]
     return q, c
+
+
+def tf32_values(x):
+    """x rounded to TF32 as cvt.rna.tf32.f32 rounds: to 11 significant bits
+    (a quantum of 2^-136 below float32's normal range), ties away from zero,
+    computed on the values in float64 rather than on the bits."""
+    x64 = x.double()
+    exponent = torch.frexp(x64)[1].double()
+    quantum = torch.where(x64.abs() < 2.0 ** -126, torch.full_like(x64, 2.0 ** -136),
+                          torch.exp2(exponent - 11))
+    rounded = torch.copysign(torch.floor(x64.abs() / quantum + 0.5) * quantum, x64)
+    return torch.where(torch.isfinite(x64), rounded, x64).float()

@@ -23,7 +23,8 @@ from relkd import functional as Fn
 from relkd import ops, reference
 
 from helpers import (LABEL_PATTERNS, assert_bounded_error, assert_same_mining, correlated,
-                     embeddings, labels, requires_extension, spread_ties)
+                     embeddings, labels, requires_extension, spread_ties, temporarily,
+                     tf32_values)
 from test_losses_fused import GRADCHECK_CASES, compare
 from test_pair_select import sorted_reference
 from test_pairwise_loss import KINDS, direct, fused, grads_of, inputs
@@ -233,11 +234,11 @@ def test_pairwise_loss_gradcheck_and_opcheck(kind):
 
 
 @contextlib.contextmanager
-def tensor_cores():
-    """RELKD_TENSOR_CORES=1 for the calls inside (float32 pairwise_loss on
-    the bf16 mma tile kernel, csrc/cuda/pair_tile_mma.cuh)."""
+def tensor_cores(mode="1"):
+    """RELKD_TENSOR_CORES=mode for the calls inside (1: float32
+    pairwise_loss on the bf16 mma tile kernel, csrc/cuda/pair_tile_mma.cuh)."""
     before = os.environ.get("RELKD_TENSOR_CORES")
-    os.environ["RELKD_TENSOR_CORES"] = "1"
+    os.environ["RELKD_TENSOR_CORES"] = mode
     try:
         yield
     finally:
@@ -278,6 +279,27 @@ def test_pairwise_loss_tensor_cores_match_the_cpu_kernels(kind, n, d, pattern, s
     with tensor_cores():
         got = cpu(*grads_of(fused_on_cuda, kind, *to_cuda_args(args)))
     assert_tensor_core_result(got, grads_of(fused, kind, *args), kind == "ekd_pos", kind)
+
+
+@cuda_settings
+@given(kind=st.sampled_from(KINDS), n=st.integers(1, 600), d=st.integers(1, 130),
+       pattern=st.sampled_from(LABEL_PATTERNS), seed=st.integers(0, 2**16))
+def test_tf32_tensor_cores_at_high_precision(kind, n, d, pattern, seed):
+    """RELKD_TENSOR_CORES=auto at matmul precision "high": TF32 mma tiles
+    (m16n8k8; the tile path for every kind). On TF32-valued embeddings
+    their products are exact: the CPU kernels' loss up to summation order;
+    the gradient products are torch's TF32 GEMMs (relative 2^-11 per
+    derivative), within 2^-9 of the gradient's norm."""
+    args = [tf32_values(a) if isinstance(a, torch.Tensor) and a.dtype == F32 and a.dim() == 2
+            else a for a in inputs(kind, n, d, seed, F32, pattern)]
+    with tensor_cores("auto"), temporarily(torch.get_float32_matmul_precision,
+                                           torch.set_float32_matmul_precision, "high"):
+        got = cpu(*grads_of(fused_on_cuda, kind, *to_cuda_args(args)))
+    want = grads_of(fused, kind, *args)
+    scale = max(float(want[0].abs()), 1.0)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=2e-5 * scale, msg=kind)
+    for g, w in zip(got[1:], want[1:]):
+        assert float((g - w).norm()) <= 2.0 ** -9 * float(w.norm()) + 1e-6, kind
 
 
 @pytest.mark.parametrize("n,d", [(1, 7), (300, 96), (2000, 512)])

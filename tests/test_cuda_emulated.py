@@ -21,7 +21,7 @@ from torch.utils.cpp_extension import load
 from relkd import ops, reference
 
 from helpers import (LABEL_PATTERNS, assert_same_mining, embeddings, labels,
-                     requires_extension, spread_ties, temporarily)
+                     requires_extension, spread_ties, temporarily, tf32_values)
 
 pytestmark = requires_extension
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -42,7 +42,7 @@ def emulated():
             unit.write_text(text)
         units.append(str(unit))
     glue = [str(ROOT / "csrc" / "cuda" / "ops.cpp"),
-            str(ROOT / "tests" / "cuda_emulation" / "rounding_op.cpp")]
+            str(ROOT / "tests" / "cuda_emulation" / "staging_op.cpp")]
     load(name="relkd_cuda_emulated", sources=glue + units,
          extra_cflags=["-O2", "-DRELKD_EMULATE", "-pthread",
                        f"-I{ROOT / 'tests' / 'cuda_emulation'}", f"-I{ROOT / 'csrc'}"],
@@ -99,18 +99,23 @@ def test_topk_sim_batch_mode_self_exclusion_ties_and_nan(emulated):
     (17, 400, 300, True, False),   # k near M: every value kept, no compaction
     (9, 50, 80, False, True),      # k > M: padding
 ])
-def test_topk_sim_tensor_cores(emulated, monkeypatch, n, m, k, with_labels, scaled):
-    """RELKD_TENSOR_CORES=1: the bank search with the similarities computed
-    on (emulated) tensor cores and filtered in registers, on bf16-valued
-    embeddings, against the CPU kernel."""
-    q = embeddings(n, 12, seed=n, dtype=F32).bfloat16().float()
-    c = embeddings(m, 12, seed=m, dtype=F32).bfloat16().float()
+@pytest.mark.parametrize("fmt", ["bf16", "tf32"])
+def test_topk_sim_tensor_cores(emulated, monkeypatch, n, m, k, with_labels, scaled, fmt):
+    """The bank search with the similarities computed on (emulated) tensor
+    cores and filtered in registers, against the CPU kernel on embeddings
+    the operand format represents: bf16 (RELKD_TENSOR_CORES=1), TF32 (auto
+    at matmul precision "high"; 16 entries per staging step, D = 12 one
+    partial step)."""
+    rounded = tf32_values if fmt == "tf32" else (lambda x: x.bfloat16().float())
+    q = rounded(embeddings(n, 12, seed=n, dtype=F32))
+    c = rounded(embeddings(m, 12, seed=m, dtype=F32))
     ql = labels("random", n, 1) if with_labels else None
     cl = labels("random", m, 2) if with_labels else None
     scale = (torch.rand(m, generator=torch.Generator().manual_seed(3)) + 0.5
              if scaled else None)
-    monkeypatch.setenv("RELKD_TENSOR_CORES", "1")
-    got = emulated.topk_sim(q, c, k, ql, cl, scale, False, 0)
+    monkeypatch.setenv("RELKD_TENSOR_CORES", "1" if fmt == "bf16" else "auto")
+    with matmul_precision("high" if fmt == "tf32" else "highest"):
+        got = emulated.topk_sim(q, c, k, ql, cl, scale, False, 0)
     assert_same_mining(got, ops.topk_sim(q, c, k, ql, cl, scale, False, 0), q, c, scale)
 
 
@@ -247,19 +252,21 @@ def test_pairwise_loss_tensor_cores(emulated, monkeypatch, kind, rect):
     close_to_tensor_core_result(got, want, args)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(kind=st.sampled_from(list(PARAMS)), n=st.integers(1, 140), d=st.integers(1, 70),
        dt=st.integers(1, 40), pattern=st.sampled_from(LABEL_PATTERNS), rect=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_pairwise_loss_tensor_cores_property(emulated, kind, n, d, dt, pattern, rect, seed):
+       tf32=st.booleans(), seed=st.integers(0, 2**16))
+def test_pairwise_loss_tensor_cores_property(emulated, kind, n, d, dt, pattern, rect, tf32,
+                                             seed):
     """The tensor-core tiles over random shapes (partial sub-tiles and
     staging steps, n = 1, teacher dims other than the student's), label
-    patterns, symmetric and rectangular with global ids."""
-    def bf16_valued(x):
-        return x.bfloat16().float()
+    patterns, symmetric and rectangular with global ids, bf16 operands
+    (RELKD_TENSOR_CORES=1) and TF32 ones (auto at precision "high")."""
+    def valued(x):
+        return tf32_values(x) if tf32 else x.bfloat16().float()
     raw = embeddings(n, d, seed, F32)
-    x = bf16_valued(raw if kind.startswith("rkd") else reference.normalize(raw, F32))
-    z = bf16_valued(reference.normalize(embeddings(n, dt, seed + 1, F32), F32))
+    x = valued(raw if kind.startswith("rkd") else reference.normalize(raw, F32))
+    z = valued(reference.normalize(embeddings(n, dt, seed + 1, F32), F32))
     teacher = None if kind == "rkd_dist_sum" else z
     y = labels(pattern, n, seed) if kind == "ekd_pos" else None
     params = torch.tensor(PARAMS[kind], dtype=F32)
@@ -271,8 +278,8 @@ def test_pairwise_loss_tensor_cores_property(emulated, kind, n, d, dt, pattern, 
                 grad_t)
     else:
         args = (kind, x, teacher, None, None, y, None, None, None, params, True, grad_t)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RELKD_TENSOR_CORES", "1")
+    with pytest.MonkeyPatch.context() as patch, matmul_precision("high" if tf32 else "highest"):
+        patch.setenv("RELKD_TENSOR_CORES", "auto" if tf32 else "1")
         got = emulated.pairwise_loss(*args)
     close_to_tensor_core_result(got, torch.ops.relkd.pairwise_loss(*args), args)
 
@@ -295,9 +302,35 @@ def test_pairwise_loss_tensor_cores_round_to_bfloat16(emulated, monkeypatch, kin
     monkeypatch.setenv("RELKD_TENSOR_CORES", "0")
     assert float((emulated.pairwise_loss(*args)[0] - exact).abs()) < gap / 20
     monkeypatch.setenv("RELKD_TENSOR_CORES", "auto")  # follows the float32 matmul precision
-    for precision, want in [("highest", exact), ("high", exact), ("medium", of_rounded)]:
+    for precision, want in [("highest", exact), ("medium", of_rounded)]:
         with matmul_precision(precision):
             assert float((emulated.pairwise_loss(*args)[0] - want).abs()) < gap / 20, precision
+
+
+@pytest.mark.parametrize("kind", ["cckd", "ekd_pos", "rkd_distance"])
+def test_tensor_cores_run_tf32_at_high_precision(emulated, monkeypatch, kind):
+    """RELKD_TENSOR_CORES=auto at matmul precision "high": the loss is that
+    of the TF32-rounded embeddings (RKD's squared norms too), not that of
+    the float32 ones; the symmetric cases take the tile path (the rows
+    pass's bf16 derivatives would undercut TF32), whose gradient products
+    multiply the derivative tiles by the float32 embeddings (addmm_, TF32
+    itself at "high" on a GPU): the gradients are those of the TF32-rounded
+    embeddings up to that rounding (relative 2^-11 per entry)."""
+    monkeypatch.setenv("RELKD_TENSOR_CORES", "auto")
+    args = tensor_core_case(kind, False, representable=False)
+    rounded = tuple(tf32_values(a) if isinstance(a, torch.Tensor) and a.dtype == F32
+                    and a.dim() == 2 else a for a in args)
+    exact = torch.ops.relkd.pairwise_loss(*args)
+    of_rounded = torch.ops.relkd.pairwise_loss(*rounded)
+    gap = float((exact[0] - of_rounded[0]).abs())
+    assert gap > 1e-6 * max(float(exact[0].abs()), 1.0)  # rounding shows at this size
+    with matmul_precision("high"):
+        got = emulated.pairwise_loss(*args)
+    assert float((got[0] - of_rounded[0]).abs()) < gap / 20
+    for g, w in zip(got[1:5], of_rounded[1:5]):
+        assert g.shape == w.shape
+        if w.numel():
+            assert float((g - w).norm()) <= 2.0 ** -10 * float(w.norm())
 
 
 def test_tensor_core_switch_names_bad_values(emulated, monkeypatch):
@@ -334,25 +367,50 @@ def special_floats():
     return torch.tensor(base + [-v for v in base], dtype=F32)
 
 
-@pytest.mark.parametrize("half", HALVES)
-def test_operand_rounding_matches_torch(emulated, half):
-    """mma.cuh's rounding to the operand formats (what the emulated kernels
-    stage; a cvt instruction on the GPU) is torch's round-to-nearest-even
-    conversion, bit for bit: ties, subnormals, overflow, signed zeros, over
-    every float32 magnitude; NaN stays NaN."""
+def staged_words(x, fmt):
+    """The 32-bit words the staging should produce for x (n x d): 16-bit
+    formats two entries per word (the lower index in the lower half), TF32
+    one; rows zero-padded to whole 16-byte pieces."""
+    per_piece = 4 if fmt == "tf32" else 8
+    pad = -x.shape[1] % per_piece
+    x = torch.nn.functional.pad(x, (0, pad))
+    if fmt == "tf32":
+        return tf32_values(x).view(torch.int32).long() & 0xFFFFFFFF
+    bits = x.to(fmt).view(torch.int16).long() & 0xFFFF
+    return bits[:, 0::2] | bits[:, 1::2] << 16
+
+
+FORMATS = {torch.bfloat16: 0, torch.float16: 1, "tf32": 2}
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("d", [24, 13])
+@pytest.mark.parametrize("vector", [True, False])
+def test_staging_rounds_as_torch_does(emulated, fmt, d, vector):
+    """The kernels' staging loads (16-byte or scalar; a row's tail zero
+    filled) round float32 to the operand format as torch's conversions do,
+    bit for bit (round to nearest even for bfloat16 and float16, with ties,
+    subnormals, overflow and signed zeros; TF32 as cvt.rna, ties away from
+    zero, against a float64 computation), over every float32 magnitude and
+    random bit patterns; NaN stays NaN."""
     torch.manual_seed(0)
-    randoms = torch.randn(20000) * torch.exp2(torch.randint(-40, 20, (20000,)).float())
-    bits = torch.randint(0, 2**31, (20000,), dtype=torch.int64)  # any float32 pattern
-    patterns = (bits - 2**30).to(torch.int32).view(F32)
+    randoms = torch.randn(6000) * torch.exp2(torch.randint(-40, 20, (6000,)).float())
+    patterns = (torch.randint(0, 2**31, (6000,)) - 2**30).to(torch.int32).view(F32)
     x = torch.cat([special_floats(), randoms, patterns])
-    x = x[: x.numel() // 2 * 2]
-    got = emulated.pack_operand_pairs(x, half == torch.float16)
-    lo, hi = got & 0xFFFF, got >> 16 & 0xFFFF
-    want = x.to(half).view(torch.int16).long() & 0xFFFF
-    nan = torch.isnan(x)
-    halves = torch.stack([lo, hi], 1).view(-1)
-    assert torch.equal(halves[~nan], want[~nan])
-    assert torch.isnan(halves[nan].to(torch.int16).view(half)).all()
+    x = x[: x.numel() // d * d].view(-1, d)
+    got = emulated.stage_pieces(x, FORMATS[fmt], vector).view(x.shape[0], -1)
+    want = staged_words(x, fmt)
+    assert got.shape == want.shape
+    if fmt == "tf32":
+        nan = torch.nn.functional.pad(torch.isnan(x), (0, -d % 4))
+        assert torch.equal(got[~nan], want[~nan])
+        assert torch.isnan(got[nan].to(torch.int32).view(F32)).all()
+        return
+    nan = torch.nn.functional.pad(torch.isnan(x), (0, -d % 8))
+    for shift, mask in ((0, nan[:, 0::2]), (16, nan[:, 1::2])):  # the two halves of a word
+        got_half, want_half = got >> shift & 0xFFFF, want >> shift & 0xFFFF
+        assert torch.equal(got_half[~mask], want_half[~mask])
+        assert torch.isnan(got_half[mask].to(torch.int16).view(fmt)).all()
 
 
 @pytest.mark.parametrize("half", HALVES)

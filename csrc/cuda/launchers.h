@@ -17,10 +17,12 @@ namespace cuda {
 
 using Stream = void*;
 
-// The 16-bit format the tensor-core kernels round their operands to (and
-// multiply in, fp32 accumulation): bfloat16 for float32 and bfloat16
-// embeddings, float16 for float16 ones (their values exactly).
-enum class MmaOperands : int { Bf16 = 0, Fp16 = 1 };
+// The format the tensor-core kernels round their operands to (and multiply
+// in, fp32 accumulation): bfloat16 for float32 embeddings at matmul
+// precision "medium" (or RELKD_TENSOR_CORES=1) and for bfloat16 ones,
+// float16 for float16 ones (their values exactly), TF32 (10 fraction bits,
+// float32's range) for float32 ones at "high".
+enum class MmaOperands : int { Bf16 = 0, Fp16 = 1, Tf32 = 2 };
 
 const char* error_string(int code);
 

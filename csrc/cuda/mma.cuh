@@ -1,17 +1,23 @@
-// Tensor-core building blocks: rounding to the 16-bit operand formats
-// (bfloat16, float16) and the warp-wide m16n8k16 matrix product of either
-// (fp32 accumulation, sm_80 and later). Products of two bf16 or two fp16
+// Tensor-core building blocks: rounding to the operand formats (bfloat16,
+// float16, TF32) and the warp-wide matrix products of each (fp32
+// accumulation, sm_80 and later). Products of two bf16, fp16 or TF32
 // values are exact in fp32.
 // Torch-free. The emulated build (RELKD_EMULATE) runs the same kernels with
 // tests/cuda_emulation's mma, which reads the fragments where the PTX ISA's
-// tables for mma.m16n8k16 place them.
+// tables for mma.m16n8k16 (16-bit) and mma.m16n8k8 (TF32) place them.
 //
-// Fragments of one warp-wide D (16x8, fp32) += A (16x16) * B (16x8), for
-// the lane with g = lane / 4 and t = lane % 4 (two 16-bit entries per
-// 32-bit register, the lower index in the lower half):
-//   A: a[0] = A[g][2t, 2t+1]     a[1] = A[g+8][2t, 2t+1]
-//      a[2] = A[g][2t+8, 2t+9]   a[3] = A[g+8][2t+8, 2t+9]
-//   B: b[0] = B[2t, 2t+1][g]     b[1] = B[2t+8, 2t+9][g]
+// Staged operands are counted in 16-bit units: a 16-bit entry is one, a
+// TF32 entry (32 bits) two. One mma step covers 16 units of k: m16n8k16 for
+// 16-bit operands, m16n8k8 for TF32, whose fragments are the same registers
+// (ldmatrix moves 16-byte rows either way). For the lane with g = lane / 4
+// and t = lane % 4, D (16x8, fp32) += A (16 x k) * B (k x 8):
+//   16-bit (two entries per register, the lower index in the lower half):
+//     A: a[0] = A[g][2t, 2t+1]     a[1] = A[g+8][2t, 2t+1]
+//        a[2] = A[g][2t+8, 2t+9]   a[3] = A[g+8][2t+8, 2t+9]
+//     B: b[0] = B[2t, 2t+1][g]     b[1] = B[2t+8, 2t+9][g]
+//   TF32 (one entry per register):
+//     A: a[0] = A[g][t]  a[1] = A[g+8][t]  a[2] = A[g][t+4]  a[3] = A[g+8][t+4]
+//     B: b[0] = B[t][g]  b[1] = B[t+4][g]
 //   D: d[i] = D[g + 8 * (i / 2)][2t + i % 2]
 #pragma once
 
@@ -62,7 +68,27 @@ __host__ __device__ inline uint16_t fp16_bits(float v) {
   return static_cast<uint16_t>(sign | (biased + rounded));
 }
 
-// Two floats rounded to the operand format H, packed as one register of a
+// The TF32 nearest to v (ties away from zero, as cvt.rna.tf32.f32): float32
+// bits with the 13 lowest fraction bits cleared; NaN and infinity unchanged.
+__host__ __device__ inline uint32_t tf32_bits(float v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(RELKD_EMULATE)
+  uint32_t out;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(out) : "f"(v));
+  return out;
+#else
+  const uint32_t u = float_bits(v);
+  if ((u & 0x7f800000u) == 0x7f800000u) return u;  // NaN, infinity
+  return (u + 0x1000u) & 0xffffe000u;  // a carry may reach the exponent: correct
+#endif
+}
+
+// Staging units per operand entry (see above) and entries per 16-byte piece.
+template <MmaOperands H>
+constexpr int kUnitsPerEntry = H == MmaOperands::Tf32 ? 2 : 1;
+template <MmaOperands H>
+constexpr int kPieceEntries = 8 / kUnitsPerEntry<H>;
+
+// Two floats rounded to the 16-bit operand format H, packed as one register of a
 // fragment (lo in the lower half). On sm_80+ one cvt instruction does both.
 template <MmaOperands H>
 __host__ __device__ inline uint32_t pack_pair(float lo, float hi) {
@@ -125,16 +151,21 @@ __device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* row) 
 }
 #endif
 
-// d += a * b on the warp's fragments (mma.m16n8k16.row.col, fp32
-// accumulation) of H-format operands.
+// d += a * b on the warp's fragments of one step of 16 staging units
+// (mma.m16n8k16 for 16-bit operands, mma.m16n8k8 for TF32; row.col, fp32
+// accumulation).
 #ifdef RELKD_EMULATE
 template <MmaOperands H>
-inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  ::relkd_emulation::mma_m16n8k16(d, a, b, H == MmaOperands::Fp16);
+inline void mma_step(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  using Format = ::relkd_emulation::MmaFormat;
+  ::relkd_emulation::mma_step(d, a, b,
+                              H == MmaOperands::Fp16   ? Format::Fp16
+                              : H == MmaOperands::Tf32 ? Format::Tf32
+                                                       : Format::Bf16);
 }
 #else
 template <MmaOperands H>
-__device__ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+__device__ inline void mma_step(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   if constexpr (H == MmaOperands::Bf16)
     asm volatile(
@@ -142,14 +173,20 @@ __device__ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const ui
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  else
+  else if constexpr (H == MmaOperands::Fp16)
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #else
-  __trap();  // 16-bit tensor cores need sm_80; the glue never launches this below it
+  __trap();  // these tensor cores need sm_80; the glue never launches this below it
 #endif
 }
 #endif

@@ -55,26 +55,29 @@ T* ptr(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
-// Whether float32 topk_sim and pairwise_loss run the tensor-core kernels
-// (similarities of bfloat16-rounded embeddings, or of the float16 /
-// bfloat16 embeddings given, fp32 accumulation, sm_80+).
+// Which tensor-core kernels float32 topk_sim and pairwise_loss run, if any
+// (sm_80+): their operand format (launchers.h), or none for the tile path.
 // RELKD_TENSOR_CORES: unset or 0 = never (the default until a GPU run has
-// validated them, README GPU); 1 = always; auto = for 16-bit operands
-// (whose products the kernels compute exactly) and when
-// torch.set_float32_matmul_precision("medium") allows bfloat16 products
-// ("high" keeps the tile path, whose torch.mm follows the precision itself,
-// TF32 on sm_80+; "highest" keeps fp32).
-bool use_tensor_cores(const at::Tensor& x, bool half_operands = false) {
+// validated them, README GPU); 1 = always, bf16 for float32 embeddings;
+// auto = for 16-bit embeddings (`half`: their own format, in which the
+// products are exact) and for float32 ones as
+// torch.get_float32_matmul_precision() allows: "medium" bf16, "high" TF32,
+// "highest" none (the tile path's float32 products).
+c10::optional<cuda::MmaOperands> tensor_core_operands(const at::Tensor& x,
+                                                      c10::optional<at::ScalarType> half) {
   const char* flag = std::getenv("RELKD_TENSOR_CORES");
   const std::string mode = flag ? flag : "0";
   TORCH_CHECK_VALUE(mode == "0" || mode == "1" || mode == "auto",
                     "the environment variable RELKD_TENSOR_CORES must be 0, 1 or auto, got '",
                     mode, "'");
-  if (mode == "0") return false;
-  if (mode == "auto" && !half_operands &&
-      at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::MEDIUM)
-    return false;
-  return cuda::has_tensor_cores(x.device().index());
+  if (mode == "0" || !cuda::has_tensor_cores(x.device().index())) return c10::nullopt;
+  if (half) return *half == at::kHalf ? cuda::MmaOperands::Fp16 : cuda::MmaOperands::Bf16;
+  if (mode == "1") return cuda::MmaOperands::Bf16;
+  switch (at::globalContext().float32MatmulPrecision()) {
+    case at::Float32MatmulPrecision::MEDIUM: return cuda::MmaOperands::Bf16;
+    case at::Float32MatmulPrecision::HIGH: return cuda::MmaOperands::Tf32;
+    default: return c10::nullopt;
+  }
 }
 
 bool is_half(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
@@ -109,13 +112,18 @@ c10::optional<at::ScalarType> half_operands(
   return half;
 }
 
-// The tensor cores' operand format: float16 for float16 embeddings (their
-// values), else bfloat16 (float32's range).
-cuda::MmaOperands mma_operands(c10::optional<at::ScalarType> half) {
-  return half == at::kHalf ? cuda::MmaOperands::Fp16 : cuda::MmaOperands::Bf16;
-}
-at::ScalarType mma_dtype(c10::optional<at::ScalarType> half) {
-  return half == at::kHalf ? at::kHalf : at::kBFloat16;
+// x's rows as the tensor cores see them with `operands`: rounded to
+// bfloat16, float16 or TF32 (as cvt.rna.tf32.f32: the float32 bits plus half
+// a TF32 ulp, the 13 low fraction bits cleared; never carries into the
+// sign, infinities and NaN kept).
+at::Tensor operand_values(const at::Tensor& x, cuda::MmaOperands operands) {
+  switch (operands) {
+    case cuda::MmaOperands::Bf16: return x.to(at::kBFloat16);
+    case cuda::MmaOperands::Fp16: return x.to(at::kHalf);
+    case cuda::MmaOperands::Tf32: break;
+  }
+  const at::Tensor rounded = at::bitwise_and(x.view(at::kInt) + 0x1000, -0x2000).view(at::kFloat);
+  return at::where(x.isfinite(), rounded, x);
 }
 
 const at::Tensor* present(const c10::optional<at::Tensor>& t) {
@@ -175,8 +183,9 @@ void topk_sim_impl(const at::Tensor& q, const at::Tensor& c, int64_t k, const at
   const int64_t cols = std::min(m, kTopkColumns);
   const int64_t cap = k_buf + std::max(k_buf, cuda::kTopkChunk);
   const int64_t slot_bytes = cap * int64_t(sizeof(T) + 4) + 32;  // one row's selection
-  bool tensor_cores = false;
-  if constexpr (std::is_same_v<T, float>) tensor_cores = use_tensor_cores(q, half.has_value());
+  c10::optional<cuda::MmaOperands> operands;
+  if constexpr (std::is_same_v<T, float>) operands = tensor_core_operands(q, half);
+  const bool tensor_cores = operands.has_value();
   // The tensor-core kernel computes its own tiles and keeps one selection
   // per (row, column range); the tile path keeps one per row beside a tile.
   // Row blocks as large as the budget allows with one range, of equal size
@@ -208,8 +217,7 @@ void topk_sim_impl(const at::Tensor& q, const at::Tensor& c, int64_t k, const at
       if (tensor_cores) {  // every column of the row block in one launch
         check_launch(cuda::topk_offer_mma(ptr<float>(q), ptr<float>(c), q.size(1),
                                           {r0, rows, 0, m, 0}, r0, splits, ptr<float>(c_scale),
-                                          valid, st, ptr<int32_t>(merged), mma_operands(half),
-                                          stream),
+                                          valid, st, ptr<int32_t>(merged), *operands, stream),
                      "topk_sim (tensor cores)");
         if (splits > 1) {  // finish the joined selections, one per row
           st.size = ptr<int32_t>(merged);
@@ -353,12 +361,12 @@ cuda::TileMask tile_mask(pm::Mask mask, bool symmetric, const at::Tensor& ids_r,
           ptr<int64_t>(lab_r), ptr<int64_t>(lab_c)};
 }
 
-// Squared row norms; of the rows rounded to `rounded` where the
-// similarities come from such rows (tensor cores), so that
+// Squared row norms; of the rows as the tensor cores see them where the
+// similarities come from those (`operands`), so that
 // |x_i|^2 + |x_j|^2 - 2 x_i.x_j stays the squared distance of one set of points.
-at::Tensor squared_norms(const at::Tensor& x, c10::optional<at::ScalarType> rounded) {
+at::Tensor squared_norms(const at::Tensor& x, c10::optional<cuda::MmaOperands> operands) {
   if (!x.defined()) return at::Tensor();
-  const at::Tensor rows = rounded ? x.to(*rounded) : x;
+  const at::Tensor rows = operands ? operand_values(x, *operands) : x;
   return rows.to(at::kDouble).pow(2).sum(1).to(x.scalar_type());
 }
 
@@ -366,8 +374,10 @@ using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::T
 
 // The symmetric tensor-core pass with the gradient products inside
 // (cuda::pair_rows_mma): only the student's gradient, no squared norms.
-bool rows_pass_applies(const PairwiseArgs& in, cuda::PairKind kind, bool grad_s, bool grad_t) {
-  return in.symmetric && grad_s && !grad_t && !in.kind.uses_norms &&
+// Not for TF32 operands, whose precision its bf16 G x X products would undercut.
+bool rows_pass_applies(const PairwiseArgs& in, cuda::PairKind kind, bool grad_s, bool grad_t,
+                       cuda::MmaOperands operands) {
+  return operands != cuda::MmaOperands::Tf32 && in.symmetric && grad_s && !grad_t && !in.kind.uses_norms &&
          (kind == cuda::PairKind::Cckd || kind == cuda::PairKind::EkdPos) &&
          cuda::rows_mma_fits(in.xs_r.device().index(), in.xs_r.size(1));
 }
@@ -414,23 +424,22 @@ Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool g
   const int64_t block = square_block(1 + kind.has_teacher + dn_tiles, sizeof(T));
   const c10::optional<at::ScalarType> half_type =
       half ? c10::make_optional(half->xs_r.scalar_type()) : c10::nullopt;
-  bool tensor_cores = false;
+  c10::optional<cuda::MmaOperands> operands;
   if constexpr (std::is_same_v<T, float>) {
-    tensor_cores = use_tensor_cores(in.xs_r, half != nullptr);
-    if (tensor_cores && rows_pass_applies(in, pair_kind(kind_name), grad_s, grad_t))
-      return rows_pass(pair_kind(kind_name), in, mma_operands(half_type));
+    operands = tensor_core_operands(in.xs_r, half_type);
+    if (operands && rows_pass_applies(in, pair_kind(kind_name), grad_s, grad_t, *operands))
+      return rows_pass(pair_kind(kind_name), in, *operands);
   }
-  // The rows the norms are taken of: as the kernels round them.
-  const auto rounded = tensor_cores ? c10::make_optional(mma_dtype(half_type)) : c10::nullopt;
+  const bool tensor_cores = operands.has_value();
   const auto tiles = device_tiles(kind.mask, sym, block, in.n_r, in.n_c, in.ids_r, in.ids_c,
                                   in.labels_r, in.labels_c, opts);
   at::Tensor ns_r, ns_c, nt_r, nt_c;
   if (kind.uses_norms) {
-    ns_r = squared_norms(in.xs_r, rounded);
-    ns_c = sym ? ns_r : squared_norms(in.xs_c, rounded);
+    ns_r = squared_norms(in.xs_r, operands);
+    ns_c = sym ? ns_r : squared_norms(in.xs_c, operands);
     if (kind.has_teacher) {
-      nt_r = squared_norms(in.xt_r, rounded);
-      nt_c = sym ? nt_r : squared_norms(in.xt_c, rounded);
+      nt_r = squared_norms(in.xt_r, operands);
+      nt_c = sym ? nt_r : squared_norms(in.xt_c, operands);
     }
   }
   at::Tensor g_sr, g_sc, g_tr, g_tc, dn_r, dn_c;
@@ -492,7 +501,7 @@ Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool g
         const cuda::MmaTileInputs mma{ptr<float>(in.xs_r), ptr<float>(in.xs_c),
                                       ptr<float>(in.xt_r), ptr<float>(in.xt_c),
                                       in.xs_r.size(1), kind.has_teacher ? in.xt_r.size(1) : 0,
-                                      mma_operands(half_type)};
+                                      *operands};
         check_launch(cuda::pair_tile_mma(args, mma, view, mask, stream), "pairwise_loss");
       }
     }

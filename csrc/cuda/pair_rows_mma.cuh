@@ -132,9 +132,14 @@ template <typename Terms>
 int launch_pair_rows_mma(const Terms& terms, const RowsMmaArgs& args, const TileMask& mask,
                          Stream stream) {
   if (args.n == 0) return 0;
-  if (args.operands == MmaOperands::Fp16)
-    return launch_rows_mma_as<Terms, MmaOperands::Fp16>(terms, args, mask, stream);
-  return launch_rows_mma_as<Terms, MmaOperands::Bf16>(terms, args, mask, stream);
+  switch (args.operands) {
+    case MmaOperands::Bf16: return launch_rows_mma_as<Terms, MmaOperands::Bf16>(terms, args,
+                                                                               mask, stream);
+    case MmaOperands::Fp16: return launch_rows_mma_as<Terms, MmaOperands::Fp16>(terms, args,
+                                                                               mask, stream);
+    case MmaOperands::Tf32: break;  // its bf16 G x X would undercut TF32: the tile path runs
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
 }
 
 // One launcher per kind, defined in csrc/cuda/pair_tile_<kind>.cu.

@@ -1,6 +1,6 @@
 // The pairwise_loss tile on tensor cores: each thread block computes a 64 x 64
 // sub-tile of the student's (and teacher's) similarities with
-// mma.m16n8k16 (bf16 or fp16 operands, MmaOperands; fp32 accumulation) and
+// mma (bf16, fp16 or TF32 operands, MmaOperands; fp32 accumulation) and
 // runs the kind's pair terms on the accumulators while they are in
 // registers, so the similarities never reach memory; only the derivative
 // tiles the gradient products need are written. The float32 embeddings are
@@ -14,7 +14,8 @@ namespace relkd {
 namespace cuda {
 
 constexpr int kMmaEdge = 64;               // rows and columns of a block's sub-tile
-constexpr int kMmaDepth = 32;              // embedding entries staged per step
+constexpr int kMmaDepth = 32;              // staging units (mma.cuh) per step: 32 16-bit
+                                           // embedding entries, or 16 TF32 ones
 constexpr int kMmaStride = kMmaDepth + 8;  // a staged row; the pad spreads fragment reads
                                            // over the shared-memory banks
 constexpr int kMmaWarpRows = 16, kMmaWarpCols = 32;  // 8 warps: 4 x 2 of these
@@ -23,8 +24,9 @@ static_assert(kThreads == 256 && (kMmaEdge / kMmaWarpRows) * (kMmaEdge / kMmaWar
 
 constexpr int kStageEntries = 4 * kMmaEdge * kMmaStride;  // rows and columns, two buffers
 
-// A thread's share of one staging step: 8 consecutive entries of one of
-// the 64 rows (64 x 32 entries = 256 threads x 8), as 16-bit operands: 16 bytes.
+// A thread's share of one staging step: 16 bytes of one of the 64 rows
+// (64 rows x 32 staging units = 256 threads x 8 units): 8 entries of a
+// 16-bit format, or 4 TF32 entries.
 struct alignas(16) StagePiece {
   uint32_t bits[4];
 };
@@ -38,36 +40,44 @@ __device__ inline bool vector_rows(const float* x, int64_t d) {
   return d % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
 }
 
-// Entries k .. k + 8 (those below d) of row p (if below `end`) of x, 0 out
-// of range (adding nothing to the products), rounded to the format H.
+// Entries k .. k + kPieceEntries<H> (those below d) of row p (if below
+// `end`) of x, 0 out of range (adding nothing to the products), rounded to
+// the format H.
 template <MmaOperands H>
 __device__ inline StagePiece load_piece_at(const float* x, int64_t end, int64_t d, int64_t p,
                                            int64_t k, bool vector) {
-  float v[8];
-  if (vector && p < end && k < d) {  // d % 8 == 0: all 8 are in range
+  constexpr int n = kPieceEntries<H>;
+  float v[n];
+  if (vector && p < end && k < d) {  // d % 8 == 0: all n are in range
     const Float4* at = reinterpret_cast<const Float4*>(x + p * d + k);
-    const Float4 lo = at[0], hi = at[1];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      v[i] = lo.v[i];
-      v[4 + i] = hi.v[i];
+    for (int h = 0; h < n / 4; ++h) {
+      const Float4 four = at[h];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[4 * h + i] = four.v[i];
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = (p < end && k + i < d) ? x[p * d + k + i] : 0.0f;
+    for (int i = 0; i < n; ++i) v[i] = (p < end && k + i < d) ? x[p * d + k + i] : 0.0f;
   }
   StagePiece piece;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) piece.bits[i] = pack_pair<H>(v[2 * i], v[2 * i + 1]);
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (H == MmaOperands::Tf32)
+      piece.bits[i] = tf32_bits(v[i]);
+    else
+      piece.bits[i] = pack_pair<H>(v[2 * i], v[2 * i + 1]);
+  }
   return piece;
 }
 
 // This thread's piece of a staging step: rows row0 .. row0 + 64, entries
-// k0 .. k0 + 32.
+// k0 .. k0 + 32 / kUnitsPerEntry<H>.
 template <MmaOperands H>
 __device__ inline StagePiece load_piece(const float* x, int64_t end, int64_t d, int64_t row0,
                                         int64_t k0, bool vector) {
-  return load_piece_at<H>(x, end, d, row0 + threadIdx.x / 4, k0 + threadIdx.x % 4 * 8, vector);
+  return load_piece_at<H>(x, end, d, row0 + threadIdx.x / 4,
+                          k0 + threadIdx.x % 4 * kPieceEntries<H>, vector);
 }
 
 // A piece into entries k .. k + 8 of row `row` of a staged block whose rows
@@ -79,13 +89,13 @@ __device__ inline void store_piece_at(const StagePiece& piece, uint16_t* stage, 
 }
 
 // This thread's piece into its place in a staged block [64][kMmaStride]
-// (kMmaStride entries are 80 bytes).
+// (kMmaStride units are 80 bytes).
 __device__ inline void store_piece(const StagePiece& piece, uint16_t* stage) {
   store_piece_at<kMmaStride>(piece, stage, threadIdx.x / 4, threadIdx.x % 4 * 8);
 }
 
 // acc[j] += (the warp's 16 staged rows) x (its columns j*8 .. j*8 + 8)^T over
-// `Depth` staged entries (rows and columns `Stride` entries apart, each row
+// `Depth` staging units (rows and columns `Stride` units apart, each row
 // 16-byte aligned). Fragments come by ldmatrix (mma.cuh): lane l addresses
 // row l % 8 of matrix l / 8, which is, for A, rows (0-7 | 8-15) x entries
 // (0-7 | 8-15) in the order of a[0..3]; for B, two 8-column groups x the
@@ -114,8 +124,8 @@ __device__ inline void warp_products(const uint16_t* rows, const uint16_t* cols,
       else
         ldmatrix_x4(b, b_row + j * 8 * Stride + k);
       const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-      mma_16816<H>(acc[j], a, b0);
-      mma_16816<H>(acc[j + 1], a, b1);
+      mma_step<H>(acc[j], a, b0);
+      mma_step<H>(acc[j + 1], a, b1);
     }
   }
 }
@@ -136,16 +146,17 @@ __device__ inline void sub_tile_products(const float* x_r, const float* x_c, int
   const bool vector_r = vector_rows(x_r, d), vector_c = vector_rows(x_c, d);
   StagePiece piece_r = load_piece<H>(x_r, end_r, d, view.r0 + tr, 0, vector_r);
   StagePiece piece_c = load_piece<H>(x_c, end_c, d, view.c0 + tc, 0, vector_c);
+  constexpr int64_t kStep = kMmaDepth / kUnitsPerEntry<H>;  // entries per step
   int buffer = 0;
-  for (int64_t k0 = 0; k0 < d; k0 += kMmaDepth) {
+  for (int64_t k0 = 0; k0 < d; k0 += kStep) {
     uint16_t* rows = stage + buffer * 2 * kMmaEdge * kMmaStride;
     uint16_t* cols = rows + kMmaEdge * kMmaStride;
     store_piece(piece_r, rows);
     store_piece(piece_c, cols);
     __syncthreads();
-    if (k0 + kMmaDepth < d) {  // the next step's loads overlap this step's products
-      piece_r = load_piece<H>(x_r, end_r, d, view.r0 + tr, k0 + kMmaDepth, vector_r);
-      piece_c = load_piece<H>(x_c, end_c, d, view.c0 + tc, k0 + kMmaDepth, vector_c);
+    if (k0 + kStep < d) {  // the next step's loads overlap this step's products
+      piece_r = load_piece<H>(x_r, end_r, d, view.r0 + tr, k0 + kStep, vector_r);
+      piece_c = load_piece<H>(x_c, end_c, d, view.c0 + tc, k0 + kStep, vector_c);
     }
     warp_products<H>(rows, cols, warp_row, warp_col, acc);
     buffer ^= 1;
@@ -218,12 +229,21 @@ int launch_pair_tile_mma(const Terms& terms, const PairTileArgs<float>& args,
                          const MmaTileInputs& in, const TileView& view, const TileMask& mask,
                          Stream stream) {
   if (view.rows * view.cols == 0) return 0;
-  if (in.operands == MmaOperands::Fp16)
-    RELKD_LAUNCH(pair_tile_mma_blocks(view), kThreads, stream,
-                 pair_tile_mma_kernel<Terms, MmaOperands::Fp16>)(terms, args, in, view, mask);
-  else
-    RELKD_LAUNCH(pair_tile_mma_blocks(view), kThreads, stream,
-                 pair_tile_mma_kernel<Terms, MmaOperands::Bf16>)(terms, args, in, view, mask);
+  const int64_t blocks = pair_tile_mma_blocks(view);
+  switch (in.operands) {
+    case MmaOperands::Bf16:
+      RELKD_LAUNCH(blocks, kThreads, stream, pair_tile_mma_kernel<Terms, MmaOperands::Bf16>)(
+          terms, args, in, view, mask);
+      break;
+    case MmaOperands::Fp16:
+      RELKD_LAUNCH(blocks, kThreads, stream, pair_tile_mma_kernel<Terms, MmaOperands::Fp16>)(
+          terms, args, in, view, mask);
+      break;
+    case MmaOperands::Tf32:
+      RELKD_LAUNCH(blocks, kThreads, stream, pair_tile_mma_kernel<Terms, MmaOperands::Tf32>)(
+          terms, args, in, view, mask);
+      break;
+  }
   return launched();
 }
 

@@ -190,20 +190,27 @@ inline float from_fp16(uint32_t bits) {
   return sign * std::ldexp(float(1024 + fraction), exponent - 25);
 }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 d, a, b, d
-// (fp16: the f16 form): every lane
-// of the warp calls it together. Each lane posts its fragments; then each
-// computes its four entries of D from the entries of A and B, found by the
-// PTX ISA's fragment tables (for lane l: g = l / 4, t = l % 4; register r
-// holds two 16-bit entries, the lower index in the lower half):
-//   A (16x16, row-major): r0 = A[g][2t..2t+1], r1 = A[g+8][2t..2t+1],
-//                         r2 = A[g][2t+8..2t+9], r3 = A[g+8][2t+8..2t+9]
-//   B (16x8, column-major): r0 = B[2t..2t+1][g], r1 = B[2t+8..2t+9][g]
+enum class MmaFormat { Bf16, Fp16, Tf32 };
+
+// One warp-wide mma step over 16 staging units of k (csrc/cuda/mma.cuh):
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 for the
+// 16-bit formats, mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 for
+// TF32. Every lane of the warp calls it together. Each lane posts its
+// fragments; then each computes its four entries of D from the entries of A
+// and B, found by the PTX ISA's fragment tables (for lane l: g = l / 4,
+// t = l % 4):
+//   16-bit (register r holds two entries, the lower index in the lower half):
+//     A (16x16, row-major): r0 = A[g][2t..2t+1], r1 = A[g+8][2t..2t+1],
+//                           r2 = A[g][2t+8..2t+9], r3 = A[g+8][2t+8..2t+9]
+//     B (16x8, column-major): r0 = B[2t..2t+1][g], r1 = B[2t+8..2t+9][g]
+//   TF32 (one entry per register; the hardware reads its 19 high bits):
+//     A (16x8): r0 = A[g][t], r1 = A[g+8][t], r2 = A[g][t+4], r3 = A[g+8][t+4]
+//     B (8x8): r0 = B[t][g], r1 = B[t+4][g]
 //   D (16x8, fp32): d[i] = D[g + 8 (i / 2)][2t + i % 2]
-// Products of two bf16 or two fp16 values are exact in fp32; the sum runs
+// Products of two bf16, fp16 or TF32 values are exact in fp32; the sum runs
 // in k order.
-inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
-                         bool fp16) {
+inline void mma_step(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                     MmaFormat format) {
   constexpr int kRegs = 6;  // four of A, two of B
   const unsigned warp_first = thread_idx.x / kWarpSize * kWarpSize;
   uint32_t* slots = current_block->fragments.data() + warp_first * kRegs;
@@ -211,19 +218,27 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (
   for (int r = 0; r < 4; ++r) slots[me * kRegs + r] = a[r];
   for (int r = 0; r < 2; ++r) slots[me * kRegs + 4 + r] = b[r];
   warp_barrier().arrive_and_wait();
+  const bool tf32 = format == MmaFormat::Tf32;
   auto entry = [&](int owner, int reg, int k) {
-    const uint32_t bits = slots[owner * kRegs + reg] >> (16 * (k % 2));
-    return fp16 ? from_fp16(bits & 0xffffu) : from_bf16(bits);
+    const uint32_t word = slots[owner * kRegs + reg];
+    if (tf32) return from_bits<float>(word & 0xffffe000u);
+    const uint32_t bits = word >> (16 * (k % 2));
+    return format == MmaFormat::Fp16 ? from_fp16(bits & 0xffffu) : from_bf16(bits);
   };
   auto a_at = [&](int row, int k) {
+    if (tf32) return entry((row % 8) * 4 + k % 4, row / 8 + 2 * (k / 4), k);
     return entry((row % 8) * 4 + (k % 8) / 2, row / 8 + 2 * (k / 8), k);
   };
-  auto b_at = [&](int k, int col) { return entry(col * 4 + (k % 8) / 2, 4 + k / 8, k); };
+  auto b_at = [&](int k, int col) {
+    if (tf32) return entry(col * 4 + k % 4, 4 + k / 4, k);
+    return entry(col * 4 + (k % 8) / 2, 4 + k / 8, k);
+  };
+  const int depth = tf32 ? 8 : 16;
   float out[4];
   for (int i = 0; i < 4; ++i) {
     const int row = me / 4 + 8 * (i / 2), col = 2 * (me % 4) + i % 2;
     float sum = d[i];
-    for (int k = 0; k < 16; ++k) sum += a_at(row, k) * b_at(k, col);
+    for (int k = 0; k < depth; ++k) sum += a_at(row, k) * b_at(k, col);
     out[i] = sum;
   }
   warp_barrier().arrive_and_wait();
