@@ -774,7 +774,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--matmul-precision", choices=("highest", "high", "medium"),
                         help="torch.set_float32_matmul_precision for the run (float32 torch.mm "
                              "in every backend; with RELKD_TENSOR_CORES=auto, 'medium' runs "
-                             "relkd's bf16 tensor-core kernels, 'high' its TF32 ones); recorded "
+                             "relkd's bf16 tensor-core kernels, 'high' its TF32 ones, 'highest' "
+                             "3xTF32); recorded "
                              "in the JSON's machine")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,10 +1,10 @@
 """A small case of every relkd CUDA kernel, for compute-sanitizer
 (memcheck, racecheck) in benchmarks/gpu_check.sh: topk_sim (batch and bank
 mode, labels, scale, k > M, a k that forces compactions; the opt-in tensor-core
-search, bf16 and TF32), pair_dot and its
+search, bf16, TF32 and 3xTF32), pair_dot and its
 backward, pairwise_loss of every kind (symmetric and rectangular, with
 gradients; on the float32 tiles and on the opt-in tensor-core kernels: bf16,
-TF32, 16-bit operands),
+TF32, 3xTF32, 16-bit operands),
 pair_histogram and pair_topk (including many ties and more pairs above the
 threshold than it returns). Each result is also checked against
 the CPU kernels, so a sanitizer run that passes also computed right.
@@ -83,6 +83,13 @@ def main() -> int:
     del os.environ["RELKD_TENSOR_CORES"]
     check("topk_sim TF32 tensor cores (values)", got[0],
           ops.topk_sim(q32, c32, 40, ql, cl, scale.float())[0], atol=1e-5)
+    # 3xTF32 (auto at "highest"), on any unit rows.
+    q1, c1 = (torch.nn.functional.normalize(t, dim=1).float() for t in (q, c))
+    os.environ["RELKD_TENSOR_CORES"] = "auto"
+    got = ops.topk_sim(*g(q1, c1), 40, *g(ql, cl, scale.float()))
+    del os.environ["RELKD_TENSOR_CORES"]
+    check("topk_sim 3xTF32 tensor cores (values)", got[0],
+          ops.topk_sim(q1, c1, 40, ql, cl, scale.float())[0], atol=1e-5)
 
     a, b = torch.randn(200, 16, dtype=f64), torch.randn(500, 16, dtype=f64)
     idx = torch.randint(-1, 500, (200, 9))
@@ -135,6 +142,15 @@ def main() -> int:
             del os.environ["RELKD_TENSOR_CORES"]
             check(f"pairwise_loss {kind} {name}, TF32 tensor cores", got,
                   torch.ops.relkd.pairwise_loss(*tf32_valued), rel_norm=2.0 ** -9)
+            # 3xTF32 tiles (auto at "highest"), on any float32 inputs.
+            as_float = [a_.float() if isinstance(a_, torch.Tensor) and a_.is_floating_point()
+                        else a_ for a_ in args]
+            os.environ["RELKD_TENSOR_CORES"] = "auto"
+            got = torch.ops.relkd.pairwise_loss(
+                *[a_.cuda() if isinstance(a_, torch.Tensor) else a_ for a_ in as_float])
+            del os.environ["RELKD_TENSOR_CORES"]
+            check(f"pairwise_loss {kind} {name}, 3xTF32 tensor cores", got,
+                  torch.ops.relkd.pairwise_loss(*as_float), rel_norm=1e-5)
 
     # 16-bit operands under auto: float32 copies, tensor cores in that
     # format (bf16 gradient products for bfloat16; the rectangular cckd

@@ -21,8 +21,9 @@
 #               CCKD, EKD, RKD, RAD at N=8192 and 32768, D=512: fused, eager, GEMM floor
 #                                                          -> bench-tc-bf16.json/.md, .log
 #   bench-tc-fp16  the same with float16 inputs (fp16 mma)  -> bench-tc-fp16.json/.md, .log
-#   bench-tc-tf32  RELKD_TENSOR_CORES=auto, float32 at matmul precision high (TF32 mma):
-#               CCKD, EKD, RKD, RAD fused beside the GEMM floor -> bench-tc-tf32.json/.md, .log
+#   bench-tc-tf32  RELKD_TENSOR_CORES=auto, float32 at matmul precision high (TF32 mma)
+#               and highest (3xTF32): CCKD, EKD, RKD, RAD fused beside the GEMM floor
+#                                             -> bench-tc-tf32.*, bench-tc-3xtf32.* (.json/.md/.log)
 #   plot        benchmarks/plot.py: time vs N, log-log, of each bench-*.json present
 #               (needs matplotlib; plot.py can also run later, on any machine) -> bench-*.png
 #
@@ -130,15 +131,20 @@ for stage in $stages; do
       ;;
     bench-tc-tf32)
       build
-      run_logged bench-tc-tf32 bench-tc-tf32.log env RELKD_TENSOR_CORES=auto $PYTHON \
-        benchmarks/bench.py --device cuda --dtype float32 --matmul-precision high \
-        --only losses --losses cckd,ekd,rkd,rad --sizes 8192,32768 --dim 512 \
-        --backends fused,gemm --no-compile --json "$out/bench-tc-tf32.json"
-      sed -n '/^relkd .* benchmark:/,$p' "$out/bench-tc-tf32.log" > "$out/bench-tc-tf32.md"
+      for precision in high highest; do  # TF32, 3xTF32
+        name=bench-tc-tf32
+        [ "$precision" = highest ] && name=bench-tc-3xtf32
+        run_logged "$name" "$name.log" env RELKD_TENSOR_CORES=auto $PYTHON benchmarks/bench.py \
+          --device cuda --dtype float32 --matmul-precision "$precision" --only losses \
+          --losses cckd,ekd,rkd,rad --sizes 8192,32768 --dim 512 --backends fused,gemm \
+          --no-compile --json "$out/$name.json"
+        sed -n '/^relkd .* benchmark:/,$p' "$out/$name.log" > "$out/$name.md"
+      done
       ;;
     plot)
       for run in "$out"/bench-fp32.json "$out"/bench-bf16.json "$out"/bench-tc.json \
-                 "$out"/bench-tc-bf16.json "$out"/bench-tc-fp16.json "$out"/bench-tc-tf32.json; do
+                 "$out"/bench-tc-bf16.json "$out"/bench-tc-fp16.json "$out"/bench-tc-tf32.json \
+                 "$out"/bench-tc-3xtf32.json; do
         [ -f "$run" ] || continue
         name=$(basename "$run" .json)
         run_logged "plot-$name" "plot-$name.log" $PYTHON benchmarks/plot.py "$run" \

@@ -23,12 +23,13 @@ def main() -> None:
               f"{info.get('cudart')})")
         mode = os.environ.get("RELKD_TENSOR_CORES", "0")
         precision = torch.get_float32_matmul_precision()
-        float32_format = ("bf16" if mode == "1" or (mode == "auto" and precision == "medium")
-                          else "TF32" if mode == "auto" and precision == "high" else "off")
+        float32_format = ("off" if mode == "0" else "bf16" if mode == "1" or precision == "medium"
+                          else "TF32" if precision == "high" else "3xTF32")
         half_on = mode in ("1", "auto")
-        print(f"  tensor-core kernels (bf16 / fp16 / TF32 mma; RELKD_TENSOR_CORES=1 always, "
+        print(f"  tensor-core kernels (bf16 / fp16 / TF32 / 3xTF32 mma; RELKD_TENSOR_CORES=1 always, "
               f"=auto for bfloat16 / float16 inputs and for float32 ones at matmul precision "
-              f"'medium' (bf16) or 'high' (TF32); not yet validated on a GPU): float32 inputs "
+              f"'medium' (bf16), 'high' (TF32) or 'highest' (3xTF32); not yet validated on a "
+              f"GPU): float32 inputs "
               f"{float32_format}, bfloat16 / float16 inputs {'on' if half_on else 'off'} "
               f"(RELKD_TENSOR_CORES={mode}, precision {precision!r})")
     else:

@@ -302,6 +302,20 @@ def test_tf32_tensor_cores_at_high_precision(kind, n, d, pattern, seed):
         assert float((g - w).norm()) <= 2.0 ** -9 * float(w.norm()) + 1e-6, kind
 
 
+@cuda_settings
+@given(kind=st.sampled_from(KINDS), n=st.integers(1, 600), d=st.integers(1, 130),
+       pattern=st.sampled_from(LABEL_PATTERNS), seed=st.integers(0, 2**16))
+def test_3xtf32_tensor_cores_at_highest_precision(kind, n, d, pattern, seed):
+    """RELKD_TENSOR_CORES=auto at matmul precision "highest": 3xTF32 tiles
+    on any float32 embeddings give the float32 CPU kernels' results up to
+    float32 rounding, as the float32 tile path does."""
+    args = inputs(kind, n, d, seed, F32, pattern)
+    assert torch.get_float32_matmul_precision() == "highest"
+    with tensor_cores("auto"):
+        got = cpu(*grads_of(fused_on_cuda, kind, *to_cuda_args(args)))
+    assert_tensor_core_result(got, grads_of(fused, kind, *args), False, kind)
+
+
 @pytest.mark.parametrize("n,d", [(1, 7), (300, 96), (2000, 512)])
 def test_pairwise_loss_rows_pass_cckd_student_only(n, d):
     """CCKD with a detached teacher takes the rows pass (gradient products

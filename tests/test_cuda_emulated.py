@@ -99,16 +99,17 @@ def test_topk_sim_batch_mode_self_exclusion_ties_and_nan(emulated):
     (17, 400, 300, True, False),   # k near M: every value kept, no compaction
     (9, 50, 80, False, True),      # k > M: padding
 ])
-@pytest.mark.parametrize("fmt", ["bf16", "tf32"])
+@pytest.mark.parametrize("fmt", ["bf16", "tf32", "tf32x3"])
 def test_topk_sim_tensor_cores(emulated, monkeypatch, n, m, k, with_labels, scaled, fmt):
     """The bank search with the similarities computed on (emulated) tensor
     cores and filtered in registers, against the CPU kernel on embeddings
     the operand format represents: bf16 (RELKD_TENSOR_CORES=1), TF32 (auto
     at matmul precision "high"; 16 entries per staging step, D = 12 one
-    partial step)."""
-    rounded = tf32_values if fmt == "tf32" else (lambda x: x.bfloat16().float())
-    q = rounded(embeddings(n, 12, seed=n, dtype=F32))
-    c = rounded(embeddings(m, 12, seed=m, dtype=F32))
+    partial step); 3xTF32 (auto at "highest") on any unit rows."""
+    prepared = {"bf16": lambda x: x.bfloat16().float(), "tf32": tf32_values,
+                "tf32x3": lambda x: reference.normalize(x, F32)}[fmt]
+    q = prepared(embeddings(n, 12, seed=n, dtype=F32))
+    c = prepared(embeddings(m, 12, seed=m, dtype=F32))
     ql = labels("random", n, 1) if with_labels else None
     cl = labels("random", m, 2) if with_labels else None
     scale = (torch.rand(m, generator=torch.Generator().manual_seed(3)) + 0.5
@@ -116,6 +117,9 @@ def test_topk_sim_tensor_cores(emulated, monkeypatch, n, m, k, with_labels, scal
     monkeypatch.setenv("RELKD_TENSOR_CORES", "1" if fmt == "bf16" else "auto")
     with matmul_precision("high" if fmt == "tf32" else "highest"):
         got = emulated.topk_sim(q, c, k, ql, cl, scale, False, 0)
+    if fmt == "tf32x3":  # the CPU kernel's values up to summation order, not its bits
+        monkeypatch.setenv("RELKD_TENSOR_CORES", "0")
+        assert not torch.equal(got[0], emulated.topk_sim(q, c, k, ql, cl, scale, False, 0)[0])
     assert_same_mining(got, ops.topk_sim(q, c, k, ql, cl, scale, False, 0), q, c, scale)
 
 
@@ -255,15 +259,16 @@ def test_pairwise_loss_tensor_cores(emulated, monkeypatch, kind, rect):
 @settings(max_examples=30, deadline=None)
 @given(kind=st.sampled_from(list(PARAMS)), n=st.integers(1, 140), d=st.integers(1, 70),
        dt=st.integers(1, 40), pattern=st.sampled_from(LABEL_PATTERNS), rect=st.booleans(),
-       tf32=st.booleans(), seed=st.integers(0, 2**16))
-def test_pairwise_loss_tensor_cores_property(emulated, kind, n, d, dt, pattern, rect, tf32,
+       fmt=st.sampled_from(["bf16", "tf32", "tf32x3"]), seed=st.integers(0, 2**16))
+def test_pairwise_loss_tensor_cores_property(emulated, kind, n, d, dt, pattern, rect, fmt,
                                              seed):
     """The tensor-core tiles over random shapes (partial sub-tiles and
     staging steps, n = 1, teacher dims other than the student's), label
     patterns, symmetric and rectangular with global ids, bf16 operands
-    (RELKD_TENSOR_CORES=1) and TF32 ones (auto at precision "high")."""
+    (RELKD_TENSOR_CORES=1), TF32 ones (auto at precision "high", on values
+    TF32 represents) and 3xTF32 (auto at "highest", on any values)."""
     def valued(x):
-        return tf32_values(x) if tf32 else x.bfloat16().float()
+        return {"bf16": x.bfloat16().float(), "tf32": tf32_values(x), "tf32x3": x}[fmt]
     raw = embeddings(n, d, seed, F32)
     x = valued(raw if kind.startswith("rkd") else reference.normalize(raw, F32))
     z = valued(reference.normalize(embeddings(n, dt, seed + 1, F32), F32))
@@ -278,8 +283,9 @@ def test_pairwise_loss_tensor_cores_property(emulated, kind, n, d, dt, pattern, 
                 grad_t)
     else:
         args = (kind, x, teacher, None, None, y, None, None, None, params, True, grad_t)
-    with pytest.MonkeyPatch.context() as patch, matmul_precision("high" if tf32 else "highest"):
-        patch.setenv("RELKD_TENSOR_CORES", "auto" if tf32 else "1")
+    with pytest.MonkeyPatch.context() as patch, matmul_precision("high" if fmt == "tf32" else
+                                                                 "highest"):
+        patch.setenv("RELKD_TENSOR_CORES", "1" if fmt == "bf16" else "auto")
         got = emulated.pairwise_loss(*args)
     close_to_tensor_core_result(got, torch.ops.relkd.pairwise_loss(*args), args)
 
@@ -305,6 +311,32 @@ def test_pairwise_loss_tensor_cores_round_to_bfloat16(emulated, monkeypatch, kin
     for precision, want in [("highest", exact), ("medium", of_rounded)]:
         with matmul_precision(precision):
             assert float((emulated.pairwise_loss(*args)[0] - want).abs()) < gap / 20, precision
+
+
+@pytest.mark.parametrize("kind", ["cckd", "ekd_pos", "rkd_distance"])
+def test_tensor_cores_run_3xtf32_at_highest_precision(emulated, monkeypatch, kind):
+    """RELKD_TENSOR_CORES=auto at matmul precision "highest" (torch's
+    default): 3xTF32 tiles, each entry a TF32 value plus a TF32 remainder.
+    On general float32 embeddings the loss and gradients are the float32
+    CPU kernels' within 1/100 of what TF32 alone would move the loss (and
+    1e-5 of the gradients' norm), computed by the tensor-core path (not
+    bitwise the tile path's results)."""
+    monkeypatch.setenv("RELKD_TENSOR_CORES", "auto")
+    args = tensor_core_case(kind, False, representable=False)
+    rounded = tuple(tf32_values(a) if isinstance(a, torch.Tensor) and a.dtype == F32
+                    and a.dim() == 2 else a for a in args)
+    exact = torch.ops.relkd.pairwise_loss(*args)
+    tf32_gap = float((exact[0] - torch.ops.relkd.pairwise_loss(*rounded)[0]).abs())
+    assert torch.get_float32_matmul_precision() == "highest"
+    got = emulated.pairwise_loss(*args)
+    assert float((got[0] - exact[0]).abs()) < tf32_gap / 100
+    for g, w in zip(got[1:5], exact[1:5]):
+        assert g.shape == w.shape
+        if w.numel():
+            assert float((g - w).norm()) <= 1e-5 * float(w.norm())
+    monkeypatch.setenv("RELKD_TENSOR_CORES", "0")
+    tile_path = emulated.pairwise_loss(*args)
+    assert not all(torch.equal(g, t) for g, t in zip(got, tile_path))
 
 
 @pytest.mark.parametrize("kind", ["cckd", "ekd_pos", "rkd_distance"])

@@ -21,8 +21,10 @@ using Stream = void*;
 // in, fp32 accumulation): bfloat16 for float32 embeddings at matmul
 // precision "medium" (or RELKD_TENSOR_CORES=1) and for bfloat16 ones,
 // float16 for float16 ones (their values exactly), TF32 (10 fraction bits,
-// float32's range) for float32 ones at "high".
-enum class MmaOperands : int { Bf16 = 0, Fp16 = 1, Tf32 = 2 };
+// float32's range) for float32 ones at "high", and 3xTF32 at "highest":
+// each entry as a TF32 value plus a TF32 remainder, three products per
+// pair of entries (float32's accuracy).
+enum class MmaOperands : int { Bf16 = 0, Fp16 = 1, Tf32 = 2, Tf32x3 = 3 };
 
 const char* error_string(int code);
 

@@ -38,6 +38,16 @@ __host__ __device__ inline uint32_t float_bits(float v) {
 #endif
 }
 
+__host__ __device__ inline float bits_float(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+#endif
+}
+
 // The bfloat16 nearest to v (ties to even) as its 16 bits; NaN stays NaN.
 __host__ __device__ inline uint16_t bf16_bits(float v) {
   const uint32_t u = float_bits(v);
@@ -82,9 +92,23 @@ __host__ __device__ inline uint32_t tf32_bits(float v) {
 #endif
 }
 
+// 3xTF32 (after the cuBLAS / CUTLASS "fast accurate" float32 GEMMs): a
+// float32 entry x is big + small, big = tf32(x), small = tf32(x - big) (x -
+// big is exact), which holds x to about 2^-24 relative; a product is
+// a_small b_big + a_big b_small + a_big b_big (a_small b_small, about
+// 2^-22 of it, dropped), the small terms first. Staged as raw float32 bits
+// and split in registers, after ldmatrix.
+__device__ inline void split_tf32(const uint32_t* raw, uint32_t* big, uint32_t* small, int n) {
+  for (int i = 0; i < n; ++i) {
+    const float x = bits_float(raw[i]);
+    big[i] = tf32_bits(x);
+    small[i] = tf32_bits(x - bits_float(big[i]));
+  }
+}
+
 // Staging units per operand entry (see above) and entries per 16-byte piece.
 template <MmaOperands H>
-constexpr int kUnitsPerEntry = H == MmaOperands::Tf32 ? 2 : 1;
+constexpr int kUnitsPerEntry = H == MmaOperands::Tf32 || H == MmaOperands::Tf32x3 ? 2 : 1;
 template <MmaOperands H>
 constexpr int kPieceEntries = 8 / kUnitsPerEntry<H>;
 

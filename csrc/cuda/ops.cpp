@@ -62,7 +62,7 @@ T* ptr(const at::Tensor& t) {
 // auto = for 16-bit embeddings (`half`: their own format, in which the
 // products are exact) and for float32 ones as
 // torch.get_float32_matmul_precision() allows: "medium" bf16, "high" TF32,
-// "highest" none (the tile path's float32 products).
+// "highest" 3xTF32 (float32's accuracy).
 c10::optional<cuda::MmaOperands> tensor_core_operands(const at::Tensor& x,
                                                       c10::optional<at::ScalarType> half) {
   const char* flag = std::getenv("RELKD_TENSOR_CORES");
@@ -76,7 +76,7 @@ c10::optional<cuda::MmaOperands> tensor_core_operands(const at::Tensor& x,
   switch (at::globalContext().float32MatmulPrecision()) {
     case at::Float32MatmulPrecision::MEDIUM: return cuda::MmaOperands::Bf16;
     case at::Float32MatmulPrecision::HIGH: return cuda::MmaOperands::Tf32;
-    default: return c10::nullopt;
+    default: return cuda::MmaOperands::Tf32x3;
   }
 }
 
@@ -115,11 +115,12 @@ c10::optional<at::ScalarType> half_operands(
 // x's rows as the tensor cores see them with `operands`: rounded to
 // bfloat16, float16 or TF32 (as cvt.rna.tf32.f32: the float32 bits plus half
 // a TF32 ulp, the 13 low fraction bits cleared; never carries into the
-// sign, infinities and NaN kept).
+// sign, infinities and NaN kept), or as they are (3xTF32).
 at::Tensor operand_values(const at::Tensor& x, cuda::MmaOperands operands) {
   switch (operands) {
     case cuda::MmaOperands::Bf16: return x.to(at::kBFloat16);
     case cuda::MmaOperands::Fp16: return x.to(at::kHalf);
+    case cuda::MmaOperands::Tf32x3: return x;
     case cuda::MmaOperands::Tf32: break;
   }
   const at::Tensor rounded = at::bitwise_and(x.view(at::kInt) + 0x1000, -0x2000).view(at::kFloat);
@@ -377,7 +378,8 @@ using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::T
 // Not for TF32 operands, whose precision its bf16 G x X products would undercut.
 bool rows_pass_applies(const PairwiseArgs& in, cuda::PairKind kind, bool grad_s, bool grad_t,
                        cuda::MmaOperands operands) {
-  return operands != cuda::MmaOperands::Tf32 && in.symmetric && grad_s && !grad_t && !in.kind.uses_norms &&
+  return (operands == cuda::MmaOperands::Bf16 || operands == cuda::MmaOperands::Fp16) &&
+         in.symmetric && grad_s && !grad_t && !in.kind.uses_norms &&
          (kind == cuda::PairKind::Cckd || kind == cuda::PairKind::EkdPos) &&
          cuda::rows_mma_fits(in.xs_r.device().index(), in.xs_r.size(1));
 }

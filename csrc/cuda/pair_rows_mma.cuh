@@ -137,7 +137,8 @@ int launch_pair_rows_mma(const Terms& terms, const RowsMmaArgs& args, const Tile
                                                                                mask, stream);
     case MmaOperands::Fp16: return launch_rows_mma_as<Terms, MmaOperands::Fp16>(terms, args,
                                                                                mask, stream);
-    case MmaOperands::Tf32: break;  // its bf16 G x X would undercut TF32: the tile path runs
+    case MmaOperands::Tf32:
+    case MmaOperands::Tf32x3: break;  // its bf16 G x X would undercut them: the tile path runs
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }

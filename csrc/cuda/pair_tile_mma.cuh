@@ -1,6 +1,6 @@
 // The pairwise_loss tile on tensor cores: each thread block computes a 64 x 64
 // sub-tile of the student's (and teacher's) similarities with
-// mma (bf16, fp16 or TF32 operands, MmaOperands; fp32 accumulation) and
+// mma (bf16, fp16, TF32 or 3xTF32 operands, MmaOperands; fp32 accumulation) and
 // runs the kind's pair terms on the accumulators while they are in
 // registers, so the similarities never reach memory; only the derivative
 // tiles the gradient products need are written. The float32 embeddings are
@@ -65,6 +65,8 @@ __device__ inline StagePiece load_piece_at(const float* x, int64_t end, int64_t 
   for (int i = 0; i < 4; ++i) {
     if constexpr (H == MmaOperands::Tf32)
       piece.bits[i] = tf32_bits(v[i]);
+    else if constexpr (H == MmaOperands::Tf32x3)
+      piece.bits[i] = float_bits(v[i]);  // split after ldmatrix
     else
       piece.bits[i] = pack_pair<H>(v[2 * i], v[2 * i + 1]);
   }
@@ -92,6 +94,24 @@ __device__ inline void store_piece_at(const StagePiece& piece, uint16_t* stage, 
 // (kMmaStride units are 80 bytes).
 __device__ inline void store_piece(const StagePiece& piece, uint16_t* stage) {
   store_piece_at<kMmaStride>(piece, stage, threadIdx.x / 4, threadIdx.x % 4 * 8);
+}
+
+// The 3xTF32 products (mma.cuh) of the raw float32 fragments a and b (two
+// column groups) into acc0 and acc1. (A is split again for every column
+// pair: four conversions, against keeping eight more registers live.)
+__device__ inline void mma_3xtf32(float (&acc0)[4], float (&acc1)[4], const uint32_t (&a)[4],
+                                  const uint32_t (&b)[4]) {
+  uint32_t a_big[4], a_small[4], b_big[4], b_small[4];
+  split_tf32(a, a_big, a_small, 4);
+  split_tf32(b, b_big, b_small, 4);
+  const uint32_t big0[2] = {b_big[0], b_big[1]}, big1[2] = {b_big[2], b_big[3]};
+  const uint32_t small0[2] = {b_small[0], b_small[1]}, small1[2] = {b_small[2], b_small[3]};
+  mma_step<MmaOperands::Tf32>(acc0, a_small, big0);
+  mma_step<MmaOperands::Tf32>(acc1, a_small, big1);
+  mma_step<MmaOperands::Tf32>(acc0, a_big, small0);
+  mma_step<MmaOperands::Tf32>(acc1, a_big, small1);
+  mma_step<MmaOperands::Tf32>(acc0, a_big, big0);
+  mma_step<MmaOperands::Tf32>(acc1, a_big, big1);
 }
 
 // acc[j] += (the warp's 16 staged rows) x (its columns j*8 .. j*8 + 8)^T over
@@ -123,9 +143,13 @@ __device__ inline void warp_products(const uint16_t* rows, const uint16_t* cols,
         ldmatrix_x4_trans(b, b_row + k * Stride + j * 8);
       else
         ldmatrix_x4(b, b_row + j * 8 * Stride + k);
-      const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-      mma_step<H>(acc[j], a, b0);
-      mma_step<H>(acc[j + 1], a, b1);
+      if constexpr (H == MmaOperands::Tf32x3) {
+        mma_3xtf32(acc[j], acc[j + 1], a, b);
+      } else {
+        const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+        mma_step<H>(acc[j], a, b0);
+        mma_step<H>(acc[j + 1], a, b1);
+      }
     }
   }
 }
@@ -241,6 +265,10 @@ int launch_pair_tile_mma(const Terms& terms, const PairTileArgs<float>& args,
       break;
     case MmaOperands::Tf32:
       RELKD_LAUNCH(blocks, kThreads, stream, pair_tile_mma_kernel<Terms, MmaOperands::Tf32>)(
+          terms, args, in, view, mask);
+      break;
+    case MmaOperands::Tf32x3:
+      RELKD_LAUNCH(blocks, kThreads, stream, pair_tile_mma_kernel<Terms, MmaOperands::Tf32x3>)(
           terms, args, in, view, mask);
       break;
   }

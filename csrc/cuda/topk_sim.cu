@@ -440,6 +440,10 @@ int topk_offer_mma(const float* q, const float* c, int64_t d, const TileView& vi
       RELKD_LAUNCH(blocks, kThreads, stream, offer_mma_kernel<MmaOperands::Tf32>)(
           q, c, d, view, block_r0, splits, scale, valid, st);
       break;
+    case MmaOperands::Tf32x3:
+      RELKD_LAUNCH(blocks, kThreads, stream, offer_mma_kernel<MmaOperands::Tf32x3>)(
+          q, c, d, view, block_r0, splits, scale, valid, st);
+      break;
   }
   // launched() clears the error it reports: keep it, and never join
   // selections a failed launch left unwritten.
