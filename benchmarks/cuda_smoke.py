@@ -6,7 +6,7 @@ backward, pairwise_loss of every kind (symmetric and rectangular, with
 gradients; on the float32 tiles and on the opt-in tensor-core kernels: bf16,
 TF32, 3xTF32, 16-bit operands),
 pair_histogram and pair_topk (including many ties and more pairs above the
-threshold than it returns). Each result is also checked against
+threshold than it returns; on tensor cores too). Each result is also checked against
 the CPU kernels, so a sanitizer run that passes also computed right.
 
 Usage: python3 benchmarks/cuda_smoke.py   (exits 1 on a mismatch)
@@ -126,8 +126,8 @@ def main() -> int:
             got = torch.ops.relkd.pairwise_loss(
                 *[a_.cuda() if isinstance(a_, torch.Tensor) else a_ for a_ in bf16_valued])
             del os.environ["RELKD_TENSOR_CORES"]
-            # (ekd_pos symmetric: the rows pass, whose bf16 derivatives
-            # multiply the embeddings: relative 2^-9 each.)
+            # (symmetric without the teacher's gradient: the rows pass, whose bf16
+            # derivatives multiply the embeddings: relative 2^-9 each.)
             check(f"pairwise_loss {kind} {name}, tensor cores", got,
                   torch.ops.relkd.pairwise_loss(*bf16_valued), rel_norm=4e-3)
             # TF32 tiles (auto at precision "high"), on float32 inputs TF32
@@ -214,6 +214,19 @@ def main() -> int:
     hist_cpu = torch.ops.relkd.pair_histogram(big32, None, big_y, None, None, None, prefixes, 16)
     check("pair_histogram float32 (total)", hist_gpu.sum(), hist_cpu.sum(), atol=0)
     check("pair_histogram float32 (bins)", hist_gpu, hist_cpu, atol=100)
+    # The selection on tensor cores (bf16, TF32, 3xTF32), on entries k / 8:
+    # exact similarities in every format, so exactly the CPU's selection.
+    eighths = torch.randint(-8, 9, (2500, 24)).float() / 8
+    eighths_y = torch.randint(0, 50, (2500,))
+    want = ops.negative_pair_select(eighths, eighths_y, [10, 1000], 3000, None, None, 0, "")
+    for mode, precision in (("1", "highest"), ("auto", "high"), ("auto", "highest")):
+        os.environ["RELKD_TENSOR_CORES"] = mode
+        torch.set_float32_matmul_precision(precision)
+        got = ops.negative_pair_select(*g(eighths, eighths_y), [10, 1000], 3000, None, None, 0,
+                                       "")
+        torch.set_float32_matmul_precision("highest")
+        del os.environ["RELKD_TENSOR_CORES"]
+        check(f"negative_pair_select tensor cores ({mode}, {precision})", got, want, atol=0)
     torch.cuda.synchronize()
     print(f"{len(FAILURES)} mismatches" if FAILURES else "all kernels match the CPU")
     return 1 if FAILURES else 0

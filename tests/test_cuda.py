@@ -257,7 +257,7 @@ def bf16_valued(args):
 
 def assert_tensor_core_result(got, want, rows_pass, what, atol=2e-5):
     """The loss up to summation order; the gradients too, except after the
-    symmetric rows pass (ekd_pos, cckd without the teacher's gradient),
+    symmetric rows pass (every kind without the teacher's gradient),
     which rounds its derivatives to bf16 (relative 2^-9 each) before they
     multiply the embeddings: then within 1/250 of the gradient's norm."""
     scale = max(float(want[0].abs()), 1.0)
@@ -278,7 +278,7 @@ def test_pairwise_loss_tensor_cores_match_the_cpu_kernels(kind, n, d, pattern, s
     args = bf16_valued(inputs(kind, n, d, seed, F32, pattern))
     with tensor_cores():
         got = cpu(*grads_of(fused_on_cuda, kind, *to_cuda_args(args)))
-    assert_tensor_core_result(got, grads_of(fused, kind, *args), kind == "ekd_pos", kind)
+    assert_tensor_core_result(got, grads_of(fused, kind, *args), kind != "cckd", kind)
 
 
 @cuda_settings
@@ -341,7 +341,7 @@ def test_pairwise_loss_tensor_cores_large_deterministic(kind):
         first = cpu(*grads_of(fused_on_cuda, kind, *to_cuda_args(args)))
         again = cpu(*grads_of(fused_on_cuda, kind, *to_cuda_args(args)))
     assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert_tensor_core_result(first, grads_of(fused, kind, *args), kind == "ekd_pos", kind,
+    assert_tensor_core_result(first, grads_of(fused, kind, *args), kind != "cckd", kind,
                               atol=1e-4)
 
 
@@ -366,6 +366,25 @@ def test_negative_pair_select(n, d, pattern, topk, dtype, seed):
     assert (top_i[kept:] == -1).all()
     if dtype == F64:
         assert torch.equal(top_i[:kept], ref_i) and torch.equal(top_j[:kept], ref_j)
+
+
+@pytest.mark.parametrize("mode,precision", [("1", "highest"), ("auto", "high"),
+                                            ("auto", "highest")])
+def test_negative_pair_select_on_tensor_cores(mode, precision):
+    """The selection's passes on tensor cores (bf16, TF32, 3xTF32): on
+    embeddings of entries k / 8, whose similarities every format computes
+    exactly, the CPU kernels' thresholds, pairs and values exactly, ties
+    included (N = 3000, several tiles)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randint(-8, 9, (3000, 40), generator=g).to(F32) / 8
+    y = labels("random", 3000, 8)
+    want = ops.negative_pair_select(x, y, [10, 100, 1000], 5000, None, None, 0, "")
+    with tensor_cores(mode), temporarily(torch.get_float32_matmul_precision,
+                                         torch.set_float32_matmul_precision, precision):
+        got = cpu(*ops.negative_pair_select(*gpu(x, y), [10, 100, 1000], 5000, None, None, 0,
+                                            ""))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
 
 
 def test_pair_topk_with_more_ties_than_it_returns():

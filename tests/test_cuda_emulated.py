@@ -217,20 +217,21 @@ def tensor_core_case(kind, rect, representable, half=torch.bfloat16):
             None if y is None else y[r], y, torch.arange(30, 130), None, params, True, grad_t)
 
 
-def uses_rows_pass(args):
+def uses_rows_pass(args, fmt="bf16"):
     """Whether the tensor-core path takes the symmetric pass with the
-    gradient products inside (csrc/cuda/pair_rows_mma.cuh): its derivative
-    tile is rounded to bf16 before it multiplies the embeddings."""
-    kind, xs_c, grad_t = args[0], args[3], args[11]
-    return kind in ("cckd", "ekd_pos") and xs_c is None and not grad_t
+    gradient products inside (csrc/cuda/pair_rows_mma.cuh; every kind,
+    student gradient only, 16-bit formats): its derivative tile is rounded
+    to bf16 before it multiplies the embeddings."""
+    xs_c, grad_t = args[3], args[11]
+    return xs_c is None and not grad_t and fmt in ("bf16", "fp16")
 
 
-def close_to_tensor_core_result(got, want, args):
+def close_to_tensor_core_result(got, want, args, fmt="bf16"):
     """The loss up to summation order; the gradients too, except after the
     rows pass's bf16 rounding of the derivatives (relative 2^-9 each): then
     within 1/250 of the gradient's norm."""
     scale = max(float(want[0].abs()), 1.0)
-    if not uses_rows_pass(args):
+    if not uses_rows_pass(args, fmt):
         close(got, want, atol=2e-5 * scale)
         return
     close(got[:1], want[:1], atol=2e-5 * scale)
@@ -245,8 +246,9 @@ def test_pairwise_loss_tensor_cores(emulated, monkeypatch, kind, rect):
     """RELKD_TENSOR_CORES=1: the mma tile kernel (csrc/cuda/pair_tile_mma.cuh)
     with the emulation's m16n8k16, on embeddings that bfloat16 represents
     exactly, equals the float32 CPU kernels up to summation order; the
-    symmetric pass with the gradient products inside (ekd_pos, and cckd
-    without the teacher's gradient) up to its bf16 derivatives."""
+    symmetric pass with the gradient products inside (every kind without
+    the teacher's gradient; RKD with its squared norms' share) up to its
+    bf16 derivatives."""
     monkeypatch.setenv("RELKD_TENSOR_CORES", "1")
     args = tensor_core_case(kind.replace("_student_only", ""), rect, representable=True)
     if kind == "cckd_student_only":
@@ -287,7 +289,7 @@ def test_pairwise_loss_tensor_cores_property(emulated, kind, n, d, dt, pattern, 
                                                                  "highest"):
         patch.setenv("RELKD_TENSOR_CORES", "1" if fmt == "bf16" else "auto")
         got = emulated.pairwise_loss(*args)
-    close_to_tensor_core_result(got, torch.ops.relkd.pairwise_loss(*args), args)
+    close_to_tensor_core_result(got, torch.ops.relkd.pairwise_loss(*args), args, fmt)
 
 
 @pytest.mark.parametrize("kind", ["cckd", "ekd_pos"])
@@ -581,3 +583,79 @@ def test_top_pairs_below_a_low_threshold_are_the_best(emulated):
     for threshold_key in (1, 0):
         args = (x, None, y, None, None, None, threshold_key, 3, 50)
         close(emulated.pair_topk(*args), torch.ops.relkd.pair_topk(*args), atol=1e-15)
+
+
+# Tensor-core selection: the three float32 formats by switch and precision.
+SELECT_FORMATS = {"bf16": ("1", "highest"), "tf32": ("auto", "high"),
+                  "tf32x3": ("auto", "highest")}
+
+
+def dyadic(n, d, seed):
+    """Embeddings with entries k / 8, |k| <= 8: every format holds them and
+    every similarity is exact in any summation order (multiples of 1/64), so
+    the tensor-core passes must match the CPU kernels key for key, ties
+    included (there are many)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-8, 9, (n, d), generator=g).to(F32) / 8
+
+
+@pytest.mark.parametrize("fmt", list(SELECT_FORMATS))
+def test_histograms_on_tensor_cores(emulated, monkeypatch, fmt):
+    """pair_histogram with its similarities computed on tensor cores
+    (csrc/cuda/pair_select_mma.cu): the CPU kernel's counts exactly, over
+    the top digit, a second digit under prefixes, and rows x columns with
+    global ids (N = 150: partial 64-row sub-tiles, some below the
+    diagonal; D = 24, a partial staging step)."""
+    mode, precision = SELECT_FORMATS[fmt]
+    monkeypatch.setenv("RELKD_TENSOR_CORES", mode)
+    x, y = dyadic(150, 24, seed=1), labels("random", 150, 2)
+    top = torch.ops.relkd.pair_histogram(x, None, y, None, None, None,
+                                         torch.zeros(1, dtype=torch.long), 16)
+    prefixes = torch.nonzero(top[0]).flatten()[-3:]
+    with matmul_precision(precision):
+        for args in ((x, None, y, None, None, None, torch.zeros(1, dtype=torch.long), 16),
+                     (x, None, y, None, None, None, prefixes, 0),
+                     (x[40:130], x, y[40:130], y, torch.arange(40, 130), None, prefixes, 0)):
+            close([emulated.pair_histogram(*args)], [torch.ops.relkd.pair_histogram(*args)], 0)
+
+
+@pytest.mark.parametrize("fmt", list(SELECT_FORMATS))
+@pytest.mark.parametrize("rect", [False, True])
+def test_top_pairs_on_tensor_cores(emulated, monkeypatch, fmt, rect):
+    """pair_topk's collection on tensor cores: at a threshold found by the
+    radix select, the CPU kernel's pairs and values exactly, ties at the
+    threshold ranked by (i, j) (dyadic embeddings: many ties), and the
+    second collection below a low threshold."""
+    mode, precision = SELECT_FORMATS[fmt]
+    monkeypatch.setenv("RELKD_TENSOR_CORES", mode)
+    x, y = dyadic(150, 24, seed=3), labels("random", 150, 4)
+    cols = (x, y, torch.arange(40, 130), None) if rect else (None, None, None, None)
+    rows = (x[40:130], y[40:130]) if rect else (x, y)
+    x_c, y_c, ids_r, ids_c = cols
+
+    def histogram(prefixes, shift):
+        return torch.ops.relkd.pair_histogram(rows[0], x_c, rows[1], y_c, ids_r, ids_c,
+                                              prefixes, shift)
+
+    with matmul_precision(precision):
+        for topk in (1, 300):
+            keys, n_above = ops.radix_select(histogram, [topk - 1], 32)
+            args = (rows[0], x_c, rows[1], y_c, ids_r, ids_c, ops.as_int64(keys[0]),
+                    topk - n_above[0], topk)
+            close(emulated.pair_topk(*args), torch.ops.relkd.pair_topk(*args), atol=0)
+        args = (rows[0], x_c, rows[1], y_c, ids_r, ids_c, 1, 3, 50)  # far below: 2nd pass
+        close(emulated.pair_topk(*args), torch.ops.relkd.pair_topk(*args), atol=0)
+
+
+def test_selection_runs_on_tensor_cores_when_switched_on(emulated, monkeypatch):
+    """On general float32 embeddings the bf16 path's top-digit histogram is
+    that of bf16-rounded similarities, not the float32 tile path's: the
+    tensor-core passes run when asked, and only then."""
+    x = reference.normalize(embeddings(150, 24, seed=5, dtype=F32), F32)
+    y = labels("random", 150, 6)
+    args = (x, None, y, None, None, None, torch.zeros(1, dtype=torch.long), 16)
+    monkeypatch.setenv("RELKD_TENSOR_CORES", "0")
+    tiles = emulated.pair_histogram(*args)
+    assert torch.equal(tiles, torch.ops.relkd.pair_histogram(*args))
+    monkeypatch.setenv("RELKD_TENSOR_CORES", "1")
+    assert not torch.equal(emulated.pair_histogram(*args), tiles)

@@ -179,14 +179,16 @@ int pair_tile_mma(const PairTileArgs<float>& args, const MmaTileInputs& in,
 // The symmetric pass with the gradient products inside, on tensor cores
 // (csrc/cuda/pair_rows_mma.cuh): grad_s (n x ds) is written whole, the loss
 // and its parameter derivatives go to sums (3 per block, pair_rows_mma_blocks
-// blocks). Kinds cckd and ekd_pos, student gradient only; mask is the
-// symmetric one of the tile path.
+// blocks). Every kind, student gradient only; mask is the symmetric one of
+// the tile path.
 struct RowsMmaArgs {
   PairKind kind;
   const float* params;  // device
   int64_t n_params;
   const float* xs;  // n x ds
   const float* xt;  // n x dt; nullptr: no teacher
+  const float* ns;  // squared norms of the rows as the kernel rounds them (kinds
+  const float* nt;  // with norms; else nullptr), student and teacher
   int64_t n, ds, dt;
   float* grad_s;
   double* sums;
@@ -226,6 +228,18 @@ int pair_collect_tile(const double* s, const TileView& view, const TileMask& mas
                       uint64_t tau, double* above_v, int64_t* above_i, int64_t* above_j,
                       int64_t above_cap, unsigned long long* above_count, int64_t* tie_keys,
                       unsigned long long* tie_count, Stream stream);
+
+// The same two passes on tensor cores (csrc/cuda/pair_select_mma.cu): the
+// view's similarities x_r x_c^T computed in the kernels from in.xs_r,
+// in.xs_c (in.ds entries per row, rounded to in.operands; the teacher
+// fields unused) instead of read from a tile. Needs sm_80 or later.
+int pair_histogram_mma(const MmaTileInputs& in, const TileView& view, const TileMask& mask,
+                       const int64_t* prefixes, int64_t n_prefix, int shift,
+                       unsigned long long* hist, Stream stream);
+int pair_collect_mma(const MmaTileInputs& in, const TileView& view, const TileMask& mask,
+                     uint64_t tau, float* above_v, int64_t* above_i, int64_t* above_j,
+                     int64_t above_cap, unsigned long long* above_count, int64_t* tie_keys,
+                     unsigned long long* tie_count, Stream stream);
 
 }  // namespace cuda
 }  // namespace relkd

@@ -374,13 +374,12 @@ at::Tensor squared_norms(const at::Tensor& x, c10::optional<cuda::MmaOperands> o
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The symmetric tensor-core pass with the gradient products inside
-// (cuda::pair_rows_mma): only the student's gradient, no squared norms.
+// (cuda::pair_rows_mma): only the student's gradient (and the params').
 // Not for TF32 operands, whose precision its bf16 G x X products would undercut.
-bool rows_pass_applies(const PairwiseArgs& in, cuda::PairKind kind, bool grad_s, bool grad_t,
+bool rows_pass_applies(const PairwiseArgs& in, bool grad_s, bool grad_t,
                        cuda::MmaOperands operands) {
   return (operands == cuda::MmaOperands::Bf16 || operands == cuda::MmaOperands::Fp16) &&
-         in.symmetric && grad_s && !grad_t && !in.kind.uses_norms &&
-         (kind == cuda::PairKind::Cckd || kind == cuda::PairKind::EkdPos) &&
+         in.symmetric && grad_s && !grad_t &&
          cuda::rows_mma_fits(in.xs_r.device().index(), in.xs_r.size(1));
 }
 
@@ -389,10 +388,24 @@ Outputs rows_pass(cuda::PairKind kind, const PairwiseArgs& in, cuda::MmaOperands
   const int64_t n = in.n_r, blocks = cuda::pair_rows_mma_blocks(n);
   at::Tensor grad = at::empty_like(in.xs_r);  // every row written by its block
   auto partials = at::zeros({blocks * 3}, opts.dtype(at::kDouble));
-  const cuda::RowsMmaArgs args{kind, ptr<float>(in.params), in.params.numel(),
-                               ptr<float>(in.xs_r), ptr<float>(in.xt_r), n, in.xs_r.size(1),
-                               in.kind.has_teacher ? in.xt_r.size(1) : 0, ptr<float>(grad),
-                               ptr<double>(partials), operands};
+  at::Tensor ns, nt;  // of the rows as the kernel rounds them
+  if (in.kind.uses_norms) {
+    ns = squared_norms(in.xs_r, operands);
+    if (in.kind.has_teacher) nt = squared_norms(in.xt_r, operands);
+  }
+  const cuda::RowsMmaArgs args{kind,
+                               ptr<float>(in.params),
+                               in.params.numel(),
+                               ptr<float>(in.xs_r),
+                               ptr<float>(in.xt_r),
+                               ptr<float>(ns),
+                               ptr<float>(nt),
+                               n,
+                               in.xs_r.size(1),
+                               in.kind.has_teacher ? in.xt_r.size(1) : 0,
+                               ptr<float>(grad),
+                               ptr<double>(partials),
+                               operands};
   const auto mask = tile_mask(in.kind.mask, true, in.ids_r, in.ids_c, in.labels_r, in.labels_c);
   const auto stream = current_stream(in.xs_r);
   check_launch(cuda::pair_rows_mma(args, mask, stream), "pairwise_loss (rows)");
@@ -400,7 +413,11 @@ Outputs rows_pass(cuda::PairKind kind, const PairwiseArgs& in, cuda::MmaOperands
   check_launch(cuda::sum_partials(ptr<double>(partials), blocks, ptr<double>(sums), stream),
                "pairwise_loss (sum)");
   auto empty = [&] { return at::empty({0}, opts); };
-  return {sums[0].to(opts.dtype(), false, true), grad, empty(), empty(), empty(), empty()};
+  // Copies: outputs must not alias each other (nor the sums they come from).
+  const at::Tensor grad_params =
+      in.kind.params_grad ? sums.narrow(0, 1, in.params.numel()).to(opts.dtype(), false, true)
+                          : empty();
+  return {sums[0].to(opts.dtype(), false, true), grad, empty(), empty(), empty(), grad_params};
 }
 
 // A pairwise_loss's four embedding operands (columns alias the rows in the
@@ -429,7 +446,7 @@ Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool g
   c10::optional<cuda::MmaOperands> operands;
   if constexpr (std::is_same_v<T, float>) {
     operands = tensor_core_operands(in.xs_r, half_type);
-    if (operands && rows_pass_applies(in, pair_kind(kind_name), grad_s, grad_t, *operands))
+    if (operands && rows_pass_applies(in, grad_s, grad_t, *operands))
       return rows_pass(pair_kind(kind_name), in, *operands);
   }
   const bool tensor_cores = operands.has_value();
@@ -598,19 +615,42 @@ SelectPlan select_plan(const SelectArgs& in) {
           tile_mask(kNegative, in.symmetric, in.ids_r, in.ids_c, in.lab_r, in.lab_c)};
 }
 
+// The tensor-core inputs of the selection's passes (float32 only), or none:
+// the tile path. Every pass of one selection must choose alike (a key found
+// by the histograms is looked up by the collection): the choice depends only
+// on the switch and the matmul precision, which callers keep between them.
+template <typename T>
+c10::optional<cuda::MmaTileInputs> select_mma_inputs(const SelectArgs& in) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (const auto operands = tensor_core_operands(in.x_r, c10::nullopt))
+      return cuda::MmaTileInputs{ptr<float>(in.x_r), ptr<float>(in.x_c), nullptr, nullptr,
+                                 in.x_r.size(1), 0, *operands};
+  }
+  return c10::nullopt;
+}
+
 template <typename T>
 at::Tensor histogram_impl(const SelectArgs& in, const at::Tensor& prefixes, int64_t shift) {
   const auto plan = select_plan(in);
   const auto stream = current_stream(in.x_r);
   auto hist = at::zeros({prefixes.numel(), kDigits}, prefixes.options());
   if (plan.tiles.empty() || prefixes.numel() == 0) return hist;
-  at::Tensor buf = at::empty({plan.tile_elems}, in.x_r.options());
+  const auto mma = select_mma_inputs<T>(in);
+  at::Tensor buf = mma ? at::Tensor() : at::empty({plan.tile_elems}, in.x_r.options());
+  auto* counts = reinterpret_cast<unsigned long long*>(ptr<int64_t>(hist));
   for (const Tile& t : plan.tiles) {
+    const cuda::TileView view{t.r0, t.rows, t.c0, t.cols, t.cols};
+    if (mma) {
+      check_launch(cuda::pair_histogram_mma(*mma, view, plan.mask, ptr<int64_t>(prefixes),
+                                            prefixes.numel(), static_cast<int>(shift), counts,
+                                            stream),
+                   "pair_histogram (tensor cores)");
+      continue;
+    }
     const auto s = tile_product(buf, in.x_r, in.x_c, t);
-    check_launch(cuda::pair_histogram_tile(
-                     ptr<T>(s), {t.r0, t.rows, t.c0, t.cols, t.cols}, plan.mask,
-                     ptr<int64_t>(prefixes), prefixes.numel(), static_cast<int>(shift),
-                     reinterpret_cast<unsigned long long*>(ptr<int64_t>(hist)), stream),
+    check_launch(cuda::pair_histogram_tile(ptr<T>(s), view, plan.mask, ptr<int64_t>(prefixes),
+                                           prefixes.numel(), static_cast<int>(shift), counts,
+                                           stream),
                  "pair_histogram");
   }
   return hist;
@@ -689,18 +729,30 @@ Candidates collect_candidates(const SelectArgs& in, uint64_t tau, int64_t eq_cap
   auto counters = at::zeros({2}, long_opts);  // pairs above tau, ties in the current tile
   auto* above_count = reinterpret_cast<unsigned long long*>(ptr<int64_t>(counters));
   auto* tie_count = above_count + 1;
-  at::Tensor buf = at::empty({plan.tile_elems}, opts);
+  const auto mma = select_mma_inputs<T>(in);
+  at::Tensor buf = mma ? at::Tensor() : at::empty({plan.tile_elems}, opts);
   at::Tensor tie_keys = eq_cap > 0 ? at::empty({plan.tile_elems}, long_opts) : at::Tensor();
   at::Tensor& ties = c.ties;  // the eq_cap smallest (i << 32 | j) so far
   at::Tensor &above_v = c.above_v, &above_i = c.above_i, &above_j = c.above_j;
   for (const Tile& t : plan.tiles) {
-    const auto s = tile_product(buf, in.x_r, in.x_c, t);
+    const cuda::TileView view{t.r0, t.rows, t.c0, t.cols, t.cols};
     counters[1].zero_();
-    check_launch(cuda::pair_collect_tile(ptr<T>(s), {t.r0, t.rows, t.c0, t.cols, t.cols},
-                                         plan.mask, tau, ptr<T>(above_v), ptr<int64_t>(above_i),
-                                         ptr<int64_t>(above_j), topk, above_count,
-                                         ptr<int64_t>(tie_keys), tie_count, stream),
-                 "pair_topk (collect)");
+    if constexpr (std::is_same_v<T, float>) {
+      if (mma)
+        check_launch(cuda::pair_collect_mma(*mma, view, plan.mask, tau, ptr<T>(above_v),
+                                            ptr<int64_t>(above_i), ptr<int64_t>(above_j), topk,
+                                            above_count, ptr<int64_t>(tie_keys), tie_count,
+                                            stream),
+                     "pair_topk (collect, tensor cores)");
+    }
+    if (!mma) {
+      const auto s = tile_product(buf, in.x_r, in.x_c, t);
+      check_launch(cuda::pair_collect_tile(ptr<T>(s), view, plan.mask, tau, ptr<T>(above_v),
+                                           ptr<int64_t>(above_i), ptr<int64_t>(above_j), topk,
+                                           above_count, ptr<int64_t>(tie_keys), tie_count,
+                                           stream),
+                   "pair_topk (collect)");
+    }
     if (eq_cap == 0) continue;
     const int64_t n_ties = counters[1].item<int64_t>();
     if (n_ties == 0) continue;

@@ -11,8 +11,11 @@
 // bfloat16 keeps float32's exponent. Neither a similarity nor a derivative tile reaches
 // global memory, and every gradient row is written once by its owner: no
 // atomics, bitwise reproducible. The loss is (1/2) sum_pq W_pq l_pq, the
-// symmetric sum of the tile path. Kinds without squared norms (cckd,
-// ekd_pos), student gradient only.
+// symmetric sum of the tile path (the params' derivatives likewise). Kinds
+// with squared norms (RKD's distances, n_p = |x_p|^2) also sum each row's
+// dl/dn_p = sum_q W_pq dl/dn over the sweep (per thread, in double, then in
+// a fixed order) and add 2 (dl/dn_p) x_p to its gradient row at the end.
+// Student gradient only.
 #pragma once
 
 #include "pair_tile_mma.cuh"
@@ -44,22 +47,46 @@ __device__ inline void stage_chunk(const float* x, int64_t n, int64_t d, int64_t
 }
 static_assert(kMmaEdge * kMmaEdge == 2 * 8 * kThreads, "stage_chunk: two pieces per thread");
 
-// The sub-tile's pair terms with weights W_pq, derivatives into g_tile as bf16.
+// The sub-tile's pair terms with weights W_pq, derivatives into g_tile as
+// bf16, dl/dn_p added to *dn_p (kinds with norms).
 template <typename Terms>
 __device__ __noinline__ PairSums rows_pair(const Terms& terms, const TileMask& ordered,
-                                           int64_t n, int64_t p, int64_t q, float s, float t,
-                                           uint16_t* g_at) {
+                                           const RowsMmaArgs& a, int64_t p, int64_t q, float s,
+                                           float t, uint16_t* g_at, double* dn_p) {
+  const int64_t n = a.n;
   const int w = (p < n && q < n) ? tile_weight(ordered, p, q) + tile_weight(ordered, q, p) : 0;
   if (w == 0) {
     *g_at = 0;
     return {};
   }
-  const pm::PairTerms<float> pt = terms(float(w), s, t, 0.0f, 0.0f, 0.0f, 0.0f);
+  const pm::PairTerms<float> pt =
+      terms(float(w), s, t, a.ns ? a.ns[p] : 0.0f, a.ns ? a.ns[q] : 0.0f,
+            a.nt ? a.nt[p] : 0.0f, a.nt ? a.nt[q] : 0.0f);
   *g_at = bf16_bits(pt.ds);
-  PairSums out;
-  out.loss = 0.5 * double(pt.loss);  // each unordered pair is met twice
+  *dn_p += double(pt.dn_i);  // = dn_j: W_pq counts both orders already
+  PairSums out;  // each unordered pair is met twice
+  out.loss = 0.5 * double(pt.loss);
+  out.dmu_s = 0.5 * double(pt.dmu_s);
+  out.dmu_t = 0.5 * double(pt.dmu_t);
   return out;
 }
+
+// Row r's dl/dn_r (kNormParts partial sums per row, one per thread that
+// visits the row, summed in a fixed order) into dn_rows[r].
+constexpr int kNormParts = 8;  // the 4 lanes of a row's quad x the 2 warps of its rows
+__device__ inline void sum_norm_parts(const double (&mine)[2], double (*parts)[kNormParts],
+                                      float* dn_rows) {
+  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, q4 = threadIdx.x % 4;
+  for (int h = 0; h < 2; ++h) parts[warp % 4 * kMmaWarpRows + g + 8 * h][warp / 4 * 4 + q4] = mine[h];
+  __syncthreads();
+  if (threadIdx.x < kMmaEdge) {
+    double total = 0;
+    for (int k = 0; k < kNormParts; ++k) total += parts[threadIdx.x][k];
+    dn_rows[threadIdx.x] = static_cast<float>(total);
+  }
+  __syncthreads();
+}
+static_assert(kThreads / 32 / 4 * 4 == kNormParts, "a row is visited by 2 warps x 4 lanes");
 
 template <typename Terms, MmaOperands H>
 __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) {
@@ -67,6 +94,8 @@ __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) 
   alignas(16) __shared__ uint16_t g_tile[kMmaEdge * kGradStride];
   alignas(16) __shared__ uint16_t x_chunk[kMmaEdge * kGradStride];
   __shared__ double shared[kThreads];
+  __shared__ double norm_parts[kMmaEdge][kNormParts];
+  __shared__ float dn_rows[kMmaEdge];
   float* grad = dynamic_shared<float>();  // kMmaEdge x ds
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kMmaEdge;
   const int64_t rows = a.n - r0 < kMmaEdge ? a.n - r0 : kMmaEdge;
@@ -78,6 +107,7 @@ __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) 
   const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, q4 = threadIdx.x % 4;
   const int warp_row = warp % 4 * kMmaWarpRows, warp_col = warp / 4 * kMmaWarpCols;
   PairSums sums;
+  double dn_mine[2] = {0.0, 0.0};  // dl/dn of this thread's two rows, its columns' share
   for (int64_t c0 = 0; c0 < a.n; c0 += kMmaEdge) {
     const TileView view{r0, rows, c0, a.n - c0 < kMmaEdge ? a.n - c0 : kMmaEdge, kMmaEdge};
     float s[4][4] = {}, t[4][4] = {};
@@ -88,8 +118,8 @@ __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) 
 #pragma unroll
       for (int i = 0; i < 4; ++i) {  // the accumulator layout of mma.cuh
         const int r = warp_row + g + 8 * (i / 2), c = warp_col + j * 8 + 2 * q4 + i % 2;
-        sums.add(rows_pair(terms, ordered, a.n, r0 + r, c0 + c, s[j][i], t[j][i],
-                           &g_tile[r * kGradStride + c]));
+        sums.add(rows_pair(terms, ordered, a, r0 + r, c0 + c, s[j][i], t[j][i],
+                           &g_tile[r * kGradStride + c], &dn_mine[i / 2]));
       }
     // grad rows += G x (the column rows), 64 entries of the embedding at a time.
     for (int64_t d0 = 0; d0 < a.ds; d0 += kMmaEdge) {
@@ -97,7 +127,8 @@ __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) 
       stage_chunk(a.xs, a.n, a.ds, c0, d0, vector_x, x_chunk);
       __syncthreads();
       float acc[4][4] = {};
-      warp_products<MmaOperands::Bf16, kMmaEdge, kGradStride, true>(g_tile, x_chunk, warp_row, warp_col, acc);
+      warp_products<MmaOperands::Bf16, kMmaEdge, kGradStride, true>(g_tile, x_chunk, warp_row,
+                                                                    warp_col, acc);
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -108,6 +139,11 @@ __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) 
         }
     }
     __syncthreads();  // g_tile is rewritten by the next column block
+  }
+  if (a.ns) {  // the squared norms' share: 2 (dl/dn_p) x_p
+    sum_norm_parts(dn_mine, norm_parts, dn_rows);
+    for (int64_t e = threadIdx.x; e < rows * a.ds; e += kThreads)
+      grad[e] += 2.0f * dn_rows[e / a.ds] * a.xs[r0 * a.ds + e];
   }
   for (int64_t e = threadIdx.x; e < rows * a.ds; e += kThreads) a.grad_s[r0 * a.ds + e] = grad[e];
   store_block_sums(sums, shared, a.sums);
@@ -146,6 +182,7 @@ int launch_pair_rows_mma(const Terms& terms, const RowsMmaArgs& args, const Tile
 // One launcher per kind, defined in csrc/cuda/pair_tile_<kind>.cu.
 int pair_rows_mma_cckd(const RowsMmaArgs&, const TileMask&, Stream);
 int pair_rows_mma_ekd_pos(const RowsMmaArgs&, const TileMask&, Stream);
+int pair_rows_mma_rkd(const RowsMmaArgs&, const TileMask&, Stream);
 
 }  // namespace cuda
 }  // namespace relkd

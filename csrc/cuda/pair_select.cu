@@ -3,28 +3,11 @@
 // tensor-core) and rows passes to their kind's unit, the tensor-core
 // capability checks, and the fixed-order reduction of per-block partial sums.
 #include "pair_rows_mma.cuh"
+#include "pair_select.cuh"
 
 namespace relkd {
 namespace cuda {
 namespace {
-
-constexpr int kDigitBits = 16;
-constexpr int64_t kDigits = int64_t(1) << kDigitBits;
-constexpr int kWarp = 32;
-
-// Histogram bin of one pair (prefix row * 65536 + digit), or -1 when the
-// pair is masked out or its high key bits match no prefix.
-template <typename T>
-__device__ int64_t histogram_bin(T value, const int64_t* prefixes, int64_t n_prefix, int shift) {
-  using K = typename pm::KeyOf<T>::type;
-  const K key = pm::order_key(value);
-  const int64_t digit = static_cast<int64_t>((key >> shift) & K(kDigits - 1));
-  if (shift + kDigitBits >= static_cast<int>(8 * sizeof(K))) return digit;
-  const int64_t high = static_cast<int64_t>(key >> (shift + kDigitBits));
-  for (int64_t p = 0; p < n_prefix; ++p)
-    if (prefixes[p] == high) return p * kDigits + digit;
-  return -1;
-}
 
 template <typename T>
 __global__ void histogram_kernel(const T* s, TileView view, TileMask mask,
@@ -32,7 +15,6 @@ __global__ void histogram_kernel(const T* s, TileView view, TileMask mask,
                                  unsigned long long* hist) {
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kPairBlockElements;
   const int64_t count = view.rows * view.cols;
-  const int lane = threadIdx.x % kWarp;
   for (int u = 0; u < kPairItems; ++u) {  // uniform trip count: the warp stays converged
     const int64_t e = first + u * kThreads + threadIdx.x;
     int64_t bin = -1;
@@ -41,17 +23,13 @@ __global__ void histogram_kernel(const T* s, TileView view, TileMask mask,
       if (tile_weight(mask, view.r0 + r, view.c0 + c) != 0)
         bin = histogram_bin(s[r * view.ld + c], prefixes, n_prefix, shift);
     }
-    // Similar values share bins: one atomic per distinct bin in the warp.
-    const unsigned same = __match_any_sync(0xffffffffu, bin);
-    if (bin >= 0 && lane == __ffs(same) - 1) atomicAdd(&hist[bin], static_cast<unsigned long long>(__popc(same)));
+    add_to_histogram(bin, hist);
   }
 }
 
 template <typename T>
-__global__ void collect_kernel(const T* s, TileView view, TileMask mask, uint64_t tau,
-                               T* above_v, int64_t* above_i, int64_t* above_j, int64_t above_cap,
-                               unsigned long long* above_count, int64_t* tie_keys,
-                               unsigned long long* tie_count) {
+__global__ void collect_kernel(const T* s, TileView view, TileMask mask, CollectOutputs<T> out,
+                               int64_t* tie_keys) {
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kPairBlockElements;
   const int64_t count = view.rows * view.cols;
   for (int u = 0; u < kPairItems; ++u) {
@@ -59,26 +37,7 @@ __global__ void collect_kernel(const T* s, TileView view, TileMask mask, uint64_
     if (e >= count) break;
     const int64_t r = e / view.cols, c = e % view.cols, p = view.r0 + r, q = view.c0 + c;
     int64_t tie = INT64_MAX;
-    if (tile_weight(mask, p, q) != 0) {
-      const T value = s[r * view.ld + c];
-      const uint64_t key = static_cast<uint64_t>(pm::order_key(value));
-      if (key >= tau) {
-        const int64_t id_p = mask.ids_r ? mask.ids_r[p] : p;
-        const int64_t id_q = mask.ids_c ? mask.ids_c[q] : q;
-        const int64_t i = id_p < id_q ? id_p : id_q, j = id_p < id_q ? id_q : id_p;
-        if (key > tau) {
-          const unsigned long long slot = atomicAdd(above_count, 1ull);
-          if (static_cast<int64_t>(slot) < above_cap) {
-            above_v[slot] = value;
-            above_i[slot] = i;
-            above_j[slot] = j;
-          }
-        } else {
-          tie = (i << 32) | j;
-          atomicAdd(tie_count, 1ull);
-        }
-      }
-    }
+    if (tile_weight(mask, p, q) != 0) tie = collect_pair(mask, p, q, s[r * view.ld + c], out);
     if (tie_keys) tie_keys[e] = tie;
   }
 }
@@ -108,9 +67,9 @@ int collect(const T* s, const TileView& view, const TileMask& mask, uint64_t tau
             unsigned long long* above_count, int64_t* tie_keys, unsigned long long* tie_count,
             Stream stream) {
   if (view.rows * view.cols == 0) return 0;
-  RELKD_LAUNCH(pair_tile_blocks(view), kThreads, stream, collect_kernel<T>)(
-      s, view, mask, tau, above_v, above_i, above_j, above_cap, above_count, tie_keys,
-      tie_count);
+  const CollectOutputs<T> out{tau, above_v, above_i, above_j, above_cap, above_count, tie_count};
+  RELKD_LAUNCH(pair_tile_blocks(view), kThreads, stream, collect_kernel<T>)(s, view, mask, out,
+                                                                           tie_keys);
   return launched();
 }
 
@@ -141,7 +100,7 @@ bool has_tensor_cores(int device) {
 }
 
 bool rows_mma_fits(int device, int64_t ds) {
-  constexpr size_t kStaticBytes = 42 << 10;  // the kernel's static shared memory (40 KiB), rounded up
+  constexpr size_t kStaticBytes = 46 << 10;  // the kernel's static shared memory (44.25 KiB), rounded up
   const size_t need = rows_mma_dynamic_bytes(ds) + kStaticBytes;
 #ifdef RELKD_EMULATE
   (void)device;
@@ -161,8 +120,10 @@ int pair_rows_mma(const RowsMmaArgs& a, const TileMask& m, Stream s) {
   switch (a.kind) {
     case PairKind::Cckd: return pair_rows_mma_cckd(a, m, s);
     case PairKind::EkdPos: return pair_rows_mma_ekd_pos(a, m, s);
-    default: return static_cast<int>(cudaErrorInvalidValue);
+    case PairKind::RkdDistSum:
+    case PairKind::RkdDistance: return pair_rows_mma_rkd(a, m, s);
   }
+  return static_cast<int>(cudaErrorInvalidValue);
 }
 
 int64_t pair_tile_mma_blocks(const TileView& view) {

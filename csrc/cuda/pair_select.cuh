@@ -1,0 +1,77 @@
+// pair_select's per-pair steps (SPEC §3: EKD's exact order statistics over
+// the negative pairs), shared by the kernels that read similarity tiles
+// (pair_select.cu) and those that compute them on tensor cores
+// (pair_select_mma.cu), so both classify a pair alike.
+#pragma once
+
+#include <climits>
+
+#include "pair_tile.cuh"
+
+namespace relkd {
+namespace cuda {
+
+constexpr int kDigitBits = 16;
+constexpr int64_t kDigits = int64_t(1) << kDigitBits;
+
+// Histogram bin of one pair's value (prefix row * 65536 + digit), or -1
+// when its high key bits match no prefix.
+template <typename T>
+__device__ inline int64_t histogram_bin(T value, const int64_t* prefixes, int64_t n_prefix,
+                                        int shift) {
+  using K = typename pm::KeyOf<T>::type;
+  const K key = pm::order_key(value);
+  const int64_t digit = static_cast<int64_t>((key >> shift) & K(kDigits - 1));
+  if (shift + kDigitBits >= static_cast<int>(8 * sizeof(K))) return digit;
+  const int64_t high = static_cast<int64_t>(key >> (shift + kDigitBits));
+  for (int64_t p = 0; p < n_prefix; ++p)
+    if (prefixes[p] == high) return p * kDigits + digit;
+  return -1;
+}
+
+// One count into hist[bin] for every lane whose bin is >= 0; all 32 lanes of
+// the warp call it together. Similar values share bins: one atomic per
+// distinct bin in the warp.
+__device__ inline void add_to_histogram(int64_t bin, unsigned long long* hist) {
+  const unsigned same = __match_any_sync(0xffffffffu, bin);
+  if (bin >= 0 && static_cast<int>(threadIdx.x % 32) == __ffs(same) - 1)
+    atomicAdd(&hist[bin], static_cast<unsigned long long>(__popc(same)));
+}
+
+// Where pair_topk's candidates go (launchers.h, pair_collect_tile).
+template <typename T>
+struct CollectOutputs {
+  uint64_t tau;
+  T* above_v;
+  int64_t *above_i, *above_j;
+  int64_t above_cap;
+  unsigned long long* above_count;
+  unsigned long long* tie_count;
+};
+
+// The pair (p, q) of the mask with `value`: above tau it is appended to the
+// candidates (while there is room; every one is counted); at tau its tie key
+// (i << 32) | j (i < j its ids) is returned and counted; else INT64_MAX.
+template <typename T>
+__device__ inline int64_t collect_pair(const TileMask& mask, int64_t p, int64_t q, T value,
+                                       const CollectOutputs<T>& out) {
+  const uint64_t key = static_cast<uint64_t>(pm::order_key(value));
+  if (key < out.tau) return INT64_MAX;
+  const int64_t id_p = mask.ids_r ? mask.ids_r[p] : p;
+  const int64_t id_q = mask.ids_c ? mask.ids_c[q] : q;
+  const int64_t i = id_p < id_q ? id_p : id_q, j = id_p < id_q ? id_q : id_p;
+  if (key == out.tau) {
+    atomicAdd(out.tie_count, 1ull);
+    return (i << 32) | j;
+  }
+  const unsigned long long slot = atomicAdd(out.above_count, 1ull);
+  if (static_cast<int64_t>(slot) < out.above_cap) {
+    out.above_v[slot] = value;
+    out.above_i[slot] = i;
+    out.above_j[slot] = j;
+  }
+  return INT64_MAX;
+}
+
+}  // namespace cuda
+}  // namespace relkd

@@ -1,0 +1,143 @@
+// pair_select on tensor cores: the histogram and candidate passes of EKD's
+// order statistics (SPEC §3) with each 64 x 64 sub-tile of similarities
+// computed in the kernel (pair_tile_mma.cuh: mma in the operand format the
+// glue picks) and classified while in registers (pair_select.cuh), so no
+// similarity tile reaches memory. Every pass computes a pair's value by the
+// same instructions in the same order, so the histogram passes and the
+// collection agree on every key, as the tile path's shared tiles ensure.
+#include "pair_select.cuh"
+#include "pair_tile_mma.cuh"
+
+namespace relkd {
+namespace cuda {
+namespace {
+
+// This block's sub-tile of the view: (tr, tc), tile-local.
+__device__ inline void block_sub_tile(const TileView& view, int64_t* tr, int64_t* tc) {
+  const int64_t blocks_c = (view.cols + kMmaEdge - 1) / kMmaEdge;
+  *tr = blockIdx.x / blocks_c * kMmaEdge;
+  *tc = blockIdx.x % blocks_c * kMmaEdge;
+}
+
+// This thread's entry (j, i) of the sub-tile at (tr, tc) (the accumulator
+// layout of mma.cuh): its tile-local row and column.
+__device__ inline void entry_at(int64_t tr, int64_t tc, int j, int i, int64_t* r, int64_t* c) {
+  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, q4 = threadIdx.x % 4;
+  *r = tr + warp % 4 * kMmaWarpRows + g + 8 * (i / 2);
+  *c = tc + warp / 4 * kMmaWarpCols + j * 8 + 2 * q4 + i % 2;
+}
+
+// Whether entry (r, c) lies inside the view and is a pair of the mask.
+__device__ inline bool counted(const TileView& view, const TileMask& mask, int64_t r, int64_t c) {
+  return r < view.rows && c < view.cols && tile_weight(mask, view.r0 + r, view.c0 + c) != 0;
+}
+
+// The per-entry steps, not inlined (inlined into the kernels, their prefix
+// loop and atomics made nvcc take minutes per unit).
+__device__ __noinline__ void histogram_entry(float value, bool counted, const int64_t* prefixes,
+                                             int64_t n_prefix, int shift,
+                                             unsigned long long* hist) {
+  add_to_histogram(counted ? histogram_bin(value, prefixes, n_prefix, shift) : -1, hist);
+}
+
+__device__ __noinline__ void collect_entry(const TileView& view, const TileMask& mask,
+                                           int64_t r, int64_t c, float value, bool counted,
+                                           const CollectOutputs<float>& out, int64_t* tie_keys) {
+  const int64_t tie =
+      counted ? collect_pair(mask, view.r0 + r, view.c0 + c, value, out) : INT64_MAX;
+  if (tie_keys && r < view.rows && c < view.cols) tie_keys[r * view.cols + c] = tie;
+}
+
+template <MmaOperands H>
+__global__ void histogram_mma_kernel(MmaTileInputs in, TileView view, TileMask mask,
+                                     const int64_t* prefixes, int64_t n_prefix, int shift,
+                                     unsigned long long* hist) {
+  alignas(16) __shared__ uint16_t stage[kStageEntries];
+  int64_t tr, tc;
+  block_sub_tile(view, &tr, &tc);
+  if (below_diagonal(view, mask, tr, tc)) return;  // no pair of the mask: the block leaves
+  float acc[4][4] = {};
+  sub_tile_products<H>(in.xs_r, in.xs_c, in.ds, view, tr, tc, stage, acc);
+  // Rolled loops: acc is read from the stack frame (64 bytes, L1), against
+  // over a minute of nvcc per unrolled unit.
+  for (int j = 0; j < 4; ++j)  // every thread makes the 16 calls: warp-wide steps inside
+    for (int i = 0; i < 4; ++i) {
+      int64_t r, c;
+      entry_at(tr, tc, j, i, &r, &c);
+      histogram_entry(acc[j][i], counted(view, mask, r, c), prefixes, n_prefix, shift, hist);
+    }
+}
+
+template <MmaOperands H>
+__global__ void collect_mma_kernel(MmaTileInputs in, TileView view, TileMask mask,
+                                   CollectOutputs<float> out, int64_t* tie_keys) {
+  alignas(16) __shared__ uint16_t stage[kStageEntries];
+  int64_t tr, tc;
+  block_sub_tile(view, &tr, &tc);
+  if (below_diagonal(view, mask, tr, tc)) {  // no pair of the mask: no ties either
+    for (int e = threadIdx.x; tie_keys && e < kMmaEdge * kMmaEdge; e += kThreads) {
+      const int64_t r = tr + e / kMmaEdge, c = tc + e % kMmaEdge;
+      if (r < view.rows && c < view.cols) tie_keys[r * view.cols + c] = INT64_MAX;
+    }
+    return;
+  }
+  float acc[4][4] = {};
+  sub_tile_products<H>(in.xs_r, in.xs_c, in.ds, view, tr, tc, stage, acc);
+  for (int j = 0; j < 4; ++j)  // rolled, as above
+    for (int i = 0; i < 4; ++i) {
+      int64_t r, c;
+      entry_at(tr, tc, j, i, &r, &c);
+      collect_entry(view, mask, r, c, acc[j][i], counted(view, mask, r, c), out, tie_keys);
+    }
+}
+
+// kernel<H>(args...) for the format `operands`, on pair_tile_mma_blocks(view) blocks.
+template <template <MmaOperands> class Launch, typename... Args>
+int launch_in(MmaOperands operands, const TileView& view, Stream stream, Args... args) {
+  if (view.rows * view.cols == 0) return 0;
+  const int64_t blocks = pair_tile_mma_blocks(view);
+  switch (operands) {
+    case MmaOperands::Bf16: Launch<MmaOperands::Bf16>::run(blocks, stream, args...); break;
+    case MmaOperands::Fp16: Launch<MmaOperands::Fp16>::run(blocks, stream, args...); break;
+    case MmaOperands::Tf32: Launch<MmaOperands::Tf32>::run(blocks, stream, args...); break;
+    case MmaOperands::Tf32x3: Launch<MmaOperands::Tf32x3>::run(blocks, stream, args...); break;
+  }
+  return launched();
+}
+
+template <MmaOperands H>
+struct HistogramMma {
+  template <typename... Args>
+  static void run(int64_t blocks, Stream stream, Args... args) {
+    RELKD_LAUNCH(blocks, kThreads, stream, histogram_mma_kernel<H>)(args...);
+  }
+};
+
+template <MmaOperands H>
+struct CollectMma {
+  template <typename... Args>
+  static void run(int64_t blocks, Stream stream, Args... args) {
+    RELKD_LAUNCH(blocks, kThreads, stream, collect_mma_kernel<H>)(args...);
+  }
+};
+
+}  // namespace
+
+int pair_histogram_mma(const MmaTileInputs& in, const TileView& view, const TileMask& mask,
+                       const int64_t* prefixes, int64_t n_prefix, int shift,
+                       unsigned long long* hist, Stream stream) {
+  return launch_in<HistogramMma>(in.operands, view, stream, in, view, mask, prefixes, n_prefix,
+                                 shift, hist);
+}
+
+int pair_collect_mma(const MmaTileInputs& in, const TileView& view, const TileMask& mask,
+                     uint64_t tau, float* above_v, int64_t* above_i, int64_t* above_j,
+                     int64_t above_cap, unsigned long long* above_count, int64_t* tie_keys,
+                     unsigned long long* tie_count, Stream stream) {
+  const CollectOutputs<float> out{tau,       above_v,     above_i,  above_j,
+                                  above_cap, above_count, tie_count};
+  return launch_in<CollectMma>(in.operands, view, stream, in, view, mask, out, tie_keys);
+}
+
+}  // namespace cuda
+}  // namespace relkd
