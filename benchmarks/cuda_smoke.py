@@ -11,6 +11,7 @@ the CPU kernels, so a sanitizer run that passes also computed right.
 
 Usage: python3 benchmarks/cuda_smoke.py   (exits 1 on a mismatch)
 """
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -23,6 +24,19 @@ from relkd import ops  # noqa: E402
 from helpers import tf32_values  # noqa: E402
 
 FAILURES = []
+
+
+@contextlib.contextmanager
+def tensor_cores(mode, precision="highest"):
+    """RELKD_TENSOR_CORES=mode and the float32 matmul precision for the
+    calls inside; afterwards unset and "highest" again."""
+    os.environ["RELKD_TENSOR_CORES"] = mode
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision("highest")
+        del os.environ["RELKD_TENSOR_CORES"]
 
 
 def check(name, got, want, atol=1e-10, rel_norm=None):
@@ -60,34 +74,28 @@ def main() -> int:
     # float32 sums differ from the CPU's in the last bits only).
     q16 = torch.nn.functional.normalize(q, dim=1).float().bfloat16().float()
     c16 = torch.nn.functional.normalize(c, dim=1).float().bfloat16().float()
-    os.environ["RELKD_TENSOR_CORES"] = "1"
-    got = ops.topk_sim(*g(q16, c16), 40, *g(ql, cl, scale.float()))
-    del os.environ["RELKD_TENSOR_CORES"]
+    with tensor_cores("1"):
+        got = ops.topk_sim(*g(q16, c16), 40, *g(ql, cl, scale.float()))
     check("topk_sim tensor cores (values)", got[0],
           ops.topk_sim(q16, c16, 40, ql, cl, scale.float())[0], atol=1e-5)
     # A long bank for a few rows: cut into column ranges (2 of >= 8192
     # columns here), each with its own selection, joined per row.
     long_bank = torch.cat([c16] * 6)
-    os.environ["RELKD_TENSOR_CORES"] = "1"
-    got = ops.topk_sim(*g(q16[:5], long_bank), 300)
-    del os.environ["RELKD_TENSOR_CORES"]
+    with tensor_cores("1"):
+        got = ops.topk_sim(*g(q16[:5], long_bank), 300)
     check("topk_sim tensor cores, column ranges (values)", got[0],
           ops.topk_sim(q16[:5], long_bank, 300)[0], atol=1e-5)
     # TF32 (auto at precision "high"), on rows TF32 represents.
     q32 = tf32_values(torch.nn.functional.normalize(q, dim=1).float())
     c32 = tf32_values(torch.nn.functional.normalize(c, dim=1).float())
-    os.environ["RELKD_TENSOR_CORES"] = "auto"
-    torch.set_float32_matmul_precision("high")
-    got = ops.topk_sim(*g(q32, c32), 40, *g(ql, cl, scale.float()))
-    torch.set_float32_matmul_precision("highest")
-    del os.environ["RELKD_TENSOR_CORES"]
+    with tensor_cores("auto", "high"):
+        got = ops.topk_sim(*g(q32, c32), 40, *g(ql, cl, scale.float()))
     check("topk_sim TF32 tensor cores (values)", got[0],
           ops.topk_sim(q32, c32, 40, ql, cl, scale.float())[0], atol=1e-5)
     # 3xTF32 (auto at "highest"), on any unit rows.
     q1, c1 = (torch.nn.functional.normalize(t, dim=1).float() for t in (q, c))
-    os.environ["RELKD_TENSOR_CORES"] = "auto"
-    got = ops.topk_sim(*g(q1, c1), 40, *g(ql, cl, scale.float()))
-    del os.environ["RELKD_TENSOR_CORES"]
+    with tensor_cores("auto"):
+        got = ops.topk_sim(*g(q1, c1), 40, *g(ql, cl, scale.float()))
     check("topk_sim 3xTF32 tensor cores (values)", got[0],
           ops.topk_sim(q1, c1, 40, ql, cl, scale.float())[0], atol=1e-5)
 
@@ -122,10 +130,9 @@ def main() -> int:
                            and a_.is_floating_point() and a_.dim() == 2 else
                            a_.float() if isinstance(a_, torch.Tensor) and a_.is_floating_point()
                            else a_ for a_ in args]
-            os.environ["RELKD_TENSOR_CORES"] = "1"
-            got = torch.ops.relkd.pairwise_loss(
-                *[a_.cuda() if isinstance(a_, torch.Tensor) else a_ for a_ in bf16_valued])
-            del os.environ["RELKD_TENSOR_CORES"]
+            with tensor_cores("1"):
+                got = torch.ops.relkd.pairwise_loss(
+                    *[a_.cuda() if isinstance(a_, torch.Tensor) else a_ for a_ in bf16_valued])
             # (symmetric without the teacher's gradient: the rows pass, whose bf16
             # derivatives multiply the embeddings: relative 2^-9 each.)
             check(f"pairwise_loss {kind} {name}, tensor cores", got,
@@ -134,21 +141,17 @@ def main() -> int:
             # represents; the gradient products are torch's TF32 GEMMs.
             tf32_valued = [tf32_values(a_) if isinstance(a_, torch.Tensor) and a_.dim() == 2
                            and a_.dtype == torch.float32 else a_ for a_ in bf16_valued]
-            os.environ["RELKD_TENSOR_CORES"] = "auto"
-            torch.set_float32_matmul_precision("high")
-            got = torch.ops.relkd.pairwise_loss(
-                *[a_.cuda() if isinstance(a_, torch.Tensor) else a_ for a_ in tf32_valued])
-            torch.set_float32_matmul_precision("highest")
-            del os.environ["RELKD_TENSOR_CORES"]
+            with tensor_cores("auto", "high"):
+                got = torch.ops.relkd.pairwise_loss(
+                    *[a_.cuda() if isinstance(a_, torch.Tensor) else a_ for a_ in tf32_valued])
             check(f"pairwise_loss {kind} {name}, TF32 tensor cores", got,
                   torch.ops.relkd.pairwise_loss(*tf32_valued), rel_norm=2.0 ** -9)
             # 3xTF32 tiles (auto at "highest"), on any float32 inputs.
             as_float = [a_.float() if isinstance(a_, torch.Tensor) and a_.is_floating_point()
                         else a_ for a_ in args]
-            os.environ["RELKD_TENSOR_CORES"] = "auto"
-            got = torch.ops.relkd.pairwise_loss(
-                *[a_.cuda() if isinstance(a_, torch.Tensor) else a_ for a_ in as_float])
-            del os.environ["RELKD_TENSOR_CORES"]
+            with tensor_cores("auto"):
+                got = torch.ops.relkd.pairwise_loss(
+                    *[a_.cuda() if isinstance(a_, torch.Tensor) else a_ for a_ in as_float])
             check(f"pairwise_loss {kind} {name}, 3xTF32 tensor cores", got,
                   torch.ops.relkd.pairwise_loss(*as_float), rel_norm=1e-5)
 
@@ -159,12 +162,11 @@ def main() -> int:
             cases["cckd"].float(), True, True)
     for half in (torch.bfloat16, torch.float16):
         name = str(half).replace("torch.", "")
-        os.environ["RELKD_TENSOR_CORES"] = "auto"
-        got = torch.ops.relkd.pairwise_loss(
-            *[a_.cuda().to(half) if isinstance(a_, torch.Tensor) and a_.dim() == 2 else
-              a_.cuda() if isinstance(a_, torch.Tensor) else a_ for a_ in rect])
-        got_topk = ops.topk_sim(*g(q16.to(half), c16.to(half)), 40)
-        del os.environ["RELKD_TENSOR_CORES"]
+        with tensor_cores("auto"):
+            got = torch.ops.relkd.pairwise_loss(
+                *[a_.cuda().to(half) if isinstance(a_, torch.Tensor) and a_.dim() == 2 else
+                  a_.cuda() if isinstance(a_, torch.Tensor) else a_ for a_ in rect])
+            got_topk = ops.topk_sim(*g(q16.to(half), c16.to(half)), 40)
         same_values = [a_.to(half).float() if isinstance(a_, torch.Tensor) and a_.dim() == 2
                        else a_.float() if isinstance(a_, torch.Tensor) and a_.is_floating_point()
                        else a_ for a_ in rect]
@@ -220,12 +222,9 @@ def main() -> int:
     eighths_y = torch.randint(0, 50, (2500,))
     want = ops.negative_pair_select(eighths, eighths_y, [10, 1000], 3000, None, None, 0, "")
     for mode, precision in (("1", "highest"), ("auto", "high"), ("auto", "highest")):
-        os.environ["RELKD_TENSOR_CORES"] = mode
-        torch.set_float32_matmul_precision(precision)
-        got = ops.negative_pair_select(*g(eighths, eighths_y), [10, 1000], 3000, None, None, 0,
-                                       "")
-        torch.set_float32_matmul_precision("highest")
-        del os.environ["RELKD_TENSOR_CORES"]
+        with tensor_cores(mode, precision):
+            got = ops.negative_pair_select(*g(eighths, eighths_y), [10, 1000], 3000, None, None, 0,
+                                           "")
         check(f"negative_pair_select tensor cores ({mode}, {precision})", got, want, atol=0)
     torch.cuda.synchronize()
     print(f"{len(FAILURES)} mismatches" if FAILURES else "all kernels match the CPU")

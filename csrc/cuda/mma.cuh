@@ -22,30 +22,37 @@
 #pragma once
 
 #include <cstring>
+#include <type_traits>
 
 #include "common.cuh"
 
 namespace relkd {
 namespace cuda {
 
-__host__ __device__ inline uint32_t float_bits(float v) {
-#ifdef __CUDA_ARCH__
-  return __float_as_uint(v);
-#else
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  return u;
-#endif
+// v's bits as a To (a same-size type): float <-> uint32_t.
+template <typename To, typename From>
+__host__ __device__ inline To bits_as(From v) {
+  static_assert(sizeof(To) == sizeof(From), "same size");
+  To out;
+  memcpy(&out, &v, sizeof(out));  // one register move on the GPU
+  return out;
 }
+__host__ __device__ inline uint32_t float_bits(float v) { return bits_as<uint32_t>(v); }
+__host__ __device__ inline float bits_float(uint32_t u) { return bits_as<float>(u); }
 
-__host__ __device__ inline float bits_float(uint32_t u) {
-#ifdef __CUDA_ARCH__
-  return __uint_as_float(u);
-#else
-  float v;
-  std::memcpy(&v, &u, sizeof(v));
-  return v;
-#endif
+// f(Format<H>{}) for the format `operands` known at run time: a launcher's
+// one switch from its argument to its kernel's template argument.
+template <MmaOperands H>
+using Format = std::integral_constant<MmaOperands, H>;
+
+template <typename F>
+inline void with_operands(MmaOperands operands, F&& f) {
+  switch (operands) {
+    case MmaOperands::Bf16: f(Format<MmaOperands::Bf16>{}); return;
+    case MmaOperands::Fp16: f(Format<MmaOperands::Fp16>{}); return;
+    case MmaOperands::Tf32: f(Format<MmaOperands::Tf32>{}); return;
+    case MmaOperands::Tf32x3: f(Format<MmaOperands::Tf32x3>{}); return;
+  }
 }
 
 // The bfloat16 nearest to v (ties to even) as its 16 bits; NaN stays NaN.

@@ -91,43 +91,18 @@ __global__ void collect_mma_kernel(MmaTileInputs in, TileView view, TileMask mas
     }
 }
 
-// kernel<H>(args...) for the format `operands`, on pair_tile_mma_blocks(view) blocks.
-template <template <MmaOperands> class Launch, typename... Args>
-int launch_in(MmaOperands operands, const TileView& view, Stream stream, Args... args) {
-  if (view.rows * view.cols == 0) return 0;
-  const int64_t blocks = pair_tile_mma_blocks(view);
-  switch (operands) {
-    case MmaOperands::Bf16: Launch<MmaOperands::Bf16>::run(blocks, stream, args...); break;
-    case MmaOperands::Fp16: Launch<MmaOperands::Fp16>::run(blocks, stream, args...); break;
-    case MmaOperands::Tf32: Launch<MmaOperands::Tf32>::run(blocks, stream, args...); break;
-    case MmaOperands::Tf32x3: Launch<MmaOperands::Tf32x3>::run(blocks, stream, args...); break;
-  }
-  return launched();
-}
-
-template <MmaOperands H>
-struct HistogramMma {
-  template <typename... Args>
-  static void run(int64_t blocks, Stream stream, Args... args) {
-    RELKD_LAUNCH(blocks, kThreads, stream, histogram_mma_kernel<H>)(args...);
-  }
-};
-
-template <MmaOperands H>
-struct CollectMma {
-  template <typename... Args>
-  static void run(int64_t blocks, Stream stream, Args... args) {
-    RELKD_LAUNCH(blocks, kThreads, stream, collect_mma_kernel<H>)(args...);
-  }
-};
-
 }  // namespace
 
 int pair_histogram_mma(const MmaTileInputs& in, const TileView& view, const TileMask& mask,
                        const int64_t* prefixes, int64_t n_prefix, int shift,
                        unsigned long long* hist, Stream stream) {
-  return launch_in<HistogramMma>(in.operands, view, stream, in, view, mask, prefixes, n_prefix,
-                                 shift, hist);
+  if (view.rows * view.cols == 0) return 0;
+  with_operands(in.operands, [&](auto format) {
+    RELKD_LAUNCH(pair_tile_mma_blocks(view), kThreads, stream,
+                 histogram_mma_kernel<decltype(format)::value>)(in, view, mask, prefixes,
+                                                               n_prefix, shift, hist);
+  });
+  return launched();
 }
 
 int pair_collect_mma(const MmaTileInputs& in, const TileView& view, const TileMask& mask,
@@ -136,7 +111,12 @@ int pair_collect_mma(const MmaTileInputs& in, const TileView& view, const TileMa
                      unsigned long long* tie_count, Stream stream) {
   const CollectOutputs<float> out{tau,       above_v,     above_i,  above_j,
                                   above_cap, above_count, tie_count};
-  return launch_in<CollectMma>(in.operands, view, stream, in, view, mask, out, tie_keys);
+  if (view.rows * view.cols == 0) return 0;
+  with_operands(in.operands, [&](auto format) {
+    RELKD_LAUNCH(pair_tile_mma_blocks(view), kThreads, stream,
+                 collect_mma_kernel<decltype(format)::value>)(in, view, mask, out, tie_keys);
+  });
+  return launched();
 }
 
 }  // namespace cuda

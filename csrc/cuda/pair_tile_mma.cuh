@@ -253,25 +253,11 @@ int launch_pair_tile_mma(const Terms& terms, const PairTileArgs<float>& args,
                          const MmaTileInputs& in, const TileView& view, const TileMask& mask,
                          Stream stream) {
   if (view.rows * view.cols == 0) return 0;
-  const int64_t blocks = pair_tile_mma_blocks(view);
-  switch (in.operands) {
-    case MmaOperands::Bf16:
-      RELKD_LAUNCH(blocks, kThreads, stream, pair_tile_mma_kernel<Terms, MmaOperands::Bf16>)(
-          terms, args, in, view, mask);
-      break;
-    case MmaOperands::Fp16:
-      RELKD_LAUNCH(blocks, kThreads, stream, pair_tile_mma_kernel<Terms, MmaOperands::Fp16>)(
-          terms, args, in, view, mask);
-      break;
-    case MmaOperands::Tf32:
-      RELKD_LAUNCH(blocks, kThreads, stream, pair_tile_mma_kernel<Terms, MmaOperands::Tf32>)(
-          terms, args, in, view, mask);
-      break;
-    case MmaOperands::Tf32x3:
-      RELKD_LAUNCH(blocks, kThreads, stream, pair_tile_mma_kernel<Terms, MmaOperands::Tf32x3>)(
-          terms, args, in, view, mask);
-      break;
-  }
+  with_operands(in.operands, [&](auto format) {
+    RELKD_LAUNCH(pair_tile_mma_blocks(view), kThreads, stream,
+                 pair_tile_mma_kernel<Terms, decltype(format)::value>)(terms, args, in, view,
+                                                                      mask);
+  });
   return launched();
 }
 

@@ -427,24 +427,10 @@ int topk_offer_mma(const float* q, const float* c, int64_t d, const TileView& vi
                    Stream stream) {
   if (view.rows == 0 || view.cols == 0) return 0;
   const int64_t blocks = blocks_for(view.rows, kMmaEdge) * splits;
-  switch (operands) {
-    case MmaOperands::Bf16:
-      RELKD_LAUNCH(blocks, kThreads, stream, offer_mma_kernel<MmaOperands::Bf16>)(
-          q, c, d, view, block_r0, splits, scale, valid, st);
-      break;
-    case MmaOperands::Fp16:
-      RELKD_LAUNCH(blocks, kThreads, stream, offer_mma_kernel<MmaOperands::Fp16>)(
-          q, c, d, view, block_r0, splits, scale, valid, st);
-      break;
-    case MmaOperands::Tf32:
-      RELKD_LAUNCH(blocks, kThreads, stream, offer_mma_kernel<MmaOperands::Tf32>)(
-          q, c, d, view, block_r0, splits, scale, valid, st);
-      break;
-    case MmaOperands::Tf32x3:
-      RELKD_LAUNCH(blocks, kThreads, stream, offer_mma_kernel<MmaOperands::Tf32x3>)(
-          q, c, d, view, block_r0, splits, scale, valid, st);
-      break;
-  }
+  with_operands(operands, [&](auto format) {
+    RELKD_LAUNCH(blocks, kThreads, stream, offer_mma_kernel<decltype(format)::value>)(
+        q, c, d, view, block_r0, splits, scale, valid, st);
+  });
   // launched() clears the error it reports: keep it, and never join
   // selections a failed launch left unwritten.
   const int offered = launched();
