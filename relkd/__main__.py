@@ -26,12 +26,12 @@ def main() -> None:
         float32_format = ("off" if mode == "0" else "bf16" if mode == "1" or precision == "medium"
                           else "TF32" if precision == "high" else "3xTF32")
         half_on = mode in ("1", "auto")
-        print(f"  tensor-core kernels (bf16 / fp16 / TF32 / 3xTF32 mma; RELKD_TENSOR_CORES=1 always, "
-              f"=auto for bfloat16 / float16 inputs and for float32 ones at matmul precision "
-              f"'medium' (bf16), 'high' (TF32) or 'highest' (3xTF32); not yet validated on a "
-              f"GPU): float32 inputs "
-              f"{float32_format}, bfloat16 / float16 inputs {'on' if half_on else 'off'} "
-              f"(RELKD_TENSOR_CORES={mode}, precision {precision!r})")
+        print(f"  tensor-core kernels (bf16 / fp16 / TF32 / 3xTF32 mma; RELKD_TENSOR_CORES=1 "
+              f"always, =auto for bfloat16 / float16 inputs and for float32 ones at matmul "
+              f"precision 'medium' (bf16), 'high' (TF32) or 'highest' (3xTF32); not yet "
+              f"validated on a GPU): float32 inputs {float32_format}, bfloat16 / float16 "
+              f"inputs {'on' if half_on else 'off'} (RELKD_TENSOR_CORES={mode}, precision "
+              f"{precision!r})")
     else:
         print("CUDA kernels: not compiled (no CUDA toolkit at build time, or RELKD_CUDA=0)")
     if torch.cuda.is_available():

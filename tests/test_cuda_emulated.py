@@ -6,9 +6,11 @@ compared with the CPU kernels (themselves tested against the reference):
 multi-tile top-k with labels, self exclusion, scale, NaN and padding;
 pair_dot and its backward; every pairwise_loss kind, symmetric and
 rectangular, with gradients, on the float32 tiles and on the tensor-core
-tiles (bf16 and fp16 mma), 16-bit operands and their rounding; histograms and top-k pairs, with ties beyond
-capacity and thresholds below more pairs than returned. This is what CI can
-check of the GPU code without a GPU (tests/test_cuda.py runs on one)."""
+tiles (bf16, fp16, TF32 and 3xTF32 mma), 16-bit operands and the staging's
+rounding; histograms and top-k pairs, on tiles and on tensor cores, with
+ties beyond capacity and thresholds below more pairs than returned. This
+is what CI can check of the GPU code without a GPU (tests/test_cuda.py
+runs on one)."""
 import os
 import pathlib
 

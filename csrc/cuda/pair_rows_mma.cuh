@@ -77,7 +77,8 @@ constexpr int kNormParts = 8;  // the 4 lanes of a row's quad x the 2 warps of i
 __device__ inline void sum_norm_parts(const double (&mine)[2], double (*parts)[kNormParts],
                                       float* dn_rows) {
   const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, q4 = threadIdx.x % 4;
-  for (int h = 0; h < 2; ++h) parts[warp % 4 * kMmaWarpRows + g + 8 * h][warp / 4 * 4 + q4] = mine[h];
+  for (int h = 0; h < 2; ++h)
+    parts[warp % 4 * kMmaWarpRows + g + 8 * h][warp / 4 * 4 + q4] = mine[h];
   __syncthreads();
   if (threadIdx.x < kMmaEdge) {
     double total = 0;

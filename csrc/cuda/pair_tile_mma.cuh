@@ -1,10 +1,11 @@
 // The pairwise_loss tile on tensor cores: each thread block computes a 64 x 64
-// sub-tile of the student's (and teacher's) similarities with
-// mma (bf16, fp16, TF32 or 3xTF32 operands, MmaOperands; fp32 accumulation) and
+// sub-tile of the student's (and teacher's) similarities with mma (bf16,
+// fp16, TF32 or 3xTF32 operands, MmaOperands; fp32 accumulation) and
 // runs the kind's pair terms on the accumulators while they are in
 // registers, so the similarities never reach memory; only the derivative
 // tiles the gradient products need are written. The float32 embeddings are
-// rounded to the operand format as they are staged in shared memory. csrc/cuda/pair_tile_<kind>.cu instantiate it, one unit per kind.
+// rounded to the operand format as they are staged in shared memory.
+// csrc/cuda/pair_tile_<kind>.cu instantiate it, one unit per kind.
 #pragma once
 
 #include "mma.cuh"
