@@ -11,8 +11,6 @@ the CPU kernels, so a sanitizer run that passes also computed right.
 
 Usage: python3 benchmarks/cuda_smoke.py   (exits 1 on a mismatch)
 """
-import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -21,22 +19,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from relkd import ops  # noqa: E402
-from helpers import tf32_values  # noqa: E402
+from helpers import dyadic, tensor_cores, tf32_values  # noqa: E402
 
 FAILURES = []
-
-
-@contextlib.contextmanager
-def tensor_cores(mode, precision="highest"):
-    """RELKD_TENSOR_CORES=mode and the float32 matmul precision for the
-    calls inside; afterwards unset and "highest" again."""
-    os.environ["RELKD_TENSOR_CORES"] = mode
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision("highest")
-        del os.environ["RELKD_TENSOR_CORES"]
 
 
 def check(name, got, want, atol=1e-10, rel_norm=None):
@@ -218,7 +203,7 @@ def main() -> int:
     check("pair_histogram float32 (bins)", hist_gpu, hist_cpu, atol=100)
     # The selection on tensor cores (bf16, TF32, 3xTF32), on entries k / 8:
     # exact similarities in every format, so exactly the CPU's selection.
-    eighths = torch.randint(-8, 9, (2500, 24)).float() / 8
+    eighths = dyadic(2500, 24, seed=1)
     eighths_y = torch.randint(0, 50, (2500,))
     want = ops.negative_pair_select(eighths, eighths_y, [10, 1000], 3000, None, None, 0, "")
     for mode, precision in (("1", "highest"), ("auto", "high"), ("auto", "highest")):

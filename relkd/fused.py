@@ -42,7 +42,7 @@ def _half_operands(*inputs: Optional[Tensor]) -> Optional[torch.dtype]:
     makes, run on tensor cores; the losses stay float32 (SPEC: half inputs)."""
     given = [t for t in inputs if t is not None]
     dtype = given[0].dtype
-    if (dtype in (torch.bfloat16, torch.float16) and given[0].is_cuda
+    if (dtype in ops.HALF_DTYPES and given[0].is_cuda
             and all(t.dtype == dtype for t in given)
             and os.environ.get("RELKD_TENSOR_CORES", "0") in ("1", "auto")):
         return dtype

@@ -3,6 +3,7 @@ tolerance pattern, and running a loss for its value and gradient."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -75,6 +76,25 @@ def num_threads(n: int):
     return temporarily(torch.get_num_threads, torch.set_num_threads, n)
 
 
+@contextlib.contextmanager
+def tensor_cores(mode: str = "1", precision: str | None = None):
+    """RELKD_TENSOR_CORES=mode (and the float32 matmul precision, when given)
+    for the calls inside; both as before afterwards. 1: float32 ops on the
+    bf16 mma kernels (csrc/cuda/pair_tile_mma.cuh); auto: the format the
+    precision picks."""
+    before = os.environ.get("RELKD_TENSOR_CORES")
+    os.environ["RELKD_TENSOR_CORES"] = mode
+    try:
+        with temporarily(torch.get_float32_matmul_precision, torch.set_float32_matmul_precision,
+                         precision or torch.get_float32_matmul_precision()):
+            yield
+    finally:
+        if before is None:
+            del os.environ["RELKD_TENSOR_CORES"]
+        else:
+            os.environ["RELKD_TENSOR_CORES"] = before
+
+
 def assert_same_mining(got, want, q, c, scale):
     """Values equal up to float32 summation order; each returned index is
     the column its value belongs to (near-ties may swap which of two
@@ -113,3 +133,12 @@ def tf32_values(x):
                           torch.exp2(exponent - 11))
     rounded = torch.copysign(torch.floor(x64.abs() / quantum + 0.5) * quantum, x64)
     return torch.where(torch.isfinite(x64), rounded, x64).float()
+
+
+def dyadic(n, d, seed):
+    """Embeddings with entries k / 8, |k| <= 8: every format holds them and
+    every similarity is exact in any summation order (multiples of 1/64), so
+    the tensor-core passes must match the CPU kernels key for key, ties
+    included (there are many)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-8, 9, (n, d), generator=g).to(torch.float32) / 8

@@ -7,7 +7,6 @@ EKD over five steps, bitwise determinism, non-contiguous inputs, N = 0 / 1,
 bad input, autocast, torch.compile of a training step, and DDP with CUDA
 tensors; the opt-in tensor-core pairwise_loss tiles (RELKD_TENSOR_CORES=1)
 against the CPU kernels. Skipped without a GPU or without compiled CUDA kernels."""
-import contextlib
 import os
 import tempfile
 
@@ -23,8 +22,8 @@ from relkd import functional as Fn
 from relkd import ops, reference
 
 from helpers import (LABEL_PATTERNS, assert_bounded_error, assert_same_mining, correlated,
-                     embeddings, labels, requires_extension, spread_ties, temporarily,
-                     tf32_values)
+                     dyadic, embeddings, labels, requires_extension, spread_ties,
+                     tensor_cores, tf32_values)
 from test_losses_fused import GRADCHECK_CASES, compare
 from test_pair_select import sorted_reference
 from test_pairwise_loss import KINDS, direct, fused, grads_of, inputs
@@ -233,21 +232,6 @@ def test_pairwise_loss_gradcheck_and_opcheck(kind):
                            kind == "cckd"))
 
 
-@contextlib.contextmanager
-def tensor_cores(mode="1"):
-    """RELKD_TENSOR_CORES=mode for the calls inside (1: float32
-    pairwise_loss on the bf16 mma tile kernel, csrc/cuda/pair_tile_mma.cuh)."""
-    before = os.environ.get("RELKD_TENSOR_CORES")
-    os.environ["RELKD_TENSOR_CORES"] = mode
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["RELKD_TENSOR_CORES"]
-        else:
-            os.environ["RELKD_TENSOR_CORES"] = before
-
-
 def bf16_valued(args):
     """The float32 inputs rounded to values bfloat16 represents exactly, so
     that the tensor-core path's rounding changes nothing."""
@@ -292,8 +276,7 @@ def test_tf32_tensor_cores_at_high_precision(kind, n, d, pattern, seed):
     derivative), within 2^-9 of the gradient's norm."""
     args = [tf32_values(a) if isinstance(a, torch.Tensor) and a.dtype == F32 and a.dim() == 2
             else a for a in inputs(kind, n, d, seed, F32, pattern)]
-    with tensor_cores("auto"), temporarily(torch.get_float32_matmul_precision,
-                                           torch.set_float32_matmul_precision, "high"):
+    with tensor_cores("auto", "high"):
         got = cpu(*grads_of(fused_on_cuda, kind, *to_cuda_args(args)))
     want = grads_of(fused, kind, *args)
     scale = max(float(want[0].abs()), 1.0)
@@ -375,12 +358,10 @@ def test_negative_pair_select_on_tensor_cores(mode, precision):
     embeddings of entries k / 8, whose similarities every format computes
     exactly, the CPU kernels' thresholds, pairs and values exactly, ties
     included (N = 3000, several tiles)."""
-    g = torch.Generator().manual_seed(7)
-    x = torch.randint(-8, 9, (3000, 40), generator=g).to(F32) / 8
+    x = dyadic(3000, 40, seed=7)
     y = labels("random", 3000, 8)
     want = ops.negative_pair_select(x, y, [10, 100, 1000], 5000, None, None, 0, "")
-    with tensor_cores(mode), temporarily(torch.get_float32_matmul_precision,
-                                         torch.set_float32_matmul_precision, precision):
+    with tensor_cores(mode, precision):
         got = cpu(*ops.negative_pair_select(*gpu(x, y), [10, 100, 1000], 5000, None, None, 0,
                                             ""))
     for a, b in zip(got, want):

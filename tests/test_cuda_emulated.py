@@ -23,7 +23,7 @@ from torch.utils.cpp_extension import load
 from relkd import ops, reference
 
 from helpers import (LABEL_PATTERNS, assert_same_mining, embeddings, labels,
-                     requires_extension, spread_ties, temporarily, tf32_values)
+                     dyadic, requires_extension, spread_ties, temporarily, tf32_values)
 
 pytestmark = requires_extension
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -590,15 +590,6 @@ def test_top_pairs_below_a_low_threshold_are_the_best(emulated):
 # Tensor-core selection: the three float32 formats by switch and precision.
 SELECT_FORMATS = {"bf16": ("1", "highest"), "tf32": ("auto", "high"),
                   "tf32x3": ("auto", "highest")}
-
-
-def dyadic(n, d, seed):
-    """Embeddings with entries k / 8, |k| <= 8: every format holds them and
-    every similarity is exact in any summation order (multiples of 1/64), so
-    the tensor-core passes must match the CPU kernels key for key, ties
-    included (there are many)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(-8, 9, (n, d), generator=g).to(F32) / 8
 
 
 @pytest.mark.parametrize("fmt", list(SELECT_FORMATS))

@@ -373,9 +373,23 @@ at::Tensor squared_norms(const at::Tensor& x, c10::optional<cuda::MmaOperands> o
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// The outputs from the summed partials (loss, dl/dparams) and the gradients
+// (empty placeholders where not computed); the params' gradient only when
+// `params_grad`. Copies: outputs must not alias each other (nor the sums).
+Outputs pairwise_outputs(const at::Tensor& sums, const PairwiseArgs& in, bool params_grad,
+                         at::Tensor g_sr, at::Tensor g_sc, at::Tensor g_tr, at::Tensor g_tc) {
+  const auto opts = in.xs_r.options();
+  auto or_empty = [&](at::Tensor t) { return t.defined() ? t : at::empty({0}, opts); };
+  at::Tensor grad_params;
+  if (params_grad) grad_params = sums.narrow(0, 1, in.params.numel()).to(opts.dtype(), false, true);
+  return {sums[0].to(opts.dtype(), false, true), or_empty(g_sr), or_empty(g_sc), or_empty(g_tr),
+          or_empty(g_tc), or_empty(grad_params)};
+}
+
 // The symmetric tensor-core pass with the gradient products inside
 // (cuda::pair_rows_mma): only the student's gradient (and the params').
-// Not for TF32 operands, whose precision its bf16 G x X products would undercut.
+// 16-bit operands only: its bf16 G x X products would undercut TF32's and
+// 3xTF32's precision.
 bool rows_pass_applies(const PairwiseArgs& in, bool grad_s, bool grad_t,
                        cuda::MmaOperands operands) {
   return (operands == cuda::MmaOperands::Bf16 || operands == cuda::MmaOperands::Fp16) &&
@@ -412,12 +426,7 @@ Outputs rows_pass(cuda::PairKind kind, const PairwiseArgs& in, cuda::MmaOperands
   auto sums = at::zeros({3}, opts.dtype(at::kDouble));
   check_launch(cuda::sum_partials(ptr<double>(partials), blocks, ptr<double>(sums), stream),
                "pairwise_loss (sum)");
-  auto empty = [&] { return at::empty({0}, opts); };
-  // Copies: outputs must not alias each other (nor the sums they come from).
-  const at::Tensor grad_params =
-      in.kind.params_grad ? sums.narrow(0, 1, in.params.numel()).to(opts.dtype(), false, true)
-                          : empty();
-  return {sums[0].to(opts.dtype(), false, true), grad, empty(), empty(), empty(), grad_params};
+  return pairwise_outputs(sums, in, in.kind.params_grad, grad, {}, {}, {});
 }
 
 // A pairwise_loss's four embedding operands (columns alias the rows in the
@@ -548,17 +557,9 @@ Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool g
     g_sr.add_(2 * dn_r.unsqueeze(1) * in.xs_r);
     if (!sym) g_sc.add_(2 * dn_c.unsqueeze(1) * in.xs_c);
   }
-  auto empty = [&] { return at::empty({0}, opts); };
-  at::Tensor grad_params = empty();
-  // Copies: outputs must not alias each other (nor the sums they come from).
-  if (grad_s && kind.params_grad)
-    grad_params = sums.narrow(0, 1, in.params.numel()).to(opts.dtype(), false, true);
-  return {sums[0].to(opts.dtype(), false, true),
-          grad_s ? g_sr : empty(),
-          grad_s && !sym ? g_sc : empty(),
-          grad_t ? g_tr : empty(),
-          grad_t && !sym ? g_tc : empty(),
-          grad_params};
+  // Symmetric: the columns' gradients are the rows' (not returned twice).
+  return pairwise_outputs(sums, in, grad_s && kind.params_grad, g_sr, sym ? at::Tensor() : g_sc,
+                          g_tr, sym ? at::Tensor() : g_tc);
 }
 
 Outputs pairwise_loss_cuda(c10::string_view kind_name, const at::Tensor& xs_r,

@@ -76,9 +76,8 @@ __device__ __noinline__ PairSums rows_pair(const Terms& terms, const TileMask& o
 constexpr int kNormParts = 8;  // the 4 lanes of a row's quad x the 2 warps of its rows
 __device__ inline void sum_norm_parts(const double (&mine)[2], double (*parts)[kNormParts],
                                       float* dn_rows) {
-  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, q4 = threadIdx.x % 4;
-  for (int h = 0; h < 2; ++h)
-    parts[warp % 4 * kMmaWarpRows + g + 8 * h][warp / 4 * 4 + q4] = mine[h];
+  const int part = threadIdx.x / 32 / 4 * 4 + threadIdx.x % 4;  // warp column, lane in quad
+  for (int h = 0; h < 2; ++h) parts[entry_row(2 * h)][part] = mine[h];
   __syncthreads();
   if (threadIdx.x < kMmaEdge) {
     double total = 0;
@@ -105,7 +104,7 @@ __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) 
   ordered.symmetric = false;
   const bool vector_x = vector_rows(a.xs, a.ds);
 
-  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, q4 = threadIdx.x % 4;
+  const int warp = threadIdx.x / 32;
   const int warp_row = warp % 4 * kMmaWarpRows, warp_col = warp / 4 * kMmaWarpCols;
   PairSums sums;
   double dn_mine[2] = {0.0, 0.0};  // dl/dn of this thread's two rows, its columns' share
@@ -117,8 +116,8 @@ __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) 
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {  // the accumulator layout of mma.cuh
-        const int r = warp_row + g + 8 * (i / 2), c = warp_col + j * 8 + 2 * q4 + i % 2;
+      for (int i = 0; i < 4; ++i) {
+        const int r = entry_row(i), c = entry_col(j, i);
         sums.add(rows_pair(terms, ordered, a, r0 + r, c0 + c, s[j][i], t[j][i],
                            &g_tile[r * kGradStride + c], &dn_mine[i / 2]));
       }
@@ -134,8 +133,8 @@ __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) 
       for (int j = 0; j < 4; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {  // each entry has one owner: no race, fixed order
-          const int r = warp_row + g + 8 * (i / 2);
-          const int64_t d = d0 + warp_col + j * 8 + 2 * q4 + i % 2;
+          const int r = entry_row(i);
+          const int64_t d = d0 + entry_col(j, i);
           if (d < a.ds) grad[r * a.ds + d] += acc[j][i];
         }
     }

@@ -12,21 +12,6 @@ namespace relkd {
 namespace cuda {
 namespace {
 
-// This block's sub-tile of the view: (tr, tc), tile-local.
-__device__ inline void block_sub_tile(const TileView& view, int64_t* tr, int64_t* tc) {
-  const int64_t blocks_c = (view.cols + kMmaEdge - 1) / kMmaEdge;
-  *tr = blockIdx.x / blocks_c * kMmaEdge;
-  *tc = blockIdx.x % blocks_c * kMmaEdge;
-}
-
-// This thread's entry (j, i) of the sub-tile at (tr, tc) (the accumulator
-// layout of mma.cuh): its tile-local row and column.
-__device__ inline void entry_at(int64_t tr, int64_t tc, int j, int i, int64_t* r, int64_t* c) {
-  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, q4 = threadIdx.x % 4;
-  *r = tr + warp % 4 * kMmaWarpRows + g + 8 * (i / 2);
-  *c = tc + warp / 4 * kMmaWarpCols + j * 8 + 2 * q4 + i % 2;
-}
-
 // Whether entry (r, c) lies inside the view and is a pair of the mask.
 __device__ inline bool counted(const TileView& view, const TileMask& mask, int64_t r, int64_t c) {
   return r < view.rows && c < view.cols && tile_weight(mask, view.r0 + r, view.c0 + c) != 0;
@@ -62,8 +47,7 @@ __global__ void histogram_mma_kernel(MmaTileInputs in, TileView view, TileMask m
   // over a minute of nvcc per unrolled unit.
   for (int j = 0; j < 4; ++j)  // every thread makes the 16 calls: warp-wide steps inside
     for (int i = 0; i < 4; ++i) {
-      int64_t r, c;
-      entry_at(tr, tc, j, i, &r, &c);
+      const int64_t r = tr + entry_row(i), c = tc + entry_col(j, i);
       histogram_entry(acc[j][i], counted(view, mask, r, c), prefixes, n_prefix, shift, hist);
     }
 }
@@ -85,8 +69,7 @@ __global__ void collect_mma_kernel(MmaTileInputs in, TileView view, TileMask mas
   sub_tile_products<H>(in.xs_r, in.xs_c, in.ds, view, tr, tc, stage, acc);
   for (int j = 0; j < 4; ++j)  // rolled, as above
     for (int i = 0; i < 4; ++i) {
-      int64_t r, c;
-      entry_at(tr, tc, j, i, &r, &c);
+      const int64_t r = tr + entry_row(i), c = tc + entry_col(j, i);
       collect_entry(view, mask, r, c, acc[j][i], counted(view, mask, r, c), out, tie_keys);
     }
 }

@@ -25,6 +25,16 @@ static_assert(kThreads == 256 && (kMmaEdge / kMmaWarpRows) * (kMmaEdge / kMmaWar
 
 constexpr int kStageEntries = 4 * kMmaEdge * kMmaStride;  // rows and columns, two buffers
 
+// Where this thread's accumulator entry acc[j][i] lies in its block's
+// 64 x 64 sub-tile (the accumulator layout of mma.cuh, the warp grid
+// above): its row and column from the sub-tile's corner.
+__device__ inline int entry_row(int i) {
+  return threadIdx.x / 32 % 4 * kMmaWarpRows + threadIdx.x % 32 / 4 + 8 * (i / 2);
+}
+__device__ inline int entry_col(int j, int i) {
+  return threadIdx.x / 32 / 4 * kMmaWarpCols + j * 8 + 2 * (threadIdx.x % 4) + i % 2;
+}
+
 // A thread's share of one staging step: 16 bytes of one of the 64 rows
 // (64 rows x 32 staging units = 256 threads x 8 units): 8 entries of a
 // 16-bit format, or 4 TF32 entries.
@@ -221,13 +231,21 @@ __device__ inline void zero_sub_tile(const PairTileArgs<float>& a, const TileVie
   }
 }
 
+// This block's sub-tile of the view (blocks row-major over 64 x 64
+// sub-tiles): its corner (tr, tc), tile-local.
+__device__ inline void block_sub_tile(const TileView& view, int64_t* tr, int64_t* tc) {
+  const int64_t blocks_c = (view.cols + kMmaEdge - 1) / kMmaEdge;
+  *tr = blockIdx.x / blocks_c * kMmaEdge;
+  *tc = blockIdx.x % blocks_c * kMmaEdge;
+}
+
 template <typename Terms, MmaOperands H>
 __global__ void pair_tile_mma_kernel(Terms terms, PairTileArgs<float> a, MmaTileInputs in,
                                      TileView view, TileMask mask) {
   alignas(16) __shared__ uint16_t stage[kStageEntries];
   __shared__ double shared[kThreads];
-  const int64_t blocks_c = (view.cols + kMmaEdge - 1) / kMmaEdge;
-  const int64_t tr = blockIdx.x / blocks_c * kMmaEdge, tc = blockIdx.x % blocks_c * kMmaEdge;
+  int64_t tr, tc;
+  block_sub_tile(view, &tr, &tc);
   if (below_diagonal(view, mask, tr, tc)) {  // the whole block leaves together
     zero_sub_tile(a, view, tr, tc);
     if (threadIdx.x < 3) a.sums[blockIdx.x * 3 + threadIdx.x] = 0.0;
@@ -237,15 +255,13 @@ __global__ void pair_tile_mma_kernel(Terms terms, PairTileArgs<float> a, MmaTile
   sub_tile_products<H>(in.xs_r, in.xs_c, in.ds, view, tr, tc, stage, s);
   if (in.xt_r) sub_tile_products<H>(in.xt_r, in.xt_c, in.dt, view, tr, tc, stage, t);
 
-  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, q = threadIdx.x % 4;
-  const int64_t row0 = tr + warp % 4 * kMmaWarpRows, col0 = tc + warp / 4 * kMmaWarpCols;
   PairSums sums;
 #pragma unroll
   for (int j = 0; j < 4; ++j)
 #pragma unroll
-    for (int i = 0; i < 4; ++i)  // the accumulator layout of mma.cuh
-      sums.add(pair_epilogue(terms, a, view, mask, row0 + g + 8 * (i / 2),
-                             col0 + j * 8 + 2 * q + i % 2, s[j][i], t[j][i]));
+    for (int i = 0; i < 4; ++i)
+      sums.add(pair_epilogue(terms, a, view, mask, tr + entry_row(i), tc + entry_col(j, i),
+                             s[j][i], t[j][i]));
   store_block_sums(sums, shared, a.sums);
 }
 

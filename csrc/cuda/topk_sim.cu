@@ -303,6 +303,9 @@ __global__ void offer_mma_kernel(const float* q, const float* c, int64_t d, Tile
     rs.bar[r] = Key{st.bar_hi[slot(r)], st.bar_lo[slot(r)]};
   }
   __syncthreads();
+  // The accumulator layout (entry_row / entry_col of pair_tile_mma.cuh) with
+  // the thread's part hoisted: calling those in the loop below costs this
+  // kernel 20-28 more registers (ptxas, sm_80: over 128 for fp16 / 3xTF32).
   const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, q4 = threadIdx.x % 4;
   const int row0 = warp % 4 * kMmaWarpRows, col0 = warp / 4 * kMmaWarpCols;
   for (int64_t tc = 0; tc < mine.cols; tc += kMmaEdge) {
