@@ -155,30 +155,31 @@ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* row) {
   ::relkd_emulation::ldmatrix_x4(r, row, true);
 }
 #else
-__device__ inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) {
+template <bool Trans>
+__device__ inline void ldmatrix_x4_as(uint32_t (&r)[4], const uint16_t* row) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
+#define RELKD_LDMATRIX(layout)                                              \
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4" layout ".shared.b16 "       \
+               "{%0, %1, %2, %3}, [%4];\n"                                  \
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])          \
+               : "r"(address))
+  if constexpr (Trans)
+    RELKD_LDMATRIX(".trans");
+  else
+    RELKD_LDMATRIX("");
+#undef RELKD_LDMATRIX
 #else
   (void)row;
   r[0] = r[1] = r[2] = r[3] = 0;
   __trap();  // sm_80+ only, as the mma below
 #endif
 }
-
+__device__ inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) {
+  ldmatrix_x4_as<false>(r, row);
+}
 __device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* row) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
-#else
-  (void)row;
-  r[0] = r[1] = r[2] = r[3] = 0;
-  __trap();
-#endif
+  ldmatrix_x4_as<true>(r, row);
 }
 #endif
 
