@@ -8,7 +8,7 @@ CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 NVCC ?= nvcc
 
 .PHONY: deps test-deps demo-deps build test test-large demo bench bench-quick nvcc-check \
-	cxx-test sanitize clean
+	cxx-test sanitize gpu-image-test clean
 
 # What each target needs, installed only where missing. ninja compiles the
 # C++ units in parallel (MAX_JOBS); the build works without it.
@@ -107,6 +107,22 @@ sanitize: test-deps
 		-DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	cmake --build cmake-build-sanitize -j 2
 	cd cmake-build-sanitize && ASAN_OPTIONS=detect_leaks=0 ctest --output-on-failure
+
+# The GPU machine's image has torch 2.11.0+cu130 and nvcc 13.0 (CI: 2.13.0,
+# CPU). A fresh clone built and tested, on this CPU, in a virtual environment
+# with that torch (PyPI's CUDA build, ~5 GB with its nvidia-* wheels), so that
+# an API newer than 2.11 fails here and not in a GPU session's short device
+# time. Not in CI (the download); run it before a GPU session.
+GPU_IMAGE_TORCH ?= 2.11.0
+GPU_IMAGE_DIR ?= /tmp/relkd-gpu-image-test
+gpu-image-test:
+	rm -rf $(GPU_IMAGE_DIR) && mkdir -p $(GPU_IMAGE_DIR)
+	$(PYTHON) -m venv $(GPU_IMAGE_DIR)/venv
+	$(GPU_IMAGE_DIR)/venv/bin/pip install -q torch==$(GPU_IMAGE_TORCH) numpy pytest hypothesis \
+		matplotlib tqdm ninja setuptools wheel
+	git clone -q . $(GPU_IMAGE_DIR)/src
+	$(MAKE) -C $(GPU_IMAGE_DIR)/src test PYTHON=$(GPU_IMAGE_DIR)/venv/bin/python
+	$(GPU_IMAGE_DIR)/venv/bin/python -m relkd | head -5
 
 clean:
 	rm -rf build cmake-build cmake-build-sanitize relkd/_C*.so *.egg-info bench-output
