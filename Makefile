@@ -122,7 +122,7 @@ gpu-image-test:
 		matplotlib tqdm ninja setuptools wheel
 	git clone -q . $(GPU_IMAGE_DIR)/src
 	$(MAKE) -C $(GPU_IMAGE_DIR)/src test PYTHON=$(GPU_IMAGE_DIR)/venv/bin/python
-	$(GPU_IMAGE_DIR)/venv/bin/python -m relkd | head -5
+	cd $(GPU_IMAGE_DIR)/src && $(GPU_IMAGE_DIR)/venv/bin/python -m relkd
 
 clean:
 	rm -rf build cmake-build cmake-build-sanitize relkd/_C*.so *.egg-info bench-output
