@@ -5,8 +5,9 @@ search, bf16, TF32 and 3xTF32), pair_dot and its
 backward, pairwise_loss of every kind (symmetric and rectangular, with
 gradients; on the float32 tiles and on the opt-in tensor-core kernels: bf16,
 TF32, 3xTF32, 16-bit operands),
-pair_histogram and pair_topk (including many ties and more pairs above the
-threshold than it returns; on tensor cores too). Each result is also checked against
+pair_histogram, pair_histogram_topk's first-pass collections and pair_topk
+(including many ties and more pairs above the threshold than it returns; on
+tensor cores too). Each result is also checked against
 the CPU kernels, so a sanitizer run that passes also computed right.
 
 Usage: python3 benchmarks/cuda_smoke.py   (exits 1 on a mismatch)
@@ -19,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from relkd import ops  # noqa: E402
-from helpers import dyadic, tensor_cores, tf32_values  # noqa: E402
+from helpers import dyadic, first_pass_cases, tensor_cores, tf32_values  # noqa: E402
 
 FAILURES = []
 
@@ -30,7 +31,9 @@ def check(name, got, want, atol=1e-10, rel_norm=None):
     got = [g.cpu() for g in (got if isinstance(got, (tuple, list)) else [got])]
     want = want if isinstance(want, (tuple, list)) else [want]
     for g, w in zip(got, want):
-        if rel_norm is not None and g.shape == w.shape:
+        if not w.is_floating_point() and atol == 0:  # ids, counts, 64-bit keys: exactly
+            ok = torch.equal(g, w)
+        elif rel_norm is not None and g.shape == w.shape:
             error = float((g.double() - w.double()).norm())
             ok = error <= rel_norm * float(w.double().norm()) + 1e-6
         else:
@@ -211,6 +214,20 @@ def main() -> int:
             got = ops.negative_pair_select(*g(eighths, eighths_y), [10, 1000], 3000, None, None, 0,
                                            "")
         check(f"negative_pair_select tensor cores ({mode}, {precision})", got, want, atol=0)
+    # The first pass's collections (kept keys past a small cap too, the top
+    # pairs' buffer), tile path and tensor cores, on exact similarities.
+    for dtype, mode in ((f64, "0"), (torch.float32, "1")):
+        small = dyadic(300, 24, seed=2).to(dtype)
+        small_y = torch.randint(0, 30, (300,))
+        with tensor_cores(mode):
+            for rows in (None, slice(60, 240)):
+                for n, args in enumerate(first_pass_cases(small, small_y, rows,
+                                                          64 if dtype == f64 else 32, 40)):
+                    on_gpu = [a.cuda() if isinstance(a, torch.Tensor) and at != 9 else a
+                              for at, a in enumerate(args)]
+                    check(f"pair_histogram_topk {dtype} tensor cores {mode} case {n}",
+                          torch.ops.relkd.pair_histogram_topk(*on_gpu),
+                          torch.ops.relkd.pair_histogram_topk(*args), atol=0)
     torch.cuda.synchronize()
     print(f"{len(FAILURES)} mismatches" if FAILURES else "all kernels match the CPU")
     return 1 if FAILURES else 0

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "pair_math.h"
 
@@ -338,6 +339,41 @@ inline void check_histogram_args(int64_t key_bits, const at::Tensor& prefixes, i
   TORCH_CHECK_VALUE(shift >= 0 && shift % 16 == 0 && shift + 16 <= key_bits,
                     "shift must be one of 0", key_bits > 32 ? ", 16, 32, 48" : ", 16",
                     " for this dtype, got ", shift);
+}
+
+// pair_histogram_topk's collection arguments, checked: per first-pass bin
+// (the top 16 key bits), whether its whole keys are kept (empty: none).
+inline std::vector<uint8_t> collect_bin_flags(const c10::optional<at::Tensor>& ranges,
+                                              int64_t cap, int64_t shift, int64_t key_bits,
+                                              int64_t top_min_bin) {
+  constexpr int64_t kBins = int64_t(1) << 16;
+  TORCH_CHECK_VALUE(cap >= 0, "collect_cap must be >= 0, got ", cap);
+  TORCH_CHECK_VALUE(top_min_bin >= 0 && top_min_bin < kBins,
+                    "top_min_bin must lie in [0, 65536), got ", top_min_bin);
+  const bool first_pass = shift + 16 == key_bits;
+  TORCH_CHECK_VALUE(first_pass || top_min_bin == 0,
+                    "top_min_bin: bins are those of the first pass only (shift ", key_bits - 16,
+                    "), got shift ", shift);
+  std::vector<uint8_t> in_bin;
+  if (!ranges.has_value() || ranges->numel() == 0) return in_bin;
+  const at::Tensor& r = *ranges;
+  TORCH_CHECK_VALUE(r.dim() == 2 && r.size(1) == 2 && r.scalar_type() == at::kLong &&
+                        r.device().is_cpu(),
+                    "collect_ranges must be a CPU int64 tensor of shape (R, 2), got ",
+                    r.scalar_type(), " ", r.sizes(), " on ", r.device());
+  TORCH_CHECK_VALUE(first_pass, "collect_ranges: keys are collected in the first pass only (shift ",
+                    key_bits - 16, "), got shift ", shift);
+  in_bin.assign(kBins, 0);
+  const auto rc = r.contiguous();
+  const int64_t* p = rc.data_ptr<int64_t>();
+  for (int64_t e = 0; e < r.size(0); ++e) {
+    const int64_t lo = p[2 * e], hi = p[2 * e + 1];
+    TORCH_CHECK_VALUE(0 <= lo && lo <= hi && hi < kBins,
+                      "collect_ranges: every range (lo, hi) needs 0 <= lo <= hi < 65536, got (",
+                      lo, ", ", hi, ")");
+    std::fill(in_bin.begin() + lo, in_bin.begin() + hi + 1, uint8_t(1));
+  }
+  return in_bin;
 }
 
 }  // namespace relkd

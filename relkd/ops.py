@@ -195,7 +195,7 @@ if HAS_EXTENSION:
 
     @torch.library.register_fake("relkd::pair_histogram_topk")
     def _pair_histogram_topk_fake(x_r, x_c, labels_r, labels_c, ids_r, ids_c, prefixes, shift,
-                                  topk, collect_ranges=None, collect_cap=0):
+                                  topk, collect_ranges=None, collect_cap=0, top_min_bin=0):
         n_collected = torch.library.get_ctx().new_dynamic_size()
         return (prefixes.new_empty(prefixes.shape[0], DIGITS), x_r.new_empty(topk),
                 x_r.new_empty(topk, dtype=torch.long), x_r.new_empty(topk, dtype=torch.long),
@@ -644,11 +644,13 @@ def radix_select(histogram, targets: Sequence[int], bits: int, all_reduce=None, 
     return prefix, [t - r for t, r in zip(targets, remaining)]
 
 
-# On the CPU, EKD's first pass also keeps the whole keys of the pairs in the
-# bins where a row sample predicts each threshold; a target whose exact bin
-# was kept is resolved from them, so the later passes over all pairs (one
-# for float32, three for float64) are skipped for it. Under DDP the sample
-# histograms are summed and the kept keys gathered from every rank.
+# EKD's first pass also keeps the whole keys of the pairs in the bins where
+# a row sample predicts each threshold; a target whose exact bin was kept is
+# resolved from them, so the later passes over all pairs (one for float32,
+# three for float64) are skipped for it. On CUDA it also keeps the pairs in
+# the bins predicted to hold the top-k, which saves pair_topk's pass. Under
+# DDP the sample histograms are summed and the kept keys gathered from
+# every rank.
 COLLECT_CAP = 1 << 21        # kept keys (16 MiB of int64), else the radix passes
 COLLECT_MIN_ROWS = 256       # below this the passes are cheap: no sample
 COLLECT_SAMPLE_STRIDE = 16   # every 16th row against all columns (~1/16 of the pairs)
@@ -698,6 +700,32 @@ def predicted_bins(sample_hist: Tensor, targets: Sequence[int], n_pairs: int,
             kept.append(merged[i])
             total += expected_keys[i]
     return sorted(kept)
+
+
+def predicted_top_bin(sample_hist: Tensor, k: int, n_pairs: int) -> int:
+    """The lowest first-pass bin of the bins that hold the k largest keys
+    with high probability, judged as predicted_bins judges a target; 0
+    (every bin) when the sample cannot tell."""
+    at_or_below = sample_hist.reshape(-1).cpu().cumsum(0)
+    n_sample = int(at_or_below[-1])
+    if n_sample == 0:
+        return 0
+    expected = (k - 1) * n_sample / n_pairs
+    last = expected + COLLECT_MARGIN_SIGMAS * (expected + 1) ** 0.5 + 2
+    return 0 if last >= n_sample - 1 else digit_at(at_or_below, int(last))[0]
+
+
+def device_collect_cap(sample_hist: Tensor, ranges: Sequence[Tuple[int, int]],
+                       n_pairs: int) -> int:
+    """The keys a CUDA first pass makes room for (its buffer is allocated
+    whole): twice the sample's estimate of the keys in `ranges`, plus slack,
+    at most COLLECT_CAP. More keys make the collection give up, not fail."""
+    at_or_below = sample_hist.reshape(-1).cpu().cumsum(0)
+    n_sample = int(at_or_below[-1])
+    if n_sample == 0 or not ranges:
+        return 0
+    expected = sum(count_in(at_or_below, lo, hi) for lo, hi in ranges) * n_pairs / n_sample
+    return int(min(COLLECT_CAP, 2 * expected + (1 << 16)))
 
 
 def collected_resolver(hist: Tensor, collected: Tensor, ranges: Sequence[Tuple[int, int]],
@@ -813,27 +841,36 @@ def negative_pair_select(x: Tensor, labels: Tensor, divisors: List[int], topk: i
 
     bits = key_bits(x.dtype)
     k_eff = min(topk, n_neg)
-    # On CPU the first histogram pass also collects the top-k pairs; the CUDA
-    # kernels select the k-th key by radix too and then collect (pair_topk).
-    top_in_first_pass = k_eff > 0 and x.device.type == "cpu"
+    by_bar = top_by_running_bar(x.device)
     targets = [n_neg // q for q in divisors]
-    if k_eff > 0 and not top_in_first_pass:
-        targets.append(k_eff - 1)
     if any(not 0 <= t < n_neg for t in targets):  # SPEC §3.2 needs every q >= 2
         raise ValueError(f"divisors: every rank position n_neg // q must lie in [0, {n_neg}), "
                          f"got divisors {list(divisors)}")
+    # A row sample predicts the first-pass bins of each target (and on CUDA
+    # those holding the top-k pairs); `n` (global), not len(x): every rank
+    # must decide alike.
+    sample = _sample_histogram(common, bits, summed) if n >= COLLECT_MIN_ROWS else None
+    ranges = [] if sample is None else predicted_bins(sample, targets, n_neg, COLLECT_CAP)
+    # The top-k pairs come from the first pass: on CPU by a running bar; on
+    # CUDA from the bins predicted to hold them (checked below). Else the
+    # radix passes find the k-th key and pair_topk collects the pairs.
+    top_min_bin = 0
+    if k_eff > 0 and not by_bar and sample is not None:
+        top_min_bin = predicted_top_bin(sample, k_eff, n_neg)
+    top_in_first_pass = k_eff > 0 and (by_bar or top_min_bin > 0)
+    cap = COLLECT_CAP if by_bar or sample is None else device_collect_cap(sample, ranges, n_neg)
+    if k_eff > 0 and not top_in_first_pass:
+        targets.append(k_eff - 1)
     first_top, first_pass = [], []
-    # `n` (global), not len(x): every rank must decide alike.
-    ranges = _predicted_bins_of(common, targets, n_neg, bits, summed) if (
-        x.device.type == "cpu" and n >= COLLECT_MIN_ROWS) else []
     resolvers = []
 
     def histogram(prefixes: Tensor, shift: int) -> Tensor:
         prefixes = prefixes.to(x.device)
-        if (top_in_first_pass or ranges) and shift == bits - 16:
+        if (top_in_first_pass or ranges) and shift == bits - 16 and not first_pass:
             collect = torch.tensor(ranges, dtype=torch.long).reshape(-1, 2)
             hist, *found, kept = torch.ops.relkd.pair_histogram_topk(
-                *common, prefixes, shift, topk if top_in_first_pass else 0, collect, COLLECT_CAP)
+                *common, prefixes, shift, topk if top_in_first_pass else 0, collect, cap,
+                top_min_bin)
             first_top.append(tuple(found))
             first_pass.append((hist, kept))
             return hist
@@ -848,18 +885,29 @@ def negative_pair_select(x: Tensor, labels: Tensor, divisors: List[int], topk: i
                 hist = first_summed[0]
                 kept = keys_descending(relkd_dist.gather_rows(kept, group), bits)
             resolvers.append(None if kept is None else
-                             collected_resolver(hist, kept, ranges, bits, COLLECT_CAP))
+                             collected_resolver(hist, kept, ranges, bits, cap))
         return resolvers[0](bin_, position) if resolvers[0] else None
 
-    keys, n_above = radix_select(histogram, targets, bits, all_reduce if summed else None,
-                                 resolve)
+    reduce = all_reduce if summed else None
+    keys, n_above = radix_select(histogram, targets, bits, reduce, resolve)
     thresholds = torch.tensor([key_to_value(k, bits) for k in keys[:len(divisors)]],
                               dtype=x.dtype, device=x.device)
-    if top_in_first_pass:
+    kth = (keys[-1], n_above[-1]) if k_eff > 0 and not top_in_first_pass else None
+    if top_in_first_pass and not first_pass:  # no divisors: the first pass for the pairs alone
+        hist = histogram(torch.zeros(1, dtype=torch.long), bits - 16)
+        if reduce is not None:
+            reduce(hist)
+    if top_in_first_pass and not by_bar:
+        # The predicted bins held the top k_eff pairs only if they hold at
+        # least k_eff pairs (of every rank's rows): else the passes decide.
+        first = (first_summed[0] if group is not None else first_pass[0][0]).reshape(-1)
+        if int(first[top_min_bin:].sum()) < k_eff:
+            found, above = radix_select(histogram, [k_eff - 1], bits, reduce, resolve)
+            kth = (found[0], above[0])
+    if kth is not None:
+        top = torch.ops.relkd.pair_topk(*common, as_int64(kth[0]), k_eff - kth[1], topk)
+    elif top_in_first_pass:
         top = first_top[0]
-    elif k_eff > 0:
-        n_equal = k_eff - n_above[-1]
-        top = torch.ops.relkd.pair_topk(*common, as_int64(keys[-1]), n_equal, topk)
     if k_eff > 0 and group is not None:  # every rank's candidates, merged the same way
         top = merge_top_pairs(*(relkd_dist.gather_rows(t, group) for t in top), topk)
     return (thresholds, *top, n_neg_t)
@@ -874,11 +922,17 @@ def keys_descending(keys: Tensor, bits: int) -> Tensor:
     return keys[torch.sort(order, descending=True, stable=True).indices]
 
 
-def _predicted_bins_of(common, targets: Sequence[int], n_pairs: int, bits: int,
-                       all_reduce=None) -> List[Tuple[int, int]]:
-    """predicted_bins from the first-pass histogram of every
-    COLLECT_SAMPLE_STRIDE-th row against all columns (under DDP, of every
-    rank's rows: `all_reduce` sums the sample histograms)."""
+def top_by_running_bar(device: torch.device) -> bool:
+    """Whether the selection's first pass finds the top-k pairs by a running
+    bar (the CPU kernel) or, on CUDA, from the bins a row sample predicts
+    to hold them (tests run the CUDA strategy on CPU tensors through this)."""
+    return device.type == "cpu"
+
+
+def _sample_histogram(common, bits: int, all_reduce=None) -> Tensor:
+    """The first-pass histogram of every COLLECT_SAMPLE_STRIDE-th row
+    against all columns (under DDP, of every rank's rows: `all_reduce` sums
+    the sample histograms)."""
     x, x_cols, labels, labels_cols, ids_r, _ = common
     n = len(x)
     ids = ids_r if ids_r is not None else torch.arange(n, device=x.device)
@@ -887,9 +941,7 @@ def _predicted_bins_of(common, targets: Sequence[int], n_pairs: int, bits: int,
         x[pick], x if x_cols is None else x_cols, labels[pick],
         labels if labels_cols is None else labels_cols, ids[pick], None,
         torch.zeros(1, dtype=torch.long, device=x.device), bits - 16)
-    if all_reduce is not None:
-        sample = all_reduce(sample)
-    return predicted_bins(sample, targets, n_pairs, COLLECT_CAP)
+    return sample if all_reduce is None else all_reduce(sample)
 
 
 @negative_pair_select.register_fake

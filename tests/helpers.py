@@ -142,3 +142,26 @@ def dyadic(n, d, seed):
     included (there are many)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(-8, 9, (n, d), generator=g).to(torch.float32) / 8
+
+
+def first_pass_cases(x, y, rows, bits, topk):
+    """pair_histogram_topk arguments over x's negative pairs (rows: those
+    rows, or all): key ranges around a middle and the top bins, top pairs
+    from a high bin up, from bin 1 up (nearly every pair: more than the
+    buffer), from every bin (top_min_bin 0); a key cap too small; a later
+    pass; keys alone."""
+    whole = torch.zeros(1, dtype=torch.long)
+    hist = torch.ops.relkd.pair_histogram(x, None, y, None, None, None, whole, bits - 16)[0]
+    bins = torch.nonzero(hist).flatten().tolist()
+    ranges = torch.tensor([[bins[len(bins) // 2] - 1, bins[len(bins) // 2] + 1],
+                           [bins[-4], 65535]])
+    high = bins[-6]
+    common = ((x[rows], x, y[rows], y, torch.arange(rows.start, rows.stop), None) if rows
+              else (x, None, y, None, None, None))
+    prefixes = torch.tensor(bins[-3:])
+    return [common + (whole, bits - 16, topk, ranges, 10**6, high),
+            common + (whole, bits - 16, topk, ranges, 5, high),
+            common + (whole, bits - 16, topk, None, 0, 1),
+            common + (whole, bits - 16, topk, None, 0, 0),
+            common + (prefixes, bits - 32, topk),
+            common + (whole, bits - 16, 0, ranges, 10**6)]

@@ -22,8 +22,8 @@ from relkd import functional as Fn
 from relkd import ops, reference
 
 from helpers import (LABEL_PATTERNS, assert_bounded_error, assert_same_mining, correlated,
-                     dyadic, embeddings, labels, requires_extension, spread_ties,
-                     tensor_cores, tf32_values)
+                     dyadic, embeddings, first_pass_cases, labels, requires_extension,
+                     spread_ties, tensor_cores, tf32_values)
 from test_losses_fused import GRADCHECK_CASES, compare
 from test_pair_select import sorted_reference
 from test_pairwise_loss import KINDS, direct, fused, grads_of, inputs
@@ -368,6 +368,45 @@ def test_negative_pair_select_on_tensor_cores(mode, precision):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("mode", ["0", "1"])
+def test_first_pass_collections(dtype, mode):
+    """pair_histogram_topk's first pass on CUDA (tile path and, for float32,
+    tensor cores): the CPU kernel's histogram, kept keys and top pairs
+    exactly (dyadic embeddings: exact products, many ties), from the top
+    pairs' buffer and by the passes when it cannot hold them."""
+    if dtype == F64 and mode == "1":
+        pytest.skip("float64 has no tensor-core path")
+    x, y = dyadic(1500, 40, seed=33).to(dtype), labels("random", 1500, 34)
+    bits = 64 if dtype == F64 else 32
+    with tensor_cores(mode):
+        for rows in (None, slice(300, 1100)):
+            for args in first_pass_cases(x, y, rows, bits, 60):
+                on_gpu = [a.cuda() if isinstance(a, torch.Tensor) and at != 9 else a
+                          for at, a in enumerate(args)]  # collect_ranges (9) stay on the CPU
+                got = torch.ops.relkd.pair_histogram_topk(*on_gpu)
+                want = torch.ops.relkd.pair_histogram_topk(*args)
+                for g, w in zip(cpu(*got), want):
+                    assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_selection_takes_one_pass_over_the_pairs(dtype, monkeypatch):
+    """Above COLLECT_MIN_ROWS rows EKD's student selection (thresholds and
+    top-k pairs) runs one pass over the pairs on CUDA (plus the row
+    sample's), with the CPU's result (dyadic embeddings: exact products)."""
+    x, y = dyadic(4000, 64, seed=35).to(dtype), labels("random", 4000, 36)
+    divisors = [10, 100, 1000, 10000, 100000]
+    want = ops.negative_pair_select(x, y, divisors, 2000, None, None, 0, "")
+    shifts, radix_select = [], ops.radix_select
+    monkeypatch.setattr(ops, "radix_select", lambda h, *a, **k: radix_select(
+        lambda p, s: shifts.append(s) or h(p, s), *a, **k))
+    got = cpu(*ops.negative_pair_select(*gpu(x, y), divisors, 2000, None, None, 0, ""))
+    assert shifts == [ops.key_bits(dtype) - 16]
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
 def test_pair_topk_with_more_ties_than_it_returns():
     # Collapsed embeddings: every similarity is exactly 1, the top-k are the
     # first pairs (i, j) in order, across many tiles.
@@ -399,6 +438,10 @@ def test_pair_select_opcheck(dtype):
     torch.library.opcheck(torch.ops.relkd.pair_histogram.default,
                           (x, None, y, None, None, None, prefixes, bits - 16))
     torch.library.opcheck(torch.ops.relkd.pair_topk.default, (x, None, y, None, None, None, 0, 5, 9))
+    collect = torch.tensor([[0, 40000], [50000, 65535]])
+    torch.library.opcheck(torch.ops.relkd.pair_histogram_topk.default,
+                          (x, None, y, None, None, None, prefixes, bits - 16, 9, collect, 100,
+                           30000))
 
 
 # --------------------------------------------------------------------- losses

@@ -22,7 +22,7 @@ from torch.utils.cpp_extension import load
 
 from relkd import ops, reference
 
-from helpers import (LABEL_PATTERNS, assert_same_mining, embeddings, labels,
+from helpers import (LABEL_PATTERNS, assert_same_mining, embeddings, first_pass_cases, labels,
                      dyadic, requires_extension, spread_ties, temporarily, tf32_values)
 
 pytestmark = requires_extension
@@ -589,6 +589,25 @@ def test_top_pairs_below_a_low_threshold_are_the_best(emulated):
         close(emulated.pair_topk(*args), torch.ops.relkd.pair_topk(*args), atol=1e-15)
 
 
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_first_pass_collections(emulated, dtype):
+    """pair_histogram_topk on CUDA (pair_select.cuh, collect_first_pass):
+    the CPU kernel's histogram, kept keys and top pairs exactly (dyadic
+    embeddings: exact products, many ties): top pairs from the buffer of
+    the bins at and above top_min_bin, or by the radix passes and pair_topk
+    when the buffer cannot hold them (from bin 1 or 0 of 87,990 pairs, in a
+    later pass, or fewer pairs than topk); keys given up past their cap."""
+    x, y = dyadic(420, 6, seed=29).to(dtype), labels("random", 420, 30)
+    bits = ops.key_bits(dtype)
+    for args in first_pass_cases(x, y, None, bits, 40):
+        close(emulated.pair_histogram_topk(*args), torch.ops.relkd.pair_histogram_topk(*args), 0)
+    # Fewer negative pairs (1,254) than topk, too many pairs for the buffer.
+    few = torch.zeros(420, dtype=torch.long)
+    few[:3] = torch.tensor([1, 2, 3])
+    args = (x, None, few, None, None, None, torch.zeros(1, dtype=torch.long), bits - 16, 2000)
+    close(emulated.pair_histogram_topk(*args), torch.ops.relkd.pair_histogram_topk(*args), 0)
+
+
 # Tensor-core selection: the three float32 formats by switch and precision.
 SELECT_FORMATS = {"bf16": ("1", "highest"), "tf32": ("auto", "high"),
                   "tf32x3": ("auto", "highest")}
@@ -640,6 +659,17 @@ def test_top_pairs_on_tensor_cores(emulated, monkeypatch, fmt, rect):
             close(emulated.pair_topk(*args), torch.ops.relkd.pair_topk(*args), atol=0)
         args = (rows[0], x_c, rows[1], y_c, ids_r, ids_c, 1, 3, 50)  # far below: 2nd pass
         close(emulated.pair_topk(*args), torch.ops.relkd.pair_topk(*args), atol=0)
+
+
+@pytest.mark.parametrize("rect", [False, True])
+def test_first_pass_collections_on_tensor_cores(emulated, monkeypatch, rect):
+    """The first pass's collections with similarities computed on tensor
+    cores (bf16 operands; dyadic embeddings, exact): the CPU kernel's
+    outputs exactly, symmetric and rows x columns with global ids."""
+    monkeypatch.setenv("RELKD_TENSOR_CORES", "1")
+    x, y = dyadic(150, 24, seed=31), labels("random", 150, 32)
+    for args in first_pass_cases(x, y, slice(40, 130) if rect else None, 32, 25):
+        close(emulated.pair_histogram_topk(*args), torch.ops.relkd.pair_histogram_topk(*args), 0)
 
 
 def test_selection_runs_on_tensor_cores_when_switched_on(emulated, monkeypatch):

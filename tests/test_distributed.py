@@ -87,15 +87,18 @@ def selection_inputs(dtype):
 
 def selections(layout, rank, group_name):
     """This rank's negative_pair_select results and histogram passes, with the
-    first-pass key collection off (radix passes) and on, per dtype."""
+    first-pass key collection off (radix passes), on, and on with CUDA's way
+    to the top pairs (from predicted bins; "device"), per dtype."""
     shards = SELECT_SHARDS[layout]
     lo = sum(shards[:rank])
     out = {}
     radix_select, min_rows = ops.radix_select, ops.COLLECT_MIN_ROWS
+    by_bar = ops.top_by_running_bar
     for dtype in (torch.float32, torch.float64):
         x, y = selection_inputs(dtype)
-        for collect in (False, True):
+        for collect in (False, True, "device"):
             ops.COLLECT_MIN_ROWS = 0 if collect else 10**9
+            ops.top_by_running_bar = (lambda device: False) if collect == "device" else by_bar
             shifts = []
             ops.radix_select = lambda h, *a, **k: radix_select(
                 lambda p, sh: shifts.append(sh) or h(p, sh), *a, **k)
@@ -103,7 +106,7 @@ def selections(layout, rank, group_name):
                                               SELECT_DIVISORS, 50, x, y, lo, group_name)
             ops.radix_select = radix_select
             out[(dtype, collect)] = (result, shifts)
-    ops.COLLECT_MIN_ROWS = min_rows
+    ops.COLLECT_MIN_ROWS, ops.top_by_running_bar = min_rows, by_bar
     return out
 
 
@@ -190,17 +193,23 @@ def test_prototype_bank_is_global(ranks):
 def test_selection_collects_keys_across_ranks(ranks, dtype):
     """Under DDP the first pass's kept keys (gathered from every rank, bins
     predicted from the summed row samples) resolve every threshold in one
-    pass, with bitwise the radix passes' result, the same on every rank and
-    equal to one process's selection."""
+    pass, and its kept pairs give the top pairs, with bitwise the radix
+    passes' result, the same on every rank and equal to one process's
+    selection."""
     world, results = ranks
     bits = ops.key_bits(dtype)
     x, y = selection_inputs(dtype)
     single = ops.negative_pair_select(x, y, SELECT_DIVISORS, 50, None, None, 0, "")
     for r in results:
-        (radix, radix_shifts), (collected, collected_shifts) = (
-            r["select"][(dtype, False)], r["select"][(dtype, True)])
+        (radix, radix_shifts), (collected, collected_shifts), (device, device_shifts) = (
+            r["select"][(dtype, False)], r["select"][(dtype, True)],
+            r["select"][(dtype, "device")])
         assert len(radix_shifts) == bits // 16 and collected_shifts == [bits - 16]
         assert all(torch.equal(a, b) for a, b in zip(collected, radix))
+        # CUDA's way: every rank's pairs in the bins predicted from the summed
+        # samples, checked against the summed histogram, in the same one pass.
+        assert device_shifts == [bits - 16]
+        assert all(torch.equal(a, b) for a, b in zip(device, radix))
         first_rank = results[0]["select"][(dtype, True)][0]
         assert all(torch.equal(a, b) for a, b in zip(collected, first_rank))
         # One process computes some similarities in another order: equal to the last bits.

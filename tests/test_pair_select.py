@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from relkd import ops, reference
 
-from helpers import LABEL_PATTERNS, embeddings, labels, requires_extension
+from helpers import LABEL_PATTERNS, dyadic, embeddings, labels, requires_extension
 
 pytestmark = requires_extension
 
@@ -44,16 +44,31 @@ def first_pass_collection(min_rows, cap=None):
         ops.COLLECT_MIN_ROWS, ops.COLLECT_CAP = saved
 
 
+@contextlib.contextmanager
+def top_pairs_by(strategy):
+    """negative_pair_select's way to the top-k pairs on CPU tensors: "bar"
+    (the CPU's running bar) or "bins" (CUDA's: the pairs in the first-pass
+    bins a row sample predicts to hold them, checked by the histogram)."""
+    saved = ops.top_by_running_bar
+    ops.top_by_running_bar = lambda device: strategy == "bar"
+    try:
+        yield
+    finally:
+        ops.top_by_running_bar = saved
+
+
 @given(n=st.integers(2, 300), d=st.integers(1, 130), pattern=st.sampled_from(LABEL_PATTERNS),
        topk=st.integers(0, 3000), dtype=st.sampled_from([torch.float32, torch.float64]),
-       seed=st.integers(0, 2**16), collect=st.sampled_from([None, 0, 40, 1 << 21]))
-def test_matches_sorting(n, d, pattern, topk, dtype, seed, collect):
+       seed=st.integers(0, 2**16), collect=st.sampled_from([None, 0, 40, 1 << 21]),
+       top=st.sampled_from(["bar", "bins"]))
+def test_matches_sorting(n, d, pattern, topk, dtype, seed, collect, top):
     """collect: None = radix passes only; else the first pass keeps the
-    predicted bins' keys up to that cap (0 and 40 force the fallback)."""
+    predicted bins' keys up to that cap (0 and 40 force the fallback).
+    top: the CPU's or CUDA's way to the top-k pairs."""
     x = reference.normalize(embeddings(n, d, seed, dtype), dtype)
     y = labels(pattern, n, seed)
     divisors = [10, 100, 1000, 7]
-    with first_pass_collection(10**9 if collect is None else 0, collect):
+    with first_pass_collection(10**9 if collect is None else 0, collect), top_pairs_by(top):
         thr, top_v, top_i, top_j, n_neg = ops.negative_pair_select(x, y, divisors, topk, None,
                                                                    None, 0, "")
     ref_thr, ref_v, ref_i, ref_j, ref_n = sorted_reference(x, y, divisors, topk)
@@ -221,6 +236,73 @@ def test_first_pass_collects_the_whole_keys_of_the_chosen_bins(dtype):
         assert all(torch.equal(a, b) for a, b in zip(got[:4], plain[:4]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rect", [False, True])
+def test_top_pairs_from_the_bins_at_and_above_top_min_bin(dtype, rect):
+    """With top_min_bin the first pass's top pairs are the best topk among
+    the pairs whose top 16 key bits are >= top_min_bin (all of them when
+    fewer), by value and then (i, j); dyadic embeddings: exact products and
+    many ties."""
+    x, y = dyadic(160, 12, seed=27).to(dtype), labels("random", 160, 28)
+    bits = ops.key_bits(dtype)
+    values, rows, cols = negative_pairs(x, y)
+    keys = order_keys(values, bits)
+    order = sorted(range(len(keys)), key=lambda e: (-keys[e], int(rows[e]), int(cols[e])))
+    ids = torch.arange(50, 120)
+    args = (x[50:120], x, y[50:120], y, ids, None) if rect else (x, None, y, None, None, None)
+    if rect:  # the pairs whose smaller id is a row's: 50..119
+        order = [e for e in order if 50 <= rows[e] < 120]
+    whole = torch.zeros(1, dtype=torch.long)
+    for nth_best in (0, 30, 700):
+        min_bin = keys[order[nth_best]] >> (bits - 16)
+        in_bins = [e for e in order if keys[e] >> (bits - 16) >= min_bin]
+        for topk in (1, 25, len(in_bins) + 10):
+            _, got_v, got_i, got_j, _ = torch.ops.relkd.pair_histogram_topk(
+                *args, whole, bits - 16, topk, None, 0, min_bin)
+            best = in_bins[:topk]
+            assert got_v[:len(best)].tolist() == values[best].tolist()
+            assert got_i[:len(best)].tolist() == rows[best].tolist()
+            assert got_j[:len(best)].tolist() == cols[best].tolist()
+            assert (got_i[len(best):] == -1).all() and (got_v[len(best):] == -float("inf")).all()
+
+
+def one_pass_case(dtype, pattern):
+    """700 rows (above COLLECT_MIN_ROWS), labels by pattern ("duplicates":
+    random labels, the second half of the rows equal to the first: many
+    exact ties) and five FPR divisors."""
+    n = 700
+    x = reference.normalize(embeddings(n, 32, seed=23, dtype=dtype), dtype)
+    if pattern == "duplicates":
+        x[n // 2:] = x[:n - n // 2]
+    y = labels("random" if pattern == "duplicates" else pattern, n, 24)
+    return x, y, [10, 100, 1000, 10000, 100000]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pattern", ["random", "distinct", "duplicates"])
+def test_top_pairs_from_predicted_bins_in_the_same_pass(dtype, pattern, monkeypatch):
+    """CUDA's way to the top pairs (run here on CPU tensors): from the bins a
+    row sample predicts, in the one pass that also resolves every
+    threshold, bitwise the radix passes' result; a wrong prediction (too
+    few pairs in the bins) is caught and the passes decide."""
+    x, y, divisors = one_pass_case(dtype, pattern)
+    with first_pass_collection(10**9):
+        radix = ops.negative_pair_select(x, y, divisors, 300, None, None, 0, "")
+    shifts = count_histogram_passes(monkeypatch)
+    predicted, predict = [], ops.predicted_top_bin
+    monkeypatch.setattr(ops, "predicted_top_bin",
+                        lambda *args: predicted.append(predict(*args)) or predicted[-1])
+    with first_pass_collection(0), top_pairs_by("bins"):
+        one_pass = ops.negative_pair_select(x, y, divisors, 300, None, None, 0, "")
+        assert predicted[0] > 0 and shifts == [ops.key_bits(dtype) - 16]
+        assert all(torch.equal(a, b) for a, b in zip(one_pass, radix))
+        shifts.clear()
+        monkeypatch.setattr(ops, "predicted_top_bin", lambda *args: 65535)
+        caught = ops.negative_pair_select(x, y, divisors, 300, None, None, 0, "")
+        assert len(shifts) > 1  # the k-th key's radix passes ran
+        assert all(torch.equal(a, b) for a, b in zip(caught, radix))
+
+
 def count_histogram_passes(monkeypatch):
     """Replaces ops.radix_select by one that records the shift of every
     histogram pass it runs."""
@@ -238,12 +320,7 @@ def count_histogram_passes(monkeypatch):
 def test_collected_keys_resolve_every_threshold_in_one_pass(dtype, pattern, monkeypatch):
     """Above COLLECT_MIN_ROWS rows the thresholds and hard negatives come out
     of one pass over the pairs, bitwise equal to the radix passes' result."""
-    n = 700
-    x = reference.normalize(embeddings(n, 32, seed=23, dtype=dtype), dtype)
-    if pattern == "duplicates":  # many exact ties
-        x[n // 2:] = x[:n - n // 2]
-    y = labels("random" if pattern == "duplicates" else pattern, n, 24)
-    divisors = [10, 100, 1000, 10000, 100000]
+    x, y, divisors = one_pass_case(dtype, pattern)
     shifts = count_histogram_passes(monkeypatch)
     with first_pass_collection(10**9):
         radix = ops.negative_pair_select(x, y, divisors, 300, None, None, 0, "")
@@ -303,7 +380,8 @@ def test_opcheck(dtype):
     collect = torch.tensor([[0, 40000], [50000, 65535]])
     for args in [(x, None, y, None, None, None, prefixes, bits - 16, 25),
                  (x[40:], x, y[40:], y, ids, None, prefixes, 0, 7),
-                 (x, None, y, None, None, None, prefixes[:1], bits - 16, 3, collect, 10**6)]:
+                 (x, None, y, None, None, None, prefixes[:1], bits - 16, 3, collect, 10**6),
+                 (x[40:], x, y[40:], y, ids, None, prefixes[:1], bits - 16, 9, collect, 10, 30000)]:
         torch.library.opcheck(torch.ops.relkd.pair_histogram_topk.default, args)
     torch.library.opcheck(ops.negative_pair_select, (x, y, [10, 100], 30, None, None, 0, ""))
 
@@ -327,3 +405,9 @@ def test_op_arguments_are_checked():
         with pytest.raises(ValueError, match=match):
             torch.ops.relkd.pair_histogram_topk(x, None, y, None, None, None, whole, shift, 0,
                                                 ranges, cap)
+    for top_min_bin, shift, match in [(-1, 16, r"top_min_bin must lie in \[0, 65536\)"),
+                                      (65536, 16, r"top_min_bin must lie in \[0, 65536\)"),
+                                      (7, 0, r"top_min_bin: bins are those of the first pass")]:
+        with pytest.raises(ValueError, match=match):
+            torch.ops.relkd.pair_histogram_topk(x, None, y, None, None, None, whole, shift, 5,
+                                                None, 0, top_min_bin)

@@ -153,33 +153,6 @@ struct Collect {
   int64_t cap = 0;
 };
 
-Collect collect_bins(const c10::optional<at::Tensor>& ranges, int64_t cap, int64_t shift,
-                     int64_t key_bits) {
-  Collect c;
-  if (!ranges.has_value() || ranges->numel() == 0) return c;
-  const at::Tensor& r = *ranges;
-  TORCH_CHECK_VALUE(r.dim() == 2 && r.size(1) == 2 && r.scalar_type() == at::kLong &&
-                        r.device().is_cpu(),
-                    "collect_ranges must be a CPU int64 tensor of shape (R, 2), got ",
-                    r.scalar_type(), " ", r.sizes(), " on ", r.device());
-  TORCH_CHECK_VALUE(shift + 16 == key_bits,
-                    "collect_ranges: keys are collected in the first pass only (shift ",
-                    key_bits - 16, "), got shift ", shift);
-  TORCH_CHECK_VALUE(cap >= 0, "collect_cap must be >= 0, got ", cap);
-  c.in_bin.assign(kDigits, 0);
-  c.cap = cap;
-  const auto rc = r.contiguous();
-  const int64_t* p = rc.data_ptr<int64_t>();
-  for (int64_t e = 0; e < r.size(0); ++e) {
-    const int64_t lo = p[2 * e], hi = p[2 * e + 1];
-    TORCH_CHECK_VALUE(0 <= lo && lo <= hi && hi < kDigits,
-                      "collect_ranges: every range (lo, hi) needs 0 <= lo <= hi < 65536, got (",
-                      lo, ", ", hi, ")");
-    std::fill(c.in_bin.begin() + lo, c.in_bin.begin() + hi + 1, uint8_t(1));
-  }
-  return c;
-}
-
 // The workers' collected keys, sorted descending, as int64 bit patterns.
 template <typename K>
 at::Tensor merge_collected(const std::vector<std::vector<K>>& lists,
@@ -200,11 +173,12 @@ at::Tensor merge_collected(const std::vector<std::vector<K>>& lists,
 template <typename T>
 Selected histogram_impl(const SelectInputs& in, const at::Tensor& prefixes, int64_t shift,
                         int64_t topk, const c10::optional<at::Tensor>& collect_ranges,
-                        int64_t collect_cap) {
+                        int64_t collect_cap, int64_t top_min_bin) {
   using K = typename KeyOf<T>::type;
   constexpr int64_t bits = sizeof(K) * 8;
   check_histogram_args(bits, prefixes, shift, in.x_r);
-  const Collect collect = collect_bins(collect_ranges, collect_cap, shift, bits);
+  const Collect collect{collect_bin_flags(collect_ranges, collect_cap, shift, bits, top_min_bin),
+                        collect_cap};
   const bool check_prefix = shift + 16 < bits;
   const int64_t n_prefix = prefixes.numel();
   const int64_t* pre = prefixes.data_ptr<int64_t>();
@@ -256,12 +230,12 @@ Selected histogram_impl(const SelectInputs& in, const at::Tensor& prefixes, int6
         if (e == n_pairs) break;
       }
       if (w[e] == T(0)) continue;
-      if (topk > 0 && top.may_enter(s[e])) {
+      const K key = order_key(s[e]);
+      const int64_t digit = int64_t((key >> shift) & K(kDigits - 1));
+      if (topk > 0 && top.may_enter(s[e]) && digit >= top_min_bin) {
         const int64_t a = in.ix.id_r(t.r0 + e / t.cols), b = in.ix.id_c(t.c0 + e % t.cols);
         top.offer({s[e], std::min(a, b), std::max(a, b)});
       }
-      const K key = order_key(s[e]);
-      const int64_t digit = int64_t((key >> shift) & K(kDigits - 1));
       if (!check_prefix) {
         ++h[digit];
         if (in_bin && in_bin[digit] &&
@@ -296,13 +270,14 @@ Selected pair_histogram_topk_cpu(const at::Tensor& x_r, const c10::optional<at::
                                  const c10::optional<at::Tensor>& ids_c,
                                  const at::Tensor& prefixes, int64_t shift, int64_t topk,
                                  const c10::optional<at::Tensor>& collect_ranges,
-                                 int64_t collect_cap) {
+                                 int64_t collect_cap, int64_t top_min_bin) {
   BelowAutograd below_autograd;
   const auto in = select_inputs(x_r, x_c, labels_r, labels_c, ids_r, ids_c);
   TORCH_CHECK_VALUE(topk >= 0, "topk must be >= 0, got ", topk);
   const auto pre = prefixes.contiguous();
   return AT_DISPATCH_FLOATING_TYPES(x_r.scalar_type(), "pair_histogram_topk", [&] {
-    return histogram_impl<scalar_t>(in, pre, shift, topk, collect_ranges, collect_cap);
+    return histogram_impl<scalar_t>(in, pre, shift, topk, collect_ranges, collect_cap,
+                                    top_min_bin);
   });
 }
 
@@ -313,7 +288,7 @@ at::Tensor pair_histogram_cpu(const at::Tensor& x_r, const c10::optional<at::Ten
                               const c10::optional<at::Tensor>& ids_c, const at::Tensor& prefixes,
                               int64_t shift) {
   return std::get<0>(pair_histogram_topk_cpu(x_r, x_c, labels_r, labels_c, ids_r, ids_c,
-                                             prefixes, shift, 0, c10::nullopt, 0));
+                                             prefixes, shift, 0, c10::nullopt, 0, 0));
 }
 
 // ------------------------------------------------------------------ top-k

@@ -204,16 +204,38 @@ int pair_rows_mma(const RowsMmaArgs& args, const TileMask& mask, Stream stream);
 int sum_partials(const double* partials, int64_t parts, double* out, Stream stream);
 
 // ------------------------------------------------------------ pair_select
+// What pair_histogram_topk's first pass (shift = key bits - 16) also
+// collects, into device buffers: the whole order keys (int64 bit patterns)
+// of the pairs whose bin (top 16 key bits) is flagged in in_bin, and the
+// pairs (value, i, j; i < j their ids) whose bin is >= top_min_bin. Each is
+// appended while there is room; every one is counted, so a count above the
+// cap says the buffer is incomplete.
+template <typename T>
+struct FirstPassCollect {
+  const uint8_t* in_bin = nullptr;  // 65536 flags; nullptr: no keys
+  int64_t* keys = nullptr;
+  int64_t key_cap = 0;
+  unsigned long long* key_count = nullptr;
+  int top_min_bin = -1;  // < 0: no pairs
+  T* top_v = nullptr;
+  int64_t* top_i = nullptr;
+  int64_t* top_j = nullptr;
+  int64_t top_cap = 0;
+  unsigned long long* top_count = nullptr;
+};
+
 // Histogram of the 16-bit digit at `shift` of the order keys of the tile's
 // pairs of the mask, one histogram of 65536 counts per prefix (the key bits
 // above shift + 16 must equal prefixes[p]; all pairs when shift + 16 is the
-// key width).
+// key width); in the first pass also the collections of `first`.
 int pair_histogram_tile(const float* s, const TileView& view, const TileMask& mask,
                         const int64_t* prefixes, int64_t n_prefix, int shift,
-                        unsigned long long* hist, Stream stream);
+                        unsigned long long* hist, const FirstPassCollect<float>& first,
+                        Stream stream);
 int pair_histogram_tile(const double* s, const TileView& view, const TileMask& mask,
                         const int64_t* prefixes, int64_t n_prefix, int shift,
-                        unsigned long long* hist, Stream stream);
+                        unsigned long long* hist, const FirstPassCollect<double>& first,
+                        Stream stream);
 
 // Candidates of pair_topk in one tile: pairs of the mask whose order key is
 // above `tau` are appended to (above_v, above_i, above_j) while fewer than
@@ -235,7 +257,8 @@ int pair_collect_tile(const double* s, const TileView& view, const TileMask& mas
 // fields unused) instead of read from a tile. Needs sm_80 or later.
 int pair_histogram_mma(const MmaTileInputs& in, const TileView& view, const TileMask& mask,
                        const int64_t* prefixes, int64_t n_prefix, int shift,
-                       unsigned long long* hist, Stream stream);
+                       unsigned long long* hist, const FirstPassCollect<float>& first,
+                       Stream stream);
 int pair_collect_mma(const MmaTileInputs& in, const TileView& view, const TileMask& mask,
                      uint64_t tau, float* above_v, int64_t* above_i, int64_t* above_j,
                      int64_t above_cap, unsigned long long* above_count, int64_t* tie_keys,

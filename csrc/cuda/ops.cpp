@@ -595,6 +595,8 @@ Outputs pairwise_loss_cuda(c10::string_view kind_name, const at::Tensor& xs_r,
 // ------------------------------------------------------------ pair_select
 constexpr pm::Mask kNegative = pm::Mask::UpperDiffLabel;
 constexpr int64_t kDigits = int64_t(1) << 16;
+// pair_histogram_topk's outputs: histogram, top values, ids i and j, kept keys.
+using Selected = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 struct SelectPlan {
   int64_t tile_elems;  // elements of the largest tile
@@ -631,7 +633,8 @@ c10::optional<cuda::MmaTileInputs> select_mma_inputs(const SelectArgs& in) {
 }
 
 template <typename T>
-at::Tensor histogram_impl(const SelectArgs& in, const at::Tensor& prefixes, int64_t shift) {
+at::Tensor histogram_impl(const SelectArgs& in, const at::Tensor& prefixes, int64_t shift,
+                          const cuda::FirstPassCollect<T>& collect = {}) {
   const auto plan = select_plan(in);
   const auto stream = current_stream(in.x_r);
   auto hist = at::zeros({prefixes.numel(), kDigits}, prefixes.options());
@@ -642,16 +645,17 @@ at::Tensor histogram_impl(const SelectArgs& in, const at::Tensor& prefixes, int6
   for (const Tile& t : plan.tiles) {
     const cuda::TileView view{t.r0, t.rows, t.c0, t.cols, t.cols};
     if (mma) {
-      check_launch(cuda::pair_histogram_mma(*mma, view, plan.mask, ptr<int64_t>(prefixes),
-                                            prefixes.numel(), static_cast<int>(shift), counts,
-                                            stream),
-                   "pair_histogram (tensor cores)");
+      if constexpr (std::is_same_v<T, float>)
+        check_launch(cuda::pair_histogram_mma(*mma, view, plan.mask, ptr<int64_t>(prefixes),
+                                              prefixes.numel(), static_cast<int>(shift), counts,
+                                              collect, stream),
+                     "pair_histogram (tensor cores)");
       continue;
     }
     const auto s = tile_product(buf, in.x_r, in.x_c, t);
     check_launch(cuda::pair_histogram_tile(ptr<T>(s), view, plan.mask, ptr<int64_t>(prefixes),
                                            prefixes.numel(), static_cast<int>(shift), counts,
-                                           stream),
+                                           collect, stream),
                  "pair_histogram");
   }
   return hist;
@@ -712,6 +716,18 @@ T value_of_key(uint64_t key) {  // inverse of pm::order_key
   return v;
 }
 
+// Ties are ranked by (i << 32 | j): ids must fit 31 bits.
+void check_tie_ids(const SelectArgs& in, const char* op) {
+  for (const at::Tensor& ids : {in.ids_r, in.ids_c})
+    if (ids.defined() && ids.numel() > 0)
+      TORCH_CHECK_VALUE(ids.min().item<int64_t>() >= 0 &&
+                            ids.max().item<int64_t>() < std::numeric_limits<int32_t>::max(),
+                        "ids must lie in [0, 2^31) on CUDA");
+  TORCH_CHECK_VALUE(
+      std::max(in.x_r.size(0), in.x_c.size(0)) < std::numeric_limits<int32_t>::max(), op,
+      " on CUDA takes fewer than 2^31 rows");
+}
+
 // The candidates of pair_topk: the pairs above tau (at most topk of them,
 // `n_above` counts them all) and the eq_cap smallest tie keys at tau.
 struct Candidates {
@@ -766,6 +782,21 @@ Candidates collect_candidates(const SelectArgs& in, uint64_t tau, int64_t eq_cap
   return c;
 }
 
+// The first `keep` of the n pairs (v, i, j) in order, value descending and
+// then (i, j) (stable sorts, least key first), into values, rows, cols.
+void write_best_first(const at::Tensor& v, const at::Tensor& i, const at::Tensor& j, int64_t n,
+                      int64_t keep, at::Tensor& values, at::Tensor& rows, at::Tensor& cols) {
+  if (keep == 0) return;
+  const auto v_n = v.narrow(0, 0, n), i_n = i.narrow(0, 0, n), j_n = j.narrow(0, 0, n);
+  auto order = std::get<1>(at::sort(j_n, true, 0, false));
+  order = order.index_select(0, std::get<1>(at::sort(i_n.index_select(0, order), true, 0, false)));
+  order = order.index_select(0, std::get<1>(at::sort(v_n.index_select(0, order), true, 0, true)));
+  order = order.narrow(0, 0, keep);
+  values.narrow(0, 0, keep).copy_(v_n.index_select(0, order));
+  rows.narrow(0, 0, keep).copy_(i_n.index_select(0, order));
+  cols.narrow(0, 0, keep).copy_(j_n.index_select(0, order));
+}
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_impl(const SelectArgs& in, uint64_t tau,
                                                          int64_t n_equal, int64_t topk) {
@@ -790,19 +821,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_impl(const SelectArgs& in, u
                 c.n_above, " pairs above the ", topk, "-th key)");
   }
   const int64_t n_above = c.n_above;
-  const at::Tensor &above_v = c.above_v, &above_i = c.above_i, &above_j = c.above_j;
   const at::Tensor& ties = c.ties;
-  // Above tau: value descending, then (i, j) (stable sorts, least key first).
-  auto order = std::get<1>(at::sort(above_j.narrow(0, 0, n_above), true, 0, false));
-  order = order.index_select(
-      0, std::get<1>(at::sort(above_i.narrow(0, 0, n_above).index_select(0, order), true, 0,
-                              false)));
-  order = order.index_select(
-      0, std::get<1>(at::sort(above_v.narrow(0, 0, n_above).index_select(0, order), true, 0,
-                              true)));
-  values.narrow(0, 0, n_above).copy_(above_v.narrow(0, 0, n_above).index_select(0, order));
-  rows.narrow(0, 0, n_above).copy_(above_i.narrow(0, 0, n_above).index_select(0, order));
-  cols.narrow(0, 0, n_above).copy_(above_j.narrow(0, 0, n_above).index_select(0, order));
+  // Above tau: value descending, then (i, j).
+  write_best_first(c.above_v, c.above_i, c.above_j, n_above, n_above, values, rows, cols);
   // Then the first ties at tau, by (i, j).
   const int64_t n_ties = std::min<int64_t>(ties.numel(), topk - n_above);
   if (n_ties > 0) {
@@ -822,16 +843,106 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_topk_cuda(
   const auto in = check_select_args(x_r, x_c, labels_r, labels_c, ids_r, ids_c);
   check_pair_topk_args(x_r, threshold_key, n_equal, topk);
   c10::DeviceGuard guard(x_r.device());
-  // Ties are ranked by (i << 32 | j): ids must fit 31 bits.
-  for (const at::Tensor& ids : {in.ids_r, in.ids_c})
-    if (ids.defined() && ids.numel() > 0)
-      TORCH_CHECK_VALUE(ids.min().item<int64_t>() >= 0 &&
-                            ids.max().item<int64_t>() < std::numeric_limits<int32_t>::max(),
-                        "ids must lie in [0, 2^31) on CUDA");
-  TORCH_CHECK_VALUE(std::max(x_r.size(0), in.x_c.size(0)) < std::numeric_limits<int32_t>::max(),
-                    "pair_topk on CUDA takes fewer than 2^31 rows");
+  check_tie_ids(in, "pair_topk");
   return AT_DISPATCH_FLOATING_TYPES(x_r.scalar_type(), "pair_topk_cuda", [&] {
     return topk_impl<scalar_t>(in, static_cast<uint64_t>(threshold_key), n_equal, topk);
+  });
+}
+
+// The whole keys a first pass collected, descending as unsigned numbers
+// (int64 bit patterns: 64-bit keys with the top bit set sort with it flipped).
+at::Tensor keys_descending(const at::Tensor& keys, int bits) {
+  const auto order_of = bits == 64 ? keys.bitwise_xor(std::numeric_limits<int64_t>::min()) : keys;
+  return keys.index_select(0, std::get<1>(at::sort(order_of, true, 0, true)));
+}
+
+// The top pairs when the first pass's buffer could not hold them: the
+// overall top-k by the radix passes and pair_topk's collection. The buffer
+// is skipped only for top_min_bin 0 (every pair) and overflows only past
+// 4 topk pairs in its bins, so these are the best topk of its bins too; with
+// fewer than topk pairs select_key returns key 0, below all of them.
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> top_pairs_by_passes(const SelectArgs& in,
+                                                                   int64_t topk) {
+  int64_t n_above = 0;
+  const uint64_t tau = select_key<T>(in, topk - 1, &n_above);
+  return topk_impl<T>(in, tau, topk - n_above, topk);
+}
+
+template <typename T>
+Selected histogram_topk_impl(const SelectArgs& in, const at::Tensor& prefixes, int64_t shift,
+                             int64_t topk, const std::vector<uint8_t>& in_bin,
+                             int64_t collect_cap, int64_t top_min_bin) {
+  constexpr int bits = 8 * sizeof(typename pm::KeyOf<T>::type);
+  const auto opts = in.x_r.options();
+  const auto long_opts = opts.dtype(at::kLong);
+  auto counts = at::zeros({2}, long_opts);  // keys, top pairs met
+  auto* count = reinterpret_cast<unsigned long long*>(ptr<int64_t>(counts));
+  cuda::FirstPassCollect<T> collect;
+  at::Tensor flags, keys, top_v, top_i, top_j;
+  if (!in_bin.empty()) {
+    flags = at::from_blob(const_cast<uint8_t*>(in_bin.data()), {kDigits}, at::kByte)
+                .to(in.x_r.device());
+    keys = at::empty({collect_cap}, long_opts);
+    collect.in_bin = flags.data_ptr<uint8_t>();
+    collect.keys = ptr<int64_t>(keys);
+    collect.key_cap = collect_cap;
+    collect.key_count = count;
+  }
+  // The top pairs come from one buffer when they fit it: in the first pass,
+  // from the bins at and above top_min_bin (or all pairs, when few). Bins
+  // predicted to hold the k-th pair hold about k + a margin of them.
+  const bool first_pass = shift + 16 == bits;
+  const int64_t top_cap = std::max<int64_t>(4 * topk, int64_t(1) << 16);
+  const int64_t most_pairs = in.x_r.size(0) * in.x_c.size(0);
+  const bool top_buffer = topk > 0 && first_pass && (top_min_bin > 0 || most_pairs <= top_cap);
+  if (top_buffer) {
+    top_v = at::empty({top_cap}, opts);
+    top_i = at::empty({top_cap}, long_opts);
+    top_j = at::empty({top_cap}, long_opts);
+    collect.top_min_bin = static_cast<int>(top_min_bin);
+    collect.top_v = ptr<T>(top_v);
+    collect.top_i = ptr<int64_t>(top_i);
+    collect.top_j = ptr<int64_t>(top_j);
+    collect.top_cap = top_cap;
+    collect.top_count = count + 1;
+  }
+  at::Tensor hist = histogram_impl<T>(in, prefixes, shift, collect);
+  const auto met = counts.cpu();
+  const int64_t n_keys = met.data_ptr<int64_t>()[0], n_top = met.data_ptr<int64_t>()[1];
+
+  at::Tensor kept = at::empty({0}, long_opts);
+  if (!in_bin.empty() && n_keys <= collect_cap)
+    kept = keys_descending(keys.narrow(0, 0, n_keys), bits);
+  at::Tensor values = at::full({topk}, -std::numeric_limits<double>::infinity(), opts);
+  at::Tensor rows = at::full({topk}, -1, long_opts), cols = at::full({topk}, -1, long_opts);
+  if (top_buffer && n_top <= top_cap) {
+    write_best_first(top_v, top_i, top_j, n_top, std::min(n_top, topk), values, rows, cols);
+  } else if (topk > 0) {
+    std::tie(values, rows, cols) = top_pairs_by_passes<T>(in, topk);
+  }
+  return {hist, values, rows, cols, kept};
+}
+
+Selected pair_histogram_topk_cuda(const at::Tensor& x_r, const c10::optional<at::Tensor>& x_c,
+                                  const at::Tensor& labels_r,
+                                  const c10::optional<at::Tensor>& labels_c,
+                                  const c10::optional<at::Tensor>& ids_r,
+                                  const c10::optional<at::Tensor>& ids_c,
+                                  const at::Tensor& prefixes, int64_t shift, int64_t topk,
+                                  const c10::optional<at::Tensor>& collect_ranges,
+                                  int64_t collect_cap, int64_t top_min_bin) {
+  BelowAutograd below_autograd;
+  const auto in = check_select_args(x_r, x_c, labels_r, labels_c, ids_r, ids_c);
+  const int64_t bits = x_r.scalar_type() == at::kDouble ? 64 : 32;
+  check_histogram_args(bits, prefixes, shift, x_r);
+  TORCH_CHECK_VALUE(topk >= 0, "topk must be >= 0, got ", topk);
+  const auto in_bin = collect_bin_flags(collect_ranges, collect_cap, shift, bits, top_min_bin);
+  c10::DeviceGuard guard(x_r.device());
+  if (topk > 0) check_tie_ids(in, "pair_histogram_topk");
+  const auto pre = prefixes.contiguous();
+  return AT_DISPATCH_FLOATING_TYPES(x_r.scalar_type(), "pair_histogram_topk_cuda", [&] {
+    return histogram_topk_impl<scalar_t>(in, pre, shift, topk, in_bin, collect_cap, top_min_bin);
   });
 }
 
@@ -853,6 +964,7 @@ RELKD_GLUE_IMPL {
   m.impl("pairwise_loss", &pairwise_loss_cuda);
   m.impl("pair_histogram", &pair_histogram_cuda);
   m.impl("pair_topk", &pair_topk_cuda);
+  m.impl("pair_histogram_topk", &pair_histogram_topk_cuda);
 }
 
 }  // namespace relkd

@@ -12,18 +12,24 @@ namespace {
 template <typename T>
 __global__ void histogram_kernel(const T* s, TileView view, TileMask mask,
                                  const int64_t* prefixes, int64_t n_prefix, int shift,
-                                 unsigned long long* hist) {
+                                 unsigned long long* hist, FirstPassCollect<T> collect) {
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kPairBlockElements;
   const int64_t count = view.rows * view.cols;
+  const bool collecting = collects(collect);
   for (int u = 0; u < kPairItems; ++u) {  // uniform trip count: the warp stays converged
     const int64_t e = first + u * kThreads + threadIdx.x;
-    int64_t bin = -1;
+    int64_t p = 0, q = 0;
+    bool counted = false;
+    T value = 0;
     if (e < count) {
       const int64_t r = e / view.cols, c = e % view.cols;
-      if (tile_weight(mask, view.r0 + r, view.c0 + c) != 0)
-        bin = histogram_bin(s[r * view.ld + c], prefixes, n_prefix, shift);
+      p = view.r0 + r;
+      q = view.c0 + c;
+      counted = tile_weight(mask, p, q) != 0;
+      if (counted) value = s[r * view.ld + c];
     }
-    add_to_histogram(bin, hist);
+    add_to_histogram(counted ? histogram_bin(value, prefixes, n_prefix, shift) : -1, hist);
+    if (collecting) collect_first_pass(mask, p, q, value, counted, collect);
   }
 }
 
@@ -54,10 +60,11 @@ __global__ void sum_partials_kernel(const double* partials, int64_t parts, doubl
 
 template <typename T>
 int histogram(const T* s, const TileView& view, const TileMask& mask, const int64_t* prefixes,
-              int64_t n_prefix, int shift, unsigned long long* hist, Stream stream) {
+              int64_t n_prefix, int shift, unsigned long long* hist,
+              const FirstPassCollect<T>& collect, Stream stream) {
   if (view.rows * view.cols == 0) return 0;
   RELKD_LAUNCH(pair_tile_blocks(view), kThreads, stream, histogram_kernel<T>)(
-      s, view, mask, prefixes, n_prefix, shift, hist);
+      s, view, mask, prefixes, n_prefix, shift, hist, collect);
   return launched();
 }
 
@@ -159,13 +166,15 @@ int sum_partials(const double* partials, int64_t parts, double* out, Stream stre
 
 int pair_histogram_tile(const float* s, const TileView& view, const TileMask& mask,
                         const int64_t* prefixes, int64_t n_prefix, int shift,
-                        unsigned long long* hist, Stream stream) {
-  return histogram(s, view, mask, prefixes, n_prefix, shift, hist, stream);
+                        unsigned long long* hist, const FirstPassCollect<float>& collect,
+                        Stream stream) {
+  return histogram(s, view, mask, prefixes, n_prefix, shift, hist, collect, stream);
 }
 int pair_histogram_tile(const double* s, const TileView& view, const TileMask& mask,
                         const int64_t* prefixes, int64_t n_prefix, int shift,
-                        unsigned long long* hist, Stream stream) {
-  return histogram(s, view, mask, prefixes, n_prefix, shift, hist, stream);
+                        unsigned long long* hist, const FirstPassCollect<double>& collect,
+                        Stream stream) {
+  return histogram(s, view, mask, prefixes, n_prefix, shift, hist, collect, stream);
 }
 
 int pair_collect_tile(const float* s, const TileView& view, const TileMask& mask,

@@ -38,6 +38,57 @@ __device__ inline void add_to_histogram(int64_t bin, unsigned long long* hist) {
     atomicAdd(&hist[bin], static_cast<unsigned long long>(__popc(same)));
 }
 
+// The (i, j) ids of the mask's pair (p, q), i < j.
+__device__ inline void pair_ids(const TileMask& mask, int64_t p, int64_t q, int64_t* i,
+                                int64_t* j) {
+  const int64_t id_p = mask.ids_r ? mask.ids_r[p] : p;
+  const int64_t id_q = mask.ids_c ? mask.ids_c[q] : q;
+  *i = id_p < id_q ? id_p : id_q;
+  *j = id_p < id_q ? id_q : id_p;
+}
+
+// This lane's slot in a buffer filled to *count, if `want`: the warp's
+// wanting lanes take consecutive slots by one atomic (appends from a whole
+// sweep meet at one counter). All 32 lanes of the warp call it together.
+__device__ inline unsigned long long warp_append(bool want, unsigned long long* count) {
+  const unsigned wanting = __ballot_sync(0xffffffffu, want);
+  if (wanting == 0) return 0;
+  const int lane = static_cast<int>(threadIdx.x % 32), leader = __ffs(wanting) - 1;
+  unsigned long long base = 0;
+  if (lane == leader) base = atomicAdd(count, static_cast<unsigned long long>(__popc(wanting)));
+  base = __shfl_sync(0xffffffffu, base, leader);
+  return base + static_cast<unsigned long long>(__popc(wanting & ((1u << lane) - 1u)));
+}
+
+template <typename T>
+__device__ inline bool collects(const FirstPassCollect<T>& out) {
+  return out.in_bin != nullptr || out.top_min_bin >= 0;
+}
+
+// The first pass's collections (launchers.h, FirstPassCollect) of the mask's
+// pair (p, q) with `value`, if counted (a pair of the mask in the view).
+// All 32 lanes of the warp call it together.
+template <typename T>
+__device__ inline void collect_first_pass(const TileMask& mask, int64_t p, int64_t q, T value,
+                                          bool counted, const FirstPassCollect<T>& out) {
+  using K = typename pm::KeyOf<T>::type;
+  const K key = pm::order_key(value);
+  const int bin = static_cast<int>(key >> (8 * sizeof(K) - kDigitBits));
+  if (out.in_bin) {
+    const bool keep = counted && out.in_bin[bin];
+    const unsigned long long slot = warp_append(keep, out.key_count);
+    if (keep && static_cast<int64_t>(slot) < out.key_cap) out.keys[slot] = static_cast<int64_t>(key);
+  }
+  if (out.top_min_bin >= 0) {
+    const bool keep = counted && bin >= out.top_min_bin;
+    const unsigned long long slot = warp_append(keep, out.top_count);
+    if (keep && static_cast<int64_t>(slot) < out.top_cap) {
+      pair_ids(mask, p, q, &out.top_i[slot], &out.top_j[slot]);
+      out.top_v[slot] = value;
+    }
+  }
+}
+
 // Where pair_topk's candidates go (launchers.h, pair_collect_tile).
 template <typename T>
 struct CollectOutputs {
@@ -57,9 +108,8 @@ __device__ inline int64_t collect_pair(const TileMask& mask, int64_t p, int64_t 
                                        const CollectOutputs<T>& out) {
   const uint64_t key = static_cast<uint64_t>(pm::order_key(value));
   if (key < out.tau) return INT64_MAX;
-  const int64_t id_p = mask.ids_r ? mask.ids_r[p] : p;
-  const int64_t id_q = mask.ids_c ? mask.ids_c[q] : q;
-  const int64_t i = id_p < id_q ? id_p : id_q, j = id_p < id_q ? id_q : id_p;
+  int64_t i, j;
+  pair_ids(mask, p, q, &i, &j);
   if (key == out.tau) {
     atomicAdd(out.tie_count, 1ull);
     return (i << 32) | j;

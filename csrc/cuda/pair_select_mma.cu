@@ -25,6 +25,12 @@ __device__ __noinline__ void histogram_entry(float value, bool counted, const in
   add_to_histogram(counted ? histogram_bin(value, prefixes, n_prefix, shift) : -1, hist);
 }
 
+__device__ __noinline__ void first_pass_entry(const TileView& view, const TileMask& mask,
+                                              int64_t r, int64_t c, float value, bool counted,
+                                              const FirstPassCollect<float>& collect) {
+  collect_first_pass(mask, view.r0 + r, view.c0 + c, value, counted, collect);
+}
+
 __device__ __noinline__ void collect_entry(const TileView& view, const TileMask& mask,
                                            int64_t r, int64_t c, float value, bool counted,
                                            const CollectOutputs<float>& out, int64_t* tie_keys) {
@@ -36,7 +42,7 @@ __device__ __noinline__ void collect_entry(const TileView& view, const TileMask&
 template <MmaOperands H>
 __global__ void histogram_mma_kernel(MmaTileInputs in, TileView view, TileMask mask,
                                      const int64_t* prefixes, int64_t n_prefix, int shift,
-                                     unsigned long long* hist) {
+                                     unsigned long long* hist, FirstPassCollect<float> collect) {
   alignas(16) __shared__ uint16_t stage[kStageEntries];
   int64_t tr, tc;
   block_sub_tile(view, &tr, &tc);
@@ -45,10 +51,13 @@ __global__ void histogram_mma_kernel(MmaTileInputs in, TileView view, TileMask m
   sub_tile_products<H>(in.xs_r, in.xs_c, in.ds, view, tr, tc, stage, acc);
   // Rolled loops: acc is read from the stack frame (64 bytes, L1), against
   // over a minute of nvcc per unrolled unit.
+  const bool collecting = collects(collect);
   for (int j = 0; j < 4; ++j)  // every thread makes the 16 calls: warp-wide steps inside
     for (int i = 0; i < 4; ++i) {
       const int64_t r = tr + entry_row(i), c = tc + entry_col(j, i);
-      histogram_entry(acc[j][i], counted(view, mask, r, c), prefixes, n_prefix, shift, hist);
+      const bool in_mask = counted(view, mask, r, c);
+      histogram_entry(acc[j][i], in_mask, prefixes, n_prefix, shift, hist);
+      if (collecting) first_pass_entry(view, mask, r, c, acc[j][i], in_mask, collect);
     }
 }
 
@@ -78,12 +87,13 @@ __global__ void collect_mma_kernel(MmaTileInputs in, TileView view, TileMask mas
 
 int pair_histogram_mma(const MmaTileInputs& in, const TileView& view, const TileMask& mask,
                        const int64_t* prefixes, int64_t n_prefix, int shift,
-                       unsigned long long* hist, Stream stream) {
+                       unsigned long long* hist, const FirstPassCollect<float>& collect,
+                       Stream stream) {
   if (view.rows * view.cols == 0) return 0;
   with_operands(in.operands, [&](auto format) {
     RELKD_LAUNCH(pair_tile_mma_blocks(view), kThreads, stream,
                  histogram_mma_kernel<decltype(format)::value>)(in, view, mask, prefixes,
-                                                               n_prefix, shift, hist);
+                                                               n_prefix, shift, hist, collect);
   });
   return launched();
 }

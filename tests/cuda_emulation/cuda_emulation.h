@@ -4,9 +4,8 @@
 // CPU kernels. Each CUDA thread of a block is a host thread; blocks run one
 // after the other. Emulated: thread / block indices, __syncthreads (a block
 // barrier), __shared__ memory (a static: one block at a time; dynamic
-// shared memory one buffer), warp
-// shuffles and __match_any_sync (a warp barrier and an exchange slot per
-// lane), the bf16 tensor-core mma.m16n8k16 (fragments exchanged the same
+// shared memory one buffer), warp shuffles, __ballot_sync and
+// __match_any_sync (a warp barrier and an exchange slot per lane), the bf16 tensor-core mma.m16n8k16 (fragments exchanged the same
 // way, read where the PTX ISA's tables place them), ldmatrix .x4 (row
 // addresses exchanged the same way; .trans too), atomicAdd and atomicMin
 // (std::atomic_ref). Not emulated: the GPU's speed, its
@@ -151,16 +150,40 @@ T atomicMin(T* address, T value) {
 
 // Every lane of the warp must call the warp operations together (as on the
 // GPU with a full mask).
+namespace relkd_emulation {
+// Each lane posts `value` and reads lane `source`'s (its own when source
+// lies outside the warp).
 template <typename T>
-T __shfl_down_sync(unsigned, T value, int offset) {
-  using namespace relkd_emulation;
+T warp_exchange(T value, int source) {
   uint64_t* slots = warp_slots();
   slots[lane()] = to_bits(value);
   warp_barrier().arrive_and_wait();
-  const int source = lane() + offset;
-  const T out = source < kWarpSize ? from_bits<T>(slots[source]) : value;
+  const T out = source >= 0 && source < kWarpSize ? from_bits<T>(slots[source]) : value;
   warp_barrier().arrive_and_wait();
   return out;
+}
+}  // namespace relkd_emulation
+
+template <typename T>
+T __shfl_down_sync(unsigned, T value, int offset) {
+  return relkd_emulation::warp_exchange(value, relkd_emulation::lane() + offset);
+}
+
+template <typename T>
+T __shfl_sync(unsigned, T value, int source) {
+  return relkd_emulation::warp_exchange(value, source % relkd_emulation::kWarpSize);
+}
+
+inline unsigned __ballot_sync(unsigned, bool predicate) {
+  using namespace relkd_emulation;
+  uint64_t* slots = warp_slots();
+  slots[lane()] = predicate ? 1 : 0;
+  warp_barrier().arrive_and_wait();
+  unsigned bits = 0;
+  for (int l = 0; l < kWarpSize; ++l)
+    if (slots[l]) bits |= 1u << l;
+  warp_barrier().arrive_and_wait();
+  return bits;
 }
 
 template <typename T>
