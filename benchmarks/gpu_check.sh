@@ -6,8 +6,9 @@
 # Stages (default: all, in this order):
 #   info        nvidia-smi, the commit, torch / CUDA versions      -> nvidia-smi.txt, commit.txt, env.txt
 #   build       MAX_JOBS=16 build of relkd._C with its CUDA kernels -> build.log, relkd-info.txt
-#   test        pytest -v of the CUDA tests (tests/test_cuda.py), then the whole suite
-#                                                                  -> pytest-cuda.log, pytest-all.log
+#   test        pytest -v of the CUDA tests (tests/test_cuda.py)  -> pytest-cuda.log
+#   test-all    pytest of the whole suite (CPU, emulated, CUDA; ~15 minutes on 2 cores,
+#               so a call of its own)                              -> pytest-all.log
 #   sanitize    compute-sanitizer memcheck and racecheck on benchmarks/cuda_smoke.py
 #                                                                  -> memcheck.log, racecheck.log
 #   bench-fp32  bench.py --device cuda, losses at N=1024..65536, D=512, float32, and
@@ -28,15 +29,17 @@
 #               (needs matplotlib; plot.py can also run later, on any machine) -> bench-*.png
 #
 # Every stage builds first if needed (incremental), so a stage can run on a
-# fresh machine. The device tool limits one command to 10 minutes: run the
-# stages in a few calls (e.g. "info build test", then "sanitize", then each
-# bench), and copy OUTDIR to benchmarks/results/<date>-<gpu>/. The machine
-# has no .git: pass the commit as RELKD_COMMIT=$(git rev-parse HEAD).
+# fresh machine. The device tool limits one command to 10 minutes and a
+# session to 30: run the stages in a few calls, most needed first ("info
+# build test", "sanitize", "bench-tc-bf16", "bench-fp32 bench-bf16", the
+# other bench stages, "test-all", "plot"), and copy OUTDIR to
+# benchmarks/results/<date>-<gpu>/. The machine has no .git: pass the
+# commit as RELKD_COMMIT=$(git rev-parse HEAD).
 # A stage's failure is recorded in OUTDIR/summary.txt and the next stages run.
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_check.sh OUTDIR [info build test sanitize bench-fp32 bench-bf16 bench-tc bench-tc-bf16 bench-tc-fp16 bench-tc-tf32 plot]}
+out=${1:?usage: benchmarks/gpu_check.sh OUTDIR [info build test test-all sanitize bench-fp32 bench-bf16 bench-tc bench-tc-bf16 bench-tc-fp16 bench-tc-tf32 plot]}
 shift
-stages=${*:-info build test sanitize bench-fp32 bench-bf16 bench-tc bench-tc-bf16 bench-tc-fp16 bench-tc-tf32 plot}
+stages=${*:-info build test sanitize bench-fp32 bench-bf16 bench-tc bench-tc-bf16 bench-tc-fp16 bench-tc-tf32 test-all plot}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
@@ -81,6 +84,9 @@ for stage in $stages; do
     test)
       build
       run_logged pytest-cuda pytest-cuda.log $PYTHON -m pytest -v -p no:cacheprovider tests/test_cuda.py
+      ;;
+    test-all)
+      build
       run_logged pytest-all pytest-all.log $PYTHON -m pytest -q -p no:cacheprovider tests
       ;;
     sanitize)
