@@ -334,6 +334,7 @@ inline void check_histogram_args(int64_t key_bits, const at::Tensor& prefixes, i
                     prefixes.sizes());
   TORCH_CHECK_VALUE(prefixes.device() == like.device(), "prefixes must be on the device of x_r (",
                     like.device(), "), got ", prefixes.device());
+  TORCH_CHECK_VALUE(prefixes.numel() > 0, "prefixes must hold at least one prefix");
   TORCH_CHECK_VALUE(std::get<0>(at::_unique(prefixes)).numel() == prefixes.numel(),
                     "prefixes must be distinct (one histogram each)");
   TORCH_CHECK_VALUE(shift >= 0 && shift % 16 == 0 && shift + 16 <= key_bits,
@@ -345,15 +346,12 @@ inline void check_histogram_args(int64_t key_bits, const at::Tensor& prefixes, i
 // (the top 16 key bits), whether its whole keys are kept (empty: none).
 inline std::vector<uint8_t> collect_bin_flags(const c10::optional<at::Tensor>& ranges,
                                               int64_t cap, int64_t shift, int64_t key_bits,
-                                              int64_t top_min_bin) {
+                                              int64_t top_min_key) {
   constexpr int64_t kBins = int64_t(1) << 16;
   TORCH_CHECK_VALUE(cap >= 0, "collect_cap must be >= 0, got ", cap);
-  TORCH_CHECK_VALUE(top_min_bin >= 0 && top_min_bin < kBins,
-                    "top_min_bin must lie in [0, 65536), got ", top_min_bin);
+  TORCH_CHECK_VALUE(key_bits == 64 || (top_min_key >= 0 && top_min_key < (int64_t(1) << 32)),
+                    "top_min_key must be a 32-bit order key for float32, got ", top_min_key);
   const bool first_pass = shift + 16 == key_bits;
-  TORCH_CHECK_VALUE(first_pass || top_min_bin == 0,
-                    "top_min_bin: bins are those of the first pass only (shift ", key_bits - 16,
-                    "), got shift ", shift);
   std::vector<uint8_t> in_bin;
   if (!ranges.has_value() || ranges->numel() == 0) return in_bin;
   const at::Tensor& r = *ranges;

@@ -97,16 +97,16 @@ inline void define_operators(torch::Library& m) {
   // key bits - 16) it also returns the whole order keys (int64 bit patterns,
   // descending) of the pairs whose top 16 key bits lie in one of the
   // inclusive collect_ranges (R, 2), or none if there are more than
-  // collect_cap of them. With top_min_bin > 0 (first pass only) the top
-  // pairs are the best topk among those whose top 16 key bits are
-  // >= top_min_bin (fewer if fewer): on CUDA, where a pass cannot keep a
-  // running bar cheaply, such pairs are appended to a buffer during the
-  // sweep; a bin predicted to hold the k-th pair makes that the exact top-k
-  // in one pass.
+  // collect_cap of them. With top_min_key (an order key's bit pattern, as
+  // pair_topk's threshold_key) the top pairs are the best topk among those
+  // whose key is >= top_min_key (fewer if fewer; 0: every pair): on CUDA,
+  // where a pass cannot keep a running bar cheaply, such pairs are appended
+  // to a buffer during the sweep, so a key predicted below the k-th pair's
+  // gives the exact top-k in the same pass.
   m.def(
       "pair_histogram_topk(Tensor x_r, Tensor? x_c, Tensor labels_r, Tensor? labels_c, "
       "Tensor? ids_r, Tensor? ids_c, Tensor prefixes, int shift, int topk, "
-      "Tensor? collect_ranges=None, int collect_cap=0, int top_min_bin=0) "
+      "Tensor? collect_ranges=None, int collect_cap=0, int top_min_key=0) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // Negative pairs with order key > threshold_key, plus the first n_equal

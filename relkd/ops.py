@@ -195,7 +195,7 @@ if HAS_EXTENSION:
 
     @torch.library.register_fake("relkd::pair_histogram_topk")
     def _pair_histogram_topk_fake(x_r, x_c, labels_r, labels_c, ids_r, ids_c, prefixes, shift,
-                                  topk, collect_ranges=None, collect_cap=0, top_min_bin=0):
+                                  topk, collect_ranges=None, collect_cap=0, top_min_key=0):
         n_collected = torch.library.get_ctx().new_dynamic_size()
         return (prefixes.new_empty(prefixes.shape[0], DIGITS), x_r.new_empty(topk),
                 x_r.new_empty(topk, dtype=torch.long), x_r.new_empty(topk, dtype=torch.long),
@@ -702,17 +702,24 @@ def predicted_bins(sample_hist: Tensor, targets: Sequence[int], n_pairs: int,
     return sorted(kept)
 
 
-def predicted_top_bin(sample_hist: Tensor, k: int, n_pairs: int) -> int:
-    """The lowest first-pass bin of the bins that hold the k largest keys
-    with high probability, judged as predicted_bins judges a target; 0
-    (every bin) when the sample cannot tell."""
+def predicted_top_key(sample_hist: Tensor, sample_under, k: int, n_pairs: int,
+                      bits: int) -> int:
+    """An order key at or below the k-th largest key with high probability,
+    judged as predicted_bins judges a target, to 32 bits: from the row
+    sample's first-pass histogram, then `sample_under(bin)`, the sample's
+    histogram of the next 16 bits in that bin. 0 (every pair) when the
+    sample cannot tell."""
     at_or_below = sample_hist.reshape(-1).cpu().cumsum(0)
     n_sample = int(at_or_below[-1])
     if n_sample == 0:
         return 0
     expected = (k - 1) * n_sample / n_pairs
-    last = expected + COLLECT_MARGIN_SIGMAS * (expected + 1) ** 0.5 + 2
-    return 0 if last >= n_sample - 1 else digit_at(at_or_below, int(last))[0]
+    last = int(expected + COLLECT_MARGIN_SIGMAS * (expected + 1) ** 0.5 + 2)
+    if last >= n_sample - 1:
+        return 0
+    bin_, above = digit_at(at_or_below, last)
+    digit, _ = digit_at(sample_under(bin_).reshape(-1).cpu().cumsum(0), last - above)
+    return ((bin_ << 16) | digit) << (bits - 32)
 
 
 def device_collect_cap(sample_hist: Tensor, ranges: Sequence[Tuple[int, int]],
@@ -738,6 +745,7 @@ def collected_resolver(hist: Tensor, collected: Tensor, ranges: Sequence[Tuple[i
     in_ranges = sum(count_in(at_or_below, lo, hi) for lo, hi in ranges)
     if not ranges or in_ranges > cap or len(collected) != in_ranges:
         return None
+    collected = collected.cpu()  # one copy, not a device sync per key read below
     mask = (1 << bits) - 1
     # A bin's keys share their top bits (the sign bit included), so they are
     # one run of the descending list, as long as the bin's count; it starts
@@ -854,10 +862,11 @@ def negative_pair_select(x: Tensor, labels: Tensor, divisors: List[int], topk: i
     # The top-k pairs come from the first pass: on CPU by a running bar; on
     # CUDA from the bins predicted to hold them (checked below). Else the
     # radix passes find the k-th key and pair_topk collects the pairs.
-    top_min_bin = 0
+    top_min_key = 0
     if k_eff > 0 and not by_bar and sample is not None:
-        top_min_bin = predicted_top_bin(sample, k_eff, n_neg)
-    top_in_first_pass = k_eff > 0 and (by_bar or top_min_bin > 0)
+        top_min_key = predicted_top_key(
+            sample, lambda bin_: _sample_histogram(common, bits, summed, bin_), k_eff, n_neg, bits)
+    top_in_first_pass = k_eff > 0 and (by_bar or top_min_key > 0)
     cap = COLLECT_CAP if by_bar or sample is None else device_collect_cap(sample, ranges, n_neg)
     if k_eff > 0 and not top_in_first_pass:
         targets.append(k_eff - 1)
@@ -870,7 +879,7 @@ def negative_pair_select(x: Tensor, labels: Tensor, divisors: List[int], topk: i
             collect = torch.tensor(ranges, dtype=torch.long).reshape(-1, 2)
             hist, *found, kept = torch.ops.relkd.pair_histogram_topk(
                 *common, prefixes, shift, topk if top_in_first_pass else 0, collect, cap,
-                top_min_bin)
+                as_int64(top_min_key))
             first_top.append(tuple(found))
             first_pass.append((hist, kept))
             return hist
@@ -892,24 +901,28 @@ def negative_pair_select(x: Tensor, labels: Tensor, divisors: List[int], topk: i
     keys, n_above = radix_select(histogram, targets, bits, reduce, resolve)
     thresholds = torch.tensor([key_to_value(k, bits) for k in keys[:len(divisors)]],
                               dtype=x.dtype, device=x.device)
-    kth = (keys[-1], n_above[-1]) if k_eff > 0 and not top_in_first_pass else None
     if top_in_first_pass and not first_pass:  # no divisors: the first pass for the pairs alone
         hist = histogram(torch.zeros(1, dtype=torch.long), bits - 16)
         if reduce is not None:
             reduce(hist)
-    if top_in_first_pass and not by_bar:
-        # The predicted bins held the top k_eff pairs only if they hold at
-        # least k_eff pairs (of every rank's rows): else the passes decide.
-        first = (first_summed[0] if group is not None else first_pass[0][0]).reshape(-1)
-        if int(first[top_min_bin:].sum()) < k_eff:
-            found, above = radix_select(histogram, [k_eff - 1], bits, reduce, resolve)
-            kth = (found[0], above[0])
-    if kth is not None:
-        top = torch.ops.relkd.pair_topk(*common, as_int64(kth[0]), k_eff - kth[1], topk)
+
+    def top_pairs(candidates):  # under DDP every rank's, merged the same way
+        if group is None:
+            return candidates
+        return merge_top_pairs(*(relkd_dist.gather_rows(t, group) for t in candidates), topk)
+
+    def top_by_passes(key: int, n_above: int):
+        return top_pairs(torch.ops.relkd.pair_topk(*common, as_int64(key), k_eff - n_above, topk))
+
+    if k_eff > 0 and not top_in_first_pass:
+        top = top_by_passes(keys[-1], n_above[-1])
     elif top_in_first_pass:
-        top = first_top[0]
-    if k_eff > 0 and group is not None:  # every rank's candidates, merged the same way
-        top = merge_top_pairs(*(relkd_dist.gather_rows(t, group) for t in top), topk)
+        top = top_pairs(first_top[0])
+        # The pairs at and above the predicted key hold the top k_eff only
+        # if there are k_eff of them (of every rank): else the passes decide.
+        if not by_bar and int((top[1] >= 0).sum()) < k_eff:
+            found, above = radix_select(histogram, [k_eff - 1], bits, reduce, resolve)
+            top = top_by_passes(found[0], above[0])
     return (thresholds, *top, n_neg_t)
 
 
@@ -929,18 +942,20 @@ def top_by_running_bar(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _sample_histogram(common, bits: int, all_reduce=None) -> Tensor:
-    """The first-pass histogram of every COLLECT_SAMPLE_STRIDE-th row
-    against all columns (under DDP, of every rank's rows: `all_reduce` sums
-    the sample histograms)."""
+def _sample_histogram(common, bits: int, all_reduce=None, prefix: Optional[int] = None) -> Tensor:
+    """The first-pass histogram of every COLLECT_SAMPLE_STRIDE-th row against
+    all columns or, given a first-pass bin `prefix`, the histogram of the
+    next 16 bits of that bin's keys (under DDP, of every rank's rows:
+    `all_reduce` sums the sample histograms)."""
     x, x_cols, labels, labels_cols, ids_r, _ = common
     n = len(x)
     ids = ids_r if ids_r is not None else torch.arange(n, device=x.device)
     pick = slice(0, n, COLLECT_SAMPLE_STRIDE)
+    shift = bits - 16 if prefix is None else bits - 32
     sample = torch.ops.relkd.pair_histogram(
         x[pick], x if x_cols is None else x_cols, labels[pick],
         labels if labels_cols is None else labels_cols, ids[pick], None,
-        torch.zeros(1, dtype=torch.long, device=x.device), bits - 16)
+        torch.tensor([prefix or 0], dtype=torch.long, device=x.device), shift)
     return sample if all_reduce is None else all_reduce(sample)
 
 

@@ -146,22 +146,28 @@ def dyadic(n, d, seed):
 
 def first_pass_cases(x, y, rows, bits, topk):
     """pair_histogram_topk arguments over x's negative pairs (rows: those
-    rows, or all): key ranges around a middle and the top bins, top pairs
-    from a high bin up, from bin 1 up (nearly every pair: more than the
-    buffer), from every bin (top_min_bin 0); a key cap too small; a later
-    pass; keys alone."""
+    rows, or all): key ranges around a middle and the top bins; top pairs
+    from a key inside a high bin up, from a pair's own key up, from key 1 up (every pair: more than
+    the buffer holds when there are over 65,536) and from key 0 (every pair;
+    the buffer only when few); a key cap too small; a later pass; keys
+    alone."""
     whole = torch.zeros(1, dtype=torch.long)
     hist = torch.ops.relkd.pair_histogram(x, None, y, None, None, None, whole, bits - 16)[0]
     bins = torch.nonzero(hist).flatten().tolist()
     ranges = torch.tensor([[bins[len(bins) // 2] - 1, bins[len(bins) // 2] + 1],
                            [bins[-4], 65535]])
-    high = bins[-6]
+    high = (bins[-6] << (bits - 16)) | (1 << (bits - 17))  # the middle of a high bin
+    high -= (1 << 64) if high >= 1 << 63 else 0  # the key's bit pattern as an int64
+    top_keys = torch.ops.relkd.pair_histogram_topk(x, None, y, None, None, None, whole,
+                                                   bits - 16, 0, ranges[1:], 10**6)[4]
+    exact = int(top_keys[min(20, len(top_keys) - 1)])  # a pair's key: its ties are kept
     common = ((x[rows], x, y[rows], y, torch.arange(rows.start, rows.stop), None) if rows
               else (x, None, y, None, None, None))
     prefixes = torch.tensor(bins[-3:])
     return [common + (whole, bits - 16, topk, ranges, 10**6, high),
+            common + (whole, bits - 16, topk, None, 0, exact),
             common + (whole, bits - 16, topk, ranges, 5, high),
             common + (whole, bits - 16, topk, None, 0, 1),
             common + (whole, bits - 16, topk, None, 0, 0),
-            common + (prefixes, bits - 32, topk),
+            common + (prefixes, bits - 32, topk, None, 0, high),
             common + (whole, bits - 16, 0, ranges, 10**6)]

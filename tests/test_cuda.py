@@ -441,7 +441,7 @@ def test_pair_select_opcheck(dtype):
     collect = torch.tensor([[0, 40000], [50000, 65535]])
     torch.library.opcheck(torch.ops.relkd.pair_histogram_topk.default,
                           (x, None, y, None, None, None, prefixes, bits - 16, 9, collect, 100,
-                           30000))
+                           ops.as_int64(1 << (bits - 2))))
 
 
 # --------------------------------------------------------------------- losses

@@ -594,9 +594,10 @@ def test_first_pass_collections(emulated, dtype):
     """pair_histogram_topk on CUDA (pair_select.cuh, collect_first_pass):
     the CPU kernel's histogram, kept keys and top pairs exactly (dyadic
     embeddings: exact products, many ties): top pairs from the buffer of
-    the bins at and above top_min_bin, or by the radix passes and pair_topk
-    when the buffer cannot hold them (from bin 1 or 0 of 87,990 pairs, in a
-    later pass, or fewer pairs than topk); keys given up past their cap."""
+    the pairs at and above top_min_key (first and later passes), or by the
+    radix passes and pair_topk when the buffer cannot hold them (keys 1 or 0
+    of 87,990 pairs, or fewer pairs than topk); keys given up past their
+    cap."""
     x, y = dyadic(420, 6, seed=29).to(dtype), labels("random", 420, 30)
     bits = ops.key_bits(dtype)
     for args in first_pass_cases(x, y, None, bits, 40):

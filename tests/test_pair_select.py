@@ -238,11 +238,11 @@ def test_first_pass_collects_the_whole_keys_of_the_chosen_bins(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("rect", [False, True])
-def test_top_pairs_from_the_bins_at_and_above_top_min_bin(dtype, rect):
-    """With top_min_bin the first pass's top pairs are the best topk among
-    the pairs whose top 16 key bits are >= top_min_bin (all of them when
-    fewer), by value and then (i, j); dyadic embeddings: exact products and
-    many ties."""
+def test_top_pairs_at_and_above_top_min_key(dtype, rect):
+    """With top_min_key the top pairs are the best topk among the pairs whose
+    order key is >= top_min_key (all of them when fewer), by value and then
+    (i, j), in the first pass and a later one; dyadic embeddings: exact
+    products and many ties."""
     x, y = dyadic(160, 12, seed=27).to(dtype), labels("random", 160, 28)
     bits = ops.key_bits(dtype)
     values, rows, cols = negative_pairs(x, y)
@@ -252,18 +252,20 @@ def test_top_pairs_from_the_bins_at_and_above_top_min_bin(dtype, rect):
     args = (x[50:120], x, y[50:120], y, ids, None) if rect else (x, None, y, None, None, None)
     if rect:  # the pairs whose smaller id is a row's: 50..119
         order = [e for e in order if 50 <= rows[e] < 120]
-    whole = torch.zeros(1, dtype=torch.long)
     for nth_best in (0, 30, 700):
-        min_bin = keys[order[nth_best]] >> (bits - 16)
-        in_bins = [e for e in order if keys[e] >> (bits - 16) >= min_bin]
-        for topk in (1, 25, len(in_bins) + 10):
-            _, got_v, got_i, got_j, _ = torch.ops.relkd.pair_histogram_topk(
-                *args, whole, bits - 16, topk, None, 0, min_bin)
-            best = in_bins[:topk]
-            assert got_v[:len(best)].tolist() == values[best].tolist()
-            assert got_i[:len(best)].tolist() == rows[best].tolist()
-            assert got_j[:len(best)].tolist() == cols[best].tolist()
-            assert (got_i[len(best):] == -1).all() and (got_v[len(best):] == -float("inf")).all()
+        min_key = keys[order[nth_best]]
+        above = [e for e in order if keys[e] >= min_key]
+        for topk in (1, 25, len(above) + 10):
+            for prefixes, shift in ((torch.zeros(1, dtype=torch.long), bits - 16),
+                                    (torch.tensor([min_key >> (bits - 16)]), bits - 32)):
+                _, got_v, got_i, got_j, _ = torch.ops.relkd.pair_histogram_topk(
+                    *args, prefixes, shift, topk, None, 0, ops.as_int64(min_key))
+                best = above[:topk]
+                assert got_v[:len(best)].tolist() == values[best].tolist()
+                assert got_i[:len(best)].tolist() == rows[best].tolist()
+                assert got_j[:len(best)].tolist() == cols[best].tolist()
+                assert (got_i[len(best):] == -1).all()
+                assert (got_v[len(best):] == -float("inf")).all()
 
 
 def one_pass_case(dtype, pattern):
@@ -289,15 +291,16 @@ def test_top_pairs_from_predicted_bins_in_the_same_pass(dtype, pattern, monkeypa
     with first_pass_collection(10**9):
         radix = ops.negative_pair_select(x, y, divisors, 300, None, None, 0, "")
     shifts = count_histogram_passes(monkeypatch)
-    predicted, predict = [], ops.predicted_top_bin
-    monkeypatch.setattr(ops, "predicted_top_bin",
+    predicted, predict = [], ops.predicted_top_key
+    monkeypatch.setattr(ops, "predicted_top_key",
                         lambda *args: predicted.append(predict(*args)) or predicted[-1])
     with first_pass_collection(0), top_pairs_by("bins"):
         one_pass = ops.negative_pair_select(x, y, divisors, 300, None, None, 0, "")
         assert predicted[0] > 0 and shifts == [ops.key_bits(dtype) - 16]
         assert all(torch.equal(a, b) for a, b in zip(one_pass, radix))
         shifts.clear()
-        monkeypatch.setattr(ops, "predicted_top_bin", lambda *args: 65535)
+        # The largest key: fewer than topk pairs at or above it.
+        monkeypatch.setattr(ops, "predicted_top_key", lambda *args: (1 << args[-1]) - 1)
         caught = ops.negative_pair_select(x, y, divisors, 300, None, None, 0, "")
         assert len(shifts) > 1  # the k-th key's radix passes ran
         assert all(torch.equal(a, b) for a, b in zip(caught, radix))
@@ -381,7 +384,8 @@ def test_opcheck(dtype):
     for args in [(x, None, y, None, None, None, prefixes, bits - 16, 25),
                  (x[40:], x, y[40:], y, ids, None, prefixes, 0, 7),
                  (x, None, y, None, None, None, prefixes[:1], bits - 16, 3, collect, 10**6),
-                 (x[40:], x, y[40:], y, ids, None, prefixes[:1], bits - 16, 9, collect, 10, 30000)]:
+                 (x[40:], x, y[40:], y, ids, None, prefixes[:1], bits - 16, 9, collect, 10,
+                  ops.as_int64(1 << (bits - 2)))]:
         torch.library.opcheck(torch.ops.relkd.pair_histogram_topk.default, args)
     torch.library.opcheck(ops.negative_pair_select, (x, y, [10, 100], 30, None, None, 0, ""))
 
@@ -405,9 +409,10 @@ def test_op_arguments_are_checked():
         with pytest.raises(ValueError, match=match):
             torch.ops.relkd.pair_histogram_topk(x, None, y, None, None, None, whole, shift, 0,
                                                 ranges, cap)
-    for top_min_bin, shift, match in [(-1, 16, r"top_min_bin must lie in \[0, 65536\)"),
-                                      (65536, 16, r"top_min_bin must lie in \[0, 65536\)"),
-                                      (7, 0, r"top_min_bin: bins are those of the first pass")]:
-        with pytest.raises(ValueError, match=match):
-            torch.ops.relkd.pair_histogram_topk(x, None, y, None, None, None, whole, shift, 5,
-                                                None, 0, top_min_bin)
+    for top_min_key in (-1, 1 << 32):
+        with pytest.raises(ValueError, match="top_min_key must be a 32-bit order key"):
+            torch.ops.relkd.pair_histogram_topk(x, None, y, None, None, None, whole, 16, 5,
+                                                None, 0, top_min_key)
+    with pytest.raises(ValueError, match="prefixes must hold at least one prefix"):
+        torch.ops.relkd.pair_histogram_topk(x, None, y, None, None, None,
+                                            torch.zeros(0, dtype=torch.long), 16, 5)

@@ -173,12 +173,13 @@ at::Tensor merge_collected(const std::vector<std::vector<K>>& lists,
 template <typename T>
 Selected histogram_impl(const SelectInputs& in, const at::Tensor& prefixes, int64_t shift,
                         int64_t topk, const c10::optional<at::Tensor>& collect_ranges,
-                        int64_t collect_cap, int64_t top_min_bin) {
+                        int64_t collect_cap, int64_t top_min_key) {
   using K = typename KeyOf<T>::type;
   constexpr int64_t bits = sizeof(K) * 8;
   check_histogram_args(bits, prefixes, shift, in.x_r);
-  const Collect collect{collect_bin_flags(collect_ranges, collect_cap, shift, bits, top_min_bin),
+  const Collect collect{collect_bin_flags(collect_ranges, collect_cap, shift, bits, top_min_key),
                         collect_cap};
+  const K top_min = static_cast<K>(static_cast<uint64_t>(top_min_key));
   const bool check_prefix = shift + 16 < bits;
   const int64_t n_prefix = prefixes.numel();
   const int64_t* pre = prefixes.data_ptr<int64_t>();
@@ -232,7 +233,7 @@ Selected histogram_impl(const SelectInputs& in, const at::Tensor& prefixes, int6
       if (w[e] == T(0)) continue;
       const K key = order_key(s[e]);
       const int64_t digit = int64_t((key >> shift) & K(kDigits - 1));
-      if (topk > 0 && top.may_enter(s[e]) && digit >= top_min_bin) {
+      if (topk > 0 && top.may_enter(s[e]) && key >= top_min) {
         const int64_t a = in.ix.id_r(t.r0 + e / t.cols), b = in.ix.id_c(t.c0 + e % t.cols);
         top.offer({s[e], std::min(a, b), std::max(a, b)});
       }
@@ -270,14 +271,14 @@ Selected pair_histogram_topk_cpu(const at::Tensor& x_r, const c10::optional<at::
                                  const c10::optional<at::Tensor>& ids_c,
                                  const at::Tensor& prefixes, int64_t shift, int64_t topk,
                                  const c10::optional<at::Tensor>& collect_ranges,
-                                 int64_t collect_cap, int64_t top_min_bin) {
+                                 int64_t collect_cap, int64_t top_min_key) {
   BelowAutograd below_autograd;
   const auto in = select_inputs(x_r, x_c, labels_r, labels_c, ids_r, ids_c);
   TORCH_CHECK_VALUE(topk >= 0, "topk must be >= 0, got ", topk);
   const auto pre = prefixes.contiguous();
   return AT_DISPATCH_FLOATING_TYPES(x_r.scalar_type(), "pair_histogram_topk", [&] {
     return histogram_impl<scalar_t>(in, pre, shift, topk, collect_ranges, collect_cap,
-                                    top_min_bin);
+                                    top_min_key);
   });
 }
 

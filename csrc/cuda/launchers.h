@@ -204,10 +204,10 @@ int pair_rows_mma(const RowsMmaArgs& args, const TileMask& mask, Stream stream);
 int sum_partials(const double* partials, int64_t parts, double* out, Stream stream);
 
 // ------------------------------------------------------------ pair_select
-// What pair_histogram_topk's first pass (shift = key bits - 16) also
-// collects, into device buffers: the whole order keys (int64 bit patterns)
-// of the pairs whose bin (top 16 key bits) is flagged in in_bin, and the
-// pairs (value, i, j; i < j their ids) whose bin is >= top_min_bin. Each is
+// What pair_histogram_topk's histogram pass also collects, into device
+// buffers: the whole order keys (int64 bit patterns) of the pairs whose bin
+// (top 16 key bits; first pass only) is flagged in in_bin, and the pairs
+// (value, i, j; i < j their ids) whose order key is >= top_min_key. Each is
 // appended while there is room; every one is counted, so a count above the
 // cap says the buffer is incomplete.
 template <typename T>
@@ -216,8 +216,8 @@ struct FirstPassCollect {
   int64_t* keys = nullptr;
   int64_t key_cap = 0;
   unsigned long long* key_count = nullptr;
-  int top_min_bin = -1;  // < 0: no pairs
-  T* top_v = nullptr;
+  uint64_t top_min_key = 0;
+  T* top_v = nullptr;  // nullptr: no pairs
   int64_t* top_i = nullptr;
   int64_t* top_j = nullptr;
   int64_t top_cap = 0;

@@ -790,7 +790,10 @@ void write_best_first(const at::Tensor& v, const at::Tensor& i, const at::Tensor
   const auto v_n = v.narrow(0, 0, n), i_n = i.narrow(0, 0, n), j_n = j.narrow(0, 0, n);
   auto order = std::get<1>(at::sort(j_n, true, 0, false));
   order = order.index_select(0, std::get<1>(at::sort(i_n.index_select(0, order), true, 0, false)));
-  order = order.index_select(0, std::get<1>(at::sort(v_n.index_select(0, order), true, 0, true)));
+  // NaN last, as the CPU ranks it (a descending sort puts it first).
+  const auto lowest = at::full({}, -std::numeric_limits<double>::infinity(), v_n.options());
+  const auto v_key = at::where(v_n.isnan(), lowest, v_n);
+  order = order.index_select(0, std::get<1>(at::sort(v_key.index_select(0, order), true, 0, true)));
   order = order.narrow(0, 0, keep);
   values.narrow(0, 0, keep).copy_(v_n.index_select(0, order));
   rows.narrow(0, 0, keep).copy_(i_n.index_select(0, order));
@@ -856,11 +859,11 @@ at::Tensor keys_descending(const at::Tensor& keys, int bits) {
   return keys.index_select(0, std::get<1>(at::sort(order_of, true, 0, true)));
 }
 
-// The top pairs when the first pass's buffer could not hold them: the
-// overall top-k by the radix passes and pair_topk's collection. The buffer
-// is skipped only for top_min_bin 0 (every pair) and overflows only past
-// 4 topk pairs in its bins, so these are the best topk of its bins too; with
-// fewer than topk pairs select_key returns key 0, below all of them.
+// The top pairs when the pass's buffer could not hold them: the overall
+// top-k by the radix passes and pair_topk's collection. The buffer is
+// skipped only for top_min_key 0 (every pair) and overflows only past
+// 4 topk pairs at or above the key, so these are the best topk of those
+// too; with fewer than topk pairs select_key returns key 0, below them all.
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> top_pairs_by_passes(const SelectArgs& in,
                                                                    int64_t topk) {
@@ -872,7 +875,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> top_pairs_by_passes(const SelectA
 template <typename T>
 Selected histogram_topk_impl(const SelectArgs& in, const at::Tensor& prefixes, int64_t shift,
                              int64_t topk, const std::vector<uint8_t>& in_bin,
-                             int64_t collect_cap, int64_t top_min_bin) {
+                             int64_t collect_cap, int64_t top_min_key) {
   constexpr int bits = 8 * sizeof(typename pm::KeyOf<T>::type);
   const auto opts = in.x_r.options();
   const auto long_opts = opts.dtype(at::kLong);
@@ -889,18 +892,17 @@ Selected histogram_topk_impl(const SelectArgs& in, const at::Tensor& prefixes, i
     collect.key_cap = collect_cap;
     collect.key_count = count;
   }
-  // The top pairs come from one buffer when they fit it: in the first pass,
-  // from the bins at and above top_min_bin (or all pairs, when few). Bins
-  // predicted to hold the k-th pair hold about k + a margin of them.
-  const bool first_pass = shift + 16 == bits;
+  // The top pairs come from one buffer when they fit it: those at and above
+  // top_min_key (or all pairs, when few). A key predicted just below the
+  // k-th pair's leaves about k + a margin of them.
   const int64_t top_cap = std::max<int64_t>(4 * topk, int64_t(1) << 16);
   const int64_t most_pairs = in.x_r.size(0) * in.x_c.size(0);
-  const bool top_buffer = topk > 0 && first_pass && (top_min_bin > 0 || most_pairs <= top_cap);
+  const bool top_buffer = topk > 0 && (top_min_key != 0 || most_pairs <= top_cap);
   if (top_buffer) {
     top_v = at::empty({top_cap}, opts);
     top_i = at::empty({top_cap}, long_opts);
     top_j = at::empty({top_cap}, long_opts);
-    collect.top_min_bin = static_cast<int>(top_min_bin);
+    collect.top_min_key = static_cast<uint64_t>(top_min_key);
     collect.top_v = ptr<T>(top_v);
     collect.top_i = ptr<int64_t>(top_i);
     collect.top_j = ptr<int64_t>(top_j);
@@ -931,18 +933,18 @@ Selected pair_histogram_topk_cuda(const at::Tensor& x_r, const c10::optional<at:
                                   const c10::optional<at::Tensor>& ids_c,
                                   const at::Tensor& prefixes, int64_t shift, int64_t topk,
                                   const c10::optional<at::Tensor>& collect_ranges,
-                                  int64_t collect_cap, int64_t top_min_bin) {
+                                  int64_t collect_cap, int64_t top_min_key) {
   BelowAutograd below_autograd;
   const auto in = check_select_args(x_r, x_c, labels_r, labels_c, ids_r, ids_c);
   const int64_t bits = x_r.scalar_type() == at::kDouble ? 64 : 32;
   check_histogram_args(bits, prefixes, shift, x_r);
   TORCH_CHECK_VALUE(topk >= 0, "topk must be >= 0, got ", topk);
-  const auto in_bin = collect_bin_flags(collect_ranges, collect_cap, shift, bits, top_min_bin);
+  const auto in_bin = collect_bin_flags(collect_ranges, collect_cap, shift, bits, top_min_key);
   c10::DeviceGuard guard(x_r.device());
   if (topk > 0) check_tie_ids(in, "pair_histogram_topk");
   const auto pre = prefixes.contiguous();
   return AT_DISPATCH_FLOATING_TYPES(x_r.scalar_type(), "pair_histogram_topk_cuda", [&] {
-    return histogram_topk_impl<scalar_t>(in, pre, shift, topk, in_bin, collect_cap, top_min_bin);
+    return histogram_topk_impl<scalar_t>(in, pre, shift, topk, in_bin, collect_cap, top_min_key);
   });
 }
 

@@ -62,7 +62,7 @@ __device__ inline unsigned long long warp_append(bool want, unsigned long long* 
 
 template <typename T>
 __device__ inline bool collects(const FirstPassCollect<T>& out) {
-  return out.in_bin != nullptr || out.top_min_bin >= 0;
+  return out.in_bin != nullptr || out.top_v != nullptr;
 }
 
 // The first pass's collections (launchers.h, FirstPassCollect) of the mask's
@@ -79,8 +79,8 @@ __device__ inline void collect_first_pass(const TileMask& mask, int64_t p, int64
     const unsigned long long slot = warp_append(keep, out.key_count);
     if (keep && static_cast<int64_t>(slot) < out.key_cap) out.keys[slot] = static_cast<int64_t>(key);
   }
-  if (out.top_min_bin >= 0) {
-    const bool keep = counted && bin >= out.top_min_bin;
+  if (out.top_v) {
+    const bool keep = counted && static_cast<uint64_t>(key) >= out.top_min_key;
     const unsigned long long slot = warp_append(keep, out.top_count);
     if (keep && static_cast<int64_t>(slot) < out.top_cap) {
       pair_ids(mask, p, q, &out.top_i[slot], &out.top_j[slot]);
