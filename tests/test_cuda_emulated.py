@@ -597,7 +597,7 @@ def test_first_pass_collections(emulated, dtype):
     the pairs at and above top_min_key (first and later passes), or by the
     radix passes and pair_topk when the buffer cannot hold them (keys 1 or 0
     of 87,990 pairs, or fewer pairs than topk); keys given up past their
-    cap."""
+    cap; NaN similarities last."""
     x, y = dyadic(420, 6, seed=29).to(dtype), labels("random", 420, 30)
     bits = ops.key_bits(dtype)
     for args in first_pass_cases(x, y, None, bits, 40):
@@ -606,6 +606,12 @@ def test_first_pass_collections(emulated, dtype):
     few = torch.zeros(420, dtype=torch.long)
     few[:3] = torch.tensor([1, 2, 3])
     args = (x, None, few, None, None, None, torch.zeros(1, dtype=torch.long), bits - 16, 2000)
+    close(emulated.pair_histogram_topk(*args), torch.ops.relkd.pair_histogram_topk(*args), 0)
+    # NaN similarities (a NaN row) rank last, by (i, j), as on the CPU.
+    nan_row = x[:40].clone()
+    nan_row[3] = float("nan")
+    args = (nan_row, None, y[:40], None, None, None, torch.zeros(1, dtype=torch.long), bits - 16,
+            800)
     close(emulated.pair_histogram_topk(*args), torch.ops.relkd.pair_histogram_topk(*args), 0)
 
 
