@@ -702,24 +702,21 @@ def predicted_bins(sample_hist: Tensor, targets: Sequence[int], n_pairs: int,
     return sorted(kept)
 
 
-def predicted_top_key(sample_hist: Tensor, sample_under, k: int, n_pairs: int,
-                      bits: int) -> int:
-    """An order key at or below the k-th largest key with high probability,
-    judged as predicted_bins judges a target, to 32 bits: from the row
-    sample's first-pass histogram, then `sample_under(bin)`, the sample's
-    histogram of the next 16 bits in that bin. 0 (every pair) when the
-    sample cannot tell."""
+def predicted_top_key(sample_hist: Tensor, k: int, n_pairs: int, bits: int) -> int:
+    """The lowest order key of the first-pass bin that, with high probability,
+    lies at or below the k-th largest key, judged from the row sample's
+    first-pass histogram as predicted_bins judges a target; 0 (every pair)
+    when the sample cannot tell. A bin near the k-th pair holds few pairs
+    beside the k (benchmarks/ekd_top_key.py)."""
     at_or_below = sample_hist.reshape(-1).cpu().cumsum(0)
     n_sample = int(at_or_below[-1])
     if n_sample == 0:
         return 0
     expected = (k - 1) * n_sample / n_pairs
-    last = int(expected + COLLECT_MARGIN_SIGMAS * (expected + 1) ** 0.5 + 2)
+    last = expected + COLLECT_MARGIN_SIGMAS * (expected + 1) ** 0.5 + 2
     if last >= n_sample - 1:
         return 0
-    bin_, above = digit_at(at_or_below, last)
-    digit, _ = digit_at(sample_under(bin_).reshape(-1).cpu().cumsum(0), last - above)
-    return ((bin_ << 16) | digit) << (bits - 32)
+    return digit_at(at_or_below, int(last))[0] << (bits - 16)
 
 
 def device_collect_cap(sample_hist: Tensor, ranges: Sequence[Tuple[int, int]],
@@ -864,8 +861,7 @@ def negative_pair_select(x: Tensor, labels: Tensor, divisors: List[int], topk: i
     # radix passes find the k-th key and pair_topk collects the pairs.
     top_min_key = 0
     if k_eff > 0 and not by_bar and sample is not None:
-        top_min_key = predicted_top_key(
-            sample, lambda bin_: _sample_histogram(common, bits, summed, bin_), k_eff, n_neg, bits)
+        top_min_key = predicted_top_key(sample, k_eff, n_neg, bits)
     top_in_first_pass = k_eff > 0 and (by_bar or top_min_key > 0)
     cap = COLLECT_CAP if by_bar or sample is None else device_collect_cap(sample, ranges, n_neg)
     if k_eff > 0 and not top_in_first_pass:
@@ -942,20 +938,18 @@ def top_by_running_bar(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _sample_histogram(common, bits: int, all_reduce=None, prefix: Optional[int] = None) -> Tensor:
+def _sample_histogram(common, bits: int, all_reduce=None) -> Tensor:
     """The first-pass histogram of every COLLECT_SAMPLE_STRIDE-th row against
-    all columns or, given a first-pass bin `prefix`, the histogram of the
-    next 16 bits of that bin's keys (under DDP, of every rank's rows:
-    `all_reduce` sums the sample histograms)."""
+    all columns (under DDP, of every rank's rows: `all_reduce` sums the
+    sample histograms)."""
     x, x_cols, labels, labels_cols, ids_r, _ = common
     n = len(x)
     ids = ids_r if ids_r is not None else torch.arange(n, device=x.device)
     pick = slice(0, n, COLLECT_SAMPLE_STRIDE)
-    shift = bits - 16 if prefix is None else bits - 32
     sample = torch.ops.relkd.pair_histogram(
         x[pick], x if x_cols is None else x_cols, labels[pick],
         labels if labels_cols is None else labels_cols, ids[pick], None,
-        torch.tensor([prefix or 0], dtype=torch.long, device=x.device), shift)
+        torch.zeros(1, dtype=torch.long, device=x.device), bits - 16)
     return sample if all_reduce is None else all_reduce(sample)
 
 
