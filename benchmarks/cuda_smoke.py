@@ -20,7 +20,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from relkd import ops  # noqa: E402
-from helpers import dyadic, first_pass_cases, tensor_cores, tf32_values  # noqa: E402
+from helpers import (dyadic, first_pass_args_on, first_pass_cases, tensor_cores,  # noqa: E402
+                     tf32_values)
 
 FAILURES = []
 
@@ -223,10 +224,8 @@ def main() -> int:
             for rows in (None, slice(60, 240)):
                 for n, args in enumerate(first_pass_cases(small, small_y, rows,
                                                           64 if dtype == f64 else 32, 40)):
-                    on_gpu = [a.cuda() if isinstance(a, torch.Tensor) and at != 9 else a
-                              for at, a in enumerate(args)]
                     check(f"pair_histogram_topk {dtype} tensor cores {mode} case {n}",
-                          torch.ops.relkd.pair_histogram_topk(*on_gpu),
+                          torch.ops.relkd.pair_histogram_topk(*first_pass_args_on("cuda", args)),
                           torch.ops.relkd.pair_histogram_topk(*args), atol=0)
     torch.cuda.synchronize()
     print(f"{len(FAILURES)} mismatches" if FAILURES else "all kernels match the CPU")

@@ -26,7 +26,7 @@ def main() -> None:
     bits = 32
     common = (x, None, y, None, None, None)
     n_neg = args.n * (args.n - 1) // 2 - int(ops.positive_pair_count(y))
-    sample = ops._sample_histogram(common, bits)
+    sample = ops._sample_counts(common, bits)
     key = ops.predicted_top_key(sample, args.k, n_neg, bits)
     s = x @ x.T
     iu = torch.triu_indices(args.n, args.n, 1)

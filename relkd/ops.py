@@ -664,28 +664,30 @@ def count_in(at_or_below: Tensor, lo: int, hi: int) -> int:
     return int(at_or_below[hi]) - (int(at_or_below[lo - 1]) if lo > 0 else 0)
 
 
-def predicted_bins(sample_hist: Tensor, targets: Sequence[int], n_pairs: int,
+def bin_range_of(at_or_below: Tensor, position: float) -> Tuple[int, int]:
+    """The inclusive first-pass bins (bottom, top) that hold the key at the
+    descending `position` of a row sample (its keys counted as at_or_below,
+    a 1-D cumsum) with high probability: the position's binomial
+    uncertainty, COLLECT_MARGIN_SIGMAS standard deviations either side."""
+    n_sample = int(at_or_below[-1])
+    margin = COLLECT_MARGIN_SIGMAS * (position + 1) ** 0.5 + 2
+    lo_pos, hi_pos = position - margin, position + margin
+    top_bin = DIGITS - 1 if lo_pos <= 0 else digit_at(at_or_below, int(lo_pos))[0]
+    bottom_bin = 0 if hi_pos >= n_sample - 1 else digit_at(at_or_below, int(hi_pos))[0]
+    return bottom_bin, top_bin
+
+
+def predicted_bins(at_or_below: Tensor, targets: Sequence[int], n_pairs: int,
                    cap: int) -> List[Tuple[int, int]]:
     """Inclusive first-pass bin ranges that hold each target's key with high
-    probability, judged from a row sample's first-pass histogram; targets
-    whose predicted bins would hold more than the cap are left out."""
-    at_or_below = sample_hist.reshape(-1).cpu().cumsum(0)
+    probability, judged from a row sample's first-pass counts (at_or_below,
+    their 1-D cumsum); targets whose predicted bins would hold more than the
+    cap are left out."""
     n_sample = int(at_or_below[-1])
     if n_sample == 0:
         return []
     scale = n_pairs / n_sample
-
-    def bin_at(position: float) -> int:
-        return digit_at(at_or_below, int(position))[0]
-
-    ranges = []
-    for t in targets:
-        expected = t / scale
-        margin = COLLECT_MARGIN_SIGMAS * (expected + 1) ** 0.5 + 2
-        lo_pos, hi_pos = expected - margin, expected + margin
-        top_bin = DIGITS - 1 if lo_pos <= 0 else bin_at(lo_pos)
-        bottom_bin = 0 if hi_pos >= n_sample - 1 else bin_at(hi_pos)
-        ranges.append((bottom_bin, top_bin))
+    ranges = [bin_range_of(at_or_below, t / scale) for t in targets]
     merged: List[Tuple[int, int]] = []
     for lo, hi in sorted(ranges):
         if merged and lo <= merged[-1][1] + 1:
@@ -702,29 +704,24 @@ def predicted_bins(sample_hist: Tensor, targets: Sequence[int], n_pairs: int,
     return sorted(kept)
 
 
-def predicted_top_key(sample_hist: Tensor, k: int, n_pairs: int, bits: int) -> int:
+def predicted_top_key(at_or_below: Tensor, k: int, n_pairs: int, bits: int) -> int:
     """The lowest order key of the first-pass bin that, with high probability,
-    lies at or below the k-th largest key, judged from the row sample's
-    first-pass histogram as predicted_bins judges a target; 0 (every pair)
-    when the sample cannot tell. A bin near the k-th pair holds few pairs
-    beside the k (benchmarks/ekd_top_key.py)."""
-    at_or_below = sample_hist.reshape(-1).cpu().cumsum(0)
+    lies at or below the k-th largest key, judged from a row sample's
+    first-pass counts as predicted_bins judges a target; 0 (every pair) when
+    the sample cannot tell. A bin near the k-th pair holds few pairs beside
+    the k (benchmarks/ekd_top_key.py)."""
     n_sample = int(at_or_below[-1])
     if n_sample == 0:
         return 0
-    expected = (k - 1) * n_sample / n_pairs
-    last = expected + COLLECT_MARGIN_SIGMAS * (expected + 1) ** 0.5 + 2
-    if last >= n_sample - 1:
-        return 0
-    return digit_at(at_or_below, int(last))[0] << (bits - 16)
+    return bin_range_of(at_or_below, (k - 1) * n_sample / n_pairs)[0] << (bits - 16)
 
 
-def device_collect_cap(sample_hist: Tensor, ranges: Sequence[Tuple[int, int]],
+def device_collect_cap(at_or_below: Tensor, ranges: Sequence[Tuple[int, int]],
                        n_pairs: int) -> int:
     """The keys a CUDA first pass makes room for (its buffer is allocated
-    whole): twice the sample's estimate of the keys in `ranges`, plus slack,
-    at most COLLECT_CAP. More keys make the collection give up, not fail."""
-    at_or_below = sample_hist.reshape(-1).cpu().cumsum(0)
+    whole): twice the row sample's estimate of the keys in `ranges`, plus
+    slack, at most COLLECT_CAP. More keys make the collection give up, not
+    fail."""
     n_sample = int(at_or_below[-1])
     if n_sample == 0 or not ranges:
         return 0
@@ -854,7 +851,7 @@ def negative_pair_select(x: Tensor, labels: Tensor, divisors: List[int], topk: i
     # A row sample predicts the first-pass bins of each target (and on CUDA
     # those holding the top-k pairs); `n` (global), not len(x): every rank
     # must decide alike.
-    sample = _sample_histogram(common, bits, summed) if n >= COLLECT_MIN_ROWS else None
+    sample = _sample_counts(common, bits, summed) if n >= COLLECT_MIN_ROWS else None
     ranges = [] if sample is None else predicted_bins(sample, targets, n_neg, COLLECT_CAP)
     # The top-k pairs come from the first pass: on CPU by a running bar; on
     # CUDA from the bins predicted to hold them (checked below). Else the
@@ -938,10 +935,11 @@ def top_by_running_bar(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _sample_histogram(common, bits: int, all_reduce=None) -> Tensor:
-    """The first-pass histogram of every COLLECT_SAMPLE_STRIDE-th row against
-    all columns (under DDP, of every rank's rows: `all_reduce` sums the
-    sample histograms)."""
+def _sample_counts(common, bits: int, all_reduce=None) -> Tensor:
+    """The first-pass counts of every COLLECT_SAMPLE_STRIDE-th row against
+    all columns as at_or_below[d] = keys with digit <= d (a 1-D cumsum on
+    the host; under DDP of every rank's rows: `all_reduce` sums the sample
+    histograms)."""
     x, x_cols, labels, labels_cols, ids_r, _ = common
     n = len(x)
     ids = ids_r if ids_r is not None else torch.arange(n, device=x.device)
@@ -950,7 +948,9 @@ def _sample_histogram(common, bits: int, all_reduce=None) -> Tensor:
         x[pick], x if x_cols is None else x_cols, labels[pick],
         labels if labels_cols is None else labels_cols, ids[pick], None,
         torch.zeros(1, dtype=torch.long, device=x.device), bits - 16)
-    return sample if all_reduce is None else all_reduce(sample)
+    if all_reduce is not None:
+        sample = all_reduce(sample)
+    return sample.reshape(-1).cpu().cumsum(0)
 
 
 @negative_pair_select.register_fake

@@ -171,3 +171,10 @@ def first_pass_cases(x, y, rows, bits, topk):
             common + (whole, bits - 16, topk, None, 0, 0),
             common + (prefixes, bits - 32, topk, None, 0, high),
             common + (whole, bits - 16, 0, ranges, 10**6)]
+
+
+def first_pass_args_on(device, args):
+    """A first_pass_cases argument tuple with its tensors on `device`, but
+    collect_ranges (argument 9), which stays on the host."""
+    return [a.to(device) if isinstance(a, torch.Tensor) and at != 9 else a
+            for at, a in enumerate(args)]

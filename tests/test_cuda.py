@@ -22,8 +22,8 @@ from relkd import functional as Fn
 from relkd import ops, reference
 
 from helpers import (LABEL_PATTERNS, assert_bounded_error, assert_same_mining, correlated,
-                     dyadic, embeddings, first_pass_cases, labels, requires_extension,
-                     spread_ties, tensor_cores, tf32_values)
+                     dyadic, embeddings, first_pass_args_on, first_pass_cases, labels,
+                     requires_extension, spread_ties, tensor_cores, tf32_values)
 from test_losses_fused import GRADCHECK_CASES, compare
 from test_pair_select import sorted_reference
 from test_pairwise_loss import KINDS, direct, fused, grads_of, inputs
@@ -382,9 +382,7 @@ def test_first_pass_collections(dtype, mode):
     with tensor_cores(mode):
         for rows in (None, slice(300, 1100)):
             for args in first_pass_cases(x, y, rows, bits, 60):
-                on_gpu = [a.cuda() if isinstance(a, torch.Tensor) and at != 9 else a
-                          for at, a in enumerate(args)]  # collect_ranges (9) stay on the CPU
-                got = torch.ops.relkd.pair_histogram_topk(*on_gpu)
+                got = torch.ops.relkd.pair_histogram_topk(*first_pass_args_on("cuda", args))
                 want = torch.ops.relkd.pair_histogram_topk(*args)
                 for g, w in zip(cpu(*got), want):
                     assert torch.equal(g, w)
