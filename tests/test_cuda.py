@@ -118,6 +118,31 @@ def test_topk_sim_tensor_cores_ties_across_column_ranges():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_topk_sim_reads_a_16_bit_bank_without_copying_it(half):
+    """The tensor-core kernel reads 16-bit q and c as they are: the extra
+    memory of a 1,000,000 x 128 bank (256 MB) stays below half of one
+    16-bit copy of it (a float32 copy would be twice its size; the
+    selection state of 64 queries x 64 column ranges is about 35 MB), and
+    the result is the float32 computation's on the same values."""
+    generator = torch.Generator(device="cuda").manual_seed(6)
+    q = torch.nn.functional.normalize(
+        torch.randn(64, 128, device="cuda", generator=generator), dim=1).to(half)
+    c = torch.nn.functional.normalize(
+        torch.randn(1_000_000, 128, device="cuda", generator=generator), dim=1).to(half)
+    with tensor_cores("auto"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        got = ops.topk_sim(q, c, 50)
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - before
+    assert extra < c.numel() * c.element_size() // 2, f"{extra / 2**20:.0f} MiB extra"
+    assert got[0].dtype == F32
+    want = ops.topk_sim(q.float(), c.float(), 50)  # the float32 tile path
+    assert_same_mining(cpu(*got), cpu(*want), q.float().cpu(), c.float().cpu(), None)
+
+
 def test_topk_ties_nan_and_padding():
     a = torch.eye(4, 6, dtype=F64).repeat(3, 1)  # exact ties: the smaller index first
     values, indices = ops.topk_sim(*gpu(a, a), 7, exclude_self=True)

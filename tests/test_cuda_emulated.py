@@ -393,62 +393,81 @@ def as_half_operands(args, half):
 
 
 def special_floats():
-    """float32 values at the edges of both 16-bit formats: signed zeros and
-    infinities, float16's largest finite value and its rounding boundary
-    (65520), ties to even of normal and subnormal float16 values, float16's
-    least subnormal and half of it, float32 subnormals, bfloat16 ties."""
-    e = 2.0 ** -24  # float16's least subnormal
-    base = [0.0, -0.0, float("inf"), -float("inf"), 65504.0, 65519.99, 65520.0, 65536.0, 1e30,
-            1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8,
-            2.0 ** -14, 2.0 ** -14 - e / 2, e, e / 2, 3 * e / 2, 5 * e / 2, e / 2 * 1.0001,
-            e / 4, 1e-40, -1e-40, 2.0 ** -126, 3.4e38, 1023.5 * e, 1024.5 * e]
+    """float32 values at TF32's edges: signed zeros and infinities, ties
+    (1 + 2^-11 and 1 + 3 * 2^-11 round away from zero), float32 subnormals
+    and the largest finite values (which round to infinity)."""
+    base = [0.0, -0.0, float("inf"), -float("inf"), 1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11,
+            1.0 + 2.0 ** -12, 1e30, 1e-40, 2.0 ** -126, 2.0 ** -149, 3.4e38, 3.4028235e38]
     return torch.tensor(base + [-v for v in base], dtype=F32)
 
 
-def staged_words(x, fmt):
-    """The 32-bit words the staging should produce for x (n x d): 16-bit
-    formats two entries per word (the lower index in the lower half), TF32
-    one; rows zero-padded to whole 16-byte pieces."""
-    per_piece = 4 if fmt == "tf32" else 8
-    pad = -x.shape[1] % per_piece
-    x = torch.nn.functional.pad(x, (0, pad))
-    if fmt == "tf32":
-        return tf32_values(x).view(torch.int32).long() & 0xFFFFFFFF
-    bits = x.to(fmt).view(torch.int16).long() & 0xFFFF
-    return bits[:, 0::2] | bits[:, 1::2] << 16
+def words_of(bits16):
+    """16-bit patterns (int64, n x d) packed two per 32-bit word, the lower
+    index in the lower half, rows zero-padded to whole 8-entry pieces."""
+    bits16 = torch.nn.functional.pad(bits16, (0, -bits16.shape[1] % 8))
+    return bits16[:, 0::2] | bits16[:, 1::2] << 16
 
 
-FORMATS = {torch.bfloat16: 0, torch.float16: 1, "tf32": 2}
+def bits16_of(x):
+    return x.view(torch.int16).long() & 0xFFFF
+
+
+FORMATS = {torch.bfloat16: 0, torch.float16: 1}
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("d", [24, 13])
 @pytest.mark.parametrize("vector", [True, False])
-def test_staging_rounds_as_torch_does(emulated, fmt, d, vector):
-    """The kernels' staging loads (16-byte or scalar; a row's tail zero
-    filled) round float32 to the operand format as torch's conversions do,
-    bit for bit (round to nearest even for bfloat16 and float16, with ties,
-    subnormals, overflow and signed zeros; TF32 as cvt.rna, ties away from
-    zero, against a float64 computation), over every float32 magnitude and
-    random bit patterns; NaN stays NaN."""
+def test_staging_reads_16_bit_operands_as_they_are(emulated, fmt, d, vector):
+    """The kernels read 16-bit operands as stored (the glue rounds float32
+    ones with torch's conversion): each 16-byte piece holds a row's next 8
+    entries bit for bit, two per word in the mma fragments' order, whether
+    loaded 16 bytes (vector) or one entry at a time, a row's tail zero. All
+    65,536 patterns, NaN and infinities included."""
+    x = torch.arange(2 ** 16, dtype=torch.int32).to(torch.int16).view(fmt)
+    x = x[: x.numel() // d * d].view(-1, d)
+    got = emulated.stage_pieces(x, FORMATS[fmt], vector).view(x.shape[0], -1)
+    assert torch.equal(got, words_of(bits16_of(x)))
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("vector", [True, False])
+def test_rows_pass_stages_its_products_operand_as_bf16(emulated, fmt, vector):
+    """The rows pass multiplies G by the column rows in bf16 whatever the
+    16-bit format: bfloat16 entries pass as they are, float16 ones are
+    rounded to the nearest bfloat16 (ties to even) as torch rounds the same
+    value, over all 65,536 float16 patterns (subnormals, infinities; NaN
+    stays NaN)."""
+    d = 16
+    x = torch.arange(2 ** 16, dtype=torch.int32).to(torch.int16).view(fmt).view(-1, d)
+    got = emulated.stage_pieces(x, FORMATS[fmt], vector, True).view(x.shape[0], -1)
+    want = words_of(bits16_of(x.float().bfloat16()))
+    nan = torch.isnan(x)
+    for shift, mask in ((0, nan[:, 0::2]), (16, nan[:, 1::2])):  # the two halves of a word
+        got_half, want_half = got >> shift & 0xFFFF, want >> shift & 0xFFFF
+        assert torch.equal(got_half[~mask], want_half[~mask])
+        assert torch.isnan(got_half[mask].to(torch.int16).view(torch.bfloat16)).all()
+
+
+@pytest.mark.parametrize("d", [24, 13])
+@pytest.mark.parametrize("vector", [True, False])
+def test_staging_rounds_float32_to_tf32(emulated, d, vector):
+    """TF32 operands are read as float32 and rounded as they are staged,
+    as cvt.rna does (ties away from zero; checked against a float64
+    computation), over every float32 magnitude and random bit patterns,
+    4 entries per piece, a row's tail zero; NaN stays NaN."""
     torch.manual_seed(0)
     randoms = torch.randn(6000) * torch.exp2(torch.randint(-40, 20, (6000,)).float())
     patterns = (torch.randint(0, 2**31, (6000,)) - 2**30).to(torch.int32).view(F32)
     x = torch.cat([special_floats(), randoms, patterns])
     x = x[: x.numel() // d * d].view(-1, d)
-    got = emulated.stage_pieces(x, FORMATS[fmt], vector).view(x.shape[0], -1)
-    want = staged_words(x, fmt)
+    got = emulated.stage_pieces(x, 2, vector).view(x.shape[0], -1)
+    want = tf32_values(torch.nn.functional.pad(x, (0, -d % 4))).view(torch.int32).long()
+    want = want & 0xFFFFFFFF
     assert got.shape == want.shape
-    if fmt == "tf32":
-        nan = torch.nn.functional.pad(torch.isnan(x), (0, -d % 4))
-        assert torch.equal(got[~nan], want[~nan])
-        assert torch.isnan(got[nan].to(torch.int32).view(F32)).all()
-        return
-    nan = torch.nn.functional.pad(torch.isnan(x), (0, -d % 8))
-    for shift, mask in ((0, nan[:, 0::2]), (16, nan[:, 1::2])):  # the two halves of a word
-        got_half, want_half = got >> shift & 0xFFFF, want >> shift & 0xFFFF
-        assert torch.equal(got_half[~mask], want_half[~mask])
-        assert torch.isnan(got_half[mask].to(torch.int16).view(fmt)).all()
+    nan = torch.nn.functional.pad(torch.isnan(x), (0, -d % 4))
+    assert torch.equal(got[~nan], want[~nan])
+    assert torch.isnan(got[nan].to(torch.int32).view(F32)).all()
 
 
 @pytest.mark.parametrize("half", HALVES)

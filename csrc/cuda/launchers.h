@@ -24,6 +24,11 @@ using Stream = void*;
 // float32's range) for float32 ones at "high", and 3xTF32 at "highest":
 // each entry as a TF32 value plus a TF32 remainder, three products per
 // pair of entries (float32's accuracy).
+// The kernels read the embeddings stored in that format: bfloat16 / float16
+// tensors for the 16-bit formats (already rounded: half the bytes of
+// float32, and 16-bit inputs need no copy), float32 ones for TF32 and 3xTF32
+// (rounded, or split, as they are staged). Their pointers below are untyped
+// for that reason (const void*).
 enum class MmaOperands : int { Bf16 = 0, Fp16 = 1, Tf32 = 2, Tf32x3 = 3 };
 
 const char* error_string(int code);
@@ -81,15 +86,16 @@ int topk_offer_tile(const double* tile, const TileView& view, int64_t block_r0,
                     const TopkState<double>& st, Stream stream);
 
 // The same for the view's query rows (q) against its bank columns (c), both
-// float32 with d entries per row, the similarities computed in the kernel on
-// tensor cores (rows rounded to `operands`, fp32 accumulation; sm_80+) instead of
+// stored in the `operands` format (above) with d entries per row, the
+// similarities computed in the kernel on tensor cores (fp32 accumulation;
+// sm_80+) instead of
 // read from a tile. The view's columns are cut into `splits` ranges, each
 // with its own selection: the state has rows * splits slots (slot
 // row * splits + split) of capacity cap, which must exceed k by at least 64.
 // With splits > 1 each row's selections are then joined at the front of its
 // splits * cap entries, their count in merged[row]: finish the state
 // {values, columns, merged, ..., splits * cap, k}.
-int topk_offer_mma(const float* q, const float* c, int64_t d, const TileView& view,
+int topk_offer_mma(const void* q, const void* c, int64_t d, const TileView& view,
                    int64_t block_r0, int splits, const float* scale, const TopkValidity& valid,
                    const TopkState<float>& st, int32_t* merged, MmaOperands operands,
                    Stream stream);
@@ -159,15 +165,15 @@ int pair_tile(const PairTileArgs<double>& args, const TileView& view, const Tile
               Stream stream);
 
 // The same tile on tensor cores (csrc/cuda/pair_tile_mma.cuh): the
-// similarities are computed in the kernel from the float32 embeddings
-// (rounded to `operands`, fp32 accumulation) instead of being read from
+// similarities are computed in the kernel from the embeddings (stored in
+// the `operands` format, fp32 accumulation) instead of being read from
 // args.s / args.t, which receive only the derivative tiles (where
 // requested). Needs sm_80 or later.
 struct MmaTileInputs {
-  const float* xs_r;  // student rows / columns, by global position (ds entries each)
-  const float* xs_c;
-  const float* xt_r;  // teacher rows / columns (dt entries each); nullptr: no teacher
-  const float* xt_c;
+  const void* xs_r;  // student rows / columns, by global position (ds entries each)
+  const void* xs_c;
+  const void* xt_r;  // teacher rows / columns (dt entries each); nullptr: no teacher
+  const void* xt_c;
   int64_t ds, dt;
   MmaOperands operands;
 };
@@ -185,8 +191,8 @@ struct RowsMmaArgs {
   PairKind kind;
   const float* params;  // device
   int64_t n_params;
-  const float* xs;  // n x ds
-  const float* xt;  // n x dt; nullptr: no teacher
+  const void* xs;  // n x ds, stored in the operands' format
+  const void* xt;  // n x dt; nullptr: no teacher
   const float* ns;  // squared norms of the rows as the kernel rounds them (kinds
   const float* nt;  // with norms; else nullptr), student and teacher
   int64_t n, ds, dt;
@@ -253,7 +259,7 @@ int pair_collect_tile(const double* s, const TileView& view, const TileMask& mas
 
 // The same two passes on tensor cores (csrc/cuda/pair_select_mma.cu): the
 // view's similarities x_r x_c^T computed in the kernels from in.xs_r,
-// in.xs_c (in.ds entries per row, rounded to in.operands; the teacher
+// in.xs_c (in.ds entries per row, in the in.operands format; the teacher
 // fields unused) instead of read from a tile. Needs sm_80 or later.
 int pair_histogram_mma(const MmaTileInputs& in, const TileView& view, const TileMask& mask,
                        const int64_t* prefixes, int64_t n_prefix, int shift,

@@ -1,6 +1,6 @@
-// Tensor-core building blocks: rounding to the operand formats (bfloat16,
-// float16, TF32) and the warp-wide matrix products of each (fp32
-// accumulation, sm_80 and later). Products of two bf16, fp16 or TF32
+// Tensor-core building blocks: the operand formats (bfloat16, float16, TF32;
+// how kernels read and round them) and the warp-wide matrix products of each
+// (fp32 accumulation, sm_80 and later). Products of two bf16, fp16 or TF32
 // values are exact in fp32.
 // Torch-free. The emulated build (RELKD_EMULATE) runs the same kernels with
 // tests/cuda_emulation's mma, which reads the fragments where the PTX ISA's
@@ -62,27 +62,16 @@ __host__ __device__ inline uint16_t bf16_bits(float v) {
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-// The float16 nearest to v (ties to even; beyond 65504 rounds to infinity,
-// below 2^-14 to a subnormal) as its 16 bits; NaN stays NaN.
-__host__ __device__ inline uint16_t fp16_bits(float v) {
-  const uint32_t u = float_bits(v);
-  const uint32_t sign = (u >> 16) & 0x8000u, magnitude = u & 0x7fffffffu;
-  if (magnitude > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
-  if (magnitude >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520
-  const int exponent = static_cast<int>(magnitude >> 23) - 127;
-  if (exponent < -25) return static_cast<uint16_t>(sign);  // below half the least subnormal
-  // The 11 significant bits the result keeps (fewer for a subnormal), the
-  // rest rounded to nearest, ties to even.
-  const uint32_t significand = (magnitude & 0x7fffffu) | 0x800000u;
-  const int dropped = exponent < -14 ? 13 + (-14 - exponent) : 13;
-  const uint32_t kept = significand >> dropped, rest = significand & ((1u << dropped) - 1u);
-  const uint32_t half = 1u << (dropped - 1);
-  const uint32_t rounded = kept + (rest > half || (rest == half && (kept & 1u)));
-  // A normal result stores exponent + 15 above its 10 fraction bits (the
-  // implicit bit adds 1 to it: hence + 14); a carry out of the significand
-  // bumps the exponent by itself.
-  const uint32_t biased = exponent < -14 ? 0u : static_cast<uint32_t>(exponent + 14) << 10;
-  return static_cast<uint16_t>(sign | (biased + rounded));
+// The float value of bfloat16 / float16 bits (exact: every such value is a
+// float32).
+__host__ __device__ inline float bf16_value(uint16_t h) { return bits_float(uint32_t(h) << 16); }
+__host__ __device__ inline float fp16_value(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu;
+  const uint32_t fraction = h & 0x3ffu;
+  if (exponent == 0x1fu) return bits_float(sign | 0x7f800000u | (fraction << 13));  // inf, NaN
+  if (exponent != 0) return bits_float(sign | ((exponent + 112) << 23) | (fraction << 13));
+  const float subnormal = float(fraction) * (1.0f / 16777216.0f);  // fraction x 2^-24, exact
+  return sign ? -subnormal : subnormal;
 }
 
 // The TF32 nearest to v (ties away from zero, as cvt.rna.tf32.f32): float32
@@ -119,23 +108,22 @@ constexpr int kUnitsPerEntry = H == MmaOperands::Tf32 || H == MmaOperands::Tf32x
 template <MmaOperands H>
 constexpr int kPieceEntries = 8 / kUnitsPerEntry<H>;
 
-// Two floats rounded to the 16-bit operand format H, packed as one register of a
-// fragment (lo in the lower half). On sm_80+ one cvt instruction does both.
+// How the kernels read an operand format's embeddings (MmaTileInputs):
+// 16-bit formats as their bits, rounded once by the glue (torch's
+// conversion, round to nearest even) and staged as they are, half the bytes
+// of float32; TF32 ones as float32, rounded (or split, 3xTF32) in the kernel.
 template <MmaOperands H>
-__host__ __device__ inline uint32_t pack_pair(float lo, float hi) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(RELKD_EMULATE)
-  uint32_t out;
+using OperandEntry = std::conditional_t<kUnitsPerEntry<H> == 2, float, uint16_t>;
+
+// An entry's value as a float (exact).
+template <MmaOperands H>
+__host__ __device__ inline float entry_value(OperandEntry<H> v) {
   if constexpr (H == MmaOperands::Bf16)
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(out) : "f"(hi), "f"(lo));
+    return bf16_value(v);
+  else if constexpr (H == MmaOperands::Fp16)
+    return fp16_value(v);
   else
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(out) : "f"(hi), "f"(lo));
-  return out;
-#else
-  if constexpr (H == MmaOperands::Bf16)
-    return uint32_t(bf16_bits(lo)) | (uint32_t(bf16_bits(hi)) << 16);
-  else
-    return uint32_t(fp16_bits(lo)) | (uint32_t(fp16_bits(hi)) << 16);
-#endif
+    return v;
 }
 
 // Four 8x8 matrices of 16-bit entries from shared memory (ldmatrix .x4):

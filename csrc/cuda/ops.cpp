@@ -127,6 +127,29 @@ at::Tensor operand_values(const at::Tensor& x, cuda::MmaOperands operands) {
   return at::where(x.isfinite(), rounded, x);
 }
 
+// x as the tensor-core kernels read it (launchers.h, MmaOperands), contiguous:
+// a bfloat16 / float16 tensor for the 16-bit formats (x itself when it is
+// one; a float32 x rounded once, to nearest even, as cvt.rn would round it
+// in the kernel), float32 for TF32 and 3xTF32 (rounded in the kernel).
+at::Tensor operand_storage(const at::Tensor& x, cuda::MmaOperands operands) {
+  if (!x.defined()) return x;
+  switch (operands) {
+    case cuda::MmaOperands::Bf16: return x.to(at::kBFloat16).contiguous();
+    case cuda::MmaOperands::Fp16: return x.to(at::kHalf).contiguous();
+    case cuda::MmaOperands::Tf32:
+    case cuda::MmaOperands::Tf32x3: break;
+  }
+  return x.to(at::kFloat).contiguous();
+}
+
+// A stand-in for the argument checks of a 16-bit t, whose values are float32
+// (SPEC: half inputs): t's shape and device, float32, no copy (one element,
+// expanded).
+at::Tensor checked_as_float(const at::Tensor& t) {
+  if (!is_half(t.scalar_type())) return t;
+  return at::empty({}, t.options().dtype(at::kFloat)).expand(t.sizes());
+}
+
 const at::Tensor* present(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? &*t : nullptr;
 }
@@ -177,15 +200,13 @@ at::Tensor tile_product(at::Tensor& buffer, const at::Tensor& a, const at::Tenso
 template <typename T>
 void topk_sim_impl(const at::Tensor& q, const at::Tensor& c, int64_t k, const at::Tensor& q_labels,
                    const at::Tensor& c_labels, const at::Tensor& c_scale, bool exclude_self,
-                   int64_t self_offset, c10::optional<at::ScalarType> half, at::Tensor& values,
-                   at::Tensor& indices) {
+                   int64_t self_offset, c10::optional<cuda::MmaOperands> operands,
+                   at::Tensor& values, at::Tensor& indices) {
   const int64_t n = q.size(0), m = c.size(0), k_buf = std::min(k, m);
   const auto stream = current_stream(q);
   const int64_t cols = std::min(m, kTopkColumns);
   const int64_t cap = k_buf + std::max(k_buf, cuda::kTopkChunk);
   const int64_t slot_bytes = cap * int64_t(sizeof(T) + 4) + 32;  // one row's selection
-  c10::optional<cuda::MmaOperands> operands;
-  if constexpr (std::is_same_v<T, float>) operands = tensor_core_operands(q, half);
   const bool tensor_cores = operands.has_value();
   // The tensor-core kernel computes its own tiles and keeps one selection
   // per (row, column range); the tile path keeps one per row beside a tile.
@@ -200,7 +221,7 @@ void topk_sim_impl(const at::Tensor& q, const at::Tensor& c, int64_t k, const at
                            kTileBytes / (block_rows * slot_bytes))));
   const cuda::TopkValidity valid{ptr<int64_t>(q_labels), ptr<int64_t>(c_labels), exclude_self,
                                  self_offset};
-  auto opts = q.options();
+  auto opts = values.options();
   at::Tensor tile = tensor_cores ? at::Tensor() : at::empty({block_rows * cols}, opts);
   for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
     const int64_t rows = std::min(block_rows, n - r0), slots = rows * splits;
@@ -216,7 +237,7 @@ void topk_sim_impl(const at::Tensor& q, const at::Tensor& c, int64_t k, const at
     const auto merged = splits > 1 ? at::empty({rows}, opts.dtype(at::kInt)) : at::Tensor();
     if constexpr (std::is_same_v<T, float>) {
       if (tensor_cores) {  // every column of the row block in one launch
-        check_launch(cuda::topk_offer_mma(ptr<float>(q), ptr<float>(c), q.size(1),
+        check_launch(cuda::topk_offer_mma(q.data_ptr(), c.data_ptr(), q.size(1),
                                           {r0, rows, 0, m, 0}, r0, splits, ptr<float>(c_scale),
                                           valid, st, ptr<int32_t>(merged), *operands, stream),
                      "topk_sim (tensor cores)");
@@ -239,18 +260,23 @@ void topk_sim_impl(const at::Tensor& q, const at::Tensor& c, int64_t k, const at
   }
 }
 
+// q and c as they came in: float32, float64, or both bfloat16 / float16
+// (`half`), whose values are float32 as for every half input. The
+// tensor-core kernel reads 16-bit ones as they are (a bank of millions of
+// rows is never copied); the tile path multiplies float32 copies.
 std::tuple<at::Tensor, at::Tensor> topk_sim_run(const at::Tensor& q, const at::Tensor& c, int64_t k,
                                                 const c10::optional<at::Tensor>& q_labels,
                                                 const c10::optional<at::Tensor>& c_labels,
                                                 const c10::optional<at::Tensor>& c_scale,
                                                 bool exclude_self, int64_t self_offset,
                                                 c10::optional<at::ScalarType> half) {
-  check_topk_sim_args(q, c, k, q_labels, c_labels, c_scale);
+  check_topk_sim_args(checked_as_float(q), checked_as_float(c), k, q_labels, c_labels, c_scale);
   TORCH_CHECK_VALUE(c.size(0) < std::numeric_limits<int32_t>::max(),
                     "c must have fewer than 2^31 rows on CUDA, got ", c.size(0));
   c10::DeviceGuard guard(q.device());
   const int64_t n = q.size(0), m = c.size(0);
-  auto values = at::empty({n, k}, q.options());
+  const auto value_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto values = at::empty({n, k}, q.options().dtype(value_type));
   auto indices = at::empty({n, k}, q.options().dtype(at::kLong));
   if (n == 0) return {values, indices};
   if (m == 0) {
@@ -258,18 +284,23 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_run(const at::Tensor& q, const at::T
     indices.fill_(-1);
     return {values, indices};
   }
-  const auto qc = q.contiguous(), cc = c.contiguous();
   const auto ql = contiguous_or_empty(q_labels), cl = contiguous_or_empty(c_labels);
   const auto sc = contiguous_or_empty(c_scale);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "topk_sim_cuda", [&] {
-    topk_sim_impl<scalar_t>(qc, cc, k, ql, cl, sc, exclude_self, self_offset, half, values,
-                            indices);
+  if (value_type == at::kFloat) {
+    if (const auto operands = tensor_core_operands(q, half)) {
+      topk_sim_impl<float>(operand_storage(q, *operands), operand_storage(c, *operands), k, ql,
+                           cl, sc, exclude_self, self_offset, operands, values, indices);
+      return {values, indices};
+    }
+  }
+  const auto qc = float_copy(q).contiguous(), cc = float_copy(c).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(value_type, "topk_sim_cuda", [&] {
+    topk_sim_impl<scalar_t>(qc, cc, k, ql, cl, sc, exclude_self, self_offset, c10::nullopt,
+                            values, indices);
   });
   return {values, indices};
 }
 
-// bfloat16 / float16 q and c: float32 copies (the same values), values in
-// float32 as for every half input.
 std::tuple<at::Tensor, at::Tensor> topk_sim_cuda(const at::Tensor& q, const at::Tensor& c, int64_t k,
                                                  const c10::optional<at::Tensor>& q_labels,
                                                  const c10::optional<at::Tensor>& c_labels,
@@ -277,8 +308,7 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_cuda(const at::Tensor& q, const at::
                                                  bool exclude_self, int64_t self_offset) {
   BelowAutograd below_autograd;
   const auto half = half_operands({{"q", &q}, {"c", &c}});
-  return topk_sim_run(float_copy(q), float_copy(c), k, q_labels, c_labels, c_scale,
-                      exclude_self, self_offset, half);
+  return topk_sim_run(q, c, k, q_labels, c_labels, c_scale, exclude_self, self_offset, half);
 }
 
 // ------------------------------------------------------------- pair_dot
@@ -386,6 +416,21 @@ Outputs pairwise_outputs(const at::Tensor& sums, const PairwiseArgs& in, bool pa
           or_empty(g_tc), or_empty(grad_params)};
 }
 
+// A pairwise_loss's four embedding operands (columns alias the rows in the
+// symmetric case, as in PairwiseArgs).
+struct Embeddings {
+  at::Tensor xs_r, xs_c, xt_r, xt_c;
+};
+
+// The four as the tensor-core kernels read them (operand_storage); columns
+// that alias the rows stay aliased (one conversion, not two).
+Embeddings operand_storage(const Embeddings& x, cuda::MmaOperands operands) {
+  Embeddings out{operand_storage(x.xs_r, operands), {}, operand_storage(x.xt_r, operands), {}};
+  out.xs_c = x.xs_c.is_same(x.xs_r) ? out.xs_r : operand_storage(x.xs_c, operands);
+  out.xt_c = x.xt_c.is_same(x.xt_r) ? out.xt_r : operand_storage(x.xt_c, operands);
+  return out;
+}
+
 // The symmetric tensor-core pass with the gradient products inside
 // (cuda::pair_rows_mma): only the student's gradient (and the params').
 // 16-bit operands only: its bf16 G x X products would undercut TF32's and
@@ -397,7 +442,8 @@ bool rows_pass_applies(const PairwiseArgs& in, bool grad_s, bool grad_t,
          cuda::rows_mma_fits(in.xs_r.device().index(), in.xs_r.size(1));
 }
 
-Outputs rows_pass(cuda::PairKind kind, const PairwiseArgs& in, cuda::MmaOperands operands) {
+Outputs rows_pass(cuda::PairKind kind, const PairwiseArgs& in, const Embeddings& stored,
+                  cuda::MmaOperands operands) {
   const auto opts = in.xs_r.options();
   const int64_t n = in.n_r, blocks = cuda::pair_rows_mma_blocks(n);
   at::Tensor grad = at::empty_like(in.xs_r);  // every row written by its block
@@ -410,8 +456,8 @@ Outputs rows_pass(cuda::PairKind kind, const PairwiseArgs& in, cuda::MmaOperands
   const cuda::RowsMmaArgs args{kind,
                                ptr<float>(in.params),
                                in.params.numel(),
-                               ptr<float>(in.xs_r),
-                               ptr<float>(in.xt_r),
+                               stored.xs_r.data_ptr(),
+                               in.kind.has_teacher ? stored.xt_r.data_ptr() : nullptr,
                                ptr<float>(ns),
                                ptr<float>(nt),
                                n,
@@ -429,18 +475,12 @@ Outputs rows_pass(cuda::PairKind kind, const PairwiseArgs& in, cuda::MmaOperands
   return pairwise_outputs(sums, in, in.kind.params_grad, grad, {}, {}, {});
 }
 
-// A pairwise_loss's four embedding operands (columns alias the rows in the
-// symmetric case, as in PairwiseArgs).
-struct Embeddings {
-  at::Tensor xs_r, xs_c, xt_r, xt_c;
-};
-
 // half: the embeddings as they came in when 16-bit (`in` holds float32
-// copies), else nullptr. With bfloat16 ones the tensor-core path's gradient
-// products are bfloat16 GEMMs of them (fp32 accumulation, each derivative
-// tile rounded to bf16 once), as an eager bf16 backward's; with float16 ones
-// they stay float32 GEMMs (a pair's derivative, about 1/N^2 of the loss,
-// falls below float16's range).
+// copies), else nullptr. The tensor-core kernels read them as they are; with
+// bfloat16 ones the tensor-core path's gradient products are bfloat16 GEMMs
+// of them (fp32 accumulation, each derivative tile rounded to bf16 once), as
+// an eager bf16 backward's; with float16 ones they stay float32 GEMMs (a
+// pair's derivative, about 1/N^2 of the loss, falls below float16's range).
 template <typename T>
 Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool grad_s,
                       bool grad_t, const Embeddings* half) {
@@ -455,10 +495,12 @@ Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool g
   c10::optional<cuda::MmaOperands> operands;
   if constexpr (std::is_same_v<T, float>) {
     operands = tensor_core_operands(in.xs_r, half_type);
-    if (operands && rows_pass_applies(in, grad_s, grad_t, *operands))
-      return rows_pass(pair_kind(kind_name), in, *operands);
   }
   const bool tensor_cores = operands.has_value();
+  const Embeddings given = half ? *half : Embeddings{in.xs_r, in.xs_c, in.xt_r, in.xt_c};
+  const Embeddings stored = tensor_cores ? operand_storage(given, *operands) : Embeddings{};
+  if (tensor_cores && rows_pass_applies(in, grad_s, grad_t, *operands))
+    return rows_pass(pair_kind(kind_name), in, stored, *operands);
   const auto tiles = device_tiles(kind.mask, sym, block, in.n_r, in.n_c, in.ids_r, in.ids_c,
                                   in.labels_r, in.labels_c, opts);
   at::Tensor ns_r, ns_c, nt_r, nt_c;
@@ -526,8 +568,9 @@ Outputs pairwise_impl(c10::string_view kind_name, const PairwiseArgs& in, bool g
                                      ptr<double>(partials) + offset * 3};
     if constexpr (std::is_same_v<T, float>) {
       if (tensor_cores) {
-        const cuda::MmaTileInputs mma{ptr<float>(in.xs_r), ptr<float>(in.xs_c),
-                                      ptr<float>(in.xt_r), ptr<float>(in.xt_c),
+        const cuda::MmaTileInputs mma{stored.xs_r.data_ptr(), stored.xs_c.data_ptr(),
+                                      kind.has_teacher ? stored.xt_r.data_ptr() : nullptr,
+                                      kind.has_teacher ? stored.xt_c.data_ptr() : nullptr,
                                       in.xs_r.size(1), kind.has_teacher ? in.xt_r.size(1) : 0,
                                       *operands};
         check_launch(cuda::pair_tile_mma(args, mma, view, mask, stream), "pairwise_loss");
@@ -622,12 +665,23 @@ SelectPlan select_plan(const SelectArgs& in) {
 // the tile path. Every pass of one selection must choose alike (a key found
 // by the histograms is looked up by the collection): the choice depends only
 // on the switch and the matmul precision, which callers keep between them.
+// `rows` and `cols` hold the embeddings the pointers of `in` read.
+struct SelectMma {
+  at::Tensor rows, cols;
+  cuda::MmaTileInputs in;
+};
+
 template <typename T>
-c10::optional<cuda::MmaTileInputs> select_mma_inputs(const SelectArgs& in) {
+c10::optional<SelectMma> select_mma_inputs(const SelectArgs& in) {
   if constexpr (std::is_same_v<T, float>) {
-    if (const auto operands = tensor_core_operands(in.x_r, c10::nullopt))
-      return cuda::MmaTileInputs{ptr<float>(in.x_r), ptr<float>(in.x_c), nullptr, nullptr,
-                                 in.x_r.size(1), 0, *operands};
+    if (const auto operands = tensor_core_operands(in.x_r, c10::nullopt)) {
+      SelectMma out;
+      out.rows = operand_storage(in.x_r, *operands);
+      out.cols = in.x_c.is_same(in.x_r) ? out.rows : operand_storage(in.x_c, *operands);
+      out.in = cuda::MmaTileInputs{out.rows.data_ptr(), out.cols.data_ptr(), nullptr, nullptr,
+                                   in.x_r.size(1), 0, *operands};
+      return out;
+    }
   }
   return c10::nullopt;
 }
@@ -646,7 +700,7 @@ at::Tensor histogram_impl(const SelectArgs& in, const at::Tensor& prefixes, int6
     const cuda::TileView view{t.r0, t.rows, t.c0, t.cols, t.cols};
     if (mma) {
       if constexpr (std::is_same_v<T, float>)
-        check_launch(cuda::pair_histogram_mma(*mma, view, plan.mask, ptr<int64_t>(prefixes),
+        check_launch(cuda::pair_histogram_mma(mma->in, view, plan.mask, ptr<int64_t>(prefixes),
                                               prefixes.numel(), static_cast<int>(shift), counts,
                                               collect, stream),
                      "pair_histogram (tensor cores)");
@@ -756,7 +810,7 @@ Candidates collect_candidates(const SelectArgs& in, uint64_t tau, int64_t eq_cap
     counters[1].zero_();
     if constexpr (std::is_same_v<T, float>) {
       if (mma)
-        check_launch(cuda::pair_collect_mma(*mma, view, plan.mask, tau, ptr<T>(above_v),
+        check_launch(cuda::pair_collect_mma(mma->in, view, plan.mask, tau, ptr<T>(above_v),
                                             ptr<int64_t>(above_i), ptr<int64_t>(above_j), topk,
                                             above_count, ptr<int64_t>(tie_keys), tie_count,
                                             stream),

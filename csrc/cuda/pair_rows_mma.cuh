@@ -14,8 +14,9 @@
 // symmetric sum of the tile path (the params' derivatives likewise). Kinds
 // with squared norms (RKD's distances, n_p = |x_p|^2) also sum each row's
 // dl/dn_p = sum_q W_pq dl/dn over the sweep (per thread, in double, then in
-// a fixed order) and add 2 (dl/dn_p) x_p to its gradient row at the end.
-// Student gradient only.
+// a fixed order) and add 2 (dl/dn_p) x_p to its gradient row at the end
+// (x_p as the products saw it: in the operand format, as the norms the glue
+// passes). Student gradient only.
 #pragma once
 
 #include "pair_tile_mma.cuh"
@@ -30,18 +31,33 @@ inline size_t rows_mma_dynamic_bytes(int64_t ds) {
   return static_cast<size_t>(kMmaEdge) * static_cast<size_t>(ds) * sizeof(float);
 }
 
+// A piece of 16-bit entries of format H as bf16 (float16 ones rounded to
+// it: their values are floats exactly, so this is the bf16 nearest to them).
+template <MmaOperands H>
+__device__ inline StagePiece as_bf16(StagePiece piece) {
+  if constexpr (H == MmaOperands::Fp16) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t w = piece.bits[i];
+      piece.bits[i] = uint32_t(bf16_bits(fp16_value(uint16_t(w & 0xffffu)))) |
+                      (uint32_t(bf16_bits(fp16_value(uint16_t(w >> 16)))) << 16);
+    }
+  }
+  return piece;
+}
+
 // Entries d0 .. d0 + 64 of rows c0 .. c0 + 64 (below n) of x (d entries per
-// row) into stage[64 (row)][kGradStride] as bf16, 0 out of range: the B
-// operand of G x X, whose k index (the column row) runs along the staged
-// rows, read by ldmatrix .trans. Two 16-byte pieces per thread; the eight
-// threads of a store phase fill one row.
-__device__ inline void stage_chunk(const float* x, int64_t n, int64_t d, int64_t c0, int64_t d0,
-                                   bool vector, uint16_t* stage) {
+// row, format H) into stage[64 (row)][kGradStride] as bf16, 0 out of range:
+// the B operand of G x X, whose k index (the column row) runs along the
+// staged rows, read by ldmatrix .trans. Two 16-byte pieces per thread; the
+// eight threads of a store phase fill one row.
+template <MmaOperands H>
+__device__ inline void stage_chunk(const OperandEntry<H>* x, int64_t n, int64_t d, int64_t c0,
+                                   int64_t d0, bool vector, uint16_t* stage) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int e = threadIdx.x + h * kThreads, row = e / 8, entry = e % 8 * 8;
-    const StagePiece piece =
-        load_piece_at<MmaOperands::Bf16>(x, n, d, c0 + row, d0 + entry, vector);
+    const StagePiece piece = as_bf16<H>(load_piece_at<H>(x, n, d, c0 + row, d0 + entry, vector));
     store_piece_at<kGradStride>(piece, stage, row, entry);
   }
 }
@@ -102,7 +118,9 @@ __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) 
   for (int64_t e = threadIdx.x; e < kMmaEdge * a.ds; e += kThreads) grad[e] = 0.0f;
   TileMask ordered = mask;
   ordered.symmetric = false;
-  const bool vector_x = vector_rows(a.xs, a.ds);
+  const OperandEntry<H>* xs = entries<H>(a.xs);
+  const OperandEntry<H>* xt = entries<H>(a.xt);
+  const bool vector_x = vector_rows(xs, a.ds);
 
   const int warp = threadIdx.x / 32;
   const int warp_row = warp % 4 * kMmaWarpRows, warp_col = warp / 4 * kMmaWarpCols;
@@ -111,8 +129,8 @@ __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) 
   for (int64_t c0 = 0; c0 < a.n; c0 += kMmaEdge) {
     const TileView view{r0, rows, c0, a.n - c0 < kMmaEdge ? a.n - c0 : kMmaEdge, kMmaEdge};
     float s[4][4] = {}, t[4][4] = {};
-    sub_tile_products<H>(a.xs, a.xs, a.ds, view, 0, 0, stage, s);
-    if (a.xt) sub_tile_products<H>(a.xt, a.xt, a.dt, view, 0, 0, stage, t);
+    sub_tile_products<H>(xs, xs, a.ds, view, 0, 0, stage, s);
+    if (xt) sub_tile_products<H>(xt, xt, a.dt, view, 0, 0, stage, t);
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -124,7 +142,7 @@ __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) 
     // grad rows += G x (the column rows), 64 entries of the embedding at a time.
     for (int64_t d0 = 0; d0 < a.ds; d0 += kMmaEdge) {
       __syncthreads();  // g_tile complete; x_chunk free
-      stage_chunk(a.xs, a.n, a.ds, c0, d0, vector_x, x_chunk);
+      stage_chunk<H>(xs, a.n, a.ds, c0, d0, vector_x, x_chunk);
       __syncthreads();
       float acc[4][4] = {};
       warp_products<MmaOperands::Bf16, kMmaEdge, kGradStride, true>(g_tile, x_chunk, warp_row,
@@ -143,7 +161,7 @@ __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) 
   if (a.ns) {  // the squared norms' share: 2 (dl/dn_p) x_p
     sum_norm_parts(dn_mine, norm_parts, dn_rows);
     for (int64_t e = threadIdx.x; e < rows * a.ds; e += kThreads)
-      grad[e] += 2.0f * dn_rows[e / a.ds] * a.xs[r0 * a.ds + e];
+      grad[e] += 2.0f * dn_rows[e / a.ds] * entry_value<H>(xs[r0 * a.ds + e]);
   }
   for (int64_t e = threadIdx.x; e < rows * a.ds; e += kThreads) a.grad_s[r0 * a.ds + e] = grad[e];
   store_block_sums(sums, shared, a.sums);

@@ -48,7 +48,8 @@ __global__ void histogram_mma_kernel(MmaTileInputs in, TileView view, TileMask m
   block_sub_tile(view, &tr, &tc);
   if (below_diagonal(view, mask, tr, tc)) return;  // no pair of the mask: the block leaves
   float acc[4][4] = {};
-  sub_tile_products<H>(in.xs_r, in.xs_c, in.ds, view, tr, tc, stage, acc);
+  sub_tile_products<H>(entries<H>(in.xs_r), entries<H>(in.xs_c), in.ds, view, tr, tc, stage,
+                       acc);
   // Rolled loops: acc is read from the stack frame (64 bytes, L1), against
   // over a minute of nvcc per unrolled unit.
   const bool collecting = collects(collect);
@@ -75,7 +76,8 @@ __global__ void collect_mma_kernel(MmaTileInputs in, TileView view, TileMask mas
     return;
   }
   float acc[4][4] = {};
-  sub_tile_products<H>(in.xs_r, in.xs_c, in.ds, view, tr, tc, stage, acc);
+  sub_tile_products<H>(entries<H>(in.xs_r), entries<H>(in.xs_c), in.ds, view, tr, tc, stage,
+                       acc);
   for (int j = 0; j < 4; ++j)  // rolled, as above
     for (int i = 0; i < 4; ++i) {
       const int64_t r = tr + entry_row(i), c = tc + entry_col(j, i);

@@ -3,8 +3,9 @@
 // fp16, TF32 or 3xTF32 operands, MmaOperands; fp32 accumulation) and
 // runs the kind's pair terms on the accumulators while they are in
 // registers, so the similarities never reach memory; only the derivative
-// tiles the gradient products need are written. The float32 embeddings are
-// rounded to the operand format as they are staged in shared memory.
+// tiles the gradient products need are written. The embeddings come stored
+// in the operand format (mma.cuh: OperandEntry) and are staged in shared
+// memory as they are (TF32: rounded on the way).
 // csrc/cuda/pair_tile_<kind>.cu instantiate it, one unit per kind.
 #pragma once
 
@@ -46,40 +47,48 @@ struct alignas(16) Float4 {
 };
 static_assert(kMmaEdge * kMmaDepth == 8 * kThreads, "one piece per thread and step");
 
-// Whether x's rows (d floats each) may be read 8 floats at a time.
-__device__ inline bool vector_rows(const float* x, int64_t d) {
+// Embeddings passed as MmaTileInputs' untyped pointers, as entries of H.
+template <MmaOperands H>
+__host__ __device__ inline const OperandEntry<H>* entries(const void* x) {
+  return static_cast<const OperandEntry<H>*>(x);
+}
+
+// Whether x's rows (d entries each) may be read 16 bytes at a time.
+template <typename Entry>
+__device__ inline bool vector_rows(const Entry* x, int64_t d) {
   return d % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
 }
 
 // Entries k .. k + kPieceEntries<H> (those below d) of row p (if below
-// `end`) of x, 0 out of range (adding nothing to the products), rounded to
-// the format H.
+// `end`) of x, 0 out of range (adding nothing to the products), as staged:
+// 16-bit entries as they are, TF32 ones rounded (3xTF32: raw, split after
+// ldmatrix).
 template <MmaOperands H>
-__device__ inline StagePiece load_piece_at(const float* x, int64_t end, int64_t d, int64_t p,
-                                           int64_t k, bool vector) {
+__device__ inline StagePiece load_piece_at(const OperandEntry<H>* x, int64_t end, int64_t d,
+                                           int64_t p, int64_t k, bool vector) {
   constexpr int n = kPieceEntries<H>;
-  float v[n];
-  if (vector && p < end && k < d) {  // d % 8 == 0: all n are in range
-    const Float4* at = reinterpret_cast<const Float4*>(x + p * d + k);
-#pragma unroll
-    for (int h = 0; h < n / 4; ++h) {
-      const Float4 four = at[h];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) v[4 * h + i] = four.v[i];
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < n; ++i) v[i] = (p < end && k + i < d) ? x[p * d + k + i] : 0.0f;
-  }
   StagePiece piece;
+  if constexpr (n == 8) {  // 16-bit entries: the piece is the row's 16 bytes
+    if (vector && p < end && k < d)  // d % 8 == 0: all 8 are in range
+      return *reinterpret_cast<const StagePiece*>(x + p * d + k);
+    uint16_t e[n];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    if constexpr (H == MmaOperands::Tf32)
-      piece.bits[i] = tf32_bits(v[i]);
-    else if constexpr (H == MmaOperands::Tf32x3)
-      piece.bits[i] = float_bits(v[i]);  // split after ldmatrix
-    else
-      piece.bits[i] = pack_pair<H>(v[2 * i], v[2 * i + 1]);
+    for (int i = 0; i < n; ++i) e[i] = (p < end && k + i < d) ? x[p * d + k + i] : uint16_t(0);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) piece.bits[i] = uint32_t(e[2 * i]) | (uint32_t(e[2 * i + 1]) << 16);
+  } else {
+    float v[n];
+    if (vector && p < end && k < d) {
+      const Float4 four = *reinterpret_cast<const Float4*>(x + p * d + k);
+#pragma unroll
+      for (int i = 0; i < n; ++i) v[i] = four.v[i];
+    } else {
+#pragma unroll
+      for (int i = 0; i < n; ++i) v[i] = (p < end && k + i < d) ? x[p * d + k + i] : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < n; ++i)
+      piece.bits[i] = H == MmaOperands::Tf32 ? tf32_bits(v[i]) : float_bits(v[i]);
   }
   return piece;
 }
@@ -87,8 +96,8 @@ __device__ inline StagePiece load_piece_at(const float* x, int64_t end, int64_t 
 // This thread's piece of a staging step: rows row0 .. row0 + 64, entries
 // k0 .. k0 + 32 / kUnitsPerEntry<H>.
 template <MmaOperands H>
-__device__ inline StagePiece load_piece(const float* x, int64_t end, int64_t d, int64_t row0,
-                                        int64_t k0, bool vector) {
+__device__ inline StagePiece load_piece(const OperandEntry<H>* x, int64_t end, int64_t d,
+                                        int64_t row0, int64_t k0, bool vector) {
   return load_piece_at<H>(x, end, d, row0 + threadIdx.x / 4,
                           k0 + threadIdx.x % 4 * kPieceEntries<H>, vector);
 }
@@ -172,7 +181,8 @@ __device__ inline void warp_products(const uint16_t* rows, const uint16_t* cols,
 // one barrier per step suffices (a buffer is rewritten only after every
 // thread has passed the barrier that follows its last read).
 template <MmaOperands H>
-__device__ inline void sub_tile_products(const float* x_r, const float* x_c, int64_t d,
+__device__ inline void sub_tile_products(const OperandEntry<H>* x_r, const OperandEntry<H>* x_c,
+                                         int64_t d,
                                          const TileView& view, int64_t tr, int64_t tc,
                                          uint16_t* stage, float (&acc)[4][4]) {
   const int warp = threadIdx.x / 32;
@@ -252,8 +262,9 @@ __global__ void pair_tile_mma_kernel(Terms terms, PairTileArgs<float> a, MmaTile
     return;
   }
   float s[4][4] = {}, t[4][4] = {};
-  sub_tile_products<H>(in.xs_r, in.xs_c, in.ds, view, tr, tc, stage, s);
-  if (in.xt_r) sub_tile_products<H>(in.xt_r, in.xt_c, in.dt, view, tr, tc, stage, t);
+  sub_tile_products<H>(entries<H>(in.xs_r), entries<H>(in.xs_c), in.ds, view, tr, tc, stage, s);
+  if (in.xt_r)
+    sub_tile_products<H>(entries<H>(in.xt_r), entries<H>(in.xt_c), in.dt, view, tr, tc, stage, t);
 
   PairSums sums;
 #pragma unroll

@@ -283,9 +283,9 @@ __device__ inline void split_columns(const TileView& view, int splits, int split
 }
 
 template <MmaOperands H>
-__global__ void offer_mma_kernel(const float* q, const float* c, int64_t d, TileView view,
-                                 int64_t block_r0, int splits, const float* scale,
-                                 TopkValidity valid, TopkState<float> st) {
+__global__ void offer_mma_kernel(const OperandEntry<H>* q, const OperandEntry<H>* c, int64_t d,
+                                 TileView view, int64_t block_r0, int splits,
+                                 const float* scale, TopkValidity valid, TopkState<float> st) {
   alignas(16) __shared__ uint16_t stage[kStageEntries];
   __shared__ SelectShared sh;
   __shared__ RowsState rs;
@@ -424,15 +424,16 @@ int topk_offer_tile(const double* tile, const TileView& view, int64_t block_r0,
   return offer(tile, view, block_r0, scale, valid, st, stream);
 }
 
-int topk_offer_mma(const float* q, const float* c, int64_t d, const TileView& view,
+int topk_offer_mma(const void* q, const void* c, int64_t d, const TileView& view,
                    int64_t block_r0, int splits, const float* scale, const TopkValidity& valid,
                    const TopkState<float>& st, int32_t* merged, MmaOperands operands,
                    Stream stream) {
   if (view.rows == 0 || view.cols == 0) return 0;
   const int64_t blocks = blocks_for(view.rows, kMmaEdge) * splits;
   with_operands(operands, [&](auto format) {
-    RELKD_LAUNCH(blocks, kThreads, stream, offer_mma_kernel<decltype(format)::value>)(
-        q, c, d, view, block_r0, splits, scale, valid, st);
+    constexpr MmaOperands H = decltype(format)::value;
+    RELKD_LAUNCH(blocks, kThreads, stream, offer_mma_kernel<H>)(
+        entries<H>(q), entries<H>(c), d, view, block_r0, splits, scale, valid, st);
   });
   // launched() clears the error it reports: keep it, and never join
   // selections a failed launch left unwritten.
