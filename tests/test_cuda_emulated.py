@@ -127,6 +127,26 @@ def test_topk_sim_tensor_cores(emulated, monkeypatch, n, m, k, with_labels, scal
     assert_same_mining(got, ops.topk_sim(q, c, k, ql, cl, scale, False, 0), q, c, scale)
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "tf32"])
+@pytest.mark.parametrize("d", [70, 400])
+def test_topk_sim_tensor_cores_hold_the_query_rows(emulated, monkeypatch, fmt, d):
+    """A block stages its 64 query rows once, every entry (D = 70: three
+    bf16 steps or five TF32 ones, the last partial), and streams only the
+    bank's columns through the steps. Rows beyond its shared memory (the
+    emulation allows 48 KB: D = 400) take the tile path instead, whose
+    float32 products show which ran: the operand format's rounding where
+    the rows fit, none where they do not."""
+    q = reference.normalize(embeddings(70, d, seed=1, dtype=F32), F32)  # two row blocks
+    c = reference.normalize(embeddings(900, d, seed=2, dtype=F32), F32)
+    monkeypatch.setenv("RELKD_TENSOR_CORES", "1" if fmt == "bf16" else "auto")
+    with matmul_precision("high"):
+        got = emulated.topk_sim(q, c, 20, None, None, None, False, 0)
+    if d == 70:
+        rounded = (lambda x: x.bfloat16().float()) if fmt == "bf16" else tf32_values
+        q, c = rounded(q), rounded(c)
+    assert_same_mining(got, ops.topk_sim(q, c, 20), q, c, None)
+
+
 def test_topk_sim_tensor_cores_self_exclusion_ties_and_nan(emulated, monkeypatch):
     monkeypatch.setenv("RELKD_TENSOR_CORES", "1")
     x = embeddings(130, 6, seed=4, dtype=F32).bfloat16().float()

@@ -100,6 +100,11 @@ int topk_offer_mma(const void* q, const void* c, int64_t d, const TileView& view
                    const TopkState<float>& st, int32_t* merged, MmaOperands operands,
                    Stream stream);
 
+// Whether topk_offer_mma's block holds its 64 query rows of d entries in
+// the `operands` format in shared memory (up to about 1,600 16-bit entries
+// or 800 TF32 ones on an H100); else the tile path runs.
+bool topk_mma_fits(int device, int64_t d, MmaOperands operands);
+
 // How many column ranges topk_offer_mma should cut a bank of m columns into
 // for `rows` query rows: enough blocks for every multiprocessor, each range
 // long enough for the bar to prune most of it.

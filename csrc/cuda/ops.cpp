@@ -287,7 +287,8 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_run(const at::Tensor& q, const at::T
   const auto ql = contiguous_or_empty(q_labels), cl = contiguous_or_empty(c_labels);
   const auto sc = contiguous_or_empty(c_scale);
   if (value_type == at::kFloat) {
-    if (const auto operands = tensor_core_operands(q, half)) {
+    const auto operands = tensor_core_operands(q, half);
+    if (operands && cuda::topk_mma_fits(q.device().index(), q.size(1), *operands)) {
       topk_sim_impl<float>(operand_storage(q, *operands), operand_storage(c, *operands), k, ql,
                            cl, sc, exclude_self, self_offset, operands, values, indices);
       return {values, indices};

@@ -135,8 +135,8 @@ __device__ inline void mma_3xtf32(float (&acc0)[4], float (&acc1)[4], const uint
 }
 
 // acc[j] += (the warp's 16 staged rows) x (its columns j*8 .. j*8 + 8)^T over
-// `Depth` staging units (rows and columns `Stride` units apart, each row
-// 16-byte aligned). Fragments come by ldmatrix (mma.cuh): lane l addresses
+// `Depth` staging units (columns `Stride` units apart, rows `row_stride`,
+// each row 16-byte aligned). Fragments come by ldmatrix (mma.cuh): lane l addresses
 // row l % 8 of matrix l / 8, which is, for A, rows (0-7 | 8-15) x entries
 // (0-7 | 8-15) in the order of a[0..3]; for B, two 8-column groups x the
 // two entry halves, the registers of b for groups j and j + 1. With
@@ -145,10 +145,10 @@ __device__ inline void mma_3xtf32(float (&acc0)[4], float (&acc1)[4], const uint
 template <MmaOperands H, int Depth = kMmaDepth, int Stride = kMmaStride,
           bool ColumnsAlongK = false>
 __device__ inline void warp_products(const uint16_t* rows, const uint16_t* cols, int warp_row,
-                                     int warp_col, float (&acc)[4][4]) {
+                                     int warp_col, float (&acc)[4][4], int row_stride = Stride) {
   static_assert(Stride * 2 % 16 == 0, "ldmatrix reads 16-byte aligned rows");
   const int m = threadIdx.x % 32 / 8, i = threadIdx.x % 8;
-  const uint16_t* a_row = rows + (warp_row + m % 2 * 8 + i) * Stride + m / 2 * 8;
+  const uint16_t* a_row = rows + (warp_row + m % 2 * 8 + i) * row_stride + m / 2 * 8;
   const uint16_t* b_row = ColumnsAlongK
                               ? cols + (m % 2 * 8 + i) * Stride + warp_col + m / 2 * 8
                               : cols + (warp_col + m / 2 * 8 + i) * Stride + m % 2 * 8;
@@ -207,6 +207,65 @@ __device__ inline void sub_tile_products(const OperandEntry<H>* x_r, const Opera
     buffer ^= 1;
   }
   __syncthreads();  // the caller may restage or reuse the buffers
+}
+
+// Rows held in shared memory for a block's whole sweep (top-k: a block
+// keeps its 64 query rows while the bank's columns change), so that each
+// step stages only the columns: half the bytes from L2 per product.
+// A staged row: every entry of d in whole steps (zero past d), plus 8 units
+// of pad: a stride of 16s + 4 words, so the rows r = 0..7 that one ldmatrix
+// phase reads (16 bytes each) start at bank 4 (r (4s + 1) mod 8), eight
+// distinct groups of four banks.
+template <MmaOperands H>
+__host__ __device__ inline int resident_row_stride(int64_t d) {
+  const int64_t units = d * kUnitsPerEntry<H>;
+  return static_cast<int>((units + kMmaDepth - 1) / kMmaDepth * kMmaDepth + 8);
+}
+template <MmaOperands H>
+__host__ __device__ inline size_t resident_rows_bytes(int64_t d) {
+  return static_cast<size_t>(kMmaEdge) * resident_row_stride<H>(d) * sizeof(uint16_t);
+}
+
+// Rows row0 .. row0 + 64 (those below `end`; the others 0) of x, every
+// entry, into rows[64][resident_row_stride<H>(d)].
+template <MmaOperands H>
+__device__ inline void stage_resident_rows(const OperandEntry<H>* x, int64_t end, int64_t d,
+                                           int64_t row0, uint16_t* rows) {
+  constexpr int64_t kStep = kMmaDepth / kUnitsPerEntry<H>;  // entries per step
+  const int stride = resident_row_stride<H>(d), steps = (stride - 8) / kMmaDepth;
+  const bool vector = vector_rows(x, d);
+  uint16_t* mine = rows + threadIdx.x / 4 * stride + threadIdx.x % 4 * 8;
+  for (int step = 0; step < steps; ++step)
+    *reinterpret_cast<StagePiece*>(mine + step * kMmaDepth) =
+        load_piece<H>(x, end, d, row0, step * kStep, vector);
+  __syncthreads();
+}
+
+// sub_tile_products with the view's rows already staged (rows, from
+// stage_resident_rows for rows view.r0 + tr ..): only the columns tc ..
+// tc + 64 pass through `stage` (its first half), double-buffered as there.
+template <MmaOperands H>
+__device__ inline void sub_tile_products_resident(const uint16_t* rows, const OperandEntry<H>* x_c,
+                                                  int64_t d, const TileView& view, int64_t tc,
+                                                  uint16_t* stage, float (&acc)[4][4]) {
+  const int warp = threadIdx.x / 32;
+  const int warp_row = warp % 4 * kMmaWarpRows, warp_col = warp / 4 * kMmaWarpCols;
+  const int stride = resident_row_stride<H>(d);
+  const int64_t end_c = view.c0 + view.cols;
+  const bool vector_c = vector_rows(x_c, d);
+  StagePiece piece_c = load_piece<H>(x_c, end_c, d, view.c0 + tc, 0, vector_c);
+  constexpr int64_t kStep = kMmaDepth / kUnitsPerEntry<H>;
+  int buffer = 0;
+  for (int64_t k0 = 0, units = 0; k0 < d; k0 += kStep, units += kMmaDepth) {
+    uint16_t* cols = stage + buffer * kMmaEdge * kMmaStride;
+    store_piece(piece_c, cols);
+    __syncthreads();
+    if (k0 + kStep < d)
+      piece_c = load_piece<H>(x_c, end_c, d, view.c0 + tc, k0 + kStep, vector_c);
+    warp_products<H>(rows + units, cols, warp_row, warp_col, acc, stride);
+    buffer ^= 1;
+  }
+  __syncthreads();
 }
 
 // pair_at, not inlined: the kernel's unrolled loop over its accumulators

@@ -240,9 +240,10 @@ __global__ void offer_tile_kernel(const T* tile, TileView view, int64_t block_r0
   }
 }
 
-// The tensor-core form (RELKD_TENSOR_CORES=1): a block owns 64 query rows
-// and one of `splits` column ranges of the view, sweeps it 64 columns at a
-// time, the similarities computed by mma (pair_tile_mma.cuh) and
+// The tensor-core form (RELKD_TENSOR_CORES=1): a block owns 64 query rows,
+// staged once in (dynamic) shared memory, and one of `splits` column
+// ranges of the view, sweeps it 64 columns at a time (only those staged per
+// step), the similarities computed by mma (pair_tile_mma.cuh) and
 // filtered against each row's bar while they are in registers; only the
 // survivors reach the rows' buffers (in an order set by integer atomics,
 // which the unique composite keys make irrelevant to the result). A row
@@ -286,7 +287,7 @@ template <MmaOperands H>
 __global__ void offer_mma_kernel(const OperandEntry<H>* q, const OperandEntry<H>* c, int64_t d,
                                  TileView view, int64_t block_r0, int splits,
                                  const float* scale, TopkValidity valid, TopkState<float> st) {
-  alignas(16) __shared__ uint16_t stage[kStageEntries];
+  alignas(16) __shared__ uint16_t stage[kStageEntries / 2];  // the columns' two buffers
   __shared__ SelectShared sh;
   __shared__ RowsState rs;
   const int split = static_cast<int>(blockIdx.x % splits);
@@ -302,7 +303,8 @@ __global__ void offer_mma_kernel(const OperandEntry<H>* q, const OperandEntry<H>
     rs.has_bar[r] = st.has_bar[slot(r)];
     rs.bar[r] = Key{st.bar_hi[slot(r)], st.bar_lo[slot(r)]};
   }
-  __syncthreads();
+  uint16_t* query_rows = dynamic_shared<uint16_t>();  // staged once for the whole sweep
+  stage_resident_rows<H>(q, view.r0 + view.rows, d, view.r0 + tr, query_rows);
   // The accumulator layout (entry_row / entry_col of pair_tile_mma.cuh) with
   // the thread's part hoisted: calling those in the loop below costs this
   // kernel 20-28 more registers (ptxas, sm_80: over 128 for fp16 / 3xTF32).
@@ -311,7 +313,7 @@ __global__ void offer_mma_kernel(const OperandEntry<H>* q, const OperandEntry<H>
   for (int64_t tc = 0; tc < mine.cols; tc += kMmaEdge) {
     compact_full_rows(rs, sh, st, rows, slot);
     float acc[4][4] = {};
-    sub_tile_products<H>(q, c, d, mine, tr, tc, stage, acc);
+    sub_tile_products_resident<H>(query_rows, c, d, mine, tc, stage, acc);
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -430,17 +432,44 @@ int topk_offer_mma(const void* q, const void* c, int64_t d, const TileView& view
                    Stream stream) {
   if (view.rows == 0 || view.cols == 0) return 0;
   const int64_t blocks = blocks_for(view.rows, kMmaEdge) * splits;
+  int offered = 0;
   with_operands(operands, [&](auto format) {
     constexpr MmaOperands H = decltype(format)::value;
-    RELKD_LAUNCH(blocks, kThreads, stream, offer_mma_kernel<H>)(
+    const size_t bytes = resident_rows_bytes<H>(d);
+#ifndef RELKD_EMULATE
+    const cudaError_t set = cudaFuncSetAttribute(
+        offer_mma_kernel<H>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    if (set != cudaSuccess) {
+      offered = static_cast<int>(set);
+      return;
+    }
+#endif
+    RELKD_LAUNCH_SHARED(blocks, kThreads, bytes, stream, offer_mma_kernel<H>)(
         entries<H>(q), entries<H>(c), d, view, block_r0, splits, scale, valid, st);
+    // launched() clears the error it reports: keep it, and never join
+    // selections a failed launch left unwritten.
+    offered = launched();
   });
-  // launched() clears the error it reports: keep it, and never join
-  // selections a failed launch left unwritten.
-  const int offered = launched();
   if (splits == 1 || offered != 0) return offered;
   RELKD_LAUNCH(view.rows, kThreads, stream, merge_splits_kernel)(st, splits, merged);
   return launched();
+}
+
+bool topk_mma_fits(int device, int64_t d, MmaOperands operands) {
+  size_t rows = 0;
+  with_operands(operands, [&](auto format) {
+    rows = resident_rows_bytes<decltype(format)::value>(d);
+  });
+#ifdef RELKD_EMULATE
+  (void)device;
+  return rows <= (48u << 10);  // the limit without opt-in: the tests reach both paths
+#else
+  constexpr size_t kStaticBytes = 16 << 10;  // the kernel's static shared memory, rounded up
+  int most = 0;
+  return cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) ==
+             cudaSuccess &&
+         rows + kStaticBytes <= static_cast<size_t>(most);
+#endif
 }
 
 int topk_mma_splits(int device, int64_t rows, int64_t m) {
