@@ -110,6 +110,18 @@ def test_topk_sim_tensor_cores_match_the_cpu_kernel(n, m, d, k, with_labels, sca
     assert_same_mining(got, ops.topk_sim(q, c, k, ql, cl, scale), q, c, scale)
 
 
+@pytest.mark.parametrize("d", [512, 1024, 4096])
+def test_topk_sim_tensor_cores_rows_in_shared_memory_or_not(d):
+    """The block's query rows held in shared memory (D = 512, 1024: 65 and
+    129 KiB of bf16) or, beyond it (D = 4096), the tile path: the CPU
+    kernel's selection on bf16-valued rows either way."""
+    q = reference.normalize(embeddings(130, d, seed=d), F32).bfloat16().float()
+    c = reference.normalize(embeddings(20_000, d, seed=d + 1), F32).bfloat16().float()
+    with tensor_cores():
+        got = cpu(*ops.topk_sim(*gpu(q, c), 64))
+    assert_same_mining(got, ops.topk_sim(q, c, 64), q, c, None)
+
+
 def test_topk_sim_tensor_cores_ties_across_column_ranges():
     q, c = spread_ties(36_000, every=200)  # 4 ranges, 45 ties each
     with tensor_cores():
