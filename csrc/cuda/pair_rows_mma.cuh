@@ -26,9 +26,12 @@ namespace cuda {
 
 constexpr int kGradStride = kMmaEdge + 8;  // a row of the G tile / of the staged x chunk
 
-// Shared memory of the dynamic part: the block's gradient rows (64 x ds fp32).
+// Shared memory of the dynamic part: the staging buffers (beyond the 48 KiB
+// of static shared memory, with the rest) and the block's gradient rows
+// (64 x ds fp32).
 inline size_t rows_mma_dynamic_bytes(int64_t ds) {
-  return static_cast<size_t>(kMmaEdge) * static_cast<size_t>(ds) * sizeof(float);
+  return kStageEntries * sizeof(uint16_t) +
+         static_cast<size_t>(kMmaEdge) * static_cast<size_t>(ds) * sizeof(float);
 }
 
 // A piece of 16-bit entries of format H as bf16 (float16 ones rounded to
@@ -106,13 +109,13 @@ static_assert(kThreads / 32 / 4 * 4 == kNormParts, "a row is visited by 2 warps 
 
 template <typename Terms, MmaOperands H>
 __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) {
-  alignas(16) __shared__ uint16_t stage[kStageEntries];
   alignas(16) __shared__ uint16_t g_tile[kMmaEdge * kGradStride];
   alignas(16) __shared__ uint16_t x_chunk[kMmaEdge * kGradStride];
   __shared__ double shared[kThreads];
   __shared__ double norm_parts[kMmaEdge][kNormParts];
   __shared__ float dn_rows[kMmaEdge];
-  float* grad = dynamic_shared<float>();  // kMmaEdge x ds
+  uint16_t* stage = dynamic_shared<uint16_t>();                 // kStageEntries
+  float* grad = reinterpret_cast<float*>(stage + kStageEntries);  // kMmaEdge x ds
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kMmaEdge;
   const int64_t rows = a.n - r0 < kMmaEdge ? a.n - r0 : kMmaEdge;
   for (int64_t e = threadIdx.x; e < kMmaEdge * a.ds; e += kThreads) grad[e] = 0.0f;

@@ -107,7 +107,7 @@ bool has_tensor_cores(int device) {
 }
 
 bool rows_mma_fits(int device, int64_t ds) {
-  constexpr size_t kStaticBytes = 46 << 10;  // its static shared memory (44.25 KiB), rounded up
+  constexpr size_t kStaticBytes = 26 << 10;  // its static shared memory (24.25 KiB), rounded up
   const size_t need = rows_mma_dynamic_bytes(ds) + kStaticBytes;
 #ifdef RELKD_EMULATE
   (void)device;

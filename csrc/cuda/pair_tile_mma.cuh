@@ -15,9 +15,12 @@
 namespace relkd {
 namespace cuda {
 
-constexpr int kMmaEdge = 64;               // rows and columns of a block's sub-tile
-constexpr int kMmaDepth = 32;              // staging units (mma.cuh) per step: 32 16-bit
-                                           // embedding entries, or 16 TF32 ones
+constexpr int kMmaEdge = 64;  // rows and columns of a block's sub-tile
+// Staging units (mma.cuh) per step: 64 16-bit embedding entries, or 32 TF32
+// ones, between two barriers (16 mma per warp), the next step's 16 KiB of
+// rows and columns loading meanwhile. A multiple of 32; 32 halves the
+// shared memory and doubles the barriers (the GPU run decides).
+constexpr int kMmaDepth = 64;
 constexpr int kMmaStride = kMmaDepth + 8;  // a staged row; the pad spreads fragment reads
                                            // over the shared-memory banks
 constexpr int kMmaWarpRows = 16, kMmaWarpCols = 32;  // 8 warps: 4 x 2 of these
@@ -36,16 +39,26 @@ __device__ inline int entry_col(int j, int i) {
   return threadIdx.x / 32 / 4 * kMmaWarpCols + j * 8 + 2 * (threadIdx.x % 4) + i % 2;
 }
 
-// A thread's share of one staging step: 16 bytes of one of the 64 rows
-// (64 rows x 32 staging units = 256 threads x 8 units): 8 entries of a
-// 16-bit format, or 4 TF32 entries.
+// 16 bytes of a staged row: 8 entries of a 16-bit format, or 4 TF32 entries.
 struct alignas(16) StagePiece {
   uint32_t bits[4];
 };
 struct alignas(16) Float4 {
   float v[4];
 };
-static_assert(kMmaEdge * kMmaDepth == 8 * kThreads, "one piece per thread and step");
+
+// A thread's share of one staging step of one operand (64 rows x kMmaDepth
+// units): kStepPieces pieces, piece h at row piece_row(h), unit piece_unit(h)
+// of the step (consecutive threads fill a row: conflict-free stores).
+constexpr int kRowPieces = kMmaDepth / 8;
+constexpr int kStepPieces = kMmaEdge * kRowPieces / kThreads;
+static_assert(kMmaDepth % 32 == 0 && kMmaEdge * kRowPieces == kStepPieces * kThreads,
+              "whole mma steps; every thread the same number of pieces");
+struct StepPieces {
+  StagePiece piece[kStepPieces];
+};
+__device__ inline int piece_row(int h) { return (threadIdx.x + h * kThreads) / kRowPieces; }
+__device__ inline int piece_unit(int h) { return (threadIdx.x + h * kThreads) % kRowPieces * 8; }
 
 // Embeddings passed as MmaTileInputs' untyped pointers, as entries of H.
 template <MmaOperands H>
@@ -93,13 +106,17 @@ __device__ inline StagePiece load_piece_at(const OperandEntry<H>* x, int64_t end
   return piece;
 }
 
-// This thread's piece of a staging step: rows row0 .. row0 + 64, entries
-// k0 .. k0 + 32 / kUnitsPerEntry<H>.
+// This thread's pieces of a staging step: rows row0 .. row0 + 64, entries
+// k0 .. k0 + kMmaDepth / kUnitsPerEntry<H>.
 template <MmaOperands H>
-__device__ inline StagePiece load_piece(const OperandEntry<H>* x, int64_t end, int64_t d,
-                                        int64_t row0, int64_t k0, bool vector) {
-  return load_piece_at<H>(x, end, d, row0 + threadIdx.x / 4,
-                          k0 + threadIdx.x % 4 * kPieceEntries<H>, vector);
+__device__ inline StepPieces load_step(const OperandEntry<H>* x, int64_t end, int64_t d,
+                                       int64_t row0, int64_t k0, bool vector) {
+  StepPieces out;
+#pragma unroll
+  for (int h = 0; h < kStepPieces; ++h)
+    out.piece[h] = load_piece_at<H>(x, end, d, row0 + piece_row(h),
+                                    k0 + piece_unit(h) / kUnitsPerEntry<H>, vector);
+  return out;
 }
 
 // A piece into entries k .. k + 8 of row `row` of a staged block whose rows
@@ -110,10 +127,14 @@ __device__ inline void store_piece_at(const StagePiece& piece, uint16_t* stage, 
   *reinterpret_cast<StagePiece*>(stage + row * Stride + k) = piece;
 }
 
-// This thread's piece into its place in a staged block [64][kMmaStride]
-// (kMmaStride units are 80 bytes).
-__device__ inline void store_piece(const StagePiece& piece, uint16_t* stage) {
-  store_piece_at<kMmaStride>(piece, stage, threadIdx.x / 4, threadIdx.x % 4 * 8);
+// This thread's pieces into their places in a staged block [64][stride]
+// whose step starts at unit `unit` of each row.
+__device__ inline void store_step(const StepPieces& pieces, uint16_t* stage,
+                                  int stride = kMmaStride, int unit = 0) {
+#pragma unroll
+  for (int h = 0; h < kStepPieces; ++h)
+    *reinterpret_cast<StagePiece*>(stage + piece_row(h) * stride + unit + piece_unit(h)) =
+        pieces.piece[h];
 }
 
 // The 3xTF32 products (mma.cuh) of the raw float32 fragments a and b (two
@@ -182,26 +203,25 @@ __device__ inline void warp_products(const uint16_t* rows, const uint16_t* cols,
 // thread has passed the barrier that follows its last read).
 template <MmaOperands H>
 __device__ inline void sub_tile_products(const OperandEntry<H>* x_r, const OperandEntry<H>* x_c,
-                                         int64_t d,
-                                         const TileView& view, int64_t tr, int64_t tc,
-                                         uint16_t* stage, float (&acc)[4][4]) {
+                                         int64_t d, const TileView& view, int64_t tr,
+                                         int64_t tc, uint16_t* stage, float (&acc)[4][4]) {
   const int warp = threadIdx.x / 32;
   const int warp_row = warp % 4 * kMmaWarpRows, warp_col = warp / 4 * kMmaWarpCols;
   const int64_t end_r = view.r0 + view.rows, end_c = view.c0 + view.cols;
   const bool vector_r = vector_rows(x_r, d), vector_c = vector_rows(x_c, d);
-  StagePiece piece_r = load_piece<H>(x_r, end_r, d, view.r0 + tr, 0, vector_r);
-  StagePiece piece_c = load_piece<H>(x_c, end_c, d, view.c0 + tc, 0, vector_c);
+  StepPieces piece_r = load_step<H>(x_r, end_r, d, view.r0 + tr, 0, vector_r);
+  StepPieces piece_c = load_step<H>(x_c, end_c, d, view.c0 + tc, 0, vector_c);
   constexpr int64_t kStep = kMmaDepth / kUnitsPerEntry<H>;  // entries per step
   int buffer = 0;
   for (int64_t k0 = 0; k0 < d; k0 += kStep) {
     uint16_t* rows = stage + buffer * 2 * kMmaEdge * kMmaStride;
     uint16_t* cols = rows + kMmaEdge * kMmaStride;
-    store_piece(piece_r, rows);
-    store_piece(piece_c, cols);
+    store_step(piece_r, rows);
+    store_step(piece_c, cols);
     __syncthreads();
     if (k0 + kStep < d) {  // the next step's loads overlap this step's products
-      piece_r = load_piece<H>(x_r, end_r, d, view.r0 + tr, k0 + kStep, vector_r);
-      piece_c = load_piece<H>(x_c, end_c, d, view.c0 + tc, k0 + kStep, vector_c);
+      piece_r = load_step<H>(x_r, end_r, d, view.r0 + tr, k0 + kStep, vector_r);
+      piece_c = load_step<H>(x_c, end_c, d, view.c0 + tc, k0 + kStep, vector_c);
     }
     warp_products<H>(rows, cols, warp_row, warp_col, acc);
     buffer ^= 1;
@@ -234,10 +254,9 @@ __device__ inline void stage_resident_rows(const OperandEntry<H>* x, int64_t end
   constexpr int64_t kStep = kMmaDepth / kUnitsPerEntry<H>;  // entries per step
   const int stride = resident_row_stride<H>(d), steps = (stride - 8) / kMmaDepth;
   const bool vector = vector_rows(x, d);
-  uint16_t* mine = rows + threadIdx.x / 4 * stride + threadIdx.x % 4 * 8;
   for (int step = 0; step < steps; ++step)
-    *reinterpret_cast<StagePiece*>(mine + step * kMmaDepth) =
-        load_piece<H>(x, end, d, row0, step * kStep, vector);
+    store_step(load_step<H>(x, end, d, row0, step * kStep, vector), rows, stride,
+               step * kMmaDepth);
   __syncthreads();
 }
 
@@ -253,15 +272,15 @@ __device__ inline void sub_tile_products_resident(const uint16_t* rows, const Op
   const int stride = resident_row_stride<H>(d);
   const int64_t end_c = view.c0 + view.cols;
   const bool vector_c = vector_rows(x_c, d);
-  StagePiece piece_c = load_piece<H>(x_c, end_c, d, view.c0 + tc, 0, vector_c);
+  StepPieces piece_c = load_step<H>(x_c, end_c, d, view.c0 + tc, 0, vector_c);
   constexpr int64_t kStep = kMmaDepth / kUnitsPerEntry<H>;
   int buffer = 0;
   for (int64_t k0 = 0, units = 0; k0 < d; k0 += kStep, units += kMmaDepth) {
     uint16_t* cols = stage + buffer * kMmaEdge * kMmaStride;
-    store_piece(piece_c, cols);
+    store_step(piece_c, cols);
     __syncthreads();
     if (k0 + kStep < d)
-      piece_c = load_piece<H>(x_c, end_c, d, view.c0 + tc, k0 + kStep, vector_c);
+      piece_c = load_step<H>(x_c, end_c, d, view.c0 + tc, k0 + kStep, vector_c);
     warp_products<H>(rows + units, cols, warp_row, warp_col, acc, stride);
     buffer ^= 1;
   }
