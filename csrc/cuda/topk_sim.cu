@@ -456,19 +456,26 @@ int topk_offer_mma(const void* q, const void* c, int64_t d, const TileView& view
 }
 
 bool topk_mma_fits(int device, int64_t d, MmaOperands operands) {
-  size_t rows = 0;
+  size_t rows = 0, static_bytes = 0;
   with_operands(operands, [&](auto format) {
-    rows = resident_rows_bytes<decltype(format)::value>(d);
+    constexpr MmaOperands H = decltype(format)::value;
+    rows = resident_rows_bytes<H>(d);
+#ifndef RELKD_EMULATE
+    cudaFuncAttributes kernel;
+    static_bytes = cudaFuncGetAttributes(&kernel, offer_mma_kernel<H>) == cudaSuccess
+                       ? kernel.sharedSizeBytes
+                       : SIZE_MAX / 2;  // unknown: the tile path
+#endif
   });
 #ifdef RELKD_EMULATE
   (void)device;
+  (void)static_bytes;
   return rows <= (48u << 10);  // the limit without opt-in: the tests reach both paths
 #else
-  constexpr size_t kStaticBytes = 16 << 10;  // the kernel's static shared memory, rounded up
   int most = 0;
   return cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) ==
              cudaSuccess &&
-         rows + kStaticBytes <= static_cast<size_t>(most);
+         rows + static_bytes <= static_cast<size_t>(most);
 #endif
 }
 
