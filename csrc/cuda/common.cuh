@@ -55,7 +55,7 @@ __device__ inline T* dynamic_shared() {
 // call, where torch reports them).
 inline int launched() { return static_cast<int>(cudaGetLastError()); }
 
-inline int64_t blocks_for(int64_t work, int64_t per_block) {
+__host__ __device__ inline int64_t blocks_for(int64_t work, int64_t per_block) {
   const int64_t b = (work + per_block - 1) / per_block;
   return b < 1 ? 1 : b;
 }

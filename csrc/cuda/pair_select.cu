@@ -9,14 +9,24 @@ namespace relkd {
 namespace cuda {
 namespace {
 
+// Tile elements a histogram block sweeps: kHistogramStrip times those of a
+// pair_tile block, so that its hot bins (pair_select.cuh) gather more pairs
+// per global atomic.
+constexpr int kHistogramStrip = 16;
+constexpr int64_t kHistogramBlockElements = kPairBlockElements * kHistogramStrip;
+
 template <typename T>
 __global__ void histogram_kernel(const T* s, TileView view, TileMask mask,
                                  const int64_t* prefixes, int64_t n_prefix, int shift,
                                  unsigned long long* hist, FirstPassCollect<T> collect) {
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * kPairBlockElements;
+  __shared__ unsigned hot_counts[HotBins<T>::kSlots];
+  unsigned* hot = first_pass<T>(shift) ? hot_counts : nullptr;
+  clear_hot_bins<T>(hot);
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kHistogramBlockElements;
   const int64_t count = view.rows * view.cols;
   const bool collecting = collects(collect);
-  for (int u = 0; u < kPairItems; ++u) {  // uniform trip count: the warp stays converged
+  for (int u = 0; u < kPairItems * kHistogramStrip; ++u) {
+    if (first + u * kThreads >= count) break;  // the same for the whole block: warps converged
     const int64_t e = first + u * kThreads + threadIdx.x;
     int64_t p = 0, q = 0;
     bool counted = false;
@@ -28,9 +38,11 @@ __global__ void histogram_kernel(const T* s, TileView view, TileMask mask,
       counted = tile_weight(mask, p, q) != 0;
       if (counted) value = s[r * view.ld + c];
     }
-    add_to_histogram(counted ? histogram_bin(value, prefixes, n_prefix, shift) : -1, hist);
+    add_to_histogram<T>(counted ? histogram_bin(value, prefixes, n_prefix, shift) : -1, hot,
+                        hist);
     if (collecting) collect_first_pass(mask, p, q, value, counted, collect);
   }
+  flush_hot_bins<T>(hot, hist);
 }
 
 template <typename T>
@@ -63,8 +75,8 @@ int histogram(const T* s, const TileView& view, const TileMask& mask, const int6
               int64_t n_prefix, int shift, unsigned long long* hist,
               const FirstPassCollect<T>& collect, Stream stream) {
   if (view.rows * view.cols == 0) return 0;
-  RELKD_LAUNCH(pair_tile_blocks(view), kThreads, stream, histogram_kernel<T>)(
-      s, view, mask, prefixes, n_prefix, shift, hist, collect);
+  RELKD_LAUNCH(blocks_for(view.rows * view.cols, kHistogramBlockElements), kThreads, stream,
+               histogram_kernel<T>)(s, view, mask, prefixes, n_prefix, shift, hist, collect);
   return launched();
 }
 

@@ -29,12 +29,73 @@ __device__ inline int64_t histogram_bin(T value, const int64_t* prefixes, int64_
   return -1;
 }
 
-// One count into hist[bin] for every lane whose bin is >= 0; all 32 lanes of
-// the warp call it together. Similar values share bins: one atomic per
-// distinct bin in the warp.
-__device__ inline void add_to_histogram(int64_t bin, unsigned long long* hist) {
+// The first pass's bins (the order key's top 16 bits, no prefix) where
+// cosine similarities pile up: |value| in [2^-16, 2), 17 binades of
+// 2^kFraction bins on either side of zero (the key puts a negative value's
+// bins below 0x8000, a positive one's above). A block counts its pairs in
+// those bins in shared memory and adds each count to the global histogram
+// once (flush_hot_bins), instead of one global atomic per warp and bin:
+// thousands of pairs per block share a few hundred such bins, which every
+// block would otherwise hit. The other bins go to global memory directly.
+template <typename T>
+struct HotBins {
+  static constexpr bool kFloat = sizeof(T) == 4;
+  static constexpr int kFraction = kFloat ? 7 : 4;  // fraction bits among the 16
+  static constexpr int64_t kBias = kFloat ? 127 : 1023;
+  static constexpr int kPerSign = 17 << kFraction;
+  static constexpr int kSlots = 2 * kPerSign;
+  static constexpr int64_t kPositive = 0x8000 + ((kBias - 16) << kFraction);
+  static constexpr int64_t kNegative = 0x8000 - ((kBias + 1) << kFraction);
+
+  __host__ __device__ static int slot(int64_t bin) {
+    if (bin >= kPositive && bin < kPositive + kPerSign) return static_cast<int>(bin - kPositive);
+    if (bin >= kNegative && bin < kNegative + kPerSign)
+      return kPerSign + static_cast<int>(bin - kNegative);
+    return -1;
+  }
+  __host__ __device__ static int64_t bin(int slot) {
+    return slot < kPerSign ? kPositive + slot : kNegative + (slot - kPerSign);
+  }
+};
+
+// Whether a histogram pass at `shift` is the first (its bins the top 16 key
+// bits): the one hot bins serve.
+template <typename T>
+__host__ __device__ inline bool first_pass(int shift) {
+  return shift + kDigitBits >= static_cast<int>(8 * sizeof(typename pm::KeyOf<T>::type));
+}
+
+// hot (HotBins<T>::kSlots counts in shared memory, or nullptr) zeroed; all
+// threads of the block call it.
+template <typename T>
+__device__ inline void clear_hot_bins(unsigned* hot) {
+  if (!hot) return;
+  for (int s = threadIdx.x; s < HotBins<T>::kSlots; s += kThreads) hot[s] = 0;
+  __syncthreads();
+}
+
+// The block's hot counts into the global histogram, one atomic per nonzero
+// bin; all threads of the block call it.
+template <typename T>
+__device__ inline void flush_hot_bins(const unsigned* hot, unsigned long long* hist) {
+  if (!hot) return;
+  __syncthreads();
+  for (int s = threadIdx.x; s < HotBins<T>::kSlots; s += kThreads)
+    if (hot[s] != 0) atomicAdd(&hist[HotBins<T>::bin(s)], static_cast<unsigned long long>(hot[s]));
+}
+
+// One count into the histogram for every lane whose bin is >= 0: a hot bin's
+// into `hot` (when given), any other into hist[bin]. All 32 lanes of the warp
+// call it together; similar values share bins: one atomic per distinct bin
+// in the warp.
+template <typename T>
+__device__ inline void add_to_histogram(int64_t bin, unsigned* hot, unsigned long long* hist) {
   const unsigned same = __match_any_sync(0xffffffffu, bin);
-  if (bin >= 0 && static_cast<int>(threadIdx.x % 32) == __ffs(same) - 1)
+  if (bin < 0 || static_cast<int>(threadIdx.x % 32) != __ffs(same) - 1) return;
+  const int slot = hot ? HotBins<T>::slot(bin) : -1;
+  if (slot >= 0)
+    atomicAdd(&hot[slot], static_cast<unsigned>(__popc(same)));
+  else
     atomicAdd(&hist[bin], static_cast<unsigned long long>(__popc(same)));
 }
 

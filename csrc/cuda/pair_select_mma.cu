@@ -20,9 +20,10 @@ __device__ inline bool counted(const TileView& view, const TileMask& mask, int64
 // The per-entry steps, not inlined (inlined into the kernels, their prefix
 // loop and atomics made nvcc take minutes per unit).
 __device__ __noinline__ void histogram_entry(float value, bool counted, const int64_t* prefixes,
-                                             int64_t n_prefix, int shift,
+                                             int64_t n_prefix, int shift, unsigned* hot,
                                              unsigned long long* hist) {
-  add_to_histogram(counted ? histogram_bin(value, prefixes, n_prefix, shift) : -1, hist);
+  add_to_histogram<float>(counted ? histogram_bin(value, prefixes, n_prefix, shift) : -1, hot,
+                          hist);
 }
 
 __device__ __noinline__ void first_pass_entry(const TileView& view, const TileMask& mask,
@@ -39,27 +40,47 @@ __device__ __noinline__ void collect_entry(const TileView& view, const TileMask&
   if (tie_keys && r < view.rows && c < view.cols) tie_keys[r * view.cols + c] = tie;
 }
 
+// Column sub-tiles a histogram block sweeps along its 64 rows, so that its
+// hot bins (pair_select.cuh, in dynamic shared memory) gather up to 16 x 4096
+// pairs per global atomic.
+constexpr int kHistogramStrip = 16;
+
+// The blocks of a histogram pass: 64-row strips of kHistogramStrip sub-tiles.
+int64_t histogram_mma_blocks(const TileView& view) {
+  return blocks_for(view.rows, kMmaEdge) *
+         blocks_for(blocks_for(view.cols, kMmaEdge), kHistogramStrip);
+}
+
 template <MmaOperands H>
 __global__ void histogram_mma_kernel(MmaTileInputs in, TileView view, TileMask mask,
                                      const int64_t* prefixes, int64_t n_prefix, int shift,
                                      unsigned long long* hist, FirstPassCollect<float> collect) {
   alignas(16) __shared__ uint16_t stage[kStageEntries];
-  int64_t tr, tc;
-  block_sub_tile(view, &tr, &tc);
-  if (below_diagonal(view, mask, tr, tc)) return;  // no pair of the mask: the block leaves
-  float acc[4][4] = {};
-  sub_tile_products<H>(entries<H>(in.xs_r), entries<H>(in.xs_c), in.ds, view, tr, tc, stage,
-                       acc);
-  // Rolled loops: acc is read from the stack frame (64 bytes, L1), against
-  // over a minute of nvcc per unrolled unit.
+  unsigned* hot = first_pass<float>(shift) ? dynamic_shared<unsigned>() : nullptr;
+  clear_hot_bins<float>(hot);
+  const int64_t tiles_c = blocks_for(view.cols, kMmaEdge);
+  const int64_t strips = blocks_for(tiles_c, kHistogramStrip);
+  const int64_t tr = blockIdx.x / strips * kMmaEdge, strip = blockIdx.x % strips;
+  const int64_t last = (strip + 1) * kHistogramStrip < tiles_c ? (strip + 1) * kHistogramStrip
+                                                                : tiles_c;
   const bool collecting = collects(collect);
-  for (int j = 0; j < 4; ++j)  // every thread makes the 16 calls: warp-wide steps inside
-    for (int i = 0; i < 4; ++i) {
-      const int64_t r = tr + entry_row(i), c = tc + entry_col(j, i);
-      const bool in_mask = counted(view, mask, r, c);
-      histogram_entry(acc[j][i], in_mask, prefixes, n_prefix, shift, hist);
-      if (collecting) first_pass_entry(view, mask, r, c, acc[j][i], in_mask, collect);
-    }
+  for (int64_t t = strip * kHistogramStrip; t < last; ++t) {
+    const int64_t tc = t * kMmaEdge;
+    if (below_diagonal(view, mask, tr, tc)) continue;  // no pair of the mask (whole block)
+    float acc[4][4] = {};
+    sub_tile_products<H>(entries<H>(in.xs_r), entries<H>(in.xs_c), in.ds, view, tr, tc, stage,
+                         acc);
+    // Rolled loops: acc is read from the stack frame (64 bytes, L1), against
+    // over a minute of nvcc per unrolled unit.
+    for (int j = 0; j < 4; ++j)  // every thread makes the 16 calls: warp-wide steps inside
+      for (int i = 0; i < 4; ++i) {
+        const int64_t r = tr + entry_row(i), c = tc + entry_col(j, i);
+        const bool in_mask = counted(view, mask, r, c);
+        histogram_entry(acc[j][i], in_mask, prefixes, n_prefix, shift, hot, hist);
+        if (collecting) first_pass_entry(view, mask, r, c, acc[j][i], in_mask, collect);
+      }
+  }
+  flush_hot_bins<float>(hot, hist);
 }
 
 template <MmaOperands H>
@@ -92,12 +113,26 @@ int pair_histogram_mma(const MmaTileInputs& in, const TileView& view, const Tile
                        unsigned long long* hist, const FirstPassCollect<float>& collect,
                        Stream stream) {
   if (view.rows * view.cols == 0) return 0;
+  const size_t bytes = first_pass<float>(shift) ? HotBins<float>::kSlots * sizeof(unsigned) : 0;
+  int status = 0;
   with_operands(in.operands, [&](auto format) {
-    RELKD_LAUNCH(pair_tile_mma_blocks(view), kThreads, stream,
-                 histogram_mma_kernel<decltype(format)::value>)(in, view, mask, prefixes,
-                                                               n_prefix, shift, hist, collect);
+    constexpr MmaOperands H = decltype(format)::value;
+#ifndef RELKD_EMULATE
+    // Static (stage) and dynamic (hot bins) together pass the default 48 KiB.
+    const cudaError_t set = cudaFuncSetAttribute(
+        histogram_mma_kernel<H>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        static_cast<int>(bytes));
+    if (set != cudaSuccess) {
+      status = static_cast<int>(set);
+      return;
+    }
+#endif
+    RELKD_LAUNCH_SHARED(histogram_mma_blocks(view), kThreads, bytes, stream,
+                        histogram_mma_kernel<H>)(in, view, mask, prefixes, n_prefix, shift, hist,
+                                                 collect);
+    status = launched();
   });
-  return launched();
+  return status;
 }
 
 int pair_collect_mma(const MmaTileInputs& in, const TileView& view, const TileMask& mask,
