@@ -55,6 +55,20 @@ __device__ inline T* dynamic_shared() {
 // call, where torch reports them).
 inline int launched() { return static_cast<int>(cudaGetLastError()); }
 
+// Lets `kernel` launch with `bytes` of dynamic shared memory, which with its
+// static shared memory may pass the default 48 KiB: 0 or a cudaError_t code.
+template <typename Kernel>
+inline int allow_dynamic_shared(Kernel kernel, size_t bytes) {
+#ifdef RELKD_EMULATE
+  (void)kernel;
+  (void)bytes;
+  return 0;
+#else
+  return static_cast<int>(cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+#endif
+}
+
 __host__ __device__ inline int64_t blocks_for(int64_t work, int64_t per_block) {
   const int64_t b = (work + per_block - 1) / per_block;
   return b < 1 ? 1 : b;

@@ -174,12 +174,7 @@ template <typename Terms, MmaOperands H>
 int launch_rows_mma_as(const Terms& terms, const RowsMmaArgs& args, const TileMask& mask,
                        Stream stream) {
   const size_t bytes = rows_mma_dynamic_bytes(args.ds);
-#ifndef RELKD_EMULATE
-  const cudaError_t set = cudaFuncSetAttribute(
-      pair_rows_mma_kernel<Terms, H>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-      static_cast<int>(bytes));
-  if (set != cudaSuccess) return static_cast<int>(set);
-#endif
+  if (const int set = allow_dynamic_shared(pair_rows_mma_kernel<Terms, H>, bytes)) return set;
   RELKD_LAUNCH_SHARED(pair_rows_mma_blocks(args.n), kThreads, bytes, stream,
                       pair_rows_mma_kernel<Terms, H>)(terms, args, mask);
   return launched();

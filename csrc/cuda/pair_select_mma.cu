@@ -117,16 +117,9 @@ int pair_histogram_mma(const MmaTileInputs& in, const TileView& view, const Tile
   int status = 0;
   with_operands(in.operands, [&](auto format) {
     constexpr MmaOperands H = decltype(format)::value;
-#ifndef RELKD_EMULATE
     // Static (stage) and dynamic (hot bins) together pass the default 48 KiB.
-    const cudaError_t set = cudaFuncSetAttribute(
-        histogram_mma_kernel<H>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-        static_cast<int>(bytes));
-    if (set != cudaSuccess) {
-      status = static_cast<int>(set);
-      return;
-    }
-#endif
+    status = allow_dynamic_shared(histogram_mma_kernel<H>, bytes);
+    if (status != 0) return;
     RELKD_LAUNCH_SHARED(histogram_mma_blocks(view), kThreads, bytes, stream,
                         histogram_mma_kernel<H>)(in, view, mask, prefixes, n_prefix, shift, hist,
                                                  collect);

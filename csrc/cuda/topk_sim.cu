@@ -436,14 +436,8 @@ int topk_offer_mma(const void* q, const void* c, int64_t d, const TileView& view
   with_operands(operands, [&](auto format) {
     constexpr MmaOperands H = decltype(format)::value;
     const size_t bytes = resident_rows_bytes<H>(d);
-#ifndef RELKD_EMULATE
-    const cudaError_t set = cudaFuncSetAttribute(
-        offer_mma_kernel<H>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-    if (set != cudaSuccess) {
-      offered = static_cast<int>(set);
-      return;
-    }
-#endif
+    offered = allow_dynamic_shared(offer_mma_kernel<H>, bytes);
+    if (offered != 0) return;
     RELKD_LAUNCH_SHARED(blocks, kThreads, bytes, stream, offer_mma_kernel<H>)(
         entries<H>(q), entries<H>(c), d, view, block_r0, splits, scale, valid, st);
     // launched() clears the error it reports: keep it, and never join
