@@ -353,8 +353,16 @@ def test_pairwise_loss_tensor_cores_property(emulated, kind, n, d, dt, pattern, 
     patterns, symmetric and rectangular with global ids, bf16 operands
     (RELKD_TENSOR_CORES=1), TF32 ones (auto at precision "high", on values
     TF32 represents) and 3xTF32 (auto at "highest", on any values)."""
+    args = pairwise_case(kind, n, d, dt, pattern, rect, fmt, seed)
+    got = pairwise_on_tensor_cores(emulated, args, fmt)
+    close_to_tensor_core_result(got, torch.ops.relkd.pairwise_loss(*args), args, fmt)
+
+
+def pairwise_case(kind, n, d, dt, pattern, rect, fmt, seed):
+    """pairwise_loss arguments of the property test: values the operand
+    format represents (3xTF32: any, but RKD's; see its examples)."""
     def valued(x):
-        if fmt == "tf32x3" and kind.startswith("rkd"):  # see the examples above
+        if fmt == "tf32x3" and kind.startswith("rkd"):
             return tf32_values(x)
         return {"bf16": x.bfloat16().float(), "tf32": tf32_values(x), "tf32x3": x}[fmt]
     raw = embeddings(n, d, seed, F32)
@@ -366,16 +374,51 @@ def test_pairwise_loss_tensor_cores_property(emulated, kind, n, d, dt, pattern, 
     grad_t = kind == "cckd"
     if rect and n > 1:
         r = slice(n // 3, n)
-        args = (kind, x[r], None if teacher is None else teacher[r], x, teacher,
+        return (kind, x[r], None if teacher is None else teacher[r], x, teacher,
                 None if y is None else y[r], y, torch.arange(n // 3, n), None, params, True,
                 grad_t)
-    else:
-        args = (kind, x, teacher, None, None, y, None, None, None, params, True, grad_t)
+    return (kind, x, teacher, None, None, y, None, None, None, params, True, grad_t)
+
+
+def pairwise_on_tensor_cores(emulated, args, fmt):
+    """The emulated pairwise_loss with the tensor cores in format fmt."""
     with pytest.MonkeyPatch.context() as patch, matmul_precision("high" if fmt == "tf32" else
                                                                  "highest"):
         patch.setenv("RELKD_TENSOR_CORES", "1" if fmt == "bf16" else "auto")
-        got = emulated.pairwise_loss(*args)
+        return emulated.pairwise_loss(*args)
+
+
+@pytest.fixture(params=["at the wait", "at once"])
+def copy_landing(request, emulated):
+    """When the emulated cp.async copies land: at the wait that covers
+    them (the default, the latest the GPU allows) or as they are issued
+    (the earliest)."""
+    previous = emulated.set_copies_land_early(request.param == "at once")
+    yield request.param
+    emulated.set_copies_land_early(previous)
+
+
+@pytest.mark.parametrize("kind,rect,fmt", [("rkd_distance", False, "bf16"),
+                                           ("ekd_pos", True, "tf32"), ("cckd", False, "tf32x3")])
+def test_staging_ring_over_many_steps(emulated, copy_landing, kind, rect, fmt):
+    """The staging ring (pair_tile_mma.cuh: sub_tile_products) over many
+    steps (D = 200: four bf16 steps, seven TF32 ones) of rows the copies
+    take 16 bytes at a time, whenever the copies land. The emulation's race
+    check aborts where a copy could overwrite a buffer some warp still
+    reads, or a warp could read a copy not yet landed (or not yet ordered
+    by a barrier after its wait). The rows pass (RKD, bf16), the tile path
+    (EKD, rectangular; CCKD with the teacher's gradient) and the top-k's
+    resident query rows."""
+    args = pairwise_case(kind, 150, 200, 136, "random", rect, fmt, seed=7)
+    assert uses_rows_pass(args, fmt) == (kind == "rkd_distance")
+    got = pairwise_on_tensor_cores(emulated, args, fmt)
     close_to_tensor_core_result(got, torch.ops.relkd.pairwise_loss(*args), args, fmt)
+    q = reference.normalize(embeddings(70, 136, seed=1, dtype=F32), F32).bfloat16().float()
+    c = reference.normalize(embeddings(300, 136, seed=2, dtype=F32), F32).bfloat16().float()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RELKD_TENSOR_CORES", "1")
+        got = emulated.topk_sim(q, c, 20, None, None, None, False, 0)
+    assert_same_mining(got, ops.topk_sim(q, c, 20), q, c, None)
 
 
 @pytest.mark.parametrize("kind", ["cckd", "ekd_pos"])
@@ -500,16 +543,31 @@ FORMATS = {torch.bfloat16: 0, torch.float16: 1}
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("d", [24, 13])
 @pytest.mark.parametrize("vector", [True, False])
+def padded_like(words, staged):
+    """words (rows x w) with zero rows and columns up to staged's shape:
+    staging fills whole 64-row blocks and whole steps, zero past the rows'
+    ends and past the last row."""
+    assert staged.shape[0] >= words.shape[0] and staged.shape[1] >= words.shape[1]
+    return torch.nn.functional.pad(words, (0, staged.shape[1] - words.shape[1],
+                                           0, staged.shape[0] - words.shape[0]))
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("d", [24, 13])
+@pytest.mark.parametrize("vector", [True, False])
 def test_staging_reads_16_bit_operands_as_they_are(emulated, fmt, d, vector):
     """The kernels read 16-bit operands as stored (the glue rounds float32
-    ones with torch's conversion): each 16-byte piece holds a row's next 8
-    entries bit for bit, two per word in the mma fragments' order, whether
-    loaded 16 bytes (vector) or one entry at a time, a row's tail zero. All
+    ones with torch's conversion): each staged row holds its entries bit for
+    bit, two per word in the mma fragments' order, whether copied 16 bytes
+    at a time (cp.async) or one entry at a time, the rest of the step and
+    the rows past the last zero (over a buffer filled with other bytes). All
     65,536 patterns, NaN and infinities included."""
     x = torch.arange(2 ** 16, dtype=torch.int32).to(torch.int16).view(fmt)
     x = x[: x.numel() // d * d].view(-1, d)
-    got = emulated.stage_pieces(x, FORMATS[fmt], vector).view(x.shape[0], -1)
-    assert torch.equal(got, words_of(bits16_of(x)))
+    got = emulated.stage_pieces(x, FORMATS[fmt], vector)
+    want = words_of(bits16_of(x))
+    assert torch.equal(got, padded_like(want, got))
+    assert torch.equal(emulated.stage_pieces(x, FORMATS[fmt], vector, fragments=True), got)
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
@@ -534,20 +592,21 @@ def test_rows_pass_stages_its_products_operand_as_bf16(emulated, fmt, vector):
 @pytest.mark.parametrize("d", [24, 13])
 @pytest.mark.parametrize("vector", [True, False])
 def test_staging_rounds_float32_to_tf32(emulated, d, vector):
-    """TF32 operands are read as float32 and rounded as they are staged,
+    """TF32 operands are staged as float32, bit for bit (cp.async or entry by
+    entry, zero past the rows), and rounded in the fragments after ldmatrix,
     as cvt.rna does (ties away from zero; checked against a float64
-    computation), over every float32 magnitude and random bit patterns,
-    4 entries per piece, a row's tail zero; NaN stays NaN."""
+    computation), over every float32 magnitude and random bit patterns;
+    NaN stays NaN."""
     torch.manual_seed(0)
     randoms = torch.randn(6000) * torch.exp2(torch.randint(-40, 20, (6000,)).float())
     patterns = (torch.randint(0, 2**31, (6000,)) - 2**30).to(torch.int32).view(F32)
     x = torch.cat([special_floats(), randoms, patterns])
     x = x[: x.numel() // d * d].view(-1, d)
-    got = emulated.stage_pieces(x, 2, vector).view(x.shape[0], -1)
-    want = tf32_values(torch.nn.functional.pad(x, (0, -d % 4))).view(torch.int32).long()
-    want = want & 0xFFFFFFFF
-    assert got.shape == want.shape
-    nan = torch.nn.functional.pad(torch.isnan(x), (0, -d % 4))
+    staged = emulated.stage_pieces(x, 2, vector)
+    assert torch.equal(staged, padded_like(x.view(torch.int32).long() & 0xFFFFFFFF, staged))
+    got = emulated.stage_pieces(x, 2, vector, fragments=True)
+    want = padded_like(tf32_values(x).view(torch.int32).long() & 0xFFFFFFFF, got)
+    nan = padded_like(torch.isnan(x).long(), got).bool()
     assert torch.equal(got[~nan], want[~nan])
     assert torch.isnan(got[nan].to(torch.int32).view(F32)).all()
 

@@ -171,6 +171,59 @@ __device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* row) 
 }
 #endif
 
+// Asynchronous 16-byte copies from global to shared memory (cp.async, sm_80):
+// they bypass the registers and land while the warps compute. A thread
+// issues its copies, closes them into a group (commit_copies), and before
+// reading what any thread copied waits until at most `Pending` of its
+// groups are in flight (wait_copies) and then passes a block barrier.
+// copy_async_16 with !valid writes 16 zero bytes and reads nothing.
+#ifdef RELKD_EMULATE
+inline void copy_async_16(uint16_t* to, const void* from, bool valid) {
+  ::relkd_emulation::copy_async_16(to, from, valid);
+}
+inline void commit_copies() { ::relkd_emulation::commit_copies(); }
+template <int Pending>
+inline void wait_copies() {
+  ::relkd_emulation::wait_copies(Pending);
+}
+#else
+__device__ inline void copy_async_16(uint16_t* to, const void* from, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(to));
+  // .cg: through L2 only (a staged piece is read once per block); the
+  // source size 0 makes the copy a zero fill.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(from),
+               "r"(valid ? 16 : 0)
+               : "memory");
+#else
+  (void)to;
+  (void)from;
+  (void)valid;
+  __trap();  // sm_80+ only, as the mma below
+#endif
+}
+__device__ inline void commit_copies() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int Pending>
+__device__ inline void wait_copies() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory");
+#endif
+}
+#endif
+
+// Fragments of TF32 operands, staged as float32, rounded to TF32 (as
+// cvt.rna) after ldmatrix: mma would otherwise drop the low bits. The
+// 16-bit formats' fragments pass as they are.
+template <MmaOperands H>
+__device__ inline void operand_fragment(uint32_t* r, int n) {
+  if constexpr (H == MmaOperands::Tf32)
+    for (int i = 0; i < n; ++i) r[i] = tf32_bits(bits_float(r[i]));
+}
+
 // d += a * b on the warp's fragments of one step of 16 staging units
 // (mma.m16n8k16 for 16-bit operands, mma.m16n8k8 for TF32; row.col, fp32
 // accumulation).

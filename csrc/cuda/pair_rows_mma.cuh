@@ -61,10 +61,11 @@ __device__ inline void stage_chunk(const OperandEntry<H>* x, int64_t n, int64_t 
   for (int h = 0; h < 2; ++h) {
     const int e = threadIdx.x + h * kThreads, row = e / 8, entry = e % 8 * 8;
     const StagePiece piece = as_bf16<H>(load_piece_at<H>(x, n, d, c0 + row, d0 + entry, vector));
-    store_piece_at<kGradStride>(piece, stage, row, entry);
+    *reinterpret_cast<StagePiece*>(stage + row * kGradStride + entry) = piece;
   }
 }
-static_assert(kMmaEdge * kMmaEdge == 2 * 8 * kThreads, "stage_chunk: two pieces per thread");
+static_assert(kMmaEdge * kMmaEdge == 2 * 8 * kThreads && kGradStride * 2 % 16 == 0,
+              "stage_chunk: two pieces per thread, 16-byte aligned rows");
 
 // The sub-tile's pair terms with weights W_pq, derivatives into g_tile as
 // bf16, dl/dn_p added to *dn_p (kinds with norms).

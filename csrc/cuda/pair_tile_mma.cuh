@@ -4,8 +4,8 @@
 // runs the kind's pair terms on the accumulators while they are in
 // registers, so the similarities never reach memory; only the derivative
 // tiles the gradient products need are written. The embeddings come stored
-// in the operand format (mma.cuh: OperandEntry) and are staged in shared
-// memory as they are (TF32: rounded on the way).
+// in the operand format (mma.cuh: OperandEntry) and are copied to shared
+// memory as they are, by cp.async (TF32 is rounded in the fragments).
 // csrc/cuda/pair_tile_<kind>.cu instantiate it, one unit per kind.
 #pragma once
 
@@ -17,17 +17,26 @@ namespace cuda {
 
 constexpr int kMmaEdge = 64;  // rows and columns of a block's sub-tile
 // Staging units (mma.cuh) per step: 64 16-bit embedding entries, or 32 TF32
-// ones, between two barriers (16 mma per warp), the next step's 16 KiB of
-// rows and columns loading meanwhile. A multiple of 32; 32 halves the
-// shared memory and doubles the barriers (the GPU run decides).
+// ones, between two barriers (16 mma per warp). A multiple of 32; 32 halves
+// the shared memory and doubles the barriers (the GPU run decides).
 constexpr int kMmaDepth = 64;
 constexpr int kMmaStride = kMmaDepth + 8;  // a staged row; the pad spreads fragment reads
                                            // over the shared-memory banks
+// Steps staged at once: the one being multiplied and kStages - 1 landing
+// meanwhile (cp.async). 18 KiB each (rows and columns); past 2, the pair and
+// selection kernels' staging must move to dynamic shared memory (static
+// shared memory stops at 48 KiB).
+constexpr int kStages = 2;
 constexpr int kMmaWarpRows = 16, kMmaWarpCols = 32;  // 8 warps: 4 x 2 of these
 static_assert(kThreads == 256 && (kMmaEdge / kMmaWarpRows) * (kMmaEdge / kMmaWarpCols) == 8,
               "the warp grid covers the sub-tile with kThreads threads");
+static_assert(kStages >= 2, "one step multiplied while the next lands");
 
-constexpr int kStageEntries = 4 * kMmaEdge * kMmaStride;  // rows and columns, two buffers
+// The staging buffers: kStages of the columns, then kStages of the rows
+// (kernels with resident rows need only the first half).
+constexpr int kBufferEntries = kMmaEdge * kMmaStride;  // one operand, one step
+constexpr int kColumnStageEntries = kStages * kBufferEntries;
+constexpr int kStageEntries = 2 * kColumnStageEntries;
 
 // Where this thread's accumulator entry acc[j][i] lies in its block's
 // 64 x 64 sub-tile (the accumulator layout of mma.cuh, the warp grid
@@ -43,9 +52,6 @@ __device__ inline int entry_col(int j, int i) {
 struct alignas(16) StagePiece {
   uint32_t bits[4];
 };
-struct alignas(16) Float4 {
-  float v[4];
-};
 
 // A thread's share of one staging step of one operand (64 rows x kMmaDepth
 // units): kStepPieces pieces, piece h at row piece_row(h), unit piece_unit(h)
@@ -54,9 +60,6 @@ constexpr int kRowPieces = kMmaDepth / 8;
 constexpr int kStepPieces = kMmaEdge * kRowPieces / kThreads;
 static_assert(kMmaDepth % 32 == 0 && kMmaEdge * kRowPieces == kStepPieces * kThreads,
               "whole mma steps; every thread the same number of pieces");
-struct StepPieces {
-  StagePiece piece[kStepPieces];
-};
 __device__ inline int piece_row(int h) { return (threadIdx.x + h * kThreads) / kRowPieces; }
 __device__ inline int piece_unit(int h) { return (threadIdx.x + h * kThreads) % kRowPieces * 8; }
 
@@ -68,73 +71,48 @@ __host__ __device__ inline const OperandEntry<H>* entries(const void* x) {
 
 // Whether x's rows (d entries each) may be read 16 bytes at a time.
 template <typename Entry>
-__device__ inline bool vector_rows(const Entry* x, int64_t d) {
-  return d % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+__host__ __device__ inline bool vector_rows(const Entry* x, int64_t d) {
+  return d * int64_t(sizeof(Entry)) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
 }
 
 // Entries k .. k + kPieceEntries<H> (those below d) of row p (if below
-// `end`) of x, 0 out of range (adding nothing to the products), as staged:
-// 16-bit entries as they are, TF32 ones rounded (3xTF32: raw, split after
-// ldmatrix).
+// `end`) of x, 0 out of range (adding nothing to the products), as stored
+// (float32 ones for TF32 and 3xTF32: rounded or split after ldmatrix).
+// `vector`: rows that allow 16-byte loads.
 template <MmaOperands H>
 __device__ inline StagePiece load_piece_at(const OperandEntry<H>* x, int64_t end, int64_t d,
                                            int64_t p, int64_t k, bool vector) {
   constexpr int n = kPieceEntries<H>;
+  if (vector && p < end && k < d)  // whole pieces: all n entries are in range
+    return *reinterpret_cast<const StagePiece*>(x + p * d + k);
+  OperandEntry<H> e[n];
+#pragma unroll
+  for (int i = 0; i < n; ++i) e[i] = (p < end && k + i < d) ? x[p * d + k + i] : OperandEntry<H>(0);
   StagePiece piece;
-  if constexpr (n == 8) {  // 16-bit entries: the piece is the row's 16 bytes
-    if (vector && p < end && k < d)  // d % 8 == 0: all 8 are in range
-      return *reinterpret_cast<const StagePiece*>(x + p * d + k);
-    uint16_t e[n];
-#pragma unroll
-    for (int i = 0; i < n; ++i) e[i] = (p < end && k + i < d) ? x[p * d + k + i] : uint16_t(0);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) piece.bits[i] = uint32_t(e[2 * i]) | (uint32_t(e[2 * i + 1]) << 16);
-  } else {
-    float v[n];
-    if (vector && p < end && k < d) {
-      const Float4 four = *reinterpret_cast<const Float4*>(x + p * d + k);
-#pragma unroll
-      for (int i = 0; i < n; ++i) v[i] = four.v[i];
-    } else {
-#pragma unroll
-      for (int i = 0; i < n; ++i) v[i] = (p < end && k + i < d) ? x[p * d + k + i] : 0.0f;
-    }
-#pragma unroll
-    for (int i = 0; i < n; ++i)
-      piece.bits[i] = H == MmaOperands::Tf32 ? tf32_bits(v[i]) : float_bits(v[i]);
-  }
+  memcpy(&piece, e, sizeof(piece));  // entry i at byte i * sizeof(entry), as in memory
   return piece;
 }
 
-// This thread's pieces of a staging step: rows row0 .. row0 + 64, entries
-// k0 .. k0 + kMmaDepth / kUnitsPerEntry<H>.
+// This thread's pieces of a staging step: entries k0 .. k0 + kMmaDepth /
+// kUnitsPerEntry<H> of rows row0 .. row0 + 64 (those below `end`, the others
+// 0) of x into a staged block [64][stride] from unit `unit` of each row.
+// Rows that allow it go by cp.async (mma.cuh; in flight until the caller's
+// commit_copies and wait_copies), others by loads and stores.
 template <MmaOperands H>
-__device__ inline StepPieces load_step(const OperandEntry<H>* x, int64_t end, int64_t d,
-                                       int64_t row0, int64_t k0, bool vector) {
-  StepPieces out;
-#pragma unroll
-  for (int h = 0; h < kStepPieces; ++h)
-    out.piece[h] = load_piece_at<H>(x, end, d, row0 + piece_row(h),
-                                    k0 + piece_unit(h) / kUnitsPerEntry<H>, vector);
-  return out;
-}
-
-// A piece into entries k .. k + 8 of row `row` of a staged block whose rows
-// are Stride entries apart (16-byte aligned rows).
-template <int Stride>
-__device__ inline void store_piece_at(const StagePiece& piece, uint16_t* stage, int row, int k) {
-  static_assert(Stride * 2 % 16 == 0, "16-byte aligned staged rows");
-  *reinterpret_cast<StagePiece*>(stage + row * Stride + k) = piece;
-}
-
-// This thread's pieces into their places in a staged block [64][stride]
-// whose step starts at unit `unit` of each row.
-__device__ inline void store_step(const StepPieces& pieces, uint16_t* stage,
+__device__ inline void stage_step(const OperandEntry<H>* x, int64_t end, int64_t d,
+                                  int64_t row0, int64_t k0, bool vector, uint16_t* stage,
                                   int stride = kMmaStride, int unit = 0) {
 #pragma unroll
-  for (int h = 0; h < kStepPieces; ++h)
-    *reinterpret_cast<StagePiece*>(stage + piece_row(h) * stride + unit + piece_unit(h)) =
-        pieces.piece[h];
+  for (int h = 0; h < kStepPieces; ++h) {
+    const int64_t p = row0 + piece_row(h), k = k0 + piece_unit(h) / kUnitsPerEntry<H>;
+    uint16_t* to = stage + piece_row(h) * stride + unit + piece_unit(h);
+    if (vector) {
+      const bool inside = p < end && k < d;
+      copy_async_16(to, inside ? x + p * d + k : x, inside);
+    } else {
+      *reinterpret_cast<StagePiece*>(to) = load_piece_at<H>(x, end, d, p, k, false);
+    }
+  }
 }
 
 // The 3xTF32 products (mma.cuh) of the raw float32 fragments a and b (two
@@ -177,6 +155,7 @@ __device__ inline void warp_products(const uint16_t* rows, const uint16_t* cols,
   for (int k = 0; k < Depth; k += 16) {
     uint32_t a[4];
     ldmatrix_x4(a, a_row + k);
+    operand_fragment<H>(a, 4);
 #pragma unroll
     for (int j = 0; j < 4; j += 2) {
       uint32_t b[4];
@@ -184,6 +163,7 @@ __device__ inline void warp_products(const uint16_t* rows, const uint16_t* cols,
         ldmatrix_x4_trans(b, b_row + k * Stride + j * 8);
       else
         ldmatrix_x4(b, b_row + j * 8 * Stride + k);
+      operand_fragment<H>(b, 4);
       if constexpr (H == MmaOperands::Tf32x3) {
         mma_3xtf32(acc[j], acc[j + 1], a, b);
       } else {
@@ -193,40 +173,6 @@ __device__ inline void warp_products(const uint16_t* rows, const uint16_t* cols,
       }
     }
   }
-}
-
-// The sub-tile at (tr, tc) of the view of x_r x_c^T (d entries per row) into
-// acc, the warp's 16 x 32 share. `stage` (kStageEntries, 16-byte aligned)
-// holds two buffers of staged rows and columns: while the warps multiply
-// one step, the next step's pieces are already loading into registers, and
-// one barrier per step suffices (a buffer is rewritten only after every
-// thread has passed the barrier that follows its last read).
-template <MmaOperands H>
-__device__ inline void sub_tile_products(const OperandEntry<H>* x_r, const OperandEntry<H>* x_c,
-                                         int64_t d, const TileView& view, int64_t tr,
-                                         int64_t tc, uint16_t* stage, float (&acc)[4][4]) {
-  const int warp = threadIdx.x / 32;
-  const int warp_row = warp % 4 * kMmaWarpRows, warp_col = warp / 4 * kMmaWarpCols;
-  const int64_t end_r = view.r0 + view.rows, end_c = view.c0 + view.cols;
-  const bool vector_r = vector_rows(x_r, d), vector_c = vector_rows(x_c, d);
-  StepPieces piece_r = load_step<H>(x_r, end_r, d, view.r0 + tr, 0, vector_r);
-  StepPieces piece_c = load_step<H>(x_c, end_c, d, view.c0 + tc, 0, vector_c);
-  constexpr int64_t kStep = kMmaDepth / kUnitsPerEntry<H>;  // entries per step
-  int buffer = 0;
-  for (int64_t k0 = 0; k0 < d; k0 += kStep) {
-    uint16_t* rows = stage + buffer * 2 * kMmaEdge * kMmaStride;
-    uint16_t* cols = rows + kMmaEdge * kMmaStride;
-    store_step(piece_r, rows);
-    store_step(piece_c, cols);
-    __syncthreads();
-    if (k0 + kStep < d) {  // the next step's loads overlap this step's products
-      piece_r = load_step<H>(x_r, end_r, d, view.r0 + tr, k0 + kStep, vector_r);
-      piece_c = load_step<H>(x_c, end_c, d, view.c0 + tc, k0 + kStep, vector_c);
-    }
-    warp_products<H>(rows, cols, warp_row, warp_col, acc);
-    buffer ^= 1;
-  }
-  __syncthreads();  // the caller may restage or reuse the buffers
 }
 
 // Rows held in shared memory for a block's whole sweep (top-k: a block
@@ -255,36 +201,75 @@ __device__ inline void stage_resident_rows(const OperandEntry<H>* x, int64_t end
   const int stride = resident_row_stride<H>(d), steps = (stride - 8) / kMmaDepth;
   const bool vector = vector_rows(x, d);
   for (int step = 0; step < steps; ++step)
-    store_step(load_step<H>(x, end, d, row0, step * kStep, vector), rows, stride,
-               step * kMmaDepth);
+    stage_step<H>(x, end, d, row0, step * kStep, vector, rows, stride, step * kMmaDepth);
+  commit_copies();
+  wait_copies<0>();
   __syncthreads();
 }
 
-// sub_tile_products with the view's rows already staged (rows, from
-// stage_resident_rows for rows view.r0 + tr ..): only the columns tc ..
-// tc + 64 pass through `stage` (its first half), double-buffered as there.
+// Staging step `step` (of `steps`) of the columns tc .. and, unless
+// Resident, the rows tr .. of the view into the ring's buffer step %
+// kStages (sub_tile_products), closed as one commit group (empty past the
+// last step, so that every step counts one group).
+template <MmaOperands H, bool Resident>
+__device__ inline void stage_operands(const OperandEntry<H>* x_r, const OperandEntry<H>* x_c,
+                                      int64_t d, const TileView& view, int64_t tr, int64_t tc,
+                                      bool vector_r, bool vector_c, int64_t step,
+                                      int64_t steps, uint16_t* stage) {
+  constexpr int64_t kStep = kMmaDepth / kUnitsPerEntry<H>;  // entries per step
+  if (step < steps) {
+    uint16_t* cols = stage + step % kStages * kBufferEntries;
+    stage_step<H>(x_c, view.c0 + view.cols, d, view.c0 + tc, step * kStep, vector_c, cols);
+    if constexpr (!Resident)
+      stage_step<H>(x_r, view.r0 + view.rows, d, view.r0 + tr, step * kStep, vector_r,
+                    cols + kColumnStageEntries);
+  }
+  commit_copies();
+}
+
+// The sub-tile at (tr, tc) of the view of x_r x_c^T (d entries per row) into
+// acc, the warp's 16 x 32 share, staged step by step through `stage`
+// (kStageEntries, 16-byte aligned) in a ring of kStages buffers: while the
+// warps multiply one step, the next kStages - 1 land. One barrier per
+// step: a buffer is refilled only after every thread has passed the
+// barrier that follows its last read. With Resident (rows from
+// stage_resident_rows for the view's rows tr .., at `resident`) only the
+// columns are staged (the first half of `stage`) and x_r is not read.
+template <MmaOperands H, bool Resident = false>
+__device__ inline void sub_tile_products(const OperandEntry<H>* x_r, const OperandEntry<H>* x_c,
+                                         int64_t d, const TileView& view, int64_t tr,
+                                         int64_t tc, uint16_t* stage, float (&acc)[4][4],
+                                         const uint16_t* resident = nullptr) {
+  const int warp = threadIdx.x / 32;
+  const int warp_row = warp % 4 * kMmaWarpRows, warp_col = warp / 4 * kMmaWarpCols;
+  const bool vector_r = !Resident && vector_rows(x_r, d), vector_c = vector_rows(x_c, d);
+  constexpr int64_t kStep = kMmaDepth / kUnitsPerEntry<H>;  // entries per step
+  const int64_t steps = (d + kStep - 1) / kStep;
+  for (int step = 0; step < kStages - 1; ++step)
+    stage_operands<H, Resident>(x_r, x_c, d, view, tr, tc, vector_r, vector_c, step, steps,
+                                stage);
+  for (int64_t step = 0; step < steps; ++step) {
+    wait_copies<kStages - 2>();  // this thread's pieces of the step have landed
+    __syncthreads();             // everyone's; and the buffer refilled next is free
+    stage_operands<H, Resident>(x_r, x_c, d, view, tr, tc, vector_r, vector_c,
+                                step + kStages - 1, steps, stage);
+    const uint16_t* cols = stage + step % kStages * kBufferEntries;
+    if constexpr (Resident)
+      warp_products<H>(resident + step * kMmaDepth, cols, warp_row, warp_col, acc,
+                       resident_row_stride<H>(d));
+    else
+      warp_products<H>(cols + kColumnStageEntries, cols, warp_row, warp_col, acc);
+  }
+  __syncthreads();  // the caller may restage or reuse the buffers
+}
+
+// sub_tile_products with the view's rows resident (stage_resident_rows):
+// only the columns tc .. tc + 64 pass through `stage` (kColumnStageEntries).
 template <MmaOperands H>
 __device__ inline void sub_tile_products_resident(const uint16_t* rows, const OperandEntry<H>* x_c,
                                                   int64_t d, const TileView& view, int64_t tc,
                                                   uint16_t* stage, float (&acc)[4][4]) {
-  const int warp = threadIdx.x / 32;
-  const int warp_row = warp % 4 * kMmaWarpRows, warp_col = warp / 4 * kMmaWarpCols;
-  const int stride = resident_row_stride<H>(d);
-  const int64_t end_c = view.c0 + view.cols;
-  const bool vector_c = vector_rows(x_c, d);
-  StepPieces piece_c = load_step<H>(x_c, end_c, d, view.c0 + tc, 0, vector_c);
-  constexpr int64_t kStep = kMmaDepth / kUnitsPerEntry<H>;
-  int buffer = 0;
-  for (int64_t k0 = 0, units = 0; k0 < d; k0 += kStep, units += kMmaDepth) {
-    uint16_t* cols = stage + buffer * kMmaEdge * kMmaStride;
-    store_step(piece_c, cols);
-    __syncthreads();
-    if (k0 + kStep < d)
-      piece_c = load_step<H>(x_c, end_c, d, view.c0 + tc, k0 + kStep, vector_c);
-    warp_products<H>(rows + units, cols, warp_row, warp_col, acc, stride);
-    buffer ^= 1;
-  }
-  __syncthreads();
+  sub_tile_products<H, true>(x_c, x_c, d, view, 0, tc, stage, acc, rows);
 }
 
 // pair_at, not inlined: the kernel's unrolled loop over its accumulators

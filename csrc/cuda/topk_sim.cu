@@ -287,7 +287,7 @@ template <MmaOperands H>
 __global__ void offer_mma_kernel(const OperandEntry<H>* q, const OperandEntry<H>* c, int64_t d,
                                  TileView view, int64_t block_r0, int splits,
                                  const float* scale, TopkValidity valid, TopkState<float> st) {
-  alignas(16) __shared__ uint16_t stage[kStageEntries / 2];  // the columns' two buffers
+  alignas(16) __shared__ uint16_t stage[kColumnStageEntries];  // the columns' buffers
   __shared__ SelectShared sh;
   __shared__ RowsState rs;
   const int split = static_cast<int>(blockIdx.x % splits);

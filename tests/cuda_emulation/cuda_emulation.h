@@ -8,7 +8,11 @@
 // __match_any_sync (a warp barrier and an exchange slot per lane), the bf16 tensor-core mma.m16n8k16 (fragments exchanged the same
 // way, read where the PTX ISA's tables place them), ldmatrix .x4 (row
 // addresses exchanged the same way; .trans too), atomicAdd and atomicMin
-// (std::atomic_ref). Not emulated: the GPU's speed, its
+// (std::atomic_ref), cp.async's 16-byte copies (landing at the
+// wait_group that covers them, the latest the GPU allows, so a read before
+// that wait sees the old bytes; or, after copies_land_early = true, as
+// they are issued, the earliest; a thread ending with copies in flight
+// aborts). Not emulated: the GPU's speed, its
 // memory model beyond what the barriers order, and launch failures.
 #pragma once
 
@@ -20,8 +24,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #define __global__
@@ -44,8 +50,20 @@ struct Dim3 {
 
 constexpr int kWarpSize = 32;
 
+// What the block knows of a 16-byte chunk of shared memory that cp.async
+// writes (a race check of the staging: see check_copy_issue / check_read).
+struct ChunkState {
+  long long read_interval = -1;  // the last barrier interval that read it
+  int reader = -1;               // the thread that read it then (-2: several)
+  bool in_flight = false;        // a copy issued, not yet waited for
+  long long landed_interval = -1;
+  int writer = -1;               // the thread of the last copy
+};
+
 // What the threads of the running block share.
 struct Block {
+  std::mutex chunk_lock;
+  std::unordered_map<uintptr_t, ChunkState> chunks;
   std::barrier<> block_sync;
   std::vector<std::unique_ptr<std::barrier<>>> warp_sync;
   std::vector<uint64_t> exchange;  // one slot per thread, for warp operations
@@ -61,6 +79,53 @@ struct Block {
 inline thread_local Dim3 thread_idx, block_idx;
 inline Dim3 block_dim, grid_dim;
 inline thread_local Block* current_block = nullptr;
+inline thread_local long long barrier_interval = 0;  // __syncthreads passed by this thread
+
+// A staging race the GPU could show (compute-sanitizer's racecheck finds
+// them there): abort with its description.
+inline void staging_race(const char* what, const void* chunk) {
+  std::fprintf(stderr, "emulated cp.async race: %s (chunk %p, thread %u)\n", what, chunk,
+               thread_idx.x);
+  std::abort();
+}
+
+// A copy into `chunk` issued by this thread: no other thread may have read
+// it since the last barrier (the copy may land at once).
+inline void check_copy_issue(const void* chunk) {
+  if (current_block == nullptr) return;  // outside a launch (a host test)
+  std::lock_guard<std::mutex> hold(current_block->chunk_lock);
+  ChunkState& c = current_block->chunks[reinterpret_cast<uintptr_t>(chunk)];
+  const int me = static_cast<int>(thread_idx.x);
+  if (c.read_interval == barrier_interval && c.reader != me)
+    staging_race("a copy into a chunk another thread read since the last barrier", chunk);
+  if (c.in_flight) staging_race("a copy into a chunk with a copy in flight", chunk);
+  c.in_flight = true;
+  c.writer = me;
+}
+
+inline void check_copy_landed(const void* chunk) {
+  if (current_block == nullptr) return;
+  std::lock_guard<std::mutex> hold(current_block->chunk_lock);
+  ChunkState& c = current_block->chunks[reinterpret_cast<uintptr_t>(chunk)];
+  c.in_flight = false;
+  c.landed_interval = barrier_interval;
+}
+
+// A read of `chunk` (ldmatrix) by this thread: not while a copy into it is
+// in flight, and another thread's copy only after a barrier past its wait.
+inline void check_read(const void* chunk) {
+  if (current_block == nullptr) return;
+  std::lock_guard<std::mutex> hold(current_block->chunk_lock);
+  const auto found = current_block->chunks.find(reinterpret_cast<uintptr_t>(chunk));
+  if (found == current_block->chunks.end()) return;  // never a cp.async destination
+  ChunkState& c = found->second;
+  const int me = static_cast<int>(thread_idx.x);
+  if (c.in_flight) staging_race("a read of a chunk whose copy is in flight", chunk);
+  if (c.writer != me && c.landed_interval == barrier_interval)
+    staging_race("a read of another thread's copy without a barrier after its wait", chunk);
+  c.reader = c.read_interval == barrier_interval && c.reader != me ? -2 : me;
+  c.read_interval = barrier_interval;
+}
 
 template <typename T>
 uint64_t to_bits(T v) {
@@ -75,6 +140,54 @@ T from_bits(uint64_t bits) {
   T v;
   std::memcpy(&v, &bits, sizeof(T));
   return v;
+}
+
+// cp.async (csrc/cuda/mma.cuh): the calling thread's copies not landed
+// yet, oldest first, each with the commit group it joined (-1: not
+// committed yet).
+struct CopyInFlight {
+  unsigned char* to;
+  unsigned char bytes[16];
+  long long group;
+};
+inline thread_local std::vector<CopyInFlight> copies_in_flight;
+inline thread_local long long groups_committed = 0;
+
+// cp.async.cg.shared.global [to], [from], 16, valid ? 16 : 0: the source is
+// read now (relkd's kernels never write what they stage), the destination
+// written when a wait covers it; 16 zero bytes when !valid.
+inline std::atomic<bool> copies_land_early{false};  // set between launches
+inline void copy_async_16(void* to, const void* from, bool valid) {
+  check_copy_issue(to);
+  CopyInFlight copy{static_cast<unsigned char*>(to), {}, -1};
+  if (valid) std::memcpy(copy.bytes, from, sizeof(copy.bytes));
+  if (copies_land_early.load()) std::memcpy(copy.to, copy.bytes, sizeof(copy.bytes));
+  copies_in_flight.push_back(copy);  // in flight until its wait all the same
+}
+inline void commit_copies() {
+  for (CopyInFlight& copy : copies_in_flight)
+    if (copy.group < 0) copy.group = groups_committed;
+  ++groups_committed;
+}
+// cp.async.wait_group pending: lands every copy of the groups committed
+// before the last `pending` ones.
+inline void wait_copies(int pending) {
+  std::vector<CopyInFlight> still;
+  for (const CopyInFlight& copy : copies_in_flight) {
+    if (copy.group >= 0 && copy.group < groups_committed - pending) {
+      if (!copies_land_early.load()) std::memcpy(copy.to, copy.bytes, sizeof(copy.bytes));
+      check_copy_landed(copy.to);
+    } else {
+      still.push_back(copy);
+    }
+  }
+  copies_in_flight.swap(still);
+}
+inline void check_no_copies_in_flight() {
+  if (copies_in_flight.empty()) return;
+  std::fprintf(stderr, "emulated cp.async: a thread ended with %zu copies not waited for\n",
+               copies_in_flight.size());
+  std::abort();
 }
 
 // Runs kernel(args...) on a grid of `grid` blocks of `threads` threads.
@@ -97,6 +210,7 @@ struct Launcher {
           block_idx = {static_cast<unsigned>(b), 0, 0};
           current_block = &block;
           kernel(static_cast<Params>(args)...);  // by value, as a launch passes them
+          check_no_copies_in_flight();
         });
       for (auto& w : workers) w.join();
     }
@@ -132,7 +246,10 @@ inline uint64_t* warp_slots() {
 #define blockDim (::relkd_emulation::block_dim)
 #define gridDim (::relkd_emulation::grid_dim)
 
-inline void __syncthreads() { relkd_emulation::current_block->block_sync.arrive_and_wait(); }
+inline void __syncthreads() {
+  relkd_emulation::current_block->block_sync.arrive_and_wait();
+  ++relkd_emulation::barrier_interval;
+}
 
 template <typename T>
 T atomicAdd(T* address, T value) {
@@ -284,6 +401,7 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row, bool trans = fals
                  static_cast<const void*>(row));
     std::abort();
   }
+  check_read(row);
   uint64_t* slots = warp_slots();
   const int me = lane();
   slots[me] = address;
