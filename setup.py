@@ -23,6 +23,9 @@ Environment:
   MAX_JOBS                parallel compile jobs (nvcc units and, with ninja, C++ units)
   RELKD_NATIVE=1          -march=native;  RELKD_SANITIZE=1  ASan + UBSan (make sanitize)
   RELKD_PTXAS_VERBOSE=1   print ptxas' register / spill report of every kernel
+  RELKD_MMA_DEPTH, RELKD_MMA_STAGES
+                          the tensor-core staging (units per step: 32, 64, 96, 128;
+                          steps staged at once: 2-4; default 64 and 2), for tuning
 """
 import glob
 import hashlib
@@ -99,8 +102,25 @@ def nvcc_flags():
     flags = ["-std=c++17", "-O3", "-lineinfo", "-Xcompiler", "-fPIC",
              "-I", os.path.join(HERE, "csrc")]
     flags += gencode_flags(arch_list())
+    flags += mma_staging_flags()
     if os.environ.get("RELKD_PTXAS_VERBOSE", "0") == "1":
         flags += ["-Xptxas", "-v"]
+    return flags
+
+
+def mma_staging_flags():
+    """-D flags of the tensor-core staging's tuning constants
+    (csrc/cuda/pair_tile_mma.cuh), from RELKD_MMA_DEPTH (16-bit units per
+    step: 32, 64, 96 or 128) and RELKD_MMA_STAGES (steps staged at once,
+    2 to 4); unset: the header's defaults."""
+    flags = []
+    for name, allowed in (("RELKD_MMA_DEPTH", (32, 64, 96, 128)), ("RELKD_MMA_STAGES", (2, 3, 4))):
+        value = os.environ.get(name)
+        if not value:
+            continue
+        if not value.isdigit() or int(value) not in allowed:
+            sys.exit(f"setup.py: {name} must be one of {allowed}, got {value!r}")
+        flags.append(f"-D{name}={int(value)}")
     return flags
 
 

@@ -25,6 +25,11 @@
 #   bench-tc-tf32  RELKD_TENSOR_CORES=auto, float32 at matmul precision high (TF32 mma)
 #               and highest (3xTF32): CCKD, EKD, RKD, RAD fused beside the GEMM floor
 #                                             -> bench-tc-tf32.*, bench-tc-3xtf32.* (.json/.md/.log)
+#   tune        the tensor-core staging's two constants: per RELKD_MMA_DEPTH x
+#               RELKD_MMA_STAGES variant (RELKD_TUNE_VARIANTS, default "64x2 32x2 64x3
+#               32x4"; about 2 minutes each) a build and CCKD, EKD, RKD, RAD at N=8192,
+#               D=512, bf16, and similarity_topk 8192 x 1,000,000 bf16, then the
+#               default build again     -> tune-*.json/.log, tune.md (benchmarks/tune_table.py)
 #   plot        benchmarks/plot.py: time vs N, log-log, of each bench-*.json present
 #               (needs matplotlib; plot.py can also run later, on any machine) -> bench-*.png
 #
@@ -32,12 +37,12 @@
 # fresh machine. The device tool limits one command to 10 minutes and a
 # session to 30: run the stages in a few calls, most needed first ("info
 # build test", "sanitize", "bench-tc-bf16", "bench-fp32 bench-bf16", the
-# other bench stages, "test-all", "plot"), and copy OUTDIR to
+# other bench stages, "tune", "test-all", "plot"), and copy OUTDIR to
 # benchmarks/results/<date>-<gpu>/. The machine has no .git: pass the
 # commit as RELKD_COMMIT=$(git rev-parse HEAD).
 # A stage's failure is recorded in OUTDIR/summary.txt and the next stages run.
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_check.sh OUTDIR [info build test test-all sanitize bench-fp32 bench-bf16 bench-tc bench-tc-bf16 bench-tc-fp16 bench-tc-tf32 plot]}
+out=${1:?usage: benchmarks/gpu_check.sh OUTDIR [info build test test-all sanitize bench-fp32 bench-bf16 bench-tc bench-tc-bf16 bench-tc-fp16 bench-tc-tf32 tune plot]}
 shift
 stages=${*:-info build test sanitize bench-fp32 bench-bf16 bench-tc bench-tc-bf16 bench-tc-fp16 bench-tc-tf32 test-all plot}
 mkdir -p "$out"
@@ -146,6 +151,29 @@ for stage in $stages; do
           --no-compile --json "$out/$name.json"
         sed -n '/^relkd .* benchmark:/,$p' "$out/$name.log" > "$out/$name.md"
       done
+      ;;
+    tune)
+      for variant in ${RELKD_TUNE_VARIANTS:-64x2 32x2 64x3 32x4}; do
+        depth=${variant%x*} steps=${variant#*x}
+        rm -f "$out/.built"  # whatever this builds, later stages rebuild the default
+        run_logged "tune-build-$variant" "tune-build-$variant.log" env MAX_JOBS=${MAX_JOBS:-16} \
+          RELKD_FORCE_CUDA=1 RELKD_PTXAS_VERBOSE=1 RELKD_MMA_DEPTH="$depth" \
+          RELKD_MMA_STAGES="$steps" $PYTHON -m pip install --no-build-isolation --no-deps -v -e . \
+          || continue
+        $PYTHON -m relkd >> "$out/tune-build-$variant.log" 2>&1
+        run_logged "tune-$variant" "tune-$variant.log" env RELKD_TENSOR_CORES=auto $PYTHON \
+          benchmarks/bench.py --device cuda --dtype bfloat16 --only losses \
+          --losses cckd,ekd,rkd,rad --sizes 8192 --dim 512 --backends fused,gemm --no-compile \
+          --json "$out/tune-$variant.json"
+        run_logged "tune-topk-$variant" "tune-topk-$variant.log" env RELKD_TENSOR_CORES=auto \
+          $PYTHON benchmarks/bench.py --device cuda --dtype bfloat16 --only topk \
+          --topk-shape 8192,1000000 --topk-k 100 --dim 512 --backends fused,gemm \
+          --json "$out/tune-topk-$variant.json"
+      done
+      runs=$(ls "$out"/tune-*x*.json 2>/dev/null)
+      [ -n "$runs" ] && run_logged tune-table tune-table.log sh -c \
+        "$PYTHON benchmarks/tune_table.py $runs > '$out/tune.md'"
+      build
       ;;
     plot)
       for run in "$out"/bench-fp32.json "$out"/bench-bf16.json "$out"/bench-tc.json \

@@ -7,6 +7,9 @@
 #include <string>
 
 #include "schemas.h"
+#ifdef RELKD_CUDA_ARCHS
+#include "cuda/launchers.h"
+#endif
 
 #ifdef RELKD_PYTHON_MODULE
 #include <Python.h>
@@ -21,8 +24,9 @@ extern "C" PyObject* PyInit__C(void) {
 
 // What this build holds, for `python -m relkd` and relkd.ops' load check:
 // the torch (major.minor) it was compiled against, the CUDA architectures
-// its kernels were compiled for (none in a CPU build) and the CUDA runtime
-// they use. setup.py defines them.
+// its kernels were compiled for (none in a CPU build), the CUDA runtime
+// they use (setup.py defines those) and the tensor-core kernels' staging
+// (depth x stages, as the kernels were compiled).
 #define RELKD_STRINGIFY(x) #x
 #define RELKD_TO_STRING(x) RELKD_STRINGIFY(x)
 #ifndef RELKD_TORCH_VERSION
@@ -30,12 +34,14 @@ extern "C" PyObject* PyInit__C(void) {
 #endif
 #ifdef RELKD_CUDA_ARCHS
 static std::string build_info() {
+  const relkd::cuda::MmaTiling tiling = relkd::cuda::mma_tiling();
   return "torch=" RELKD_TO_STRING(RELKD_TORCH_VERSION) " cuda_archs=" RELKD_TO_STRING(
-      RELKD_CUDA_ARCHS) " cudart=" RELKD_TO_STRING(RELKD_CUDART);
+             RELKD_CUDA_ARCHS) " cudart=" RELKD_TO_STRING(RELKD_CUDART) " mma_staging=" +
+         std::to_string(tiling.depth) + "x" + std::to_string(tiling.stages);
 }
 #else
 static std::string build_info() {
-  return "torch=" RELKD_TO_STRING(RELKD_TORCH_VERSION) " cuda_archs= cudart=";
+  return "torch=" RELKD_TO_STRING(RELKD_TORCH_VERSION) " cuda_archs= cudart= mma_staging=";
 }
 #endif
 

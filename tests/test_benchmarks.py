@@ -1,5 +1,6 @@
 """The benchmark tooling's own arithmetic and outputs (benchmarks/): the GEMM
-floor's FLOP counts behind the TFLOP/s columns, and the plot of a run."""
+floor's FLOP counts behind the TFLOP/s columns, the plot of a run and the
+table of the staging variants (gpu_check.sh's stage `tune`)."""
 import json
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import cases  # noqa: E402
 import plot  # noqa: E402
+import tune_table  # noqa: E402
 
 
 @pytest.mark.parametrize("op,mode,products", [
@@ -46,3 +48,24 @@ def test_plot_writes_a_png_with_failed_cases(tmp_path):
     points = plot.series(plot.load_records([run], "fwd+bwd"))
     assert points[("cckd", "reference", "float32, D=512")] == {1024: 1e-2, 32768: None}
     assert plot.main([str(run), "--out", str(out), "--pass", "fwd"]) == 1  # nothing to draw
+
+
+def test_tune_table_puts_the_variants_side_by_side(tmp_path):
+    def run(variant, fused_s, topk_s, error=None):
+        floor = dict(record("cckd", "gemm", 8192, 1e-3, dtype="bfloat16"))
+        loss = dict(record("cckd", "fused", 8192, fused_s, dtype="bfloat16", error=error),
+                    M=None, k=None, time_over_gemm_floor=fused_s and fused_s / 1e-3)
+        topk = dict(record("topk_sim", "fused", 8192, topk_s, dtype="bfloat16"), kind="topk",
+                    M=1_000_000, k=100, time_over_gemm_floor=None)
+        (tmp_path / f"tune-{variant}.json").write_text(json.dumps({"records": [floor, loss]}))
+        (tmp_path / f"tune-topk-{variant}.json").write_text(json.dumps({"records": [topk]}))
+    run("64x2", 2e-3, 0.5)
+    run("32x4", 1.5e-3, None, error=None)
+    paths = sorted(tmp_path.glob("tune-*.json"))
+    lines = tune_table.table(paths).splitlines()
+    assert lines[0] == "| case | 32x4 | 64x2 |"
+    cckd = next(line for line in lines if line.startswith("| cckd N=8192 bfloat16"))
+    assert cckd.endswith("| 1.50 ms (1.50x floor) * | 2.00 ms (2.00x floor) |")
+    topk = next(line for line in lines if line.startswith("| topk_sim N=8192 M=1000000 k=100"))
+    assert topk.endswith("| error | 500.00 ms * |")
+    assert not any("gemm" in line for line in lines[2:])  # the floor only as ratios

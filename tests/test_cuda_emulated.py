@@ -45,11 +45,16 @@ def emulated():
         units.append(str(unit))
     glue = [str(ROOT / "csrc" / "cuda" / "ops.cpp"),
             str(ROOT / "tests" / "cuda_emulation" / "staging_op.cpp")]
+    # The staging's tuning constants as setup.py takes them (a variant's
+    # emulated suite: RELKD_MMA_DEPTH=32 RELKD_MMA_STAGES=3 pytest ...).
+    staging = [f"-D{name}={int(os.environ[name])}" for name in ("RELKD_MMA_DEPTH",
+                                                               "RELKD_MMA_STAGES")
+               if os.environ.get(name)]
     # C++20 for std::barrier and std::atomic_ref: torch 2.11's cpp_extension
     # passes -std=c++17 (2.13's c++20); the later flag wins.
     load(name="relkd_cuda_emulated", sources=glue + units,
          extra_cflags=["-std=c++20", "-O2", "-DRELKD_EMULATE", "-pthread",
-                       f"-I{ROOT / 'tests' / 'cuda_emulation'}", f"-I{ROOT / 'csrc'}"],
+                       f"-I{ROOT / 'tests' / 'cuda_emulation'}", f"-I{ROOT / 'csrc'}"] + staging,
          extra_ldflags=["-pthread"], build_directory=str(build), is_python_module=False,
          verbose=os.environ.get("RELKD_VERBOSE_BUILD") == "1")
     return torch.ops.relkd_emulated

@@ -137,6 +137,19 @@ def test_an_extension_built_for_another_torch_is_not_used(monkeypatch):
     assert f"built against torch {built}" in why and "9.9.0" in why and "rebuild" in why
 
 
+@requires_extension
+def test_build_info_names_the_tensor_core_staging():
+    """A build with CUDA kernels reports their staging as compiled (units
+    per step x steps staged: RELKD_MMA_DEPTH x RELKD_MMA_STAGES, setup.py's
+    allowed values); a CPU-only build reports none."""
+    staging = ops.build_info()["mma_staging"]
+    if "cuda" not in ops.fused_devices():
+        assert staging == ""
+        return
+    depth, stages = (int(v) for v in staging.split("x"))
+    assert depth in (32, 64, 96, 128) and stages in (2, 3, 4)
+
+
 # Inputs made by numpy, so that relkd's kernel is the process's first
 # OpenMP region: the threads it adds are its worker pool.
 THREADS_PROBE = """

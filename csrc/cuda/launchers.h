@@ -33,6 +33,13 @@ enum class MmaOperands : int { Bf16 = 0, Fp16 = 1, Tf32 = 2, Tf32x3 = 3 };
 
 const char* error_string(int code);
 
+// The tensor-core kernels' staging as compiled (pair_tile_mma.cuh): 16-bit
+// units per step and steps staged at once.
+struct MmaTiling {
+  int depth, stages;
+};
+MmaTiling mma_tiling();
+
 // Which (row, column) pairs a tile holds and how they are weighted
 // (csrc/pair_math.h): ids / labels are device arrays (nullptr: positions /
 // no labels), indexed by the tile's global row / column positions.

@@ -41,7 +41,7 @@ __device__ __noinline__ void collect_entry(const TileView& view, const TileMask&
 }
 
 // Column sub-tiles a histogram block sweeps along its 64 rows, so that its
-// hot bins (pair_select.cuh, in dynamic shared memory) gather up to 16 x 4096
+// hot bins (pair_select.cuh, in dynamic shared memory after the staging) gather up to 16 x 4096
 // pairs per global atomic.
 constexpr int kHistogramStrip = 16;
 
@@ -55,8 +55,9 @@ template <MmaOperands H>
 __global__ void histogram_mma_kernel(MmaTileInputs in, TileView view, TileMask mask,
                                      const int64_t* prefixes, int64_t n_prefix, int shift,
                                      unsigned long long* hist, FirstPassCollect<float> collect) {
-  alignas(16) __shared__ uint16_t stage[kStageEntries];
-  unsigned* hot = first_pass<float>(shift) ? dynamic_shared<unsigned>() : nullptr;
+  uint16_t* stage = dynamic_shared<uint16_t>();  // kStageBytes, then the hot bins
+  unsigned* hot =
+      first_pass<float>(shift) ? reinterpret_cast<unsigned*>(stage + kStageEntries) : nullptr;
   clear_hot_bins<float>(hot);
   const int64_t tiles_c = blocks_for(view.cols, kMmaEdge);
   const int64_t strips = blocks_for(tiles_c, kHistogramStrip);
@@ -86,7 +87,7 @@ __global__ void histogram_mma_kernel(MmaTileInputs in, TileView view, TileMask m
 template <MmaOperands H>
 __global__ void collect_mma_kernel(MmaTileInputs in, TileView view, TileMask mask,
                                    CollectOutputs<float> out, int64_t* tie_keys) {
-  alignas(16) __shared__ uint16_t stage[kStageEntries];
+  uint16_t* stage = dynamic_shared<uint16_t>();  // kStageBytes
   int64_t tr, tc;
   block_sub_tile(view, &tr, &tc);
   if (below_diagonal(view, mask, tr, tc)) {  // no pair of the mask: no ties either
@@ -113,11 +114,11 @@ int pair_histogram_mma(const MmaTileInputs& in, const TileView& view, const Tile
                        unsigned long long* hist, const FirstPassCollect<float>& collect,
                        Stream stream) {
   if (view.rows * view.cols == 0) return 0;
-  const size_t bytes = first_pass<float>(shift) ? HotBins<float>::kSlots * sizeof(unsigned) : 0;
+  const size_t bytes =
+      kStageBytes + (first_pass<float>(shift) ? HotBins<float>::kSlots * sizeof(unsigned) : 0);
   int status = 0;
   with_operands(in.operands, [&](auto format) {
     constexpr MmaOperands H = decltype(format)::value;
-    // Static (stage) and dynamic (hot bins) together pass the default 48 KiB.
     status = allow_dynamic_shared(histogram_mma_kernel<H>, bytes);
     if (status != 0) return;
     RELKD_LAUNCH_SHARED(histogram_mma_blocks(view), kThreads, bytes, stream,
@@ -135,11 +136,16 @@ int pair_collect_mma(const MmaTileInputs& in, const TileView& view, const TileMa
   const CollectOutputs<float> out{tau,       above_v,     above_i,  above_j,
                                   above_cap, above_count, tie_count};
   if (view.rows * view.cols == 0) return 0;
+  int status = 0;
   with_operands(in.operands, [&](auto format) {
-    RELKD_LAUNCH(pair_tile_mma_blocks(view), kThreads, stream,
-                 collect_mma_kernel<decltype(format)::value>)(in, view, mask, out, tie_keys);
+    constexpr MmaOperands H = decltype(format)::value;
+    status = allow_dynamic_shared(collect_mma_kernel<H>, kStageBytes);
+    if (status != 0) return;
+    RELKD_LAUNCH_SHARED(pair_tile_mma_blocks(view), kThreads, kStageBytes, stream,
+                        collect_mma_kernel<H>)(in, view, mask, out, tie_keys);
+    status = launched();
   });
-  return launched();
+  return status;
 }
 
 }  // namespace cuda

@@ -16,17 +16,27 @@ namespace relkd {
 namespace cuda {
 
 constexpr int kMmaEdge = 64;  // rows and columns of a block's sub-tile
+// The staging's two tuning constants, RELKD_MMA_DEPTH and RELKD_MMA_STAGES
+// at build time (setup.py passes them from the environment; gpu_check.sh's
+// stage `tune` benchmarks a few pairs). cuda::mma_tiling reports them.
+#ifndef RELKD_MMA_DEPTH
+#define RELKD_MMA_DEPTH 64
+#endif
+#ifndef RELKD_MMA_STAGES
+#define RELKD_MMA_STAGES 2
+#endif
+
 // Staging units (mma.cuh) per step: 64 16-bit embedding entries, or 32 TF32
 // ones, between two barriers (16 mma per warp). A multiple of 32; 32 halves
 // the shared memory and doubles the barriers (the GPU run decides).
-constexpr int kMmaDepth = 64;
+constexpr int kMmaDepth = RELKD_MMA_DEPTH;
 constexpr int kMmaStride = kMmaDepth + 8;  // a staged row; the pad spreads fragment reads
                                            // over the shared-memory banks
 // Steps staged at once: the one being multiplied and kStages - 1 landing
-// meanwhile (cp.async). 18 KiB each (rows and columns); past 2, the pair and
-// selection kernels' staging must move to dynamic shared memory (static
-// shared memory stops at 48 KiB).
-constexpr int kStages = 2;
+// meanwhile (cp.async). 18 KiB each (rows and columns), in dynamic shared
+// memory in every kernel (static shared memory stops at 48 KiB), so that a
+// GPU run may try 3 or 4 by this constant alone.
+constexpr int kStages = RELKD_MMA_STAGES;
 constexpr int kMmaWarpRows = 16, kMmaWarpCols = 32;  // 8 warps: 4 x 2 of these
 static_assert(kThreads == 256 && (kMmaEdge / kMmaWarpRows) * (kMmaEdge / kMmaWarpCols) == 8,
               "the warp grid covers the sub-tile with kThreads threads");
@@ -37,6 +47,8 @@ static_assert(kStages >= 2, "one step multiplied while the next lands");
 constexpr int kBufferEntries = kMmaEdge * kMmaStride;  // one operand, one step
 constexpr int kColumnStageEntries = kStages * kBufferEntries;
 constexpr int kStageEntries = 2 * kColumnStageEntries;
+constexpr size_t kStageBytes = kStageEntries * sizeof(uint16_t);
+constexpr size_t kColumnStageBytes = kColumnStageEntries * sizeof(uint16_t);
 
 // Where this thread's accumulator entry acc[j][i] lies in its block's
 // 64 x 64 sub-tile (the accumulator layout of mma.cuh, the warp grid
@@ -315,7 +327,7 @@ __device__ inline void block_sub_tile(const TileView& view, int64_t* tr, int64_t
 template <typename Terms, MmaOperands H>
 __global__ void pair_tile_mma_kernel(Terms terms, PairTileArgs<float> a, MmaTileInputs in,
                                      TileView view, TileMask mask) {
-  alignas(16) __shared__ uint16_t stage[kStageEntries];
+  uint16_t* stage = dynamic_shared<uint16_t>();  // kStageBytes
   __shared__ double shared[kThreads];
   int64_t tr, tc;
   block_sub_tile(view, &tr, &tc);
@@ -344,12 +356,16 @@ int launch_pair_tile_mma(const Terms& terms, const PairTileArgs<float>& args,
                          const MmaTileInputs& in, const TileView& view, const TileMask& mask,
                          Stream stream) {
   if (view.rows * view.cols == 0) return 0;
+  int status = 0;
   with_operands(in.operands, [&](auto format) {
-    RELKD_LAUNCH(pair_tile_mma_blocks(view), kThreads, stream,
-                 pair_tile_mma_kernel<Terms, decltype(format)::value>)(terms, args, in, view,
-                                                                      mask);
+    constexpr MmaOperands H = decltype(format)::value;
+    status = allow_dynamic_shared(pair_tile_mma_kernel<Terms, H>, kStageBytes);
+    if (status != 0) return;
+    RELKD_LAUNCH_SHARED(pair_tile_mma_blocks(view), kThreads, kStageBytes, stream,
+                        pair_tile_mma_kernel<Terms, H>)(terms, args, in, view, mask);
+    status = launched();
   });
-  return launched();
+  return status;
 }
 
 // One launcher per kind, defined in csrc/cuda/pair_tile_<kind>.cu.

@@ -287,7 +287,7 @@ template <MmaOperands H>
 __global__ void offer_mma_kernel(const OperandEntry<H>* q, const OperandEntry<H>* c, int64_t d,
                                  TileView view, int64_t block_r0, int splits,
                                  const float* scale, TopkValidity valid, TopkState<float> st) {
-  alignas(16) __shared__ uint16_t stage[kColumnStageEntries];  // the columns' buffers
+  uint16_t* stage = dynamic_shared<uint16_t>();  // the columns' buffers, then the rows
   __shared__ SelectShared sh;
   __shared__ RowsState rs;
   const int split = static_cast<int>(blockIdx.x % splits);
@@ -303,7 +303,7 @@ __global__ void offer_mma_kernel(const OperandEntry<H>* q, const OperandEntry<H>
     rs.has_bar[r] = st.has_bar[slot(r)];
     rs.bar[r] = Key{st.bar_hi[slot(r)], st.bar_lo[slot(r)]};
   }
-  uint16_t* query_rows = dynamic_shared<uint16_t>();  // staged once for the whole sweep
+  uint16_t* query_rows = stage + kColumnStageEntries;  // staged once for the whole sweep
   stage_resident_rows<H>(q, view.r0 + view.rows, d, view.r0 + tr, query_rows);
   // The accumulator layout (entry_row / entry_col of pair_tile_mma.cuh) with
   // the thread's part hoisted: calling those in the loop below costs this
@@ -426,6 +426,13 @@ int topk_offer_tile(const double* tile, const TileView& view, int64_t block_r0,
   return offer(tile, view, block_r0, scale, valid, st, stream);
 }
 
+// The offer kernel's dynamic shared memory: the columns' staging ring and
+// the block's query rows.
+template <MmaOperands H>
+size_t offer_mma_dynamic_bytes(int64_t d) {
+  return kColumnStageBytes + resident_rows_bytes<H>(d);
+}
+
 int topk_offer_mma(const void* q, const void* c, int64_t d, const TileView& view,
                    int64_t block_r0, int splits, const float* scale, const TopkValidity& valid,
                    const TopkState<float>& st, int32_t* merged, MmaOperands operands,
@@ -435,7 +442,7 @@ int topk_offer_mma(const void* q, const void* c, int64_t d, const TileView& view
   int offered = 0;
   with_operands(operands, [&](auto format) {
     constexpr MmaOperands H = decltype(format)::value;
-    const size_t bytes = resident_rows_bytes<H>(d);
+    const size_t bytes = offer_mma_dynamic_bytes<H>(d);
     offered = allow_dynamic_shared(offer_mma_kernel<H>, bytes);
     if (offered != 0) return;
     RELKD_LAUNCH_SHARED(blocks, kThreads, bytes, stream, offer_mma_kernel<H>)(
@@ -450,10 +457,10 @@ int topk_offer_mma(const void* q, const void* c, int64_t d, const TileView& view
 }
 
 bool topk_mma_fits(int device, int64_t d, MmaOperands operands) {
-  size_t rows = 0, static_bytes = 0;
+  size_t dynamic = 0, static_bytes = 0;
   with_operands(operands, [&](auto format) {
     constexpr MmaOperands H = decltype(format)::value;
-    rows = resident_rows_bytes<H>(d);
+    dynamic = offer_mma_dynamic_bytes<H>(d);
 #ifndef RELKD_EMULATE
     cudaFuncAttributes kernel;
     static_bytes = cudaFuncGetAttributes(&kernel, offer_mma_kernel<H>) == cudaSuccess
@@ -464,12 +471,12 @@ bool topk_mma_fits(int device, int64_t d, MmaOperands operands) {
 #ifdef RELKD_EMULATE
   (void)device;
   (void)static_bytes;
-  return rows <= (48u << 10);  // the limit without opt-in: the tests reach both paths
+  return dynamic <= (48u << 10);  // the limit without opt-in: the tests reach both paths
 #else
   int most = 0;
   return cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) ==
              cudaSuccess &&
-         rows + static_bytes <= static_cast<size_t>(most);
+         dynamic + static_bytes <= static_cast<size_t>(most);
 #endif
 }
 
@@ -499,6 +506,8 @@ int topk_finish(const TopkState<double>& st, int64_t rows, int64_t out_k, double
 }
 
 const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+MmaTiling mma_tiling() { return {kMmaDepth, kStages}; }
 
 }  // namespace cuda
 }  // namespace relkd
