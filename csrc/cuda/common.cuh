@@ -69,6 +69,23 @@ inline int allow_dynamic_shared(Kernel kernel, size_t bytes) {
 #endif
 }
 
+// Whether a block with `bytes` of shared memory (static and dynamic) can
+// launch on `device` (its opt-in limit per block). The emulation has no
+// device: `emulated_limit` stands in, set so that its tests reach both
+// sides.
+inline bool shared_memory_fits(int device, size_t bytes, size_t emulated_limit) {
+#ifdef RELKD_EMULATE
+  (void)device;
+  return bytes <= emulated_limit;
+#else
+  (void)emulated_limit;
+  int most = 0;
+  return cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) ==
+             cudaSuccess &&
+         bytes <= static_cast<size_t>(most);
+#endif
+}
+
 __host__ __device__ inline int64_t blocks_for(int64_t work, int64_t per_block) {
   const int64_t b = (work + per_block - 1) / per_block;
   return b < 1 ? 1 : b;
@@ -92,19 +109,27 @@ __device__ T block_sum(T v, T* shared) {
 
 // Exclusive prefix sum of one int per thread over the block (threads in
 // order); *total receives the sum. Deterministic positions for compaction.
+// Each warp scans its lanes by shuffles; the warps' totals meet in
+// shared[0 .. 8): two barriers, where a scan over shared memory takes 16.
+// All threads must call it.
 __device__ inline int block_exclusive_scan(int v, int* shared, int* total) {
-  shared[threadIdx.x] = v;
-  __syncthreads();
-  for (int offset = 1; offset < kThreads; offset <<= 1) {
-    const int add = threadIdx.x >= offset ? shared[threadIdx.x - offset] : 0;
-    __syncthreads();
-    shared[threadIdx.x] += add;
-    __syncthreads();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int inclusive = v;
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const int below = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    if (lane >= offset) inclusive += below;
   }
-  const int inclusive = shared[threadIdx.x];
-  *total = shared[kThreads - 1];
+  if (lane == 31) shared[warp] = inclusive;
   __syncthreads();
-  return inclusive - v;
+  int before = 0, sum = 0;
+  for (int w = 0; w < kThreads / 32; ++w) {  // the same order in every thread
+    const int warp_total = shared[w];
+    if (w < warp) before += warp_total;
+    sum += warp_total;
+  }
+  *total = sum;
+  __syncthreads();  // shared is free for the next call
+  return before + inclusive - v;
 }
 
 // The pair weight of the tile element (r, c) (pm::pair_weight on global

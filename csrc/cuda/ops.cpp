@@ -22,7 +22,9 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../op_checks.h"
@@ -140,6 +142,14 @@ at::Tensor operand_storage(const at::Tensor& x, cuda::MmaOperands operands) {
     case cuda::MmaOperands::Tf32x3: break;
   }
   return x.to(at::kFloat).contiguous();
+}
+
+// Rows and columns as the kernels read them: columns that alias the rows
+// stay aliased (one conversion, not two).
+std::pair<at::Tensor, at::Tensor> operand_storage(const at::Tensor& rows, const at::Tensor& cols,
+                                                  cuda::MmaOperands operands) {
+  at::Tensor stored_rows = operand_storage(rows, operands);
+  return {stored_rows, cols.is_same(rows) ? stored_rows : operand_storage(cols, operands)};
 }
 
 // A stand-in for the argument checks of a 16-bit t, whose values are float32
@@ -423,12 +433,12 @@ struct Embeddings {
   at::Tensor xs_r, xs_c, xt_r, xt_c;
 };
 
-// The four as the tensor-core kernels read them (operand_storage); columns
-// that alias the rows stay aliased (one conversion, not two).
+// The four as the tensor-core kernels read them (operand_storage), aliases
+// kept.
 Embeddings operand_storage(const Embeddings& x, cuda::MmaOperands operands) {
-  Embeddings out{operand_storage(x.xs_r, operands), {}, operand_storage(x.xt_r, operands), {}};
-  out.xs_c = x.xs_c.is_same(x.xs_r) ? out.xs_r : operand_storage(x.xs_c, operands);
-  out.xt_c = x.xt_c.is_same(x.xt_r) ? out.xt_r : operand_storage(x.xt_c, operands);
+  Embeddings out;
+  std::tie(out.xs_r, out.xs_c) = operand_storage(x.xs_r, x.xs_c, operands);
+  std::tie(out.xt_r, out.xt_c) = operand_storage(x.xt_r, x.xt_c, operands);
   return out;
 }
 
@@ -677,8 +687,7 @@ c10::optional<SelectMma> select_mma_inputs(const SelectArgs& in) {
   if constexpr (std::is_same_v<T, float>) {
     if (const auto operands = tensor_core_operands(in.x_r, c10::nullopt)) {
       SelectMma out;
-      out.rows = operand_storage(in.x_r, *operands);
-      out.cols = in.x_c.is_same(in.x_r) ? out.rows : operand_storage(in.x_c, *operands);
+      std::tie(out.rows, out.cols) = operand_storage(in.x_r, in.x_c, *operands);
       out.in = cuda::MmaTileInputs{out.rows.data_ptr(), out.cols.data_ptr(), nullptr, nullptr,
                                    in.x_r.size(1), 0, *operands};
       return out;

@@ -121,16 +121,8 @@ bool has_tensor_cores(int device) {
 bool rows_mma_fits(int device, int64_t ds) {
   constexpr size_t kStaticBytes = 26 << 10;  // its static shared memory (24.25 KiB), rounded up
   const size_t need = rows_mma_dynamic_bytes(ds) + kStaticBytes;
-#ifdef RELKD_EMULATE
-  (void)device;
-  return need <= (160u << 10);  // an A100's opt-in limit, about
-#else
-  int most = 0;
-  return has_tensor_cores(device) &&
-         cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) ==
-             cudaSuccess &&
-         need <= static_cast<size_t>(most);
-#endif
+  // Emulated: about an A100's opt-in limit.
+  return has_tensor_cores(device) && shared_memory_fits(device, need, 160u << 10);
 }
 
 int64_t pair_rows_mma_blocks(int64_t n) { return blocks_for(n, kMmaEdge); }

@@ -33,9 +33,9 @@ constexpr int kMmaDepth = RELKD_MMA_DEPTH;
 constexpr int kMmaStride = kMmaDepth + 8;  // a staged row; the pad spreads fragment reads
                                            // over the shared-memory banks
 // Steps staged at once: the one being multiplied and kStages - 1 landing
-// meanwhile (cp.async). 18 KiB each (rows and columns), in dynamic shared
-// memory in every kernel (static shared memory stops at 48 KiB), so that a
-// GPU run may try 3 or 4 by this constant alone.
+// meanwhile (cp.async). 18 KiB each at depth 64 (rows and columns), in
+// dynamic shared memory in every kernel (static shared memory stops at 48
+// KiB), so that 3 or 4 need no other change.
 constexpr int kStages = RELKD_MMA_STAGES;
 constexpr int kMmaWarpRows = 16, kMmaWarpCols = 32;  // 8 warps: 4 x 2 of these
 static_assert(kThreads == 256 && (kMmaEdge / kMmaWarpRows) * (kMmaEdge / kMmaWarpCols) == 8,

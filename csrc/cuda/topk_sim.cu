@@ -76,7 +76,7 @@ __device__ __forceinline__ Key with_digit(Key k, int pass, unsigned d) {
 
 struct SelectShared {
   unsigned hist[256];
-  int scan[kThreads];
+  int scan[kThreads / 32];  // block_exclusive_scan: one total per warp
   int warp_sums[kThreads / 32];
   Key bar;
   int remaining;
@@ -468,16 +468,8 @@ bool topk_mma_fits(int device, int64_t d, MmaOperands operands) {
                        : SIZE_MAX / 2;  // unknown: the tile path
 #endif
   });
-#ifdef RELKD_EMULATE
-  (void)device;
-  (void)static_bytes;
-  return dynamic <= (48u << 10);  // the limit without opt-in: the tests reach both paths
-#else
-  int most = 0;
-  return cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) ==
-             cudaSuccess &&
-         dynamic + static_bytes <= static_cast<size_t>(most);
-#endif
+  // Emulated: the limit without opt-in (static_bytes 0).
+  return shared_memory_fits(device, dynamic + static_bytes, 48u << 10);
 }
 
 int topk_mma_splits(int device, int64_t rows, int64_t m) {

@@ -287,6 +287,11 @@ T __shfl_down_sync(unsigned, T value, int offset) {
 }
 
 template <typename T>
+T __shfl_up_sync(unsigned, T value, unsigned delta) {  // lanes below delta keep their own
+  return relkd_emulation::warp_exchange(value, relkd_emulation::lane() - static_cast<int>(delta));
+}
+
+template <typename T>
 T __shfl_sync(unsigned, T value, int source) {
   return relkd_emulation::warp_exchange(value, source % relkd_emulation::kWarpSize);
 }
