@@ -41,8 +41,8 @@ __device__ __noinline__ void collect_entry(const TileView& view, const TileMask&
 }
 
 // Column sub-tiles a histogram block sweeps along its 64 rows, so that its
-// hot bins (pair_select.cuh, in dynamic shared memory after the staging) gather up to 16 x 4096
-// pairs per global atomic.
+// hot bins (pair_select.cuh, in dynamic shared memory after the staging)
+// gather up to 16 x 4096 pairs per global atomic.
 constexpr int kHistogramStrip = 16;
 
 // The blocks of a histogram pass: 64-row strips of kHistogramStrip sub-tiles.

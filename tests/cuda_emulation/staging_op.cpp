@@ -69,7 +69,8 @@ at::Tensor bf16_words(const at::Tensor& x, bool vector) {
   vector = vector && cuda::vector_rows(v, d);
   for (int64_t p = 0; p < n; ++p)
     for (int64_t i = 0; i < pieces; ++i) {
-      const cuda::StagePiece piece = cuda::as_bf16<H>(cuda::load_piece_at<H>(v, n, d, p, i * 8, vector));
+      const cuda::StagePiece piece =
+          cuda::as_bf16<H>(cuda::load_piece_at<H>(v, n, d, p, i * 8, vector));
       for (int w = 0; w < 4; ++w) o[(p * pieces + i) * 4 + w] = piece.bits[w];
     }
   return out;
@@ -103,7 +104,9 @@ at::Tensor stage_pieces(const at::Tensor& x_in, int64_t format, bool vector, boo
 // Whether the emulated cp.async copies land as they are issued (true) or at
 // the wait that covers them (false, the default); returns the previous
 // setting. The kernels must be right either way.
-bool set_copies_land_early(bool early) { return relkd_emulation::copies_land_early.exchange(early); }
+bool set_copies_land_early(bool early) {
+  return relkd_emulation::copies_land_early.exchange(early);
+}
 
 }  // namespace
 
