@@ -153,4 +153,28 @@ inline std::vector<OrderedTile> order_by_block(const std::vector<Tile>& tiles,
   return order;
 }
 
+// How many column ranges (1 .. most) a top-k cuts its bank into when
+// `row_blocks` blocks of query rows each sweep one range, on a GPU that runs
+// `resident` blocks at once: the fewest whose blocks fill their last wave
+// within kWaveSlack of the best count's. The blocks are equal, so a last
+// wave 45 % full costs as long as a full one (128 row blocks on 264 places:
+// 2 ranges fill 97 %, 3 only 73 %); each range adds a selection to merge.
+constexpr double kWaveSlack = 0.05;
+
+inline double last_wave_fill(int64_t blocks, int64_t resident) {
+  const int64_t waves = (blocks + resident - 1) / resident;
+  return static_cast<double>(blocks) / static_cast<double>(waves * resident);
+}
+
+inline int64_t fullest_wave_splits(int64_t row_blocks, int64_t resident, int64_t most) {
+  row_blocks = std::max<int64_t>(row_blocks, 1);
+  resident = std::max<int64_t>(resident, 1);
+  double best = 0.0;
+  for (int64_t s = 1; s <= most; ++s)
+    best = std::max(best, last_wave_fill(row_blocks * s, resident));
+  int64_t s = 1;
+  while (s < most && last_wave_fill(row_blocks * s, resident) < best - kWaveSlack) ++s;
+  return s;
+}
+
 }  // namespace relkd

@@ -110,13 +110,13 @@ def test_topk_sim_tensor_cores_match_the_cpu_kernel(n, m, d, k, with_labels, sca
     assert_same_mining(got, ops.topk_sim(q, c, k, ql, cl, scale), q, c, scale)
 
 
-@pytest.mark.parametrize("d", [512, 1024, 1600, 4096])
+@pytest.mark.parametrize("d", [512, 1024, 1400, 1600, 4096])
 def test_topk_sim_tensor_cores_rows_in_shared_memory_or_not(d):
     """The block's query rows held in shared memory (D = 512, 1024: 65 and
-    129 KiB of bf16; D = 1600: 201 KiB, with the columns' 18 KiB staging
-    ring and 3.6 KiB of static shared memory just within an H100's 227
-    KiB) or, beyond it (D = 4096), the tile path: the CPU kernel's
-    selection on bf16-valued rows either way."""
+    129 KiB of bf16; D = 1400: 177 KiB, with the columns' 36 KiB staging
+    ring and 2.6 KiB of static shared memory just within an H100's 227
+    KiB) or, beyond it (D = 1600: 240 KiB; 4096), the tile path: the CPU
+    kernel's selection on bf16-valued rows either way."""
     q = reference.normalize(embeddings(130, d, seed=d), F32).bfloat16().float()
     c = reference.normalize(embeddings(20_000, d, seed=d + 1), F32).bfloat16().float()
     with tensor_cores():

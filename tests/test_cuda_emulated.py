@@ -138,7 +138,8 @@ def test_topk_sim_tensor_cores_hold_the_query_rows(emulated, monkeypatch, fmt, d
     """A block stages its 64 query rows once, every entry (D = 70: two
     bf16 steps or three TF32 ones, the last partial), and streams only the
     bank's columns through the steps. Rows beyond its shared memory (the
-    emulation allows 48 KB: D = 400) take the tile path instead, whose
+    emulation allows the columns' ring and 32 KiB of rows: D = 400 needs
+    57 KiB) take the tile path instead, whose
     float32 products show which ran: the operand format's rounding where
     the rows fit, none where they do not."""
     q = reference.normalize(embeddings(70, d, seed=1, dtype=F32), F32)  # two row blocks

@@ -98,7 +98,8 @@ int topk_offer_tile(const double* tile, const TileView& view, int64_t block_r0,
 // sm_80+) instead of
 // read from a tile. The view's columns are cut into `splits` ranges, each
 // with its own selection: the state has rows * splits slots (slot
-// row * splits + split) of capacity cap, which must exceed k by at least 64.
+// row * splits + split) of capacity cap, which must exceed k by at least 128
+// (the columns of one sub-tile).
 // With splits > 1 each row's selections are then joined at the front of its
 // splits * cap entries, their count in merged[row]: finish the state
 // {values, columns, merged, ..., splits * cap, k}.
@@ -108,14 +109,16 @@ int topk_offer_mma(const void* q, const void* c, int64_t d, const TileView& view
                    Stream stream);
 
 // Whether topk_offer_mma's block holds its 64 query rows of d entries in
-// the `operands` format in shared memory (up to about 1,600 16-bit entries
-// or 800 TF32 ones on an H100); else the tile path runs.
+// the `operands` format in shared memory (up to about 1,400 16-bit entries
+// or 700 TF32 ones on an H100); else the tile path runs.
 bool topk_mma_fits(int device, int64_t d, MmaOperands operands);
 
-// How many column ranges topk_offer_mma should cut a bank of m columns into
-// for `rows` query rows: enough blocks for every multiprocessor, each range
-// long enough for the bar to prune most of it.
-int topk_mma_splits(int device, int64_t rows, int64_t m);
+// How many column ranges (at most `most`) topk_offer_mma should cut a bank
+// of m columns into for `rows` query rows of d entries: each range long
+// enough for the bar to prune most of it, and the blocks filling their last
+// wave on the device best (fullest_wave_splits, tile_plan.h).
+int topk_mma_splits(int device, int64_t rows, int64_t m, int64_t d, MmaOperands operands,
+                    int64_t most);
 
 // Writes each row's best out_k pairs sorted (value descending, ties to the
 // smaller column) to values / indices (rows x out_k), padding (-inf, -1).

@@ -226,9 +226,10 @@ void topk_sim_impl(const at::Tensor& q, const at::Tensor& c, int64_t k, const at
   const int64_t row_bytes = tensor_cores ? slot_bytes : cols * int64_t(sizeof(T)) + slot_bytes;
   int64_t block_rows = std::max<int64_t>(1, std::min(n, kTileBytes / row_bytes));
   block_rows = ceil_div(n, ceil_div(n, block_rows));
-  const int splits = !tensor_cores ? 1 : static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>(cuda::topk_mma_splits(q.device().index(), block_rows, m),
-                           kTileBytes / (block_rows * slot_bytes))));
+  const int splits =
+      !tensor_cores ? 1
+                    : cuda::topk_mma_splits(q.device().index(), block_rows, m, q.size(1),
+                                            *operands, kTileBytes / (block_rows * slot_bytes));
   const cuda::TopkValidity valid{ptr<int64_t>(q_labels), ptr<int64_t>(c_labels), exclude_self,
                                  self_offset};
   auto opts = values.options();

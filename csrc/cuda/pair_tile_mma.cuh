@@ -37,16 +37,42 @@ constexpr int kMmaStride = kMmaDepth + 8;  // a staged row; the pad spreads frag
 // dynamic shared memory in every kernel (static shared memory stops at 48
 // KiB), so that 3 or 4 need no other change.
 constexpr int kStages = RELKD_MMA_STAGES;
-constexpr int kMmaWarpRows = 16, kMmaWarpCols = 32;  // 8 warps: 4 x 2 of these
-static_assert(kThreads == 256 && (kMmaEdge / kMmaWarpRows) * (kMmaEdge / kMmaWarpCols) == 8,
-              "the warp grid covers the sub-tile with kThreads threads");
 static_assert(kStages >= 2, "one step multiplied while the next lands");
 
-// The staging buffers: kStages of the columns, then kStages of the rows
-// (kernels with resident rows need only the first half).
-constexpr int kBufferEntries = kMmaEdge * kMmaStride;  // one operand, one step
-constexpr int kColumnStageEntries = kStages * kBufferEntries;
-constexpr int kStageEntries = 2 * kColumnStageEntries;
+// A block's sub-tile: Rows x Cols, covered by the 8 warps in a grid of
+// Rows / WarpRows down and Cols / WarpCols across, each warp WarpRows x
+// WarpCols (kTilesM x kTilesN mma tiles of 16 x 8; Acc, the accumulators,
+// 4 floats per tile and thread). A larger warp tile reads fewer bytes of
+// shared memory per mma: 16 x 32 takes 3 ldmatrix per 4 mma (about 11 FLOP
+// per byte read), 32 x 32 4 per 8 (16 FLOP per byte).
+// The staging ring: kStages buffers of the columns, then kStages of the
+// rows (kernels with resident rows need only the columns').
+template <int Rows, int Cols, int WarpRows, int WarpCols>
+struct MmaShape {
+  static constexpr int kRows = Rows, kCols = Cols;
+  static constexpr int kWarpsDown = Rows / WarpRows;
+  static constexpr int kTilesM = WarpRows / 16, kTilesN = WarpCols / 8;
+  static_assert(kWarpsDown * (Cols / WarpCols) * 32 == kThreads && kTilesN % 2 == 0 &&
+                    Rows % 64 == 0 && Cols % 64 == 0,
+                "8 warps cover the sub-tile; B fragments come in pairs; whole staging steps");
+  using Acc = std::conditional_t<kTilesM == 1, float[kTilesN][4], float[kTilesM][kTilesN][4]>;
+  static constexpr int kColumnBufferEntries = Cols * kMmaStride;  // one step
+  static constexpr int kRowBufferEntries = Rows * kMmaStride;
+  static constexpr int kColumnStageEntries = kStages * kColumnBufferEntries;
+  static constexpr int kStageEntries = kColumnStageEntries + kStages * kRowBufferEntries;
+  // This warp's corner in the sub-tile.
+  __device__ static int warp_row() { return threadIdx.x / 32 % kWarpsDown * WarpRows; }
+  __device__ static int warp_col() { return threadIdx.x / 32 / kWarpsDown * WarpCols; }
+};
+
+// The pairwise tiles', the rows pass's and the selection's sub-tile: 64 x
+// 64, warps of 16 x 32 (their epilogues hold a student's and a teacher's
+// accumulators, 32 floats, beside their pair terms).
+constexpr int kMmaWarpRows = 16, kMmaWarpCols = 32;
+using MmaSquare = MmaShape<kMmaEdge, kMmaEdge, kMmaWarpRows, kMmaWarpCols>;
+constexpr int kBufferEntries = MmaSquare::kColumnBufferEntries;  // one operand, one step
+constexpr int kColumnStageEntries = MmaSquare::kColumnStageEntries;
+constexpr int kStageEntries = MmaSquare::kStageEntries;
 constexpr size_t kStageBytes = kStageEntries * sizeof(uint16_t);
 constexpr size_t kColumnStageBytes = kColumnStageEntries * sizeof(uint16_t);
 
@@ -65,12 +91,14 @@ struct alignas(16) StagePiece {
   uint32_t bits[4];
 };
 
-// A thread's share of one staging step of one operand (64 rows x kMmaDepth
-// units): kStepPieces pieces, piece h at row piece_row(h), unit piece_unit(h)
-// of the step (consecutive threads fill a row: conflict-free stores).
+// A thread's share of one staging step of one operand (Rows, a multiple of
+// 64, x kMmaDepth units): kStepPieces<Rows> pieces, piece h at row
+// piece_row(h), unit piece_unit(h) of the step (consecutive threads fill a
+// row: conflict-free stores).
 constexpr int kRowPieces = kMmaDepth / 8;
-constexpr int kStepPieces = kMmaEdge * kRowPieces / kThreads;
-static_assert(kMmaDepth % 32 == 0 && kMmaEdge * kRowPieces == kStepPieces * kThreads,
+template <int Rows>
+constexpr int kStepPieces = Rows * kRowPieces / kThreads;
+static_assert(kMmaDepth % 32 == 0 && 64 * kRowPieces == kStepPieces<64> * kThreads,
               "whole mma steps; every thread the same number of pieces");
 __device__ inline int piece_row(int h) { return (threadIdx.x + h * kThreads) / kRowPieces; }
 __device__ inline int piece_unit(int h) { return (threadIdx.x + h * kThreads) % kRowPieces * 8; }
@@ -106,16 +134,17 @@ __device__ inline StagePiece load_piece_at(const OperandEntry<H>* x, int64_t end
 }
 
 // This thread's pieces of a staging step: entries k0 .. k0 + kMmaDepth /
-// kUnitsPerEntry<H> of rows row0 .. row0 + 64 (those below `end`, the others
-// 0) of x into a staged block [64][stride] from unit `unit` of each row.
+// kUnitsPerEntry<H> of rows row0 .. row0 + Rows (those below `end`, the
+// others 0) of x into a staged block [Rows][stride] from unit `unit` of each
+// row.
 // Rows that allow it go by cp.async (mma.cuh; in flight until the caller's
 // commit_copies and wait_copies), others by loads and stores.
-template <MmaOperands H>
+template <MmaOperands H, int Rows = kMmaEdge>
 __device__ inline void stage_step(const OperandEntry<H>* x, int64_t end, int64_t d,
                                   int64_t row0, int64_t k0, bool vector, uint16_t* stage,
                                   int stride = kMmaStride, int unit = 0) {
 #pragma unroll
-  for (int h = 0; h < kStepPieces; ++h) {
+  for (int h = 0; h < kStepPieces<Rows>; ++h) {
     const int64_t p = row0 + piece_row(h), k = k0 + piece_unit(h) / kUnitsPerEntry<H>;
     uint16_t* to = stage + piece_row(h) * stride + unit + piece_unit(h);
     if (vector) {
@@ -145,19 +174,33 @@ __device__ inline void mma_3xtf32(float (&acc0)[4], float (&acc1)[4], const uint
   mma_step<MmaOperands::Tf32>(acc1, a_big, big1);
 }
 
-// acc[j] += (the warp's 16 staged rows) x (its columns j*8 .. j*8 + 8)^T over
-// `Depth` staging units (columns `Stride` units apart, rows `row_stride`,
-// each row 16-byte aligned). Fragments come by ldmatrix (mma.cuh): lane l addresses
-// row l % 8 of matrix l / 8, which is, for A, rows (0-7 | 8-15) x entries
-// (0-7 | 8-15) in the order of a[0..3]; for B, two 8-column groups x the
-// two entry halves, the registers of b for groups j and j + 1. With
-// ColumnsAlongK the columns are staged transposed, [entry][column] (the
-// product's k along the staged rows), and ldmatrix .trans delivers them.
+// Accumulator tile (m, j) of a warp's accumulators: float[kTilesN][4]
+// for one row of mma tiles, float[kTilesM][kTilesN][4] for several.
+template <typename Acc>
+__device__ inline auto& acc_tile(Acc& acc, int m, int j) {
+  if constexpr (std::rank_v<Acc> == 3)
+    return acc[m][j];
+  else
+    return acc[j];
+}
+
+// acc tile (m, j) += (the warp's staged rows m*16 .. m*16 + 16) x (its
+// columns j*8 .. j*8 + 8)^T over `Depth` staging units (columns `Stride`
+// units apart, rows `row_stride`, each row 16-byte aligned), for the
+// kTilesM x kTilesN tiles of acc (MmaShape::Acc). Fragments come by ldmatrix
+// (mma.cuh): lane l addresses row l % 8 of matrix l / 8, which is, for A,
+// rows (0-7 | 8-15) x entries (0-7 | 8-15) in the order of a[0..3]; for B,
+// two 8-column groups x the two entry halves, the registers of b for
+// groups j and j + 1. With ColumnsAlongK the columns are staged transposed,
+// [entry][column] (the product's k along the staged rows), and ldmatrix
+// .trans delivers them.
 template <MmaOperands H, int Depth = kMmaDepth, int Stride = kMmaStride,
-          bool ColumnsAlongK = false>
+          bool ColumnsAlongK = false, typename Acc>
 __device__ inline void warp_products(const uint16_t* rows, const uint16_t* cols, int warp_row,
-                                     int warp_col, float (&acc)[4][4], int row_stride = Stride) {
+                                     int warp_col, Acc& acc, int row_stride = Stride) {
   static_assert(Stride * 2 % 16 == 0, "ldmatrix reads 16-byte aligned rows");
+  constexpr int kTilesM = std::rank_v<Acc> == 3 ? std::extent_v<Acc, 0> : 1;
+  constexpr int kTilesN = std::extent_v<Acc, std::rank_v<Acc> - 2>;
   const int m = threadIdx.x % 32 / 8, i = threadIdx.x % 8;
   const uint16_t* a_row = rows + (warp_row + m % 2 * 8 + i) * row_stride + m / 2 * 8;
   const uint16_t* b_row = ColumnsAlongK
@@ -165,23 +208,29 @@ __device__ inline void warp_products(const uint16_t* rows, const uint16_t* cols,
                               : cols + (warp_col + m / 2 * 8 + i) * Stride + m % 2 * 8;
 #pragma unroll
   for (int k = 0; k < Depth; k += 16) {
-    uint32_t a[4];
-    ldmatrix_x4(a, a_row + k);
-    operand_fragment<H>(a, 4);
+    uint32_t a[kTilesM][4];
 #pragma unroll
-    for (int j = 0; j < 4; j += 2) {
+    for (int tm = 0; tm < kTilesM; ++tm) {
+      ldmatrix_x4(a[tm], a_row + tm * 16 * row_stride + k);
+      operand_fragment<H>(a[tm], 4);
+    }
+#pragma unroll
+    for (int j = 0; j < kTilesN; j += 2) {
       uint32_t b[4];
       if constexpr (ColumnsAlongK)
         ldmatrix_x4_trans(b, b_row + k * Stride + j * 8);
       else
         ldmatrix_x4(b, b_row + j * 8 * Stride + k);
       operand_fragment<H>(b, 4);
-      if constexpr (H == MmaOperands::Tf32x3) {
-        mma_3xtf32(acc[j], acc[j + 1], a, b);
-      } else {
-        const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-        mma_step<H>(acc[j], a, b0);
-        mma_step<H>(acc[j + 1], a, b1);
+#pragma unroll
+      for (int tm = 0; tm < kTilesM; ++tm) {
+        if constexpr (H == MmaOperands::Tf32x3) {
+          mma_3xtf32(acc_tile(acc, tm, j), acc_tile(acc, tm, j + 1), a[tm], b);
+        } else {
+          const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+          mma_step<H>(acc_tile(acc, tm, j), a[tm], b0);
+          mma_step<H>(acc_tile(acc, tm, j + 1), a[tm], b1);
+        }
       }
     }
   }
@@ -219,69 +268,76 @@ __device__ inline void stage_resident_rows(const OperandEntry<H>* x, int64_t end
   __syncthreads();
 }
 
-// Staging step `step` (of `steps`) of the columns tc .. and, unless
-// Resident, the rows tr .. of the view into the ring's buffer step %
-// kStages (sub_tile_products), closed as one commit group (empty past the
-// last step, so that every step counts one group).
-template <MmaOperands H, bool Resident>
+// Staging step `step` (of `steps`) of the columns tc .. tc + Shape::kCols
+// and, unless Resident, the rows tr .. tr + Shape::kRows of the view into
+// the ring's buffers step % kStages (sub_tile_products), closed as one
+// commit group (empty past the last step, so that every step counts one
+// group).
+template <MmaOperands H, bool Resident, typename Shape>
 __device__ inline void stage_operands(const OperandEntry<H>* x_r, const OperandEntry<H>* x_c,
                                       int64_t d, const TileView& view, int64_t tr, int64_t tc,
                                       bool vector_r, bool vector_c, int64_t step,
                                       int64_t steps, uint16_t* stage) {
   constexpr int64_t kStep = kMmaDepth / kUnitsPerEntry<H>;  // entries per step
   if (step < steps) {
-    uint16_t* cols = stage + step % kStages * kBufferEntries;
-    stage_step<H>(x_c, view.c0 + view.cols, d, view.c0 + tc, step * kStep, vector_c, cols);
+    const int buffer = static_cast<int>(step % kStages);
+    stage_step<H, Shape::kCols>(x_c, view.c0 + view.cols, d, view.c0 + tc, step * kStep,
+                                vector_c, stage + buffer * Shape::kColumnBufferEntries);
     if constexpr (!Resident)
-      stage_step<H>(x_r, view.r0 + view.rows, d, view.r0 + tr, step * kStep, vector_r,
-                    cols + kColumnStageEntries);
+      stage_step<H, Shape::kRows>(
+          x_r, view.r0 + view.rows, d, view.r0 + tr, step * kStep, vector_r,
+          stage + Shape::kColumnStageEntries + buffer * Shape::kRowBufferEntries);
   }
   commit_copies();
 }
 
 // The sub-tile at (tr, tc) of the view of x_r x_c^T (d entries per row) into
-// acc, the warp's 16 x 32 share, staged step by step through `stage`
-// (kStageEntries, 16-byte aligned) in a ring of kStages buffers: while the
-// warps multiply one step, the next kStages - 1 land. One barrier per
-// step: a buffer is refilled only after every thread has passed the
-// barrier that follows its last read. With Resident (rows from
+// acc, the warp's share (Shape: MmaShape), staged step by step through
+// `stage` (Shape::kStageEntries, 16-byte aligned) in a ring of kStages
+// buffers: while the warps multiply one step, the next kStages - 1 land.
+// One barrier per step: a buffer is refilled only after every thread has
+// passed the barrier that follows its last read. With Resident (rows from
 // stage_resident_rows for the view's rows tr .., at `resident`) only the
-// columns are staged (the first half of `stage`) and x_r is not read.
-template <MmaOperands H, bool Resident = false>
+// columns are staged (the first Shape::kColumnStageEntries of `stage`) and
+// x_r is not read.
+template <MmaOperands H, bool Resident = false, typename Shape = MmaSquare>
 __device__ inline void sub_tile_products(const OperandEntry<H>* x_r, const OperandEntry<H>* x_c,
                                          int64_t d, const TileView& view, int64_t tr,
-                                         int64_t tc, uint16_t* stage, float (&acc)[4][4],
+                                         int64_t tc, uint16_t* stage, typename Shape::Acc& acc,
                                          const uint16_t* resident = nullptr) {
-  const int warp = threadIdx.x / 32;
-  const int warp_row = warp % 4 * kMmaWarpRows, warp_col = warp / 4 * kMmaWarpCols;
+  const int warp_row = Shape::warp_row(), warp_col = Shape::warp_col();
   const bool vector_r = !Resident && vector_rows(x_r, d), vector_c = vector_rows(x_c, d);
+  const int resident_stride = Resident ? resident_row_stride<H>(d) : kMmaStride;
   constexpr int64_t kStep = kMmaDepth / kUnitsPerEntry<H>;  // entries per step
   const int64_t steps = (d + kStep - 1) / kStep;
   for (int step = 0; step < kStages - 1; ++step)
-    stage_operands<H, Resident>(x_r, x_c, d, view, tr, tc, vector_r, vector_c, step, steps,
-                                stage);
+    stage_operands<H, Resident, Shape>(x_r, x_c, d, view, tr, tc, vector_r, vector_c, step,
+                                       steps, stage);
   for (int64_t step = 0; step < steps; ++step) {
     wait_copies<kStages - 2>();  // this thread's pieces of the step have landed
     __syncthreads();             // everyone's; and the buffer refilled next is free
-    stage_operands<H, Resident>(x_r, x_c, d, view, tr, tc, vector_r, vector_c,
-                                step + kStages - 1, steps, stage);
-    const uint16_t* cols = stage + step % kStages * kBufferEntries;
+    stage_operands<H, Resident, Shape>(x_r, x_c, d, view, tr, tc, vector_r, vector_c,
+                                       step + kStages - 1, steps, stage);
+    const int buffer = static_cast<int>(step % kStages);
+    const uint16_t* cols = stage + buffer * Shape::kColumnBufferEntries;
     if constexpr (Resident)
       warp_products<H>(resident + step * kMmaDepth, cols, warp_row, warp_col, acc,
-                       resident_row_stride<H>(d));
+                       resident_stride);
     else
-      warp_products<H>(cols + kColumnStageEntries, cols, warp_row, warp_col, acc);
+      warp_products<H>(stage + Shape::kColumnStageEntries + buffer * Shape::kRowBufferEntries,
+                       cols, warp_row, warp_col, acc);
   }
   __syncthreads();  // the caller may restage or reuse the buffers
 }
 
 // sub_tile_products with the view's rows resident (stage_resident_rows):
-// only the columns tc .. tc + 64 pass through `stage` (kColumnStageEntries).
-template <MmaOperands H>
+// only the columns tc .. tc + Shape::kCols pass through `stage`
+// (Shape::kColumnStageEntries).
+template <MmaOperands H, typename Shape = MmaSquare>
 __device__ inline void sub_tile_products_resident(const uint16_t* rows, const OperandEntry<H>* x_c,
                                                   int64_t d, const TileView& view, int64_t tc,
-                                                  uint16_t* stage, float (&acc)[4][4]) {
-  sub_tile_products<H, true>(x_c, x_c, d, view, 0, tc, stage, acc, rows);
+                                                  uint16_t* stage, typename Shape::Acc& acc) {
+  sub_tile_products<H, true, Shape>(x_c, x_c, d, view, 0, tc, stage, acc, rows);
 }
 
 // pair_at, not inlined: the kernel's unrolled loop over its accumulators

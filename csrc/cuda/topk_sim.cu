@@ -11,6 +11,7 @@
 #include <algorithm>
 
 #include "pair_tile_mma.cuh"
+#include "../tile_plan.h"
 
 namespace relkd {
 namespace cuda {
@@ -242,8 +243,8 @@ __global__ void offer_tile_kernel(const T* tile, TileView view, int64_t block_r0
 
 // The tensor-core form (RELKD_TENSOR_CORES=1): a block owns 64 query rows,
 // staged once in (dynamic) shared memory, and one of `splits` column
-// ranges of the view, sweeps it 64 columns at a time (only those staged per
-// step), the similarities computed by mma (pair_tile_mma.cuh) and
+// ranges of the view, sweeps it 128 columns at a time (only those staged per
+// step; OfferShape), the similarities computed by mma (pair_tile_mma.cuh) and
 // filtered against each row's bar while they are in registers; only the
 // survivors reach the rows' buffers (in an order set by integer atomics,
 // which the unique composite keys make irrelevant to the result). A row
@@ -251,16 +252,23 @@ __global__ void offer_tile_kernel(const T* tile, TileView view, int64_t block_r0
 // the same exact selection. Each (row, split) has its own selection state,
 // slot row * splits + split, so a few row blocks still fill the GPU;
 // merge_splits_kernel then joins a row's splits for the finish.
+// Warps of 32 x 32, 2 down and 4 across: 16 FLOP per byte read from shared
+// memory where the square sub-tile's 16 x 32 warps take 11; 32
+// accumulators per thread, as the top-k holds no teacher's.
+using OfferShape = MmaShape<64, 128, 32, 32>;
+constexpr size_t kOfferRingBytes = OfferShape::kColumnStageEntries * sizeof(uint16_t);
+
 struct RowsState {
-  Key bar[kMmaEdge];
-  int size[kMmaEdge], has_bar[kMmaEdge];
+  Key bar[OfferShape::kRows];
+  int size[OfferShape::kRows], has_bar[OfferShape::kRows];
 };
 
 template <typename Slot>
 __device__ inline void compact_full_rows(RowsState& rs, SelectShared& sh,
                                          const TopkState<float>& st, int rows, const Slot& slot) {
   for (int r = 0; r < rows; ++r) {
-    if (rs.size[r] <= st.cap - kMmaEdge) continue;  // every thread reads the same size
+    // Room for a whole sub-tile's columns; every thread reads the same size.
+    if (rs.size[r] <= st.cap - OfferShape::kCols) continue;
     const Key bar = keep_best(st.values + slot(r) * st.cap, st.columns + slot(r) * st.cap,
                               rs.size[r], static_cast<int>(st.k), sh);
     if (threadIdx.x == 0) {
@@ -276,23 +284,28 @@ __device__ inline void compact_full_rows(RowsState& rs, SelectShared& sh,
 // taking what is left.
 __device__ inline void split_columns(const TileView& view, int splits, int split, int64_t* c0,
                                      int64_t* cols) {
-  const int64_t tiles = (view.cols + kMmaEdge - 1) / kMmaEdge;
-  const int64_t per_split = (tiles + splits - 1) / splits * kMmaEdge;
+  const int64_t tiles = (view.cols + OfferShape::kCols - 1) / OfferShape::kCols;
+  const int64_t per_split = (tiles + splits - 1) / splits * OfferShape::kCols;
   const int64_t begin = split * per_split < view.cols ? split * per_split : view.cols;
   *c0 = view.c0 + begin;
   *cols = view.cols - begin < per_split ? view.cols - begin : per_split;
 }
 
+// Two blocks per multiprocessor: at most 128 registers (ptxas: 120-130
+// without the bound, none spilled with it but 8 bytes of 3xTF32's on
+// sm_80); D = 512 bf16 rows take 101 KiB of shared memory per block.
 template <MmaOperands H>
-__global__ void offer_mma_kernel(const OperandEntry<H>* q, const OperandEntry<H>* c, int64_t d,
-                                 TileView view, int64_t block_r0, int splits,
-                                 const float* scale, TopkValidity valid, TopkState<float> st) {
+__global__ void __launch_bounds__(kThreads, 2)
+    offer_mma_kernel(const OperandEntry<H>* q, const OperandEntry<H>* c, int64_t d,
+                     TileView view, int64_t block_r0, int splits, const float* scale,
+                     TopkValidity valid, TopkState<float> st) {
   uint16_t* stage = dynamic_shared<uint16_t>();  // the columns' buffers, then the rows
   __shared__ SelectShared sh;
   __shared__ RowsState rs;
   const int split = static_cast<int>(blockIdx.x % splits);
-  const int64_t tr = static_cast<int64_t>(blockIdx.x / splits) * kMmaEdge;
-  const int rows = static_cast<int>(view.rows - tr < kMmaEdge ? view.rows - tr : kMmaEdge);
+  constexpr int kRows = OfferShape::kRows;
+  const int64_t tr = static_cast<int64_t>(blockIdx.x / splits) * kRows;
+  const int rows = static_cast<int>(view.rows - tr < kRows ? view.rows - tr : kRows);
   TileView mine = view;  // this block's columns
   split_columns(view, splits, split, &mine.c0, &mine.cols);
   // Row r's state is slot (row0 + r) * splits + split: `splits` slots apart.
@@ -303,34 +316,34 @@ __global__ void offer_mma_kernel(const OperandEntry<H>* q, const OperandEntry<H>
     rs.has_bar[r] = st.has_bar[slot(r)];
     rs.bar[r] = Key{st.bar_hi[slot(r)], st.bar_lo[slot(r)]};
   }
-  uint16_t* query_rows = stage + kColumnStageEntries;  // staged once for the whole sweep
+  uint16_t* query_rows = stage + OfferShape::kColumnStageEntries;  // staged once for the sweep
   stage_resident_rows<H>(q, view.r0 + view.rows, d, view.r0 + tr, query_rows);
-  // The accumulator layout (entry_row / entry_col of pair_tile_mma.cuh) with
-  // the thread's part hoisted: calling those in the loop below costs this
-  // kernel 20-28 more registers (ptxas, sm_80: over 128 for fp16 / 3xTF32).
-  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, q4 = threadIdx.x % 4;
-  const int row0 = warp % 4 * kMmaWarpRows, col0 = warp / 4 * kMmaWarpCols;
-  for (int64_t tc = 0; tc < mine.cols; tc += kMmaEdge) {
+  // The accumulator layout of mma.cuh in the warp grid of OfferShape.
+  const int g = threadIdx.x % 32 / 4, q4 = threadIdx.x % 4;
+  const int row0 = OfferShape::warp_row(), col0 = OfferShape::warp_col();
+  for (int64_t tc = 0; tc < mine.cols; tc += OfferShape::kCols) {
     compact_full_rows(rs, sh, st, rows, slot);
-    float acc[4][4] = {};
-    sub_tile_products_resident<H>(query_rows, c, d, mine, tc, stage, acc);
+    OfferShape::Acc acc = {};
+    sub_tile_products_resident<H, OfferShape>(query_rows, c, d, mine, tc, stage, acc);
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int m = 0; m < OfferShape::kTilesM; ++m)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {  // the accumulator layout of mma.cuh
-        const int r = row0 + g + 8 * (i / 2);
-        const int64_t col = mine.c0 + tc + col0 + j * 8 + 2 * q4 + i % 2;
-        if (r >= rows || col >= mine.c0 + mine.cols) continue;
-        const int64_t row = view.r0 + tr + r;
-        if (valid.exclude_self && col == row + valid.self_offset) continue;
-        if (valid.q_labels && valid.c_labels[col] == valid.q_labels[row]) continue;
-        const float value = scale ? acc[j][i] * scale[col] : acc[j][i];
-        if (rs.has_bar[r] && !greater(key_of(value, static_cast<int32_t>(col)), rs.bar[r]))
-          continue;
-        const int at = atomicAdd(&rs.size[r], 1);  // below cap: compacted above
-        st.values[slot(r) * st.cap + at] = value;
-        st.columns[slot(r) * st.cap + at] = static_cast<int32_t>(col);
-      }
+      for (int j = 0; j < OfferShape::kTilesN; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = row0 + m * 16 + g + 8 * (i / 2);
+          const int64_t col = mine.c0 + tc + col0 + j * 8 + 2 * q4 + i % 2;
+          if (r >= rows || col >= mine.c0 + mine.cols) continue;
+          const int64_t row = view.r0 + tr + r;
+          if (valid.exclude_self && col == row + valid.self_offset) continue;
+          if (valid.q_labels && valid.c_labels[col] == valid.q_labels[row]) continue;
+          const float value = scale ? acc[m][j][i] * scale[col] : acc[m][j][i];
+          if (rs.has_bar[r] && !greater(key_of(value, static_cast<int32_t>(col)), rs.bar[r]))
+            continue;
+          const int at = atomicAdd(&rs.size[r], 1);  // below cap: compacted above
+          st.values[slot(r) * st.cap + at] = value;
+          st.columns[slot(r) * st.cap + at] = static_cast<int32_t>(col);
+        }
     __syncthreads();
   }
   for (int r = threadIdx.x; r < rows; r += kThreads) {
@@ -430,7 +443,7 @@ int topk_offer_tile(const double* tile, const TileView& view, int64_t block_r0,
 // the block's query rows.
 template <MmaOperands H>
 size_t offer_mma_dynamic_bytes(int64_t d) {
-  return kColumnStageBytes + resident_rows_bytes<H>(d);
+  return kOfferRingBytes + resident_rows_bytes<H>(d);
 }
 
 int topk_offer_mma(const void* q, const void* c, int64_t d, const TileView& view,
@@ -438,7 +451,7 @@ int topk_offer_mma(const void* q, const void* c, int64_t d, const TileView& view
                    const TopkState<float>& st, int32_t* merged, MmaOperands operands,
                    Stream stream) {
   if (view.rows == 0 || view.cols == 0) return 0;
-  const int64_t blocks = blocks_for(view.rows, kMmaEdge) * splits;
+  const int64_t blocks = blocks_for(view.rows, OfferShape::kRows) * splits;
   int offered = 0;
   with_operands(operands, [&](auto format) {
     constexpr MmaOperands H = decltype(format)::value;
@@ -468,23 +481,34 @@ bool topk_mma_fits(int device, int64_t d, MmaOperands operands) {
                        : SIZE_MAX / 2;  // unknown: the tile path
 #endif
   });
-  // Emulated: the limit without opt-in (static_bytes 0).
-  return shared_memory_fits(device, dynamic + static_bytes, 48u << 10);
+  // Emulated (static_bytes 0): the columns' ring and 32 KiB of query rows,
+  // whatever the staging constants (D = 70 fits, D = 400 does not).
+  return shared_memory_fits(device, dynamic + static_bytes, kOfferRingBytes + (32u << 10));
 }
 
-int topk_mma_splits(int device, int64_t rows, int64_t m) {
+int topk_mma_splits(int device, int64_t rows, int64_t m, int64_t d, MmaOperands operands,
+                    int64_t most) {
 #ifdef RELKD_EMULATE
   (void)device;
-  const int64_t processors = 2, min_columns = 256;  // small tests split too
+  (void)d;
+  (void)operands;
+  const int64_t resident = 8, min_columns = 256;  // small tests split too
 #else
-  int count = 0;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-    count = 1;
-  const int64_t processors = count, min_columns = 8192;  // the bar prunes most of a split
+  int processors = 1, per_processor = 1;
+  if (cudaDeviceGetAttribute(&processors, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    processors = 1;
+  with_operands(operands, [&](auto format) {
+    constexpr MmaOperands H = decltype(format)::value;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_processor, offer_mma_kernel<H>,
+                                                      kThreads,
+                                                      offer_mma_dynamic_bytes<H>(d)) != cudaSuccess)
+      per_processor = 1;
+  });
+  const int64_t resident = int64_t(processors) * std::max(per_processor, 1);
+  const int64_t min_columns = 8192;  // the bar prunes most of a split
 #endif
-  const int64_t want = blocks_for(4 * processors, blocks_for(rows, kMmaEdge));
-  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(m / min_columns, 64));
-  return static_cast<int>(std::min(want, most));
+  most = std::max<int64_t>(1, std::min<int64_t>({most, m / min_columns, 64}));
+  return static_cast<int>(fullest_wave_splits(blocks_for(rows, OfferShape::kRows), resident, most));
 }
 
 int topk_finish(const TopkState<float>& st, int64_t rows, int64_t out_k, float* values,

@@ -120,11 +120,36 @@ void test_block_order() {
   expect(ok, "block order: wave order, turns count each block's tiles");
 }
 
+// The top-k's column ranges (csrc/tile_plan.h): within 1 .. most, a last
+// wave within kWaveSlack of the fullest any allowed count gives, and the
+// fewest ranges that do.
+void test_fullest_wave_splits() {
+  using relkd::last_wave_fill;
+  bool ok = relkd::fullest_wave_splits(128, 264, 3) == 2 &&  // 97 % against 73 % with 3
+            relkd::fullest_wave_splits(128, 264, 64) == 2 &&
+            relkd::fullest_wave_splits(1, 8, 64) == 8;
+  for (int64_t row_blocks = 1; row_blocks <= 40; ++row_blocks)
+    for (int64_t resident : {1, 2, 8, 132, 264})
+      for (int64_t most = 1; most <= 70; most += 3) {
+        const int64_t s = relkd::fullest_wave_splits(row_blocks, resident, most);
+        ok = ok && s >= 1 && s <= most;
+        double best = 0.0;
+        for (int64_t other = 1; other <= most; ++other)
+          best = std::max(best, last_wave_fill(row_blocks * other, resident));
+        const double slack = best - relkd::kWaveSlack;
+        ok = ok && last_wave_fill(row_blocks * s, resident) >= slack;
+        for (int64_t fewer = 1; fewer < s; ++fewer)
+          ok = ok && last_wave_fill(row_blocks * fewer, resident) < slack;
+      }
+  expect(ok, "top-k splits: a last wave near the fullest, fewest ranges, within 1 .. most");
+}
+
 }  // namespace
 
 int main() {
   test_tile_waves();
   test_block_order();
+  test_fullest_wave_splits();
   test_topk_sim();
   test_pair_dot();
   test_pairwise_cckd();

@@ -35,6 +35,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __noinline__ __attribute__((noinline))
+#define __launch_bounds__(...)
 #define __shared__ static
 
 using cudaStream_t = void*;
