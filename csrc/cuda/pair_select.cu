@@ -137,9 +137,7 @@ int pair_rows_mma(const RowsMmaArgs& a, const TileMask& m, Stream s) {
   return static_cast<int>(cudaErrorInvalidValue);
 }
 
-int64_t pair_tile_mma_blocks(const TileView& view) {
-  return blocks_for(view.rows, kMmaEdge) * blocks_for(view.cols, kMmaEdge);
-}
+int64_t pair_tile_mma_blocks(const TileView& view) { return MmaSquare::blocks(view); }
 
 int pair_tile_mma(const PairTileArgs<float>& a, const MmaTileInputs& in, const TileView& v,
                   const TileMask& m, Stream s) {

@@ -1,5 +1,5 @@
 // pair_select on tensor cores: the histogram and candidate passes of EKD's
-// order statistics (SPEC §3) with each 64 x 64 sub-tile of similarities
+// order statistics (SPEC §3) with each 64 x 128 sub-tile of similarities
 // computed in the kernel (pair_tile_mma.cuh: mma in the operand format the
 // glue picks) and classified while in registers (pair_select.cuh), so no
 // similarity tile reaches memory. Every pass computes a pair's value by the
@@ -40,46 +40,64 @@ __device__ __noinline__ void collect_entry(const TileView& view, const TileMask&
   if (tie_keys && r < view.rows && c < view.cols) tie_keys[r * view.cols + c] = tie;
 }
 
+// The passes' sub-tiles: warps of 32 x 32, as the top-k's (16 FLOP per byte
+// read from shared memory against 11 for 16 x 32), one accumulator set.
+// Both passes must share it: a pair's value then comes from the same
+// instructions in the same order in each.
+using SelectShape = MmaShape<64, 128, 32, 32>;
+constexpr size_t kSelectStageBytes = SelectShape::kStageEntries * sizeof(uint16_t);
+
 // Column sub-tiles a histogram block sweeps along its 64 rows, so that its
 // hot bins (pair_select.cuh, in dynamic shared memory after the staging)
-// gather up to 16 x 4096 pairs per global atomic.
-constexpr int kHistogramStrip = 16;
+// gather up to 8 x 8192 pairs per global atomic.
+constexpr int kHistogramStrip = 8;
 
 // The blocks of a histogram pass: 64-row strips of kHistogramStrip sub-tiles.
 int64_t histogram_mma_blocks(const TileView& view) {
-  return blocks_for(view.rows, kMmaEdge) *
-         blocks_for(blocks_for(view.cols, kMmaEdge), kHistogramStrip);
+  return blocks_for(view.rows, SelectShape::kRows) *
+         blocks_for(blocks_for(view.cols, SelectShape::kCols), kHistogramStrip);
+}
+
+// The sub-tile's pairs in the accumulator layout: f(row, column, value)
+// with row and column tile-local, in a rolled loop (acc read from the stack
+// frame, 128 bytes, L1), against minutes of nvcc per unrolled unit.
+template <typename F>
+__device__ inline void for_each_entry(const SelectShape::Acc& acc, int64_t tr, int64_t tc,
+                                      const F& f) {
+  for (int m = 0; m < SelectShape::kTilesM; ++m)
+    for (int j = 0; j < SelectShape::kTilesN; ++j)
+      for (int i = 0; i < 4; ++i)
+        f(tr + SelectShape::entry_row(m, i), tc + SelectShape::entry_col(j, i), acc[m][j][i]);
 }
 
 template <MmaOperands H>
 __global__ void histogram_mma_kernel(MmaTileInputs in, TileView view, TileMask mask,
                                      const int64_t* prefixes, int64_t n_prefix, int shift,
                                      unsigned long long* hist, FirstPassCollect<float> collect) {
-  uint16_t* stage = dynamic_shared<uint16_t>();  // kStageBytes, then the hot bins
-  unsigned* hot =
-      first_pass<float>(shift) ? reinterpret_cast<unsigned*>(stage + kStageEntries) : nullptr;
+  uint16_t* stage = dynamic_shared<uint16_t>();  // kSelectStageBytes, then the hot bins
+  unsigned* hot = first_pass<float>(shift)
+                      ? reinterpret_cast<unsigned*>(stage + SelectShape::kStageEntries)
+                      : nullptr;
   clear_hot_bins<float>(hot);
-  const int64_t tiles_c = blocks_for(view.cols, kMmaEdge);
+  const int64_t tiles_c = blocks_for(view.cols, SelectShape::kCols);
   const int64_t strips = blocks_for(tiles_c, kHistogramStrip);
-  const int64_t tr = blockIdx.x / strips * kMmaEdge, strip = blockIdx.x % strips;
+  const int64_t tr = blockIdx.x / strips * SelectShape::kRows, strip = blockIdx.x % strips;
   const int64_t last = (strip + 1) * kHistogramStrip < tiles_c ? (strip + 1) * kHistogramStrip
                                                                 : tiles_c;
   const bool collecting = collects(collect);
   for (int64_t t = strip * kHistogramStrip; t < last; ++t) {
-    const int64_t tc = t * kMmaEdge;
-    if (below_diagonal(view, mask, tr, tc)) continue;  // no pair of the mask (whole block)
-    float acc[4][4] = {};
-    sub_tile_products<H>(entries<H>(in.xs_r), entries<H>(in.xs_c), in.ds, view, tr, tc, stage,
-                         acc);
-    // Rolled loops: acc is read from the stack frame (64 bytes, L1), against
-    // over a minute of nvcc per unrolled unit.
-    for (int j = 0; j < 4; ++j)  // every thread makes the 16 calls: warp-wide steps inside
-      for (int i = 0; i < 4; ++i) {
-        const int64_t r = tr + entry_row(i), c = tc + entry_col(j, i);
-        const bool in_mask = counted(view, mask, r, c);
-        histogram_entry(acc[j][i], in_mask, prefixes, n_prefix, shift, hot, hist);
-        if (collecting) first_pass_entry(view, mask, r, c, acc[j][i], in_mask, collect);
-      }
+    const int64_t tc = t * SelectShape::kCols;
+    // No pair of the mask (the whole block skips it).
+    if (below_diagonal<SelectShape::kCols>(view, mask, tr, tc)) continue;
+    SelectShape::Acc acc = {};
+    sub_tile_products<H, false, SelectShape>(entries<H>(in.xs_r), entries<H>(in.xs_c), in.ds,
+                                             view, tr, tc, stage, acc);
+    // Every thread makes every call: warp-wide steps inside.
+    for_each_entry(acc, tr, tc, [&](int64_t r, int64_t c, float value) {
+      const bool in_mask = counted(view, mask, r, c);
+      histogram_entry(value, in_mask, prefixes, n_prefix, shift, hot, hist);
+      if (collecting) first_pass_entry(view, mask, r, c, value, in_mask, collect);
+    });
   }
   flush_hot_bins<float>(hot, hist);
 }
@@ -87,24 +105,23 @@ __global__ void histogram_mma_kernel(MmaTileInputs in, TileView view, TileMask m
 template <MmaOperands H>
 __global__ void collect_mma_kernel(MmaTileInputs in, TileView view, TileMask mask,
                                    CollectOutputs<float> out, int64_t* tie_keys) {
-  uint16_t* stage = dynamic_shared<uint16_t>();  // kStageBytes
+  uint16_t* stage = dynamic_shared<uint16_t>();  // kSelectStageBytes
+  constexpr int kCols = SelectShape::kCols;
   int64_t tr, tc;
-  block_sub_tile(view, &tr, &tc);
-  if (below_diagonal(view, mask, tr, tc)) {  // no pair of the mask: no ties either
-    for (int e = threadIdx.x; tie_keys && e < kMmaEdge * kMmaEdge; e += kThreads) {
-      const int64_t r = tr + e / kMmaEdge, c = tc + e % kMmaEdge;
+  SelectShape::block_sub_tile(view, &tr, &tc);
+  if (below_diagonal<kCols>(view, mask, tr, tc)) {  // no pair of the mask: no ties either
+    for (int e = threadIdx.x; tie_keys && e < SelectShape::kRows * kCols; e += kThreads) {
+      const int64_t r = tr + e / kCols, c = tc + e % kCols;
       if (r < view.rows && c < view.cols) tie_keys[r * view.cols + c] = INT64_MAX;
     }
     return;
   }
-  float acc[4][4] = {};
-  sub_tile_products<H>(entries<H>(in.xs_r), entries<H>(in.xs_c), in.ds, view, tr, tc, stage,
-                       acc);
-  for (int j = 0; j < 4; ++j)  // rolled, as above
-    for (int i = 0; i < 4; ++i) {
-      const int64_t r = tr + entry_row(i), c = tc + entry_col(j, i);
-      collect_entry(view, mask, r, c, acc[j][i], counted(view, mask, r, c), out, tie_keys);
-    }
+  SelectShape::Acc acc = {};
+  sub_tile_products<H, false, SelectShape>(entries<H>(in.xs_r), entries<H>(in.xs_c), in.ds, view,
+                                           tr, tc, stage, acc);
+  for_each_entry(acc, tr, tc, [&](int64_t r, int64_t c, float value) {
+    collect_entry(view, mask, r, c, value, counted(view, mask, r, c), out, tie_keys);
+  });
 }
 
 }  // namespace
@@ -114,8 +131,8 @@ int pair_histogram_mma(const MmaTileInputs& in, const TileView& view, const Tile
                        unsigned long long* hist, const FirstPassCollect<float>& collect,
                        Stream stream) {
   if (view.rows * view.cols == 0) return 0;
-  const size_t bytes =
-      kStageBytes + (first_pass<float>(shift) ? HotBins<float>::kSlots * sizeof(unsigned) : 0);
+  const size_t bytes = kSelectStageBytes +
+                       (first_pass<float>(shift) ? HotBins<float>::kSlots * sizeof(unsigned) : 0);
   int status = 0;
   with_operands(in.operands, [&](auto format) {
     constexpr MmaOperands H = decltype(format)::value;
@@ -139,9 +156,9 @@ int pair_collect_mma(const MmaTileInputs& in, const TileView& view, const TileMa
   int status = 0;
   with_operands(in.operands, [&](auto format) {
     constexpr MmaOperands H = decltype(format)::value;
-    status = allow_dynamic_shared(collect_mma_kernel<H>, kStageBytes);
+    status = allow_dynamic_shared(collect_mma_kernel<H>, kSelectStageBytes);
     if (status != 0) return;
-    RELKD_LAUNCH_SHARED(pair_tile_mma_blocks(view), kThreads, kStageBytes, stream,
+    RELKD_LAUNCH_SHARED(SelectShape::blocks(view), kThreads, kSelectStageBytes, stream,
                         collect_mma_kernel<H>)(in, view, mask, out, tie_keys);
     status = launched();
   });

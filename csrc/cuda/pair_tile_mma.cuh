@@ -63,6 +63,23 @@ struct MmaShape {
   // This warp's corner in the sub-tile.
   __device__ static int warp_row() { return threadIdx.x / 32 % kWarpsDown * WarpRows; }
   __device__ static int warp_col() { return threadIdx.x / 32 / kWarpsDown * WarpCols; }
+  // Where this thread's accumulator entry i of tile (m, j) lies in the
+  // sub-tile (the accumulator layout of mma.cuh): its row and column.
+  __device__ static int entry_row(int m, int i) {
+    return warp_row() + m * 16 + threadIdx.x % 32 / 4 + 8 * (i / 2);
+  }
+  __device__ static int entry_col(int j, int i) {
+    return warp_col() + j * 8 + 2 * (threadIdx.x % 4) + i % 2;
+  }
+  // The blocks of a view, one per sub-tile, row-major; this block's corner.
+  __host__ __device__ static int64_t blocks(const TileView& view) {
+    return blocks_for(view.rows, Rows) * blocks_for(view.cols, Cols);
+  }
+  __device__ static void block_sub_tile(const TileView& view, int64_t* tr, int64_t* tc) {
+    const int64_t across = blocks_for(view.cols, Cols);
+    *tr = blockIdx.x / across * Rows;
+    *tc = blockIdx.x % across * Cols;
+  }
 };
 
 // The pairwise tiles', the rows pass's and the selection's sub-tile: 64 x
@@ -77,14 +94,9 @@ constexpr size_t kStageBytes = kStageEntries * sizeof(uint16_t);
 constexpr size_t kColumnStageBytes = kColumnStageEntries * sizeof(uint16_t);
 
 // Where this thread's accumulator entry acc[j][i] lies in its block's
-// 64 x 64 sub-tile (the accumulator layout of mma.cuh, the warp grid
-// above): its row and column from the sub-tile's corner.
-__device__ inline int entry_row(int i) {
-  return threadIdx.x / 32 % 4 * kMmaWarpRows + threadIdx.x % 32 / 4 + 8 * (i / 2);
-}
-__device__ inline int entry_col(int j, int i) {
-  return threadIdx.x / 32 / 4 * kMmaWarpCols + j * 8 + 2 * (threadIdx.x % 4) + i % 2;
-}
+// 64 x 64 sub-tile (MmaSquare's warps hold one row of mma tiles).
+__device__ inline int entry_row(int i) { return MmaSquare::entry_row(0, i); }
+__device__ inline int entry_col(int j, int i) { return MmaSquare::entry_col(j, i); }
 
 // 16 bytes of a staged row: 8 entries of a 16-bit format, or 4 TF32 entries.
 struct alignas(16) StagePiece {
@@ -349,12 +361,13 @@ __device__ __noinline__ PairSums pair_epilogue(const Terms& terms, const PairTil
   return pair_at(terms, a, view, mask, r, c, s, t);
 }
 
-// True when every pair of the sub-tile at (tr, tc) lies below the diagonal
-// of a symmetric op (column < row), where the pair weight is 0: half the
-// sub-tiles of a diagonal tile.
+// True when every pair of the sub-tile at (tr, tc), Cols wide, lies below
+// the diagonal of a symmetric op (column < row), where the pair weight is 0:
+// about half the sub-tiles of a diagonal tile.
+template <int Cols = kMmaEdge>
 __device__ inline bool below_diagonal(const TileView& view, const TileMask& mask, int64_t tr,
                                       int64_t tc) {
-  const int64_t end = tc + kMmaEdge < view.cols ? tc + kMmaEdge : view.cols;
+  const int64_t end = tc + Cols < view.cols ? tc + Cols : view.cols;
   const int64_t last_col = view.c0 + end - 1;
   return mask.symmetric && last_col < view.r0 + tr;
 }
@@ -372,21 +385,13 @@ __device__ inline void zero_sub_tile(const PairTileArgs<float>& a, const TileVie
   }
 }
 
-// This block's sub-tile of the view (blocks row-major over 64 x 64
-// sub-tiles): its corner (tr, tc), tile-local.
-__device__ inline void block_sub_tile(const TileView& view, int64_t* tr, int64_t* tc) {
-  const int64_t blocks_c = (view.cols + kMmaEdge - 1) / kMmaEdge;
-  *tr = blockIdx.x / blocks_c * kMmaEdge;
-  *tc = blockIdx.x % blocks_c * kMmaEdge;
-}
-
 template <typename Terms, MmaOperands H>
 __global__ void pair_tile_mma_kernel(Terms terms, PairTileArgs<float> a, MmaTileInputs in,
                                      TileView view, TileMask mask) {
   uint16_t* stage = dynamic_shared<uint16_t>();  // kStageBytes
   __shared__ double shared[kThreads];
   int64_t tr, tc;
-  block_sub_tile(view, &tr, &tc);
+  MmaSquare::block_sub_tile(view, &tr, &tc);
   if (below_diagonal(view, mask, tr, tc)) {  // the whole block leaves together
     zero_sub_tile(a, view, tr, tc);
     if (threadIdx.x < 3) a.sums[blockIdx.x * 3 + threadIdx.x] = 0.0;
