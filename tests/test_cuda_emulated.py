@@ -577,15 +577,17 @@ def test_staging_reads_16_bit_operands_as_they_are(emulated, fmt, d, vector):
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("d", [16, 80])
 @pytest.mark.parametrize("vector", [True, False])
-def test_rows_pass_stages_its_products_operand_as_bf16(emulated, fmt, vector):
+def test_rows_pass_stages_its_products_operand_as_bf16(emulated, fmt, d, vector):
     """The rows pass multiplies G by the column rows in bf16 whatever the
-    16-bit format: bfloat16 entries pass as they are, float16 ones are
-    rounded to the nearest bfloat16 (ties to even) as torch rounds the same
-    value, over all 65,536 float16 patterns (subnormals, infinities; NaN
-    stays NaN)."""
-    d = 16
-    x = torch.arange(2 ** 16, dtype=torch.int32).to(torch.int16).view(fmt).view(-1, d)
+    16-bit format: bfloat16 entries pass as they are (by cp.async where
+    rows are 16-byte aligned), float16 ones are rounded to the nearest
+    bfloat16 (ties to even) as torch rounds the same value, over all 65,536
+    float16 patterns (subnormals, infinities; NaN stays NaN). D = 80: two
+    64-entry chunks, the second partial, and a partial last row block."""
+    x = torch.arange(2 ** 16, dtype=torch.int32).to(torch.int16).view(fmt)
+    x = x[: x.numel() // d * d].view(-1, d)
     got = emulated.stage_pieces(x, FORMATS[fmt], vector, True).view(x.shape[0], -1)
     want = words_of(bits16_of(x.float().bfloat16()))
     nan = torch.isnan(x)

@@ -26,9 +26,8 @@ namespace cuda {
 
 constexpr int kGradStride = kMmaEdge + 8;  // a row of the G tile / of the staged x chunk
 
-// Shared memory of the dynamic part: the staging buffers (beyond the 48 KiB
-// of static shared memory, with the rest) and the block's gradient rows
-// (64 x ds fp32).
+// Shared memory of the dynamic part: the staging buffers (also the G x X
+// chunks' ring) and the block's gradient rows (64 x ds fp32).
 inline size_t rows_mma_dynamic_bytes(int64_t ds) {
   return kStageEntries * sizeof(uint16_t) +
          static_cast<size_t>(kMmaEdge) * static_cast<size_t>(ds) * sizeof(float);
@@ -52,20 +51,44 @@ __device__ inline StagePiece as_bf16(StagePiece piece) {
 // Entries d0 .. d0 + 64 of rows c0 .. c0 + 64 (below n) of x (d entries per
 // row, format H) into stage[64 (row)][kGradStride] as bf16, 0 out of range:
 // the B operand of G x X, whose k index (the column row) runs along the
-// staged rows, read by ldmatrix .trans. Two 16-byte pieces per thread; the
+// staged rows, read by ldmatrix .trans. bf16 rows go as stored (cp.async
+// where 16-byte aligned: in flight until the caller's wait); float16 ones
+// through registers, rounded to bf16. Two 16-byte pieces per thread; the
 // eight threads of a store phase fill one row.
 template <MmaOperands H>
 __device__ inline void stage_chunk(const OperandEntry<H>* x, int64_t n, int64_t d, int64_t c0,
                                    int64_t d0, bool vector, uint16_t* stage) {
+  using Pieces = StepPieces<kMmaEdge, kMmaEdge>;
+  if constexpr (H == MmaOperands::Bf16) {
+    stage_step<H, kMmaEdge, kMmaEdge>(x, n, d, c0, d0, vector, stage, kGradStride);
+  } else {
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int e = threadIdx.x + h * kThreads, row = e / 8, entry = e % 8 * 8;
-    const StagePiece piece = as_bf16<H>(load_piece_at<H>(x, n, d, c0 + row, d0 + entry, vector));
-    *reinterpret_cast<StagePiece*>(stage + row * kGradStride + entry) = piece;
+    for (int h = 0; h < Pieces::kPieces; ++h) {
+      const int row = Pieces::row(h), entry = Pieces::unit(h);
+      const StagePiece piece =
+          as_bf16<H>(load_piece_at<H>(x, n, d, c0 + row, d0 + entry, vector));
+      *reinterpret_cast<StagePiece*>(stage + row * kGradStride + entry) = piece;
+    }
   }
 }
-static_assert(kMmaEdge * kMmaEdge == 2 * 8 * kThreads && kGradStride * 2 % 16 == 0,
-              "stage_chunk: two pieces per thread, 16-byte aligned rows");
+static_assert(kGradStride * 2 % 16 == 0, "stage_chunk: 16-byte aligned rows");
+
+// The G x X chunks go through a ring of kStages buffers in the staging
+// memory, free once the sub-tile's products are done: chunk `chunk` (of
+// `chunks`) into buffer chunk % kStages, one commit group per chunk (empty
+// past the last), as sub_tile_products' steps.
+constexpr int kChunkEntries = kMmaEdge * kGradStride;
+static_assert(kStages * kChunkEntries <= kStageEntries, "the chunk ring fits the staging");
+
+template <MmaOperands H>
+__device__ inline void stage_chunk_ring(const OperandEntry<H>* x, int64_t n, int64_t d,
+                                        int64_t c0, int64_t chunk, int64_t chunks, bool vector,
+                                        uint16_t* ring) {
+  if (chunk < chunks)
+    stage_chunk<H>(x, n, d, c0, chunk * kMmaEdge, vector,
+                   ring + chunk % kStages * kChunkEntries);
+  commit_copies();
+}
 
 // The sub-tile's pair terms with weights W_pq, derivatives into g_tile as
 // bf16, dl/dn_p added to *dn_p (kinds with norms).
@@ -108,13 +131,19 @@ __device__ inline void sum_norm_parts(const double (&mine)[2], double (*parts)[k
 }
 static_assert(kThreads / 32 / 4 * 4 == kNormParts, "a row is visited by 2 warps x 4 lanes");
 
+// The kernel's static shared memory (rows_mma_fits adds its size to the
+// dynamic part's).
+struct RowsShared {
+  alignas(16) uint16_t g_tile[kMmaEdge * kGradStride];  // G of the sub-tile, bf16
+  double block_sums[kThreads];
+  double norm_parts[kMmaEdge][kNormParts];
+  float dn_rows[kMmaEdge];
+};
+
 template <typename Terms, MmaOperands H>
 __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) {
-  alignas(16) __shared__ uint16_t g_tile[kMmaEdge * kGradStride];
-  alignas(16) __shared__ uint16_t x_chunk[kMmaEdge * kGradStride];
-  __shared__ double shared[kThreads];
-  __shared__ double norm_parts[kMmaEdge][kNormParts];
-  __shared__ float dn_rows[kMmaEdge];
+  __shared__ RowsShared sh;
+  uint16_t* g_tile = sh.g_tile;
   uint16_t* stage = dynamic_shared<uint16_t>();                 // kStageEntries
   float* grad = reinterpret_cast<float*>(stage + kStageEntries);  // kMmaEdge x ds
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kMmaEdge;
@@ -130,11 +159,15 @@ __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) 
   const int warp_row = warp % 4 * kMmaWarpRows, warp_col = warp / 4 * kMmaWarpCols;
   PairSums sums;
   double dn_mine[2] = {0.0, 0.0};  // dl/dn of this thread's two rows, its columns' share
+  const int64_t chunks = (a.ds + kMmaEdge - 1) / kMmaEdge;  // of G x X, 64 entries each
   for (int64_t c0 = 0; c0 < a.n; c0 += kMmaEdge) {
     const TileView view{r0, rows, c0, a.n - c0 < kMmaEdge ? a.n - c0 : kMmaEdge, kMmaEdge};
     float s[4][4] = {}, t[4][4] = {};
     sub_tile_products<H>(xs, xs, a.ds, view, 0, 0, stage, s);
     if (xt) sub_tile_products<H>(xt, xt, a.dt, view, 0, 0, stage, t);
+    // The first chunks of G x X's column rows land while the pair terms run.
+    for (int64_t chunk = 0; chunk < kStages - 1; ++chunk)
+      stage_chunk_ring<H>(xs, a.n, a.ds, c0, chunk, chunks, vector_x, stage);
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -143,14 +176,17 @@ __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) 
         sums.add(rows_pair(terms, ordered, a, r0 + r, c0 + c, s[j][i], t[j][i],
                            &g_tile[r * kGradStride + c], &dn_mine[i / 2]));
       }
-    // grad rows += G x (the column rows), 64 entries of the embedding at a time.
-    for (int64_t d0 = 0; d0 < a.ds; d0 += kMmaEdge) {
-      __syncthreads();  // g_tile complete; x_chunk free
-      stage_chunk<H>(xs, a.n, a.ds, c0, d0, vector_x, x_chunk);
-      __syncthreads();
+    // grad rows += G x (the column rows), 64 entries of the embedding at a
+    // time, through the chunk ring (wait; barrier; issue the chunk kStages -
+    // 1 ahead; multiply).
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      wait_copies<kStages - 2>();  // this thread's pieces of the chunk have landed
+      __syncthreads();             // everyone's; g_tile complete; the next buffer free
+      stage_chunk_ring<H>(xs, a.n, a.ds, c0, chunk + kStages - 1, chunks, vector_x, stage);
       float acc[4][4] = {};
-      warp_products<MmaOperands::Bf16, kMmaEdge, kGradStride, true>(g_tile, x_chunk, warp_row,
-                                                                    warp_col, acc);
+      warp_products<MmaOperands::Bf16, kMmaEdge, kGradStride, true>(
+          g_tile, stage + chunk % kStages * kChunkEntries, warp_row, warp_col, acc);
+      const int64_t d0 = chunk * kMmaEdge;
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -160,15 +196,15 @@ __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) 
           if (d < a.ds) grad[r * a.ds + d] += acc[j][i];
         }
     }
-    __syncthreads();  // g_tile is rewritten by the next column block
+    __syncthreads();  // g_tile and the ring are rewritten by the next column block
   }
   if (a.ns) {  // the squared norms' share: 2 (dl/dn_p) x_p
-    sum_norm_parts(dn_mine, norm_parts, dn_rows);
+    sum_norm_parts(dn_mine, sh.norm_parts, sh.dn_rows);
     for (int64_t e = threadIdx.x; e < rows * a.ds; e += kThreads)
-      grad[e] += 2.0f * dn_rows[e / a.ds] * entry_value<H>(xs[r0 * a.ds + e]);
+      grad[e] += 2.0f * sh.dn_rows[e / a.ds] * entry_value<H>(xs[r0 * a.ds + e]);
   }
   for (int64_t e = threadIdx.x; e < rows * a.ds; e += kThreads) a.grad_s[r0 * a.ds + e] = grad[e];
-  store_block_sums(sums, shared, a.sums);
+  store_block_sums(sums, sh.block_sums, a.sums);
 }
 
 template <typename Terms, MmaOperands H>

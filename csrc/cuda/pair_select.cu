@@ -119,8 +119,7 @@ bool has_tensor_cores(int device) {
 }
 
 bool rows_mma_fits(int device, int64_t ds) {
-  constexpr size_t kStaticBytes = 26 << 10;  // its static shared memory (24.25 KiB), rounded up
-  const size_t need = rows_mma_dynamic_bytes(ds) + kStaticBytes;
+  const size_t need = rows_mma_dynamic_bytes(ds) + sizeof(RowsShared);
   // Emulated: about an A100's opt-in limit.
   return has_tensor_cores(device) && shared_memory_fits(device, need, 160u << 10);
 }

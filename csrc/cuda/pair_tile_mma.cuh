@@ -103,17 +103,18 @@ struct alignas(16) StagePiece {
   uint32_t bits[4];
 };
 
-// A thread's share of one staging step of one operand (Rows, a multiple of
-// 64, x kMmaDepth units): kStepPieces<Rows> pieces, piece h at row
-// piece_row(h), unit piece_unit(h) of the step (consecutive threads fill a
-// row: conflict-free stores).
-constexpr int kRowPieces = kMmaDepth / 8;
-template <int Rows>
-constexpr int kStepPieces = Rows * kRowPieces / kThreads;
-static_assert(kMmaDepth % 32 == 0 && 64 * kRowPieces == kStepPieces<64> * kThreads,
-              "whole mma steps; every thread the same number of pieces");
-__device__ inline int piece_row(int h) { return (threadIdx.x + h * kThreads) / kRowPieces; }
-__device__ inline int piece_unit(int h) { return (threadIdx.x + h * kThreads) % kRowPieces * 8; }
+// A thread's share of one staging step of one operand, Rows x Units (a
+// multiple of 64 rows; Units 16-bit units, a multiple of 32): kPieces
+// pieces of 16 bytes, consecutive threads along a row (conflict-free
+// stores).
+template <int Rows, int Units>
+struct StepPieces {
+  static constexpr int kPerRow = Units / 8, kPieces = Rows * kPerRow / kThreads;
+  static_assert(Units % 32 == 0 && Rows * kPerRow == kPieces * kThreads,
+                "whole mma steps; every thread the same number of pieces");
+  __device__ static int row(int h) { return (threadIdx.x + h * kThreads) / kPerRow; }
+  __device__ static int unit(int h) { return (threadIdx.x + h * kThreads) % kPerRow * 8; }
+};
 
 // Embeddings passed as MmaTileInputs' untyped pointers, as entries of H.
 template <MmaOperands H>
@@ -145,20 +146,21 @@ __device__ inline StagePiece load_piece_at(const OperandEntry<H>* x, int64_t end
   return piece;
 }
 
-// This thread's pieces of a staging step: entries k0 .. k0 + kMmaDepth /
+// This thread's pieces of a staging step: entries k0 .. k0 + Units /
 // kUnitsPerEntry<H> of rows row0 .. row0 + Rows (those below `end`, the
 // others 0) of x into a staged block [Rows][stride] from unit `unit` of each
 // row.
 // Rows that allow it go by cp.async (mma.cuh; in flight until the caller's
 // commit_copies and wait_copies), others by loads and stores.
-template <MmaOperands H, int Rows = kMmaEdge>
+template <MmaOperands H, int Rows = kMmaEdge, int Units = kMmaDepth>
 __device__ inline void stage_step(const OperandEntry<H>* x, int64_t end, int64_t d,
                                   int64_t row0, int64_t k0, bool vector, uint16_t* stage,
                                   int stride = kMmaStride, int unit = 0) {
+  using Pieces = StepPieces<Rows, Units>;
 #pragma unroll
-  for (int h = 0; h < kStepPieces<Rows>; ++h) {
-    const int64_t p = row0 + piece_row(h), k = k0 + piece_unit(h) / kUnitsPerEntry<H>;
-    uint16_t* to = stage + piece_row(h) * stride + unit + piece_unit(h);
+  for (int h = 0; h < Pieces::kPieces; ++h) {
+    const int64_t p = row0 + Pieces::row(h), k = k0 + Pieces::unit(h) / kUnitsPerEntry<H>;
+    uint16_t* to = stage + Pieces::row(h) * stride + unit + Pieces::unit(h);
     if (vector) {
       const bool inside = p < end && k < d;
       copy_async_16(to, inside ? x + p * d + k : x, inside);

@@ -3,14 +3,15 @@
 // stage_step, which copies rows stored in the operand format 16 bytes at a
 // time by cp.async, or entry by entry, into a block's staged rows; and
 // operand_fragment, which rounds TF32 fragments after ldmatrix), and the
-// rows pass's bf16 pieces of G x X's operand (csrc/cuda/pair_rows_mma.cuh's
-// as_bf16: float16 entries rounded to bfloat16), run on the host as the
+// rows pass's bf16 chunks of G x X's operand (csrc/cuda/pair_rows_mma.cuh's
+// stage_chunk: float16 entries rounded to bfloat16), run on the host as the
 // emulated kernels run them, for comparison with torch's own conversions.
 // (On the GPU cvt instructions round instead; tests/test_cuda.py checks
 // results.)
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "cuda/pair_rows_mma.cuh"
@@ -58,20 +59,35 @@ at::Tensor staged_words(const at::Tensor& x, bool vector, bool fragments) {
   return out;
 }
 
-// The rows pass's pieces of G x X's operand: each row's 16-byte pieces as
-// bf16 (load_piece_at, as_bf16), pieces x 4 words per row.
+// The rows pass's chunks of G x X's operand (stage_chunk: bf16 rows as
+// stored, by cp.async where aligned; float16 ones rounded to bf16), as the
+// 256 threads of a block stage each 64-row, 64-entry chunk into a buffer
+// first filled with 0xab bytes: the first d entries of each row, as 32-bit
+// words (d even).
 template <MmaOperands H>
 at::Tensor bf16_words(const at::Tensor& x, bool vector) {
-  const int64_t n = x.size(0), d = x.size(1), pieces = (d + 7) / 8;
-  at::Tensor out = at::empty({n, pieces * 4}, x.options().dtype(at::kLong));
+  const int64_t n = x.size(0), d = x.size(1), words = d / 2, edge = cuda::kMmaEdge;
+  at::Tensor out = at::empty({n, words}, x.options().dtype(at::kLong));
   const auto* v = static_cast<const OperandEntry<H>*>(x.data_ptr());
   int64_t* o = out.data_ptr<int64_t>();
   vector = vector && cuda::vector_rows(v, d);
-  for (int64_t p = 0; p < n; ++p)
-    for (int64_t i = 0; i < pieces; ++i) {
-      const cuda::StagePiece piece =
-          cuda::as_bf16<H>(cuda::load_piece_at<H>(v, n, d, p, i * 8, vector));
-      for (int w = 0; w < 4; ++w) o[(p * pieces + i) * 4 + w] = piece.bits[w];
+  alignas(16) static uint16_t chunk[cuda::kChunkEntries];
+  for (int64_t c0 = 0; c0 < n; c0 += edge)
+    for (int64_t d0 = 0; d0 < d; d0 += edge) {
+      std::memset(chunk, 0xab, sizeof(chunk));
+      for (unsigned t = 0; t < cuda::kThreads; ++t) {
+        threadIdx.x = t;
+        cuda::stage_chunk<H>(v, n, d, c0, d0, vector, chunk);
+      }
+      threadIdx.x = 0;
+      cuda::commit_copies();
+      cuda::wait_copies<0>();
+      for (int64_t r = 0; r < std::min(edge, n - c0); ++r)
+        for (int64_t w = 0; w < std::min(edge, d - d0) / 2; ++w) {
+          uint32_t word;
+          std::memcpy(&word, chunk + r * cuda::kGradStride + 2 * w, sizeof(word));
+          o[(c0 + r) * words + d0 / 2 + w] = word;
+        }
     }
   return out;
 }
