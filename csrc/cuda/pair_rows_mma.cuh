@@ -1,6 +1,6 @@
 // The symmetric pairwise_loss pass with its gradient products inside, on
 // tensor cores (FlashAttention-2 style): each thread block owns 64 rows and
-// sweeps every column block. Per 64 x 64 sub-tile it computes the
+// sweeps every column block. Per 64 x 128 sub-tile (RowsShape) it computes the
 // similarities with mma (pair_tile_mma.cuh; bf16 or fp16 operands), the
 // derivative G_pq = W_pq dl/ds(s_pq) in registers, W_pq = w(p, q) + w(q, p)
 // the ordered masks of both orders, rounds G to bf16 in shared memory and
@@ -24,12 +24,27 @@
 namespace relkd {
 namespace cuda {
 
-constexpr int kGradStride = kMmaEdge + 8;  // a row of the G tile / of the staged x chunk
+// The sub-tile of the similarities: warps of 32 x 32 (16 FLOP per byte read
+// from shared memory, against 11 for 16 x 32), 128 columns: G x X then
+// multiplies over k = 128 columns per chunk. Its 64 x 64 output chunks (64
+// gradient rows x 64 embedding entries) use MmaSquare's warps.
+using RowsShape = MmaShape<64, 128, 32, 32>;
+constexpr int kRowsCols = RowsShape::kCols;
+constexpr int kGStride = kRowsCols + 8;      // a row of the G tile
+constexpr int kChunkStride = kMmaEdge + 8;   // a staged column row of a G x X chunk
+static_assert(RowsShape::kRows == kMmaEdge, "a block's rows are G x X's output rows");
+
+// G x X's chunks go through a ring of kStages buffers in the staging
+// memory, free once the sub-tile's similarities are done.
+constexpr int kChunkEntries = kRowsCols * kChunkStride;
+constexpr int kRowsStageEntries = RowsShape::kStageEntries > kStages * kChunkEntries
+                                      ? RowsShape::kStageEntries
+                                      : kStages * kChunkEntries;
 
 // Shared memory of the dynamic part: the staging buffers (also the G x X
 // chunks' ring) and the block's gradient rows (64 x ds fp32).
 inline size_t rows_mma_dynamic_bytes(int64_t ds) {
-  return kStageEntries * sizeof(uint16_t) +
+  return kRowsStageEntries * sizeof(uint16_t) +
          static_cast<size_t>(kMmaEdge) * static_cast<size_t>(ds) * sizeof(float);
 }
 
@@ -48,38 +63,33 @@ __device__ inline StagePiece as_bf16(StagePiece piece) {
   return piece;
 }
 
-// Entries d0 .. d0 + 64 of rows c0 .. c0 + 64 (below n) of x (d entries per
-// row, format H) into stage[64 (row)][kGradStride] as bf16, 0 out of range:
-// the B operand of G x X, whose k index (the column row) runs along the
-// staged rows, read by ldmatrix .trans. bf16 rows go as stored (cp.async
-// where 16-byte aligned: in flight until the caller's wait); float16 ones
-// through registers, rounded to bf16. Two 16-byte pieces per thread; the
-// eight threads of a store phase fill one row.
+// Entries d0 .. d0 + 64 of rows c0 .. c0 + kRowsCols (below n) of x (d
+// entries per row, format H) into stage[kRowsCols (row)][kChunkStride] as
+// bf16, 0 out of range: the B operand of G x X, whose k index (the column
+// row) runs along the staged rows, read by ldmatrix .trans. bf16 rows go as
+// stored (cp.async where 16-byte aligned: in flight until the caller's
+// wait); float16 ones through registers, rounded to bf16. The eight threads
+// of a store phase fill one row.
 template <MmaOperands H>
 __device__ inline void stage_chunk(const OperandEntry<H>* x, int64_t n, int64_t d, int64_t c0,
                                    int64_t d0, bool vector, uint16_t* stage) {
-  using Pieces = StepPieces<kMmaEdge, kMmaEdge>;
+  using Pieces = StepPieces<kRowsCols, kMmaEdge>;
   if constexpr (H == MmaOperands::Bf16) {
-    stage_step<H, kMmaEdge, kMmaEdge>(x, n, d, c0, d0, vector, stage, kGradStride);
+    stage_step<H, kRowsCols, kMmaEdge>(x, n, d, c0, d0, vector, stage, kChunkStride);
   } else {
 #pragma unroll
     for (int h = 0; h < Pieces::kPieces; ++h) {
       const int row = Pieces::row(h), entry = Pieces::unit(h);
       const StagePiece piece =
           as_bf16<H>(load_piece_at<H>(x, n, d, c0 + row, d0 + entry, vector));
-      *reinterpret_cast<StagePiece*>(stage + row * kGradStride + entry) = piece;
+      *reinterpret_cast<StagePiece*>(stage + row * kChunkStride + entry) = piece;
     }
   }
 }
-static_assert(kGradStride * 2 % 16 == 0, "stage_chunk: 16-byte aligned rows");
+static_assert(kChunkStride * 2 % 16 == 0 && kGStride * 2 % 16 == 0, "16-byte aligned rows");
 
-// The G x X chunks go through a ring of kStages buffers in the staging
-// memory, free once the sub-tile's products are done: chunk `chunk` (of
-// `chunks`) into buffer chunk % kStages, one commit group per chunk (empty
-// past the last), as sub_tile_products' steps.
-constexpr int kChunkEntries = kMmaEdge * kGradStride;
-static_assert(kStages * kChunkEntries <= kStageEntries, "the chunk ring fits the staging");
-
+// Chunk `chunk` (of `chunks`) into the ring's buffer chunk % kStages, one
+// commit group per chunk (empty past the last), as sub_tile_products' steps.
 template <MmaOperands H>
 __device__ inline void stage_chunk_ring(const OperandEntry<H>* x, int64_t n, int64_t d,
                                         int64_t c0, int64_t chunk, int64_t chunks, bool vector,
@@ -115,12 +125,16 @@ __device__ __noinline__ PairSums rows_pair(const Terms& terms, const TileMask& o
 }
 
 // Row r's dl/dn_r (kNormParts partial sums per row, one per thread that
-// visits the row, summed in a fixed order) into dn_rows[r].
-constexpr int kNormParts = 8;  // the 4 lanes of a row's quad x the 2 warps of its rows
-__device__ inline void sum_norm_parts(const double (&mine)[2], double (*parts)[kNormParts],
-                                      float* dn_rows) {
-  const int part = threadIdx.x / 32 / 4 * 4 + threadIdx.x % 4;  // warp column, lane in quad
-  for (int h = 0; h < 2; ++h) parts[entry_row(2 * h)][part] = mine[h];
+// visits the row, summed in a fixed order) into dn_rows[r]. A thread visits
+// kRowsPerThread rows: rows g and g + 8 of each of its row tiles.
+constexpr int kRowsPerThread = 2 * RowsShape::kTilesM;
+constexpr int kWarpsAcross = kThreads / 32 / RowsShape::kWarpsDown;
+constexpr int kNormParts = kWarpsAcross * 4;  // the 4 lanes of its quad in each warp across
+__device__ inline int visited_row(int h) { return RowsShape::entry_row(h / 2, 2 * (h % 2)); }
+__device__ inline void sum_norm_parts(const double (&mine)[kRowsPerThread],
+                                      double (*parts)[kNormParts], float* dn_rows) {
+  const int part = threadIdx.x / 32 / RowsShape::kWarpsDown * 4 + threadIdx.x % 4;
+  for (int h = 0; h < kRowsPerThread; ++h) parts[visited_row(h)][part] = mine[h];
   __syncthreads();
   if (threadIdx.x < kMmaEdge) {
     double total = 0;
@@ -129,12 +143,11 @@ __device__ inline void sum_norm_parts(const double (&mine)[2], double (*parts)[k
   }
   __syncthreads();
 }
-static_assert(kThreads / 32 / 4 * 4 == kNormParts, "a row is visited by 2 warps x 4 lanes");
 
 // The kernel's static shared memory (rows_mma_fits adds its size to the
 // dynamic part's).
 struct RowsShared {
-  alignas(16) uint16_t g_tile[kMmaEdge * kGradStride];  // G of the sub-tile, bf16
+  alignas(16) uint16_t g_tile[kMmaEdge * kGStride];  // G of the sub-tile, bf16
   double block_sums[kThreads];
   double norm_parts[kMmaEdge][kNormParts];
   float dn_rows[kMmaEdge];
@@ -144,8 +157,8 @@ template <typename Terms, MmaOperands H>
 __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) {
   __shared__ RowsShared sh;
   uint16_t* g_tile = sh.g_tile;
-  uint16_t* stage = dynamic_shared<uint16_t>();                 // kStageEntries
-  float* grad = reinterpret_cast<float*>(stage + kStageEntries);  // kMmaEdge x ds
+  uint16_t* stage = dynamic_shared<uint16_t>();                      // kRowsStageEntries
+  float* grad = reinterpret_cast<float*>(stage + kRowsStageEntries);  // kMmaEdge x ds
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kMmaEdge;
   const int64_t rows = a.n - r0 < kMmaEdge ? a.n - r0 : kMmaEdge;
   for (int64_t e = threadIdx.x; e < kMmaEdge * a.ds; e += kThreads) grad[e] = 0.0f;
@@ -155,27 +168,29 @@ __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) 
   const OperandEntry<H>* xt = entries<H>(a.xt);
   const bool vector_x = vector_rows(xs, a.ds);
 
-  const int warp = threadIdx.x / 32;
-  const int warp_row = warp % 4 * kMmaWarpRows, warp_col = warp / 4 * kMmaWarpCols;
   PairSums sums;
-  double dn_mine[2] = {0.0, 0.0};  // dl/dn of this thread's two rows, its columns' share
+  double dn_mine[kRowsPerThread] = {};  // dl/dn of this thread's rows, its columns' share
   const int64_t chunks = (a.ds + kMmaEdge - 1) / kMmaEdge;  // of G x X, 64 entries each
-  for (int64_t c0 = 0; c0 < a.n; c0 += kMmaEdge) {
-    const TileView view{r0, rows, c0, a.n - c0 < kMmaEdge ? a.n - c0 : kMmaEdge, kMmaEdge};
-    float s[4][4] = {}, t[4][4] = {};
-    sub_tile_products<H>(xs, xs, a.ds, view, 0, 0, stage, s);
-    if (xt) sub_tile_products<H>(xt, xt, a.dt, view, 0, 0, stage, t);
+  for (int64_t c0 = 0; c0 < a.n; c0 += kRowsCols) {
+    const int64_t cols = a.n - c0 < kRowsCols ? a.n - c0 : kRowsCols;
+    const TileView view{r0, rows, c0, cols, kRowsCols};
+    RowsShape::Acc s = {}, t = {};
+    sub_tile_products<H, false, RowsShape>(xs, xs, a.ds, view, 0, 0, stage, s);
+    if (xt) sub_tile_products<H, false, RowsShape>(xt, xt, a.dt, view, 0, 0, stage, t);
     // The first chunks of G x X's column rows land while the pair terms run.
     for (int64_t chunk = 0; chunk < kStages - 1; ++chunk)
       stage_chunk_ring<H>(xs, a.n, a.ds, c0, chunk, chunks, vector_x, stage);
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int m = 0; m < RowsShape::kTilesM; ++m)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = entry_row(i), c = entry_col(j, i);
-        sums.add(rows_pair(terms, ordered, a, r0 + r, c0 + c, s[j][i], t[j][i],
-                           &g_tile[r * kGradStride + c], &dn_mine[i / 2]));
-      }
+      for (int j = 0; j < RowsShape::kTilesN; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = RowsShape::entry_row(m, i), c = RowsShape::entry_col(j, i);
+          sums.add(rows_pair(terms, ordered, a, r0 + r, c0 + c, acc_tile(s, m, j)[i],
+                             acc_tile(t, m, j)[i], &g_tile[r * kGStride + c],
+                             &dn_mine[m * 2 + i / 2]));
+        }
     // grad rows += G x (the column rows), 64 entries of the embedding at a
     // time, through the chunk ring (wait; barrier; issue the chunk kStages -
     // 1 ahead; multiply).
@@ -183,12 +198,13 @@ __global__ void pair_rows_mma_kernel(Terms terms, RowsMmaArgs a, TileMask mask) 
       wait_copies<kStages - 2>();  // this thread's pieces of the chunk have landed
       __syncthreads();             // everyone's; g_tile complete; the next buffer free
       stage_chunk_ring<H>(xs, a.n, a.ds, c0, chunk + kStages - 1, chunks, vector_x, stage);
-      float acc[4][4] = {};
-      warp_products<MmaOperands::Bf16, kMmaEdge, kGradStride, true>(
-          g_tile, stage + chunk % kStages * kChunkEntries, warp_row, warp_col, acc);
+      MmaSquare::Acc acc = {};
+      warp_products<MmaOperands::Bf16, kRowsCols, kChunkStride, true>(
+          g_tile, stage + chunk % kStages * kChunkEntries, MmaSquare::warp_row(),
+          MmaSquare::warp_col(), acc, kGStride);
       const int64_t d0 = chunk * kMmaEdge;
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < MmaSquare::kTilesN; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {  // each entry has one owner: no race, fixed order
           const int r = entry_row(i);

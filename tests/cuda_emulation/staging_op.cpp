@@ -61,19 +61,20 @@ at::Tensor staged_words(const at::Tensor& x, bool vector, bool fragments) {
 
 // The rows pass's chunks of G x X's operand (stage_chunk: bf16 rows as
 // stored, by cp.async where aligned; float16 ones rounded to bf16), as the
-// 256 threads of a block stage each 64-row, 64-entry chunk into a buffer
-// first filled with 0xab bytes: the first d entries of each row, as 32-bit
-// words (d even).
+// 256 threads of a block stage each chunk (kRowsCols rows, 64 entries) into
+// a buffer first filled with 0xab bytes: the first d entries of each row, as
+// 32-bit words (d even).
 template <MmaOperands H>
 at::Tensor bf16_words(const at::Tensor& x, bool vector) {
-  const int64_t n = x.size(0), d = x.size(1), words = d / 2, edge = cuda::kMmaEdge;
+  const int64_t n = x.size(0), d = x.size(1), words = d / 2;
+  const int64_t rows = cuda::kRowsCols, entries = cuda::kMmaEdge;
   at::Tensor out = at::empty({n, words}, x.options().dtype(at::kLong));
   const auto* v = static_cast<const OperandEntry<H>*>(x.data_ptr());
   int64_t* o = out.data_ptr<int64_t>();
   vector = vector && cuda::vector_rows(v, d);
   alignas(16) static uint16_t chunk[cuda::kChunkEntries];
-  for (int64_t c0 = 0; c0 < n; c0 += edge)
-    for (int64_t d0 = 0; d0 < d; d0 += edge) {
+  for (int64_t c0 = 0; c0 < n; c0 += rows)
+    for (int64_t d0 = 0; d0 < d; d0 += entries) {
       std::memset(chunk, 0xab, sizeof(chunk));
       for (unsigned t = 0; t < cuda::kThreads; ++t) {
         threadIdx.x = t;
@@ -82,10 +83,10 @@ at::Tensor bf16_words(const at::Tensor& x, bool vector) {
       threadIdx.x = 0;
       cuda::commit_copies();
       cuda::wait_copies<0>();
-      for (int64_t r = 0; r < std::min(edge, n - c0); ++r)
-        for (int64_t w = 0; w < std::min(edge, d - d0) / 2; ++w) {
+      for (int64_t r = 0; r < std::min(rows, n - c0); ++r)
+        for (int64_t w = 0; w < std::min(entries, d - d0) / 2; ++w) {
           uint32_t word;
-          std::memcpy(&word, chunk + r * cuda::kGradStride + 2 * w, sizeof(word));
+          std::memcpy(&word, chunk + r * cuda::kChunkStride + 2 * w, sizeof(word));
           o[(c0 + r) * words + d0 / 2 + w] = word;
         }
     }
