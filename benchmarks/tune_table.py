@@ -1,8 +1,9 @@
-"""The tensor-core staging variants side by side: gpu_check.sh's stage `tune`
-builds relkd with each RELKD_MMA_DEPTH x RELKD_MMA_STAGES pair, benchmarks it
-into tune-<depth>x<stages>.json (losses) and tune-topk-<depth>x<stages>.json,
-and this prints one Markdown table of the fused cases' median times per
-variant (fastest marked *) and their fraction of the GEMM floor's TFLOP/s.
+"""The tensor-core kernels' variants side by side: gpu_check.sh's stage `tune`
+builds relkd with each RELKD_MMA_DEPTH x RELKD_MMA_STAGES pair (a "-square"
+suffix: RELKD_MMA_WIDE=0), benchmarks it into tune-<variant>.json (losses)
+and tune-topk-<variant>.json, and this prints one Markdown table of the
+fused cases' median times per variant (fastest marked *) and their ratio to
+the GEMM floor.
 
     python3 benchmarks/tune_table.py OUTDIR/tune-*.json > OUTDIR/tune.md
 """
@@ -14,9 +15,10 @@ from typing import Dict, List, Optional, Tuple
 
 
 def variant_of(path: Path) -> str:
-    found = re.search(r"(\d+x\d+)\.json$", path.name)
+    found = re.search(r"(\d+x\d+(?:-square)?)\.json$", path.name)
     if not found:
-        raise SystemExit(f"tune_table: {path} is not named tune[-topk]-<depth>x<stages>.json")
+        raise SystemExit(f"tune_table: {path} is not named "
+                         "tune[-topk]-<depth>x<stages>[-square].json")
     return found.group(1)
 
 
@@ -54,7 +56,8 @@ def table(paths: List[Path]) -> str:
         cells = [cell(by_variant.get(v), by_variant.get(v) is not None
                       and by_variant[v]["median_s"] == best) for v in variants]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "Units per staging step x steps staged (RELKD_MMA_DEPTH x RELKD_MMA_STAGES); "
+    lines += ["", "Units per staging step x steps staged (RELKD_MMA_DEPTH x RELKD_MMA_STAGES; "
+              "-square: RELKD_MMA_WIDE=0, 64 x 64 sub-tiles with 16 x 32 warps); "
               "* the fastest; floor: the same shapes' torch.mm time in that run."]
     return "\n".join(lines)
 

@@ -37,11 +37,14 @@ static std::string build_info() {
   const relkd::cuda::MmaTiling tiling = relkd::cuda::mma_tiling();
   return "torch=" RELKD_TO_STRING(RELKD_TORCH_VERSION) " cuda_archs=" RELKD_TO_STRING(
              RELKD_CUDA_ARCHS) " cudart=" RELKD_TO_STRING(RELKD_CUDART) " mma_staging=" +
-         std::to_string(tiling.depth) + "x" + std::to_string(tiling.stages);
+         std::to_string(tiling.depth) + "x" + std::to_string(tiling.stages) +
+         " mma_wide=64x" + std::to_string(tiling.wide_cols) + "/" +
+         std::to_string(tiling.warp_rows) + "x" + std::to_string(tiling.warp_cols);
 }
 #else
 static std::string build_info() {
-  return "torch=" RELKD_TO_STRING(RELKD_TORCH_VERSION) " cuda_archs= cudart= mma_staging=";
+  return "torch=" RELKD_TO_STRING(RELKD_TORCH_VERSION)
+      " cuda_archs= cudart= mma_staging= mma_wide=";
 }
 #endif
 

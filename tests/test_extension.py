@@ -141,13 +141,16 @@ def test_an_extension_built_for_another_torch_is_not_used(monkeypatch):
 def test_build_info_names_the_tensor_core_staging():
     """A build with CUDA kernels reports their staging as compiled (units
     per step x steps staged: RELKD_MMA_DEPTH x RELKD_MMA_STAGES, setup.py's
-    allowed values); a CPU-only build reports none."""
-    staging = ops.build_info()["mma_staging"]
+    allowed values) and the wide kernels' sub-tile / warp tile
+    (RELKD_MMA_WIDE: 1, the default, or 0); a CPU-only build reports
+    neither."""
+    info = ops.build_info()
     if "cuda" not in ops.fused_devices():
-        assert staging == ""
+        assert info["mma_staging"] == "" and info["mma_wide"] == ""
         return
-    depth, stages = (int(v) for v in staging.split("x"))
+    depth, stages = (int(v) for v in info["mma_staging"].split("x"))
     assert depth in (32, 64, 96, 128) and stages in (2, 3, 4)
+    assert info["mma_wide"] in ("64x128/32x32", "64x64/16x32")
 
 
 # Inputs made by numpy, so that relkd's kernel is the process's first

@@ -36,7 +36,8 @@ const char* error_string(int code);
 // The tensor-core kernels' staging as compiled (pair_tile_mma.cuh): 16-bit
 // units per step and steps staged at once.
 struct MmaTiling {
-  int depth, stages;
+  int depth, stages;                        // units per staging step, steps staged
+  int wide_cols, warp_rows, warp_cols;      // MmaWide: 64 x wide_cols, its warps' share
 };
 MmaTiling mma_tiling();
 

@@ -24,11 +24,11 @@
 namespace relkd {
 namespace cuda {
 
-// The sub-tile of the similarities: warps of 32 x 32 (16 FLOP per byte read
-// from shared memory, against 11 for 16 x 32), 128 columns: G x X then
-// multiplies over k = 128 columns per chunk. Its 64 x 64 output chunks (64
-// gradient rows x 64 embedding entries) use MmaSquare's warps.
-using RowsShape = MmaShape<64, 128, 32, 32>;
+// The sub-tile of the similarities: MmaWide, warps of 32 x 32 (16 FLOP per
+// byte read from shared memory, against 11 for 16 x 32), 128 columns: G x X
+// then multiplies over k = 128 columns per chunk. Its 64 x 64 output chunks
+// (64 gradient rows x 64 embedding entries) use MmaSquare's warps.
+using RowsShape = MmaWide;
 constexpr int kRowsCols = RowsShape::kCols;
 constexpr int kGStride = kRowsCols + 8;      // a row of the G tile
 constexpr int kChunkStride = kMmaEdge + 8;   // a staged column row of a G x X chunk

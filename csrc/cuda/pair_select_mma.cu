@@ -40,11 +40,11 @@ __device__ __noinline__ void collect_entry(const TileView& view, const TileMask&
   if (tie_keys && r < view.rows && c < view.cols) tie_keys[r * view.cols + c] = tie;
 }
 
-// The passes' sub-tiles: warps of 32 x 32, as the top-k's (16 FLOP per byte
-// read from shared memory against 11 for 16 x 32), one accumulator set.
-// Both passes must share it: a pair's value then comes from the same
-// instructions in the same order in each.
-using SelectShape = MmaShape<64, 128, 32, 32>;
+// The passes' sub-tiles: MmaWide, as the top-k's (warps of 32 x 32: 16 FLOP
+// per byte read from shared memory against 11 for 16 x 32), one
+// accumulator set. Both passes must share it: a pair's value then comes
+// from the same instructions in the same order in each.
+using SelectShape = MmaWide;
 constexpr size_t kSelectStageBytes = SelectShape::kStageEntries * sizeof(uint16_t);
 
 // Column sub-tiles a histogram block sweeps along its 64 rows, so that its
@@ -67,7 +67,8 @@ __device__ inline void for_each_entry(const SelectShape::Acc& acc, int64_t tr, i
   for (int m = 0; m < SelectShape::kTilesM; ++m)
     for (int j = 0; j < SelectShape::kTilesN; ++j)
       for (int i = 0; i < 4; ++i)
-        f(tr + SelectShape::entry_row(m, i), tc + SelectShape::entry_col(j, i), acc[m][j][i]);
+        f(tr + SelectShape::entry_row(m, i), tc + SelectShape::entry_col(j, i),
+          acc_tile(acc, m, j)[i]);
 }
 
 template <MmaOperands H>

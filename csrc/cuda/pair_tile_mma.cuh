@@ -82,9 +82,9 @@ struct MmaShape {
   }
 };
 
-// The pairwise tiles', the rows pass's and the selection's sub-tile: 64 x
-// 64, warps of 16 x 32 (their epilogues hold a student's and a teacher's
-// accumulators, 32 floats, beside their pair terms).
+// The pairwise tiles' sub-tile (their epilogue holds a student's and a
+// teacher's accumulators beside its pair terms: 32 floats at 16 x 32) and
+// the shape of the rows pass's G x X chunks: 64 x 64, warps of 16 x 32.
 constexpr int kMmaWarpRows = 16, kMmaWarpCols = 32;
 using MmaSquare = MmaShape<kMmaEdge, kMmaEdge, kMmaWarpRows, kMmaWarpCols>;
 constexpr int kBufferEntries = MmaSquare::kColumnBufferEntries;  // one operand, one step
@@ -92,6 +92,18 @@ constexpr int kColumnStageEntries = MmaSquare::kColumnStageEntries;
 constexpr int kStageEntries = MmaSquare::kStageEntries;
 constexpr size_t kStageBytes = kStageEntries * sizeof(uint16_t);
 constexpr size_t kColumnStageBytes = kColumnStageEntries * sizeof(uint16_t);
+
+// The sub-tile of the kernels that hold one set of accumulators per
+// thread beside their epilogue (the top-k, the selection's passes, the rows
+// pass's student and teacher similarities): 64 x 128 with warps of 32 x 32
+// (4 ldmatrix per 8 mma, where 16 x 32 takes 3 per 4), or, built with
+// RELKD_MMA_WIDE=0, the square one, so that a GPU run can compare them
+// (gpu_check.sh's stage `tune`). cuda::mma_tiling reports which.
+#ifndef RELKD_MMA_WIDE
+#define RELKD_MMA_WIDE 1
+#endif
+using MmaWide =
+    std::conditional_t<RELKD_MMA_WIDE != 0, MmaShape<kMmaEdge, 2 * kMmaEdge, 32, 32>, MmaSquare>;
 
 // Where this thread's accumulator entry acc[j][i] lies in its block's
 // 64 x 64 sub-tile (MmaSquare's warps hold one row of mma tiles).

@@ -252,10 +252,11 @@ __global__ void offer_tile_kernel(const T* tile, TileView view, int64_t block_r0
 // the same exact selection. Each (row, split) has its own selection state,
 // slot row * splits + split, so a few row blocks still fill the GPU;
 // merge_splits_kernel then joins a row's splits for the finish.
-// Warps of 32 x 32, 2 down and 4 across: 16 FLOP per byte read from shared
-// memory where the square sub-tile's 16 x 32 warps take 11; 32
-// accumulators per thread, as the top-k holds no teacher's.
-using OfferShape = MmaShape<64, 128, 32, 32>;
+// MmaWide: by default 64 x 128 with warps of 32 x 32, 2 down and 4 across
+// (16 FLOP per byte read from shared memory where the square sub-tile's 16
+// x 32 warps take 11; 32 accumulators per thread, as the top-k holds no
+// teacher's).
+using OfferShape = MmaWide;
 constexpr size_t kOfferRingBytes = OfferShape::kColumnStageEntries * sizeof(uint16_t);
 
 struct RowsState {
@@ -337,7 +338,8 @@ __global__ void __launch_bounds__(kThreads, 2)
           const int64_t row = view.r0 + tr + r;
           if (valid.exclude_self && col == row + valid.self_offset) continue;
           if (valid.q_labels && valid.c_labels[col] == valid.q_labels[row]) continue;
-          const float value = scale ? acc[m][j][i] * scale[col] : acc[m][j][i];
+          const float sim = acc_tile(acc, m, j)[i];
+          const float value = scale ? sim * scale[col] : sim;
           if (rs.has_bar[r] && !greater(key_of(value, static_cast<int32_t>(col)), rs.bar[r]))
             continue;
           const int at = atomicAdd(&rs.size[r], 1);  // below cap: compacted above
@@ -523,7 +525,9 @@ int topk_finish(const TopkState<double>& st, int64_t rows, int64_t out_k, double
 
 const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
 
-MmaTiling mma_tiling() { return {kMmaDepth, kStages}; }
+MmaTiling mma_tiling() {
+  return {kMmaDepth, kStages, MmaWide::kCols, 32 * MmaWide::kTilesM, 8 * MmaWide::kTilesN};
+}
 
 }  // namespace cuda
 }  // namespace relkd
