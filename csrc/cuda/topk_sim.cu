@@ -526,7 +526,7 @@ int topk_finish(const TopkState<double>& st, int64_t rows, int64_t out_k, double
 const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
 
 MmaTiling mma_tiling() {
-  return {kMmaDepth, kStages, MmaWide::kCols, 32 * MmaWide::kTilesM, 8 * MmaWide::kTilesN};
+  return {kMmaDepth, kStages, MmaWide::kCols, 16 * MmaWide::kTilesM, 8 * MmaWide::kTilesN};
 }
 
 }  // namespace cuda
