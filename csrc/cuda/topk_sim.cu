@@ -501,10 +501,16 @@ int topk_mma_splits(int device, int64_t rows, int64_t m, int64_t d, MmaOperands 
     processors = 1;
   with_operands(operands, [&](auto format) {
     constexpr MmaOperands H = decltype(format)::value;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_processor, offer_mma_kernel<H>,
-                                                      kThreads,
-                                                      offer_mma_dynamic_bytes<H>(d)) != cudaSuccess)
+    const size_t bytes = offer_mma_dynamic_bytes<H>(d);
+    // Blocks of `bytes` count only once the kernel may take them (the
+    // launch sets the same); a failure leaves one block per multiprocessor
+    // and no error behind for the launch's check.
+    if (allow_dynamic_shared(offer_mma_kernel<H>, bytes) != 0 ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_processor, offer_mma_kernel<H>,
+                                                      kThreads, bytes) != cudaSuccess) {
       per_processor = 1;
+      (void)cudaGetLastError();
+    }
   });
   const int64_t resident = int64_t(processors) * std::max(per_processor, 1);
   const int64_t min_columns = 8192;  // the bar prunes most of a split
