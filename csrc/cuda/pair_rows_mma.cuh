@@ -1,6 +1,7 @@
 // The symmetric pairwise_loss pass with its gradient products inside, on
 // tensor cores (FlashAttention-2 style): each thread block owns 64 rows and
-// sweeps every column block. Per 64 x 128 sub-tile (RowsShape) it computes the
+// sweeps every column block. Per sub-tile (RowsShape: 64 x 128 unless built
+// with RELKD_MMA_WIDE=0) it computes the
 // similarities with mma (pair_tile_mma.cuh; bf16 or fp16 operands), the
 // derivative G_pq = W_pq dl/ds(s_pq) in registers, W_pq = w(p, q) + w(q, p)
 // the ordered masks of both orders, rounds G to bf16 in shared memory and

@@ -478,9 +478,12 @@ bool topk_mma_fits(int device, int64_t d, MmaOperands operands) {
     dynamic = offer_mma_dynamic_bytes<H>(d);
 #ifndef RELKD_EMULATE
     cudaFuncAttributes kernel;
-    static_bytes = cudaFuncGetAttributes(&kernel, offer_mma_kernel<H>) == cudaSuccess
-                       ? kernel.sharedSizeBytes
-                       : SIZE_MAX / 2;  // unknown: the tile path
+    if (cudaFuncGetAttributes(&kernel, offer_mma_kernel<H>) == cudaSuccess) {
+      static_bytes = kernel.sharedSizeBytes;
+    } else {
+      static_bytes = SIZE_MAX / 2;  // unknown: the tile path
+      (void)cudaGetLastError();     // and no error left for a later launch's check
+    }
 #endif
   });
   // Emulated (static_bytes 0): the columns' ring and 32 KiB of query rows,
