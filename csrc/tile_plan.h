@@ -156,9 +156,11 @@ inline std::vector<OrderedTile> order_by_block(const std::vector<Tile>& tiles,
 // How many column ranges (1 .. most) a top-k cuts its bank into when
 // `row_blocks` blocks of query rows each sweep one range, on a GPU that runs
 // `resident` blocks at once: the fewest whose blocks fill their last wave
-// within kWaveSlack of the best count's. The blocks are equal, so a last
-// wave 45 % full costs as long as a full one (128 row blocks on 264 places:
-// 2 ranges fill 97 %, 3 only 73 %); each range adds a selection to merge.
+// to within a fraction kWaveSlack of the best count's fill. The blocks are
+// equal, so a last wave 45 % full costs as long as a full one (128 row
+// blocks on 264 places: 2 ranges fill 97 %, 3 only 73 %); each range adds a
+// selection to merge. A relative slack: with a few row blocks every count
+// leaves the wave mostly empty, and the most ranges fill it best.
 constexpr double kWaveSlack = 0.05;
 
 inline double last_wave_fill(int64_t blocks, int64_t resident) {
@@ -173,7 +175,7 @@ inline int64_t fullest_wave_splits(int64_t row_blocks, int64_t resident, int64_t
   for (int64_t s = 1; s <= most; ++s)
     best = std::max(best, last_wave_fill(row_blocks * s, resident));
   int64_t s = 1;
-  while (s < most && last_wave_fill(row_blocks * s, resident) < best - kWaveSlack) ++s;
+  while (s < most && last_wave_fill(row_blocks * s, resident) < best * (1.0 - kWaveSlack)) ++s;
   return s;
 }
 

@@ -121,13 +121,14 @@ void test_block_order() {
 }
 
 // The top-k's column ranges (csrc/tile_plan.h): within 1 .. most, a last
-// wave within kWaveSlack of the fullest any allowed count gives, and the
-// fewest ranges that do.
+// wave within a fraction kWaveSlack of the fullest any allowed count gives,
+// and the fewest ranges that do.
 void test_fullest_wave_splits() {
   using relkd::last_wave_fill;
   bool ok = relkd::fullest_wave_splits(128, 264, 3) == 2 &&  // 97 % against 73 % with 3
             relkd::fullest_wave_splits(128, 264, 64) == 2 &&
-            relkd::fullest_wave_splits(1, 8, 64) == 8;
+            relkd::fullest_wave_splits(1, 8, 64) == 8 &&
+            relkd::fullest_wave_splits(1, 264, 4) == 4;  // a few queries: every range
   for (int64_t row_blocks = 1; row_blocks <= 40; ++row_blocks)
     for (int64_t resident : {1, 2, 8, 132, 264})
       for (int64_t most = 1; most <= 70; most += 3) {
@@ -136,7 +137,7 @@ void test_fullest_wave_splits() {
         double best = 0.0;
         for (int64_t other = 1; other <= most; ++other)
           best = std::max(best, last_wave_fill(row_blocks * other, resident));
-        const double slack = best - relkd::kWaveSlack;
+        const double slack = best * (1.0 - relkd::kWaveSlack);
         ok = ok && last_wave_fill(row_blocks * s, resident) >= slack;
         for (int64_t fewer = 1; fewer < s; ++fewer)
           ok = ok && last_wave_fill(row_blocks * fewer, resident) < slack;
