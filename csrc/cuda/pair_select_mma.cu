@@ -47,10 +47,11 @@ __device__ __noinline__ void collect_entry(const TileView& view, const TileMask&
 using SelectShape = MmaWide;
 constexpr size_t kSelectStageBytes = SelectShape::kStageEntries * sizeof(uint16_t);
 
-// Column sub-tiles a histogram block sweeps along its 64 rows, so that its
-// hot bins (pair_select.cuh, in dynamic shared memory after the staging)
-// gather up to 8 x 8192 pairs per global atomic.
-constexpr int kHistogramStrip = 8;
+// Column sub-tiles a histogram block sweeps along its 64 rows, 1024 columns
+// whatever the shape, so that its hot bins (pair_select.cuh, in dynamic
+// shared memory after the staging) gather up to 64 x 1024 pairs per global
+// atomic.
+constexpr int kHistogramStrip = 1024 / SelectShape::kCols;
 
 // The blocks of a histogram pass: 64-row strips of kHistogramStrip sub-tiles.
 int64_t histogram_mma_blocks(const TileView& view) {
