@@ -87,11 +87,7 @@ struct MmaShape {
 // the shape of the rows pass's G x X chunks: 64 x 64, warps of 16 x 32.
 constexpr int kMmaWarpRows = 16, kMmaWarpCols = 32;
 using MmaSquare = MmaShape<kMmaEdge, kMmaEdge, kMmaWarpRows, kMmaWarpCols>;
-constexpr int kBufferEntries = MmaSquare::kColumnBufferEntries;  // one operand, one step
-constexpr int kColumnStageEntries = MmaSquare::kColumnStageEntries;
-constexpr int kStageEntries = MmaSquare::kStageEntries;
-constexpr size_t kStageBytes = kStageEntries * sizeof(uint16_t);
-constexpr size_t kColumnStageBytes = kColumnStageEntries * sizeof(uint16_t);
+constexpr size_t kStageBytes = MmaSquare::kStageEntries * sizeof(uint16_t);  // the tiles' ring
 
 // The sub-tile of the kernels that hold one set of accumulators per
 // thread beside their epilogue (the top-k, the selection's passes, the rows

@@ -319,9 +319,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   uint16_t* query_rows = stage + OfferShape::kColumnStageEntries;  // staged once for the sweep
   stage_resident_rows<H>(q, view.r0 + view.rows, d, view.r0 + tr, query_rows);
-  // The accumulator layout of mma.cuh in the warp grid of OfferShape.
-  const int g = threadIdx.x % 32 / 4, q4 = threadIdx.x % 4;
-  const int row0 = OfferShape::warp_row(), col0 = OfferShape::warp_col();
   for (int64_t tc = 0; tc < mine.cols; tc += OfferShape::kCols) {
     compact_full_rows(rs, sh, st, rows, slot);
     OfferShape::Acc acc = {};
@@ -332,8 +329,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int j = 0; j < OfferShape::kTilesN; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          const int r = row0 + m * 16 + g + 8 * (i / 2);
-          const int64_t col = mine.c0 + tc + col0 + j * 8 + 2 * q4 + i % 2;
+          const int r = OfferShape::entry_row(m, i);
+          const int64_t col = mine.c0 + tc + OfferShape::entry_col(j, i);
           if (r >= rows || col >= mine.c0 + mine.cols) continue;
           const int64_t row = view.r0 + tr + r;
           if (valid.exclude_self && col == row + valid.self_offset) continue;

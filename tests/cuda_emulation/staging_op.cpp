@@ -35,7 +35,7 @@ at::Tensor staged_words(const at::Tensor& x, bool vector, bool fragments) {
   at::Tensor out = at::empty({blocks * cuda::kMmaEdge, words}, x.options().dtype(at::kLong));
   const auto* v = static_cast<const OperandEntry<H>*>(x.data_ptr());
   vector = vector && cuda::vector_rows(v, d);
-  alignas(16) static uint16_t stage[cuda::kBufferEntries];
+  alignas(16) static uint16_t stage[cuda::MmaSquare::kColumnBufferEntries];  // one step
   int64_t* o = out.data_ptr<int64_t>();
   for (int64_t b = 0; b < blocks; ++b)
     for (int64_t step = 0; step < steps; ++step) {
