@@ -127,7 +127,8 @@ def main() -> int:
             check(f"pairwise_loss {kind} {name}, tensor cores", got,
                   torch.ops.relkd.pairwise_loss(*bf16_valued), rel_norm=4e-3)
             # TF32 tiles (auto at precision "high"), on float32 inputs TF32
-            # represents; the gradient products are torch's TF32 GEMMs.
+            # represents; the gradient products are TF32: torch's GEMMs, or
+            # the rows pass's mma (symmetric without the teacher's gradient).
             tf32_valued = [tf32_values(a_) if isinstance(a_, torch.Tensor) and a_.dim() == 2
                            and a_.dtype == torch.float32 else a_ for a_ in bf16_valued]
             with tensor_cores("auto", "high"):
@@ -135,7 +136,8 @@ def main() -> int:
                     *[a_.cuda() if isinstance(a_, torch.Tensor) else a_ for a_ in tf32_valued])
             check(f"pairwise_loss {kind} {name}, TF32 tensor cores", got,
                   torch.ops.relkd.pairwise_loss(*tf32_valued), rel_norm=2.0 ** -9)
-            # 3xTF32 tiles (auto at "highest"), on any float32 inputs.
+            # 3xTF32 tiles (auto at "highest"), on any float32 inputs (and
+            # the rows pass's 3xTF32 gradient products).
             as_float = [a_.float() if isinstance(a_, torch.Tensor) and a_.is_floating_point()
                         else a_ for a_ in args]
             with tensor_cores("auto"):

@@ -309,10 +309,11 @@ def test_pairwise_loss_tensor_cores_match_the_cpu_kernels(kind, n, d, pattern, s
        pattern=st.sampled_from(LABEL_PATTERNS), seed=st.integers(0, 2**16))
 def test_tf32_tensor_cores_at_high_precision(kind, n, d, pattern, seed):
     """RELKD_TENSOR_CORES=auto at matmul precision "high": TF32 mma tiles
-    (m16n8k8; the tile path for every kind). On TF32-valued embeddings
-    their products are exact: the CPU kernels' loss up to summation order;
-    the gradient products are torch's TF32 GEMMs (relative 2^-11 per
-    derivative), within 2^-9 of the gradient's norm."""
+    (m16n8k8). On TF32-valued embeddings their products are exact: the CPU
+    kernels' loss up to summation order; the gradient products are TF32
+    (relative 2^-11 per derivative: torch's GEMMs on the tile path, CCKD
+    with the teacher's gradient; the rows pass's own mma for the other
+    kinds), within 2^-9 of the gradient's norm."""
     args = [tf32_values(a) if isinstance(a, torch.Tensor) and a.dtype == F32 and a.dim() == 2
             else a for a in inputs(kind, n, d, seed, F32, pattern)]
     with tensor_cores("auto", "high"):
@@ -329,8 +330,10 @@ def test_tf32_tensor_cores_at_high_precision(kind, n, d, pattern, seed):
        pattern=st.sampled_from(LABEL_PATTERNS), seed=st.integers(0, 2**16))
 def test_3xtf32_tensor_cores_at_highest_precision(kind, n, d, pattern, seed):
     """RELKD_TENSOR_CORES=auto at matmul precision "highest": 3xTF32 tiles
-    on any float32 embeddings give the float32 CPU kernels' results up to
-    float32 rounding, as the float32 tile path does."""
+    (and the rows pass's 3xTF32 gradient products: every kind but CCKD
+    with the teacher's gradient) on any float32 embeddings give the float32
+    CPU kernels' results up to float32 rounding, as the float32 tile path
+    does."""
     args = inputs(kind, n, d, seed, F32, pattern)
     assert torch.get_float32_matmul_precision() == "highest"
     with tensor_cores("auto"):
@@ -338,22 +341,28 @@ def test_3xtf32_tensor_cores_at_highest_precision(kind, n, d, pattern, seed):
     assert_tensor_core_result(got, grads_of(fused, kind, *args), False, kind)
 
 
+@pytest.mark.parametrize("precision", ["medium", "high", "highest"])
 @pytest.mark.parametrize("n,d", [(1, 7), (300, 96), (2000, 512)])
-def test_pairwise_loss_rows_pass_cckd_student_only(n, d):
+def test_pairwise_loss_rows_pass_cckd_student_only(n, d, precision):
     """CCKD with a detached teacher takes the rows pass (gradient products
-    inside the kernel) where its shared memory fits: at D = 512, 209 KiB,
-    an H100's (227 KiB) but not an A100's (163 KiB), which takes the tile
-    path; the same result either way."""
-    xs, xt, y, params = bf16_valued(inputs("cckd", n, d, seed=4, dtype=F32))
+    inside the kernel) where its shared memory fits: at D = 512, 209 KiB
+    with bf16 operands ("medium"), 225 KiB with TF32 or 3xTF32 ones ("high",
+    "highest": a float32 G tile), an H100's (227 KiB) but not an A100's
+    (163 KiB), which takes the tile path; the same result either way."""
+    exact = {"medium": lambda x: x.bfloat16().float(), "high": tf32_values,
+             "highest": lambda x: x}[precision]  # values the operand format holds
+    xs, xt, y, params = inputs("cckd", n, d, seed=4, dtype=F32)
+    xs, xt = exact(xs), exact(xt)
 
     def value_and_grad(device):
         a = xs.to(device).requires_grad_()
         loss = ops.pairwise_loss("cckd", a, xt.to(device), params=params.to(device))
         return [loss.detach().cpu(), torch.autograd.grad(loss, a)[0].cpu()]
 
-    with tensor_cores():
+    with tensor_cores("auto", precision):
         got = value_and_grad("cuda")
-    assert_tensor_core_result(got, value_and_grad("cpu"), True, f"cckd n={n} d={d}")
+    assert_tensor_core_result(got, value_and_grad("cpu"), precision != "highest",
+                              f"cckd n={n} d={d} {precision}")
 
 
 @pytest.mark.parametrize("kind", KINDS)

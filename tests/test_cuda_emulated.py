@@ -248,13 +248,20 @@ def tensor_core_case(kind, rect, representable, half=torch.bfloat16):
             None if y is None else y[r], y, torch.arange(30, 130), None, params, True, grad_t)
 
 
-def uses_rows_pass(args, fmt="bf16"):
+def uses_rows_pass(args):
     """Whether the tensor-core path takes the symmetric pass with the
-    gradient products inside (csrc/cuda/pair_rows_mma.cuh; every kind,
-    student gradient only, 16-bit formats): its derivative tile is rounded
-    to bf16 before it multiplies the embeddings."""
+    gradient products inside (csrc/cuda/pair_rows_mma.cuh; every kind and
+    format, student gradient only): its derivative tile is rounded
+    (DERIVATIVE_ROUNDING) before it multiplies the embeddings."""
     xs_c, grad_t = args[3], args[11]
-    return xs_c is None and not grad_t and fmt in ("bf16", "fp16")
+    return xs_c is None and not grad_t
+
+
+# The relative rounding of the rows pass's derivatives before G x X per
+# operand format: to bf16 for 16-bit formats, TF32 for TF32, and 3xTF32's
+# big + small (about 2^-21 with the dropped small x small term).
+DERIVATIVE_ROUNDING = {"bf16": 2.0 ** -9, "fp16": 2.0 ** -9, "tf32": 2.0 ** -11,
+                       "tf32x3": 2.0 ** -20}
 
 
 def student_pair_derivatives(args):
@@ -295,19 +302,21 @@ def close_to_tensor_core_result(got, want, args, fmt="bf16"):
     paths (the tiles, any format; TF32 inputs are exact): the largest error
     against float64 within 8 times the float32 CPU kernel's own (3xTF32
     drops a 2^-22 term per product; RKD's near-duplicate points amplify
-    both), plus 2e-5 of the loss. The rows pass rounds each pair derivative G_pq + G_qp to
-    bf16 (relative 2^-9): its gradient within twice 2^-9 (|G| + |G|^T) |X|
-    of the float32 kernel's, the loss as above."""
+    both), plus 2e-5 of the loss. The rows pass rounds each pair derivative
+    G_pq + G_qp (relative u = DERIVATIVE_ROUNDING[fmt]: 2^-9 for bf16): its
+    gradient within twice u (|G| + |G|^T) |X| of the float32 kernel's, the
+    loss as above."""
     scale = max(float(want[0].abs()), 1.0)
     exact = torch.ops.relkd.pairwise_loss(
         *[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
           for a in args])
-    rows_pass = uses_rows_pass(args, fmt)
+    rows_pass = uses_rows_pass(args)
     for i, (g, w, e) in enumerate(zip(got, want, exact)):
         assert g.shape == w.shape and g.dtype == w.dtype
         if rows_pass and i > 0 and g.numel() > 0 and i < 5:
             derivatives = student_pair_derivatives(args).abs()
-            bound = 2.0 ** -9 * (derivatives + derivatives.T) @ args[1].double().abs()
+            rounding = DERIVATIVE_ROUNDING[fmt]
+            bound = rounding * (derivatives + derivatives.T) @ args[1].double().abs()
             excess = (g.double() - w.double()).abs() - 2 * bound - 2e-5 * w.double().abs()
             assert float(excess.max()) <= 1e-6, (i, float(excess.max()))
             continue
@@ -406,6 +415,7 @@ def copy_landing(request, emulated):
 
 
 @pytest.mark.parametrize("kind,rect,fmt", [("rkd_distance", False, "bf16"),
+                                           ("rkd_dist_sum", False, "tf32"),
                                            ("ekd_pos", True, "tf32"), ("cckd", False, "tf32x3")])
 def test_staging_ring_over_many_steps(emulated, copy_landing, kind, rect, fmt):
     """The staging ring (pair_tile_mma.cuh: sub_tile_products) over many
@@ -413,11 +423,12 @@ def test_staging_ring_over_many_steps(emulated, copy_landing, kind, rect, fmt):
     take 16 bytes at a time, whenever the copies land. The emulation's race
     check aborts where a copy could overwrite a buffer some warp still
     reads, or a warp could read a copy not yet landed (or not yet ordered
-    by a barrier after its wait). The rows pass (RKD, bf16), the tile path
-    (EKD, rectangular; CCKD with the teacher's gradient) and the top-k's
-    resident query rows."""
+    by a barrier after its wait). The rows pass (RKD; bf16, and TF32, whose
+    G x X chunks split the column rows in two: eight chunks of float32), the
+    tile path (EKD, rectangular; CCKD with the teacher's gradient) and the
+    top-k's resident query rows."""
     args = pairwise_case(kind, 150, 200, 136, "random", rect, fmt, seed=7)
-    assert uses_rows_pass(args, fmt) == (kind == "rkd_distance")
+    assert uses_rows_pass(args) == kind.startswith("rkd")
     got = pairwise_on_tensor_cores(emulated, args, fmt)
     close_to_tensor_core_result(got, torch.ops.relkd.pairwise_loss(*args), args, fmt)
     q = reference.normalize(embeddings(70, 136, seed=1, dtype=F32), F32).bfloat16().float()
@@ -426,6 +437,25 @@ def test_staging_ring_over_many_steps(emulated, copy_landing, kind, rect, fmt):
         patch.setenv("RELKD_TENSOR_CORES", "1")
         got = emulated.topk_sim(q, c, 20, None, None, None, False, 0)
     assert_same_mining(got, ops.topk_sim(q, c, 20), q, c, None)
+
+
+@pytest.mark.parametrize("kind", ["cckd", "ekd_pos"])
+def test_rows_pass_multiplies_tf32_derivatives(emulated, kind):
+    """At precision "high" the rows pass multiplies its derivative tile by
+    the column rows in TF32: G = dL/dS + (dL/dS)^T rounded to TF32 (as
+    torch's TF32 GEMM rounds its operands; X is TF32-valued here), not
+    kept in float32 (the float32 tile path's product) nor rounded to bf16
+    (the 16-bit formats' product). The student's gradient is tf32(G) X up
+    to float32 sums: ten times closer to it than either other product."""
+    args = pairwise_case(kind, 150, 72, 24, "random", False, "tf32", seed=5)[:11] + (False,)
+    assert uses_rows_pass(args)  # a detached teacher
+    got = pairwise_on_tensor_cores(emulated, args, "tf32")[1].double()
+    g = student_pair_derivatives(args)
+    g = (g + g.T).float()
+    x = args[1].double()
+    tf32 = tf32_values(g).double() @ x
+    for other in (g.double() @ x, g.bfloat16().double() @ x):
+        assert float((got - tf32).norm()) <= 0.1 * float((other - tf32).norm())
 
 
 @pytest.mark.parametrize("kind", ["cckd", "ekd_pos"])

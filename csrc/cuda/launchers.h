@@ -217,8 +217,8 @@ struct RowsMmaArgs {
   MmaOperands operands;  // of the similarity products (G x X is bf16: see the kernel)
 };
 // Whether the device's shared memory holds the block's gradient rows (ds
-// entries each), and its bf16 tensor cores run.
-bool rows_mma_fits(int device, int64_t ds);
+// entries each) beside its G tile for `operands`, and its tensor cores run.
+bool rows_mma_fits(int device, int64_t ds, MmaOperands operands);
 int64_t pair_rows_mma_blocks(int64_t n);
 int pair_rows_mma(const RowsMmaArgs& args, const TileMask& mask, Stream stream);
 

@@ -126,6 +126,16 @@ __host__ __device__ inline float entry_value(OperandEntry<H> v) {
     return v;
 }
 
+// An entry's value as the products see it: TF32 entries rounded as the
+// fragments round them (3xTF32's big + small hold the float32 value).
+template <MmaOperands H>
+__host__ __device__ inline float operand_value(OperandEntry<H> v) {
+  if constexpr (H == MmaOperands::Tf32)
+    return bits_float(tf32_bits(v));
+  else
+    return entry_value<H>(v);
+}
+
 // Four 8x8 matrices of 16-bit entries from shared memory (ldmatrix .x4):
 // lanes 8m .. 8m + 7 give the row addresses of matrix m (8 entries, 16-byte
 // aligned); lane l receives entries 2 (l % 4), 2 (l % 4) + 1 of row l / 4
@@ -168,6 +178,23 @@ __device__ inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) {
 }
 __device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* row) {
   ldmatrix_x4_as<true>(r, row);
+}
+#endif
+
+// The 32-bit word of shared memory at `at` (4-byte aligned), for fragments
+// ldmatrix cannot deliver. The emulation checks the read against the
+// staging's copies as it checks ldmatrix's.
+#ifdef RELKD_EMULATE
+inline uint32_t shared_word(const uint16_t* at) {
+  ::relkd_emulation::check_read(
+      reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(at) & ~uintptr_t(15)));
+  uint32_t word;
+  memcpy(&word, at, sizeof(word));
+  return word;
+}
+#else
+__device__ inline uint32_t shared_word(const uint16_t* at) {
+  return *reinterpret_cast<const uint32_t*>(at);
 }
 #endif
 

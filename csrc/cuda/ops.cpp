@@ -444,14 +444,13 @@ Embeddings operand_storage(const Embeddings& x, cuda::MmaOperands operands) {
 }
 
 // The symmetric tensor-core pass with the gradient products inside
-// (cuda::pair_rows_mma): only the student's gradient (and the params').
-// 16-bit operands only: its bf16 G x X products would undercut TF32's and
-// 3xTF32's precision.
+// (cuda::pair_rows_mma): only the student's gradient (and the params'). Its
+// G x X products are bf16 for 16-bit operands, TF32 or 3xTF32 for those
+// formats: the precision the tile path's GEMMs would have.
 bool rows_pass_applies(const PairwiseArgs& in, bool grad_s, bool grad_t,
                        cuda::MmaOperands operands) {
-  return (operands == cuda::MmaOperands::Bf16 || operands == cuda::MmaOperands::Fp16) &&
-         in.symmetric && grad_s && !grad_t &&
-         cuda::rows_mma_fits(in.xs_r.device().index(), in.xs_r.size(1));
+  return in.symmetric && grad_s && !grad_t &&
+         cuda::rows_mma_fits(in.xs_r.device().index(), in.xs_r.size(1), operands);
 }
 
 Outputs rows_pass(cuda::PairKind kind, const PairwiseArgs& in, const Embeddings& stored,

@@ -118,8 +118,8 @@ bool has_tensor_cores(int device) {
 #endif
 }
 
-bool rows_mma_fits(int device, int64_t ds) {
-  const size_t need = rows_mma_dynamic_bytes(ds) + sizeof(RowsShared);
+bool rows_mma_fits(int device, int64_t ds, MmaOperands operands) {
+  const size_t need = rows_mma_dynamic_bytes(ds) + rows_shared_bytes(operands);
   // Emulated: about an A100's opt-in limit.
   return has_tensor_cores(device) && shared_memory_fits(device, need, 160u << 10);
 }

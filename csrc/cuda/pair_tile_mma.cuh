@@ -206,6 +206,22 @@ __device__ inline auto& acc_tile(Acc& acc, int m, int j) {
     return acc[j];
 }
 
+// B fragments of the 8-column groups col0 and col0 + 8 of TF32 entries
+// staged [k][column] (rows `stride` floats apart, from k0): ldmatrix .trans
+// moves 16-bit entries only, so one 32-bit shared load per register, where
+// mma.cuh's table puts the entries: b[0] = B[k0 + t][col0 + g], b[1] =
+// B[k0 + t + 4][col0 + g], b[2] and b[3] the same 8 columns on. A stride of
+// 8 words (mod 32) puts the 32 lanes' loads on distinct banks.
+__device__ inline void tf32_columns_along_k(uint32_t (&b)[4], const uint16_t* cols, int k0,
+                                            int col0, int stride) {
+  const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+  const uint16_t* at = cols + 2 * ((k0 + t) * stride + col0 + g);
+  b[0] = shared_word(at);
+  b[1] = shared_word(at + 2 * 4 * stride);
+  b[2] = shared_word(at + 2 * 8);
+  b[3] = shared_word(at + 2 * (4 * stride + 8));
+}
+
 // acc tile (m, j) += (the warp's staged rows m*16 .. m*16 + 16) x (its
 // columns j*8 .. j*8 + 8)^T over `Depth` staging units (columns `Stride`
 // units apart, rows `row_stride`, each row 16-byte aligned), for the
@@ -215,7 +231,7 @@ __device__ inline auto& acc_tile(Acc& acc, int m, int j) {
 // two 8-column groups x the two entry halves, the registers of b for
 // groups j and j + 1. With ColumnsAlongK the columns are staged transposed,
 // [entry][column] (the product's k along the staged rows), and ldmatrix
-// .trans delivers them.
+// .trans delivers them (TF32 ones: tf32_columns_along_k).
 template <MmaOperands H, int Depth = kMmaDepth, int Stride = kMmaStride,
           bool ColumnsAlongK = false, typename Acc>
 __device__ inline void warp_products(const uint16_t* rows, const uint16_t* cols, int warp_row,
@@ -239,7 +255,9 @@ __device__ inline void warp_products(const uint16_t* rows, const uint16_t* cols,
 #pragma unroll
     for (int j = 0; j < kTilesN; j += 2) {
       uint32_t b[4];
-      if constexpr (ColumnsAlongK)
+      if constexpr (ColumnsAlongK && kUnitsPerEntry<H> == 2)
+        tf32_columns_along_k(b, cols, k / 2, warp_col + j * 8, Stride / 2);
+      else if constexpr (ColumnsAlongK)
         ldmatrix_x4_trans(b, b_row + k * Stride + j * 8);
       else
         ldmatrix_x4(b, b_row + j * 8 * Stride + k);

@@ -67,12 +67,12 @@ at::Tensor staged_words(const at::Tensor& x, bool vector, bool fragments) {
 template <MmaOperands H>
 at::Tensor bf16_words(const at::Tensor& x, bool vector) {
   const int64_t n = x.size(0), d = x.size(1), words = d / 2;
-  const int64_t rows = cuda::kRowsCols, entries = cuda::kMmaEdge;
+  const int64_t rows = cuda::kChunkK<H>, entries = cuda::kMmaEdge;
   at::Tensor out = at::empty({n, words}, x.options().dtype(at::kLong));
   const auto* v = static_cast<const OperandEntry<H>*>(x.data_ptr());
   int64_t* o = out.data_ptr<int64_t>();
   vector = vector && cuda::vector_rows(v, d);
-  alignas(16) static uint16_t chunk[cuda::kChunkEntries];
+  alignas(16) static uint16_t chunk[cuda::kChunkEntries<H>];
   for (int64_t c0 = 0; c0 < n; c0 += rows)
     for (int64_t d0 = 0; d0 < d; d0 += entries) {
       std::memset(chunk, 0xab, sizeof(chunk));
@@ -86,7 +86,7 @@ at::Tensor bf16_words(const at::Tensor& x, bool vector) {
       for (int64_t r = 0; r < std::min(rows, n - c0); ++r)
         for (int64_t w = 0; w < std::min(entries, d - d0) / 2; ++w) {
           uint32_t word;
-          std::memcpy(&word, chunk + r * cuda::kChunkStride + 2 * w, sizeof(word));
+          std::memcpy(&word, chunk + r * cuda::kChunkStride<H> + 2 * w, sizeof(word));
           o[(c0 + r) * words + d0 / 2 + w] = word;
         }
     }
