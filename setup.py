@@ -112,12 +112,13 @@ def mma_staging_flags():
     """-D flags of the tensor-core kernels' tuning constants
     (csrc/cuda/pair_tile_mma.cuh), from RELKD_MMA_DEPTH (16-bit units per
     step: 32, 64, 96 or 128), RELKD_MMA_STAGES (steps staged at once, 2 to
-    4) and RELKD_MMA_WIDE (1: 64 x 128 sub-tiles with 32 x 32 warps for the
-    top-k, the selection and the rows pass; 0: 64 x 64 with 16 x 32); unset:
-    the header's defaults."""
+    4), RELKD_MMA_WIDE (1: 64 x 128 sub-tiles with 32 x 32 warps for the
+    top-k, the selection and the rows pass; 0: 64 x 64 with 16 x 32) and
+    RELKD_SELECT_ROWS (128: the selection's sub-tiles 128 x 128 with 32 x 64
+    warps; 64: as RELKD_MMA_WIDE says); unset: the header's defaults."""
     flags = []
     for name, allowed in (("RELKD_MMA_DEPTH", (32, 64, 96, 128)), ("RELKD_MMA_STAGES", (2, 3, 4)),
-                          ("RELKD_MMA_WIDE", (0, 1))):
+                          ("RELKD_MMA_WIDE", (0, 1)), ("RELKD_SELECT_ROWS", (64, 128))):
         value = os.environ.get(name)
         if not value:
             continue

@@ -26,10 +26,12 @@
 #               and highest (3xTF32): CCKD, EKD, RKD, RAD fused beside the GEMM floor
 #                                             -> bench-tc-tf32.*, bench-tc-3xtf32.* (.json/.md/.log)
 #   tune        the tensor-core kernels' constants: per RELKD_MMA_DEPTH x
-#               RELKD_MMA_STAGES variant (RELKD_TUNE_VARIANTS, default "64x2 64x2-square
-#               64x3"; "-square": RELKD_MMA_WIDE=0, 64 x 64 sub-tiles with 16 x 32
-#               warps everywhere; about 2 minutes each, so that one call stays within
-#               10 minutes: "32x2 32x4" in a second call adds to tune.md) a build and
+#               RELKD_MMA_STAGES variant (RELKD_TUNE_VARIANTS, default "64x2 64x2-tall
+#               64x2-square"; "-square": RELKD_MMA_WIDE=0, 64 x 64 sub-tiles with 16 x 32
+#               warps everywhere; "-tall": RELKD_SELECT_ROWS=128, EKD's selection in
+#               128 x 128 sub-tiles with 32 x 64 warps; about 2 minutes each, so that one
+#               call stays within 10 minutes: "64x3 32x4" in a second call adds to
+#               tune.md) a build and
 #               CCKD, EKD, RKD, RAD at N=8192,
 #               D=512, bf16, and similarity_topk 8192 x 1,000,000 bf16, then the
 #               default build again     -> tune-*.json/.log, tune.md (benchmarks/tune_table.py)
@@ -156,14 +158,20 @@ for stage in $stages; do
       done
       ;;
     tune)
-      for variant in ${RELKD_TUNE_VARIANTS:-64x2 64x2-square 64x3}; do
-        pair=${variant%-square} wide=1
-        [ "$pair" != "$variant" ] && wide=0
+      for variant in ${RELKD_TUNE_VARIANTS:-64x2 64x2-tall 64x2-square}; do
+        pair=${variant%-*} wide=1 select_rows=64
+        case $variant in
+          *-square) wide=0 ;;
+          *-tall) select_rows=128 ;;
+          *-*) echo "unknown tune variant $variant" >&2; continue ;;
+          *) pair=$variant ;;
+        esac
         depth=${pair%x*} steps=${pair#*x}
         rm -f "$out/.built"  # whatever this builds, later stages rebuild the default
         run_logged "tune-build-$variant" "tune-build-$variant.log" env MAX_JOBS=${MAX_JOBS:-16} \
           RELKD_FORCE_CUDA=1 RELKD_PTXAS_VERBOSE=1 RELKD_MMA_DEPTH="$depth" \
-          RELKD_MMA_STAGES="$steps" RELKD_MMA_WIDE="$wide" $PYTHON -m pip install --no-build-isolation --no-deps -v -e . \
+          RELKD_MMA_STAGES="$steps" RELKD_MMA_WIDE="$wide" RELKD_SELECT_ROWS="$select_rows" \
+          $PYTHON -m pip install --no-build-isolation --no-deps -v -e . \
           || continue
         $PYTHON -m relkd >> "$out/tune-build-$variant.log" 2>&1
         run_logged "tune-$variant" "tune-$variant.log" env RELKD_TENSOR_CORES=auto $PYTHON \

@@ -1,6 +1,6 @@
 """The tensor-core kernels' variants side by side: gpu_check.sh's stage `tune`
 builds relkd with each RELKD_MMA_DEPTH x RELKD_MMA_STAGES pair (a "-square"
-suffix: RELKD_MMA_WIDE=0), benchmarks it into tune-<variant>.json (losses)
+suffix: RELKD_MMA_WIDE=0; "-tall": RELKD_SELECT_ROWS=128), benchmarks it into tune-<variant>.json (losses)
 and tune-topk-<variant>.json, and this prints one Markdown table of the
 fused cases' median times per variant (fastest marked *) and their ratio to
 the GEMM floor.
@@ -15,10 +15,10 @@ from typing import Dict, List, Optional, Tuple
 
 
 def variant_of(path: Path) -> str:
-    found = re.search(r"(\d+x\d+(?:-square)?)\.json$", path.name)
+    found = re.search(r"(\d+x\d+(?:-square|-tall)?)\.json$", path.name)
     if not found:
         raise SystemExit(f"tune_table: {path} is not named "
-                         "tune[-topk]-<depth>x<stages>[-square].json")
+                         "tune[-topk]-<depth>x<stages>[-square|-tall].json")
     return found.group(1)
 
 
@@ -57,7 +57,9 @@ def table(paths: List[Path]) -> str:
                       and by_variant[v]["median_s"] == best) for v in variants]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Units per staging step x steps staged (RELKD_MMA_DEPTH x RELKD_MMA_STAGES; "
-              "-square: RELKD_MMA_WIDE=0, 64 x 64 sub-tiles with 16 x 32 warps); "
+              "-square: RELKD_MMA_WIDE=0, 64 x 64 sub-tiles with 16 x 32 warps; "
+              "-tall: RELKD_SELECT_ROWS=128, EKD's selection in 128 x 128 sub-tiles "
+              "with 32 x 64 warps); "
               "* the fastest; floor: the same shapes' torch.mm time in that run."]
     return "\n".join(lines)
 

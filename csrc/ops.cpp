@@ -39,12 +39,15 @@ static std::string build_info() {
              RELKD_CUDA_ARCHS) " cudart=" RELKD_TO_STRING(RELKD_CUDART) " mma_staging=" +
          std::to_string(tiling.depth) + "x" + std::to_string(tiling.stages) +
          " mma_wide=64x" + std::to_string(tiling.wide_cols) + "/" +
-         std::to_string(tiling.warp_rows) + "x" + std::to_string(tiling.warp_cols);
+         std::to_string(tiling.warp_rows) + "x" + std::to_string(tiling.warp_cols) +
+         " mma_select=" + std::to_string(tiling.select_rows) + "x" +
+         std::to_string(tiling.select_cols) + "/" + std::to_string(tiling.select_warp_rows) +
+         "x" + std::to_string(tiling.select_warp_cols);
 }
 #else
 static std::string build_info() {
   return "torch=" RELKD_TO_STRING(RELKD_TORCH_VERSION)
-      " cuda_archs= cudart= mma_staging= mma_wide=";
+      " cuda_archs= cudart= mma_staging= mma_wide= mma_select=";
 }
 #endif
 

@@ -22,7 +22,7 @@ def main() -> None:
         print(f"CUDA kernels: compiled for {info.get('cuda_archs')} (CUDA runtime: "
               f"{info.get('cudart')}; tensor-core staging, units per step x steps: "
               f"{info.get('mma_staging')}; wide sub-tile / warp tile: "
-              f"{info.get('mma_wide')})")
+              f"{info.get('mma_wide')}; selection's: {info.get('mma_select')})")
         mode = os.environ.get("RELKD_TENSOR_CORES", "0")
         precision = torch.get_float32_matmul_precision()
         float32_format = ("off" if mode == "0" else "bf16" if mode == "1" or precision == "medium"

@@ -88,10 +88,11 @@ def fused_devices() -> Tuple[str, ...]:
 def build_info() -> dict:
     """What the loaded extension was built with: torch (major.minor),
     cuda_archs, cudart, mma_staging (the tensor-core kernels' units per
-    staging step x steps staged, e.g. "64x2") and mma_wide (the sub-tile
-    and warp tile of the top-k, the selection and the rows pass, e.g.
-    "64x128/32x32"); all four empty for a CPU-only build; {} without an
-    extension."""
+    staging step x steps staged, e.g. "64x2"), mma_wide (the sub-tile
+    and warp tile of the top-k and the rows pass, e.g. "64x128/32x32") and
+    mma_select (EKD's selection passes', e.g. "64x128/32x32" or
+    "128x128/32x64"); the last three empty for a CPU-only build; {}
+    without an extension."""
     if not HAS_EXTENSION:
         return {}
     return _info_of(torch.ops.relkd.build_info())

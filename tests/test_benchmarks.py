@@ -62,12 +62,13 @@ def test_tune_table_puts_the_variants_side_by_side(tmp_path):
     run("64x2", 2e-3, 0.5)
     run("32x4", 1.5e-3, None, error=None)
     run("64x2-square", 2.5e-3, 0.7)  # RELKD_MMA_WIDE=0
+    run("64x2-tall", 1.8e-3, 0.5)  # RELKD_SELECT_ROWS=128
     paths = sorted(tmp_path.glob("tune-*.json"))
     lines = tune_table.table(paths).splitlines()
-    assert lines[0] == "| case | 32x4 | 64x2-square | 64x2 |"
+    assert lines[0] == "| case | 32x4 | 64x2-square | 64x2-tall | 64x2 |"
     cckd = next(line for line in lines if line.startswith("| cckd N=8192 bfloat16"))
     assert cckd.endswith("| 1.50 ms (1.50x floor) * | 2.50 ms (2.50x floor) "
-                         "| 2.00 ms (2.00x floor) |")
+                         "| 1.80 ms (1.80x floor) | 2.00 ms (2.00x floor) |")
     topk = next(line for line in lines if line.startswith("| topk_sim N=8192 M=1000000 k=100"))
-    assert topk.endswith("| error | 700.00 ms | 500.00 ms * |")
+    assert topk.endswith("| error | 700.00 ms | 500.00 ms * | 500.00 ms * |")
     assert not any("gemm" in line for line in lines[2:])  # the floor only as ratios

@@ -49,7 +49,8 @@ def emulated():
     # emulated suite: RELKD_MMA_DEPTH=32 RELKD_MMA_STAGES=3 pytest ...).
     staging = [f"-D{name}={int(os.environ[name])}" for name in ("RELKD_MMA_DEPTH",
                                                                "RELKD_MMA_STAGES",
-                                                               "RELKD_MMA_WIDE")
+                                                               "RELKD_MMA_WIDE",
+                                                               "RELKD_SELECT_ROWS")
                if os.environ.get(name)]
     # C++20 for std::barrier and std::atomic_ref: torch 2.11's cpp_extension
     # passes -std=c++17 (2.13's c++20); the later flag wins.

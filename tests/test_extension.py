@@ -141,16 +141,18 @@ def test_an_extension_built_for_another_torch_is_not_used(monkeypatch):
 def test_build_info_names_the_tensor_core_staging():
     """A build with CUDA kernels reports their staging as compiled (units
     per step x steps staged: RELKD_MMA_DEPTH x RELKD_MMA_STAGES, setup.py's
-    allowed values) and the wide kernels' sub-tile / warp tile
-    (RELKD_MMA_WIDE: 1, the default, or 0); a CPU-only build reports
-    neither."""
+    allowed values), the wide kernels' sub-tile / warp tile
+    (RELKD_MMA_WIDE: 1, the default, or 0) and the selection's (the wide
+    one, or 128 x 128 with RELKD_SELECT_ROWS=128); a CPU-only build
+    reports none."""
     info = ops.build_info()
     if "cuda" not in ops.fused_devices():
-        assert info["mma_staging"] == "" and info["mma_wide"] == ""
+        assert info["mma_staging"] == info["mma_wide"] == info["mma_select"] == ""
         return
     depth, stages = (int(v) for v in info["mma_staging"].split("x"))
     assert depth in (32, 64, 96, 128) and stages in (2, 3, 4)
     assert info["mma_wide"] in ("64x128/32x32", "64x64/16x32")
+    assert info["mma_select"] in (info["mma_wide"], "128x128/32x64")
 
 
 # Inputs made by numpy, so that relkd's kernel is the process's first

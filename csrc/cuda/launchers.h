@@ -34,10 +34,11 @@ enum class MmaOperands : int { Bf16 = 0, Fp16 = 1, Tf32 = 2, Tf32x3 = 3 };
 const char* error_string(int code);
 
 // The tensor-core kernels' staging as compiled (pair_tile_mma.cuh): 16-bit
-// units per step and steps staged at once.
+// units per step and steps staged at once, and the sub-tiles.
 struct MmaTiling {
   int depth, stages;                        // units per staging step, steps staged
   int wide_cols, warp_rows, warp_cols;      // MmaWide: 64 x wide_cols, its warps' share
+  int select_rows, select_cols, select_warp_rows, select_warp_cols;  // SelectShape
 };
 MmaTiling mma_tiling();
 

@@ -1,6 +1,7 @@
 // pair_select on tensor cores: the histogram and candidate passes of EKD's
-// order statistics (SPEC §3) with each 64 x 128 sub-tile of similarities
-// computed in the kernel (pair_tile_mma.cuh: mma in the operand format the
+// order statistics (SPEC §3) with each sub-tile of similarities (SelectShape:
+// 64 x 128, or 128 x 128 built with RELKD_SELECT_ROWS=128) computed in the
+// kernel (pair_tile_mma.cuh: mma in the operand format the
 // glue picks) and classified while in registers (pair_select.cuh), so no
 // similarity tile reaches memory. Every pass computes a pair's value by the
 // same instructions in the same order, so the histogram passes and the
@@ -40,20 +41,21 @@ __device__ __noinline__ void collect_entry(const TileView& view, const TileMask&
   if (tie_keys && r < view.rows && c < view.cols) tie_keys[r * view.cols + c] = tie;
 }
 
-// The passes' sub-tiles: MmaWide, as the top-k's (warps of 32 x 32: 16 FLOP
-// per byte read from shared memory against 11 for 16 x 32), one
-// accumulator set. Both passes must share it: a pair's value then comes
-// from the same instructions in the same order in each.
-using SelectShape = MmaWide;
+// The passes' sub-tiles: SelectShape (pair_tile_mma.cuh; by default MmaWide,
+// as the top-k's: warps of 32 x 32, 16 FLOP per byte read from shared
+// memory against 11 for 16 x 32), one accumulator set. Both passes must
+// share it: a pair's value then comes from the same instructions in the
+// same order in each.
 constexpr size_t kSelectStageBytes = SelectShape::kStageEntries * sizeof(uint16_t);
 
-// Column sub-tiles a histogram block sweeps along its 64 rows, 1024 columns
+// Column sub-tiles a histogram block sweeps along its rows, 1024 columns
 // whatever the shape, so that its hot bins (pair_select.cuh, in dynamic
-// shared memory after the staging) gather up to 64 x 1024 pairs per global
-// atomic.
+// shared memory after the staging) gather up to 64 (128) x 1024 pairs per
+// global atomic.
 constexpr int kHistogramStrip = 1024 / SelectShape::kCols;
 
-// The blocks of a histogram pass: 64-row strips of kHistogramStrip sub-tiles.
+// The blocks of a histogram pass: strips of SelectShape::kRows rows and
+// kHistogramStrip sub-tiles.
 int64_t histogram_mma_blocks(const TileView& view) {
   return blocks_for(view.rows, SelectShape::kRows) *
          blocks_for(blocks_for(view.cols, SelectShape::kCols), kHistogramStrip);
@@ -61,7 +63,8 @@ int64_t histogram_mma_blocks(const TileView& view) {
 
 // The sub-tile's pairs in the accumulator layout: f(row, column, value)
 // with row and column tile-local, in a rolled loop (acc read from the stack
-// frame, 128 bytes, L1), against minutes of nvcc per unrolled unit.
+// frame, 128 bytes, 256 for 128 x 128; L1), against minutes of nvcc per
+// unrolled unit.
 template <typename F>
 __device__ inline void for_each_entry(const SelectShape::Acc& acc, int64_t tr, int64_t tc,
                                       const F& f) {
@@ -73,7 +76,7 @@ __device__ inline void for_each_entry(const SelectShape::Acc& acc, int64_t tr, i
 }
 
 template <MmaOperands H>
-__global__ void histogram_mma_kernel(MmaTileInputs in, TileView view, TileMask mask,
+__global__ void RELKD_SELECT_BOUNDS histogram_mma_kernel(MmaTileInputs in, TileView view, TileMask mask,
                                      const int64_t* prefixes, int64_t n_prefix, int shift,
                                      unsigned long long* hist, FirstPassCollect<float> collect) {
   uint16_t* stage = dynamic_shared<uint16_t>();  // kSelectStageBytes, then the hot bins
@@ -105,7 +108,7 @@ __global__ void histogram_mma_kernel(MmaTileInputs in, TileView view, TileMask m
 }
 
 template <MmaOperands H>
-__global__ void collect_mma_kernel(MmaTileInputs in, TileView view, TileMask mask,
+__global__ void RELKD_SELECT_BOUNDS collect_mma_kernel(MmaTileInputs in, TileView view, TileMask mask,
                                    CollectOutputs<float> out, int64_t* tie_keys) {
   uint16_t* stage = dynamic_shared<uint16_t>();  // kSelectStageBytes
   constexpr int kCols = SelectShape::kCols;

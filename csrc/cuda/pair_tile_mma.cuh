@@ -101,6 +101,29 @@ constexpr size_t kStageBytes = MmaSquare::kStageEntries * sizeof(uint16_t);  // 
 using MmaWide =
     std::conditional_t<RELKD_MMA_WIDE != 0, MmaShape<kMmaEdge, 2 * kMmaEdge, 32, 32>, MmaSquare>;
 
+// EKD's selection passes' sub-tile: MmaWide, or, built with
+// RELKD_SELECT_ROWS=128, 128 x 128 with warps of 32 x 64. That stages
+// 256 rows per 128 x 128 products where 64 x 128 stages 192 per 64 x 128
+// (64 FLOP per byte from L2 for bf16 against 43) and reads 6 ldmatrix per
+// 16 mma (21 FLOP per byte from shared memory against 16), but holds 64
+// accumulators per thread: bounded to 128 registers (RELKD_SELECT_BOUNDS)
+// for two blocks per multiprocessor (8-40 bytes spilled in the TF32
+// forms), where the 64-row shape's 72-82 registers let three share it
+// (unbounded: a bound of one block lets ptxas take 90-111). Which wins is
+// for a GPU run to say (gpu_check.sh's stage `tune`, variant "-tall").
+// cuda::mma_tiling reports the shape compiled.
+#ifndef RELKD_SELECT_ROWS
+#define RELKD_SELECT_ROWS 64
+#endif
+static_assert(RELKD_SELECT_ROWS == 64 || RELKD_SELECT_ROWS == 128, "RELKD_SELECT_ROWS: 64 or 128");
+using SelectShape = std::conditional_t<RELKD_SELECT_ROWS == 128,
+                                       MmaShape<2 * kMmaEdge, 2 * kMmaEdge, 32, 64>, MmaWide>;
+#if RELKD_SELECT_ROWS == 128
+#define RELKD_SELECT_BOUNDS __launch_bounds__(kThreads, 2)
+#else
+#define RELKD_SELECT_BOUNDS
+#endif
+
 // Where this thread's accumulator entry acc[j][i] lies in its block's
 // 64 x 64 sub-tile (MmaSquare's warps hold one row of mma tiles).
 __device__ inline int entry_row(int i) { return MmaSquare::entry_row(0, i); }

@@ -532,7 +532,15 @@ int topk_finish(const TopkState<double>& st, int64_t rows, int64_t out_k, double
 const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
 
 MmaTiling mma_tiling() {
-  return {kMmaDepth, kStages, MmaWide::kCols, 16 * MmaWide::kTilesM, 8 * MmaWide::kTilesN};
+  return {kMmaDepth,
+          kStages,
+          MmaWide::kCols,
+          16 * MmaWide::kTilesM,
+          8 * MmaWide::kTilesN,
+          SelectShape::kRows,
+          SelectShape::kCols,
+          16 * SelectShape::kTilesM,
+          8 * SelectShape::kTilesN};
 }
 
 }  // namespace cuda
