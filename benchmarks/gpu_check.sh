@@ -54,6 +54,9 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+# Logs written as they come: a call the device tool stops at its time limit
+# still brings back what ran before.
+export PYTHONUNBUFFERED=1
 
 record() {  # record NAME STATUS
   echo "$(date -u +%FT%TZ) $1 exit $2" | tee -a "$out/summary.txt"
@@ -93,7 +96,10 @@ for stage in $stages; do
       ;;
     test)
       build
-      run_logged pytest-cuda pytest-cuda.log $PYTHON -m pytest -v -p no:cacheprovider tests/test_cuda.py
+      # A test still running after 4 minutes prints every thread's stack into the
+      # log (a hung kernel shows which test and call it is).
+      run_logged pytest-cuda pytest-cuda.log $PYTHON -m pytest -v -p no:cacheprovider \
+        -o faulthandler_timeout=240 tests/test_cuda.py
       ;;
     test-all)
       build
