@@ -104,7 +104,7 @@ import torch  # noqa: E402
 
 import cases  # noqa: E402
 import relkd  # noqa: E402
-from cases import IDA, LOSS_NAMES, TOPK, Case  # noqa: E402
+from cases import EXTRA_LOSS_NAMES, IDA, LOSS_NAMES, TOPK, Case  # noqa: E402
 
 FULL_LOSS_SIZES = (4096, 8192, 32768)
 QUICK_LOSS_SIZES = (1024,)
@@ -738,8 +738,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="loss batch sizes N (default 4096,8192,32768; quick 1024)")
     parser.add_argument("--dim", type=int,
                         help=f"embedding dim D (default {FULL_DIM}, quick {QUICK_DIM})")
-    parser.add_argument("--losses", type=name_list(LOSS_NAMES), default=list(LOSS_NAMES),
-                        help=f"comma-separated subset of {','.join(LOSS_NAMES)}")
+    parser.add_argument("--losses", type=name_list(LOSS_NAMES + EXTRA_LOSS_NAMES),
+                        default=list(LOSS_NAMES),
+                        help=f"comma-separated subset of {','.join(LOSS_NAMES)} (the default), "
+                             f"or {','.join(EXTRA_LOSS_NAMES)} (RKD with its O(N^3 D) angle "
+                             "term, the default weights)")
     parser.add_argument("--backends", type=name_list(cases.BACKENDS), default=list(cases.BACKENDS),
                         help=f"comma-separated subset of {','.join(cases.BACKENDS)} (each size "
                              f"runs those of its plan)")

@@ -47,6 +47,9 @@ from relkd import functional as rf
 from relkd import reference as rr
 
 LOSS_NAMES = ("fcd", "rad", "coupleface", "ekd", "cckd", "sp", "rkd")
+# Losses run only when named (--losses): RKD with its angle term (the
+# default weights) is O(N^3 D), out of reach at the default sizes.
+EXTRA_LOSS_NAMES = ("rkd_angle",)
 TOPK = "similarity_topk"
 IDA = "ida_scores"
 BACKENDS = ("fused", "reference", "compiled", "chunked", "gemm", "faiss")
@@ -214,8 +217,8 @@ LOSSES: Dict[str, LossDefinition] = {
                           lambda i: (i.ft, i.y, i.s_anchor, i.t_anchor), {}, returns_tuple=True),
     "cckd": LossDefinition(rf.cckd_loss, rr.cckd_loss, lambda i: (i.ft,), {}),
     "sp": LossDefinition(rf.sp_loss, rr.sp_loss, lambda i: (i.ft,), {}),
-    # The fused path has the distance term only (the angle term is O(N^3)).
     "rkd": LossDefinition(rf.rkd_loss, rr.rkd_loss, lambda i: (i.ft,), {"angle_weight": 0.0}),
+    "rkd_angle": LossDefinition(rf.rkd_loss, rr.rkd_loss, lambda i: (i.ft,), {}),
 }
 
 
@@ -225,13 +228,17 @@ LOSSES: Dict[str, LossDefinition] = {
 # mining product only, its pairs are O(N k D)); forward+backward of the
 # pairwise losses adds the two gradient products G X and G^T X (N x N x D).
 # FCD and EC-KD have no relation matrix; SP's fused path (the Gram identity)
-# may run below its floor.
-def gemm_floor_products(op: str, mode: str, d: int, d_teacher: int) -> List[int]:
+# may run below its floor. RKD's angle term adds, per vertex (n of them),
+# the Gram matrices of the student's and the teacher's unit differences and,
+# backward, the product of the derivatives by the student's.
+def gemm_floor_products(op: str, mode: str, d: int, d_teacher: int, n: int = 0) -> List[int]:
     """Inner dimensions of the N x . x N products of `op`'s floor."""
     forward = {"fcd": [], "rad": [d_teacher], "coupleface": [d_teacher],
                "ekd": [d, d_teacher], "cckd": [d, d_teacher], "sp": [d, d_teacher],
-               "rkd": [d, d_teacher]}[op]
-    backward = [d, d] if mode == "fwd+bwd" and op in ("cckd", "sp", "rkd") else []
+               "rkd": [d, d_teacher], "rkd_angle": [d, d_teacher] * (n + 1)}[op]
+    backward = []
+    if mode == "fwd+bwd" and op in ("cckd", "sp", "rkd", "rkd_angle"):
+        backward = [d, d] + ([d] * n if op == "rkd_angle" else [])
     return forward + backward
 
 
@@ -243,7 +250,8 @@ def floor_flops(case: Case) -> Optional[int]:
         return 2 * case.n * case.m * case.d
     if case.kind == "ida":
         return None
-    return 2 * case.n * case.n * sum(gemm_floor_products(case.op, case.mode, case.d, case.d))
+    return 2 * case.n * case.n * sum(gemm_floor_products(case.op, case.mode, case.d, case.d,
+                                                         case.n))
 
 
 def gemm_floor_callable(case: Case, inputs: LossInputs, chunk: int = 4096) -> Callable[[], None]:
@@ -251,7 +259,7 @@ def gemm_floor_callable(case: Case, inputs: LossInputs, chunk: int = 4096) -> Ca
     output buffer (the same arithmetic as one N x N product, without its
     memory)."""
     n = inputs.fs.shape[0]
-    inners = gemm_floor_products(case.op, case.mode, inputs.fs.shape[1], inputs.ft.shape[1])
+    inners = gemm_floor_products(case.op, case.mode, inputs.fs.shape[1], inputs.ft.shape[1], n)
     operands = {inner: torch.randn(n, inner, dtype=inputs.fs.dtype, device=inputs.fs.device)
                 for inner in set(inners)}
     buffer = inputs.fs.new_empty(min(chunk, n), n)

@@ -116,6 +116,18 @@ inline void define_operators(torch::Library& m) {
   m.def(
       "pair_topk(Tensor x_r, Tensor? x_c, Tensor labels_r, Tensor? labels_c, Tensor? ids_r, "
       "Tensor? ids_c, int threshold_key, int n_equal, int topk) -> (Tensor, Tensor, Tensor)");
+
+  // RKD's angle term (SPEC §6) with the rows as the angles' vertices and
+  // the columns (the rows when absent) as their other two points: the sum
+  // over rows a and column pairs (b, c) of smoothL1(psi_s - psi_t), psi_abc
+  // = normalize(x_b - x_a) . normalize(x_c - x_a), in the embeddings' dtype
+  // (float32 / float64), and, with grad_student, its gradient for the
+  // student's rows and columns (the teacher has none): (loss, grad_r,
+  // grad_c), grad_c empty without columns (grad_r then holds both parts).
+  // Rows go anchors_per_group at a time (0: as many as 256 MiB holds).
+  m.def(
+      "rkd_angle_loss(Tensor es_r, Tensor et_r, Tensor? es_c, Tensor? et_c, "
+      "bool grad_student, int anchors_per_group=0) -> (Tensor, Tensor, Tensor)");
 }
 
 }  // namespace relkd

@@ -69,7 +69,7 @@ def _full_precision(fn):
 RELATION_MATRICES = "N x N relation matrices"
 
 
-def _use_fused(loss: str, backend: str, device: torch.device, unsupported: str = "",
+def _use_fused(loss: str, backend: str, device: torch.device,
                cost: str = RELATION_MATRICES) -> bool:
     """Backend choice: True for the fused path, False for the reference.
     "fused" raises where there is no fused path; "auto" falls back to the
@@ -84,7 +84,7 @@ def _use_fused(loss: str, backend: str, device: torch.device, unsupported: str =
         reason = (f"this build of relkd has no fused kernels for {device.type} tensors "
                   f"(compiled for: {', '.join(ops.fused_devices())})")
     else:
-        reason = unsupported
+        reason = ""
     if backend == "fused":
         ops.require_extension(f"{loss}(backend='fused')")
         if reason:
@@ -109,7 +109,7 @@ def _student_teacher(fs, ft, *, same_dim: bool, flatten: bool = False):
 
 
 def _label_free_relation(loss: str, fs, ft, *, backend: str, process_group, gather: bool,
-                         fused_fn, reference_fn, flatten: bool = False, unsupported: str = "",
+                         fused_fn, reference_fn, flatten: bool = False,
                          cost: str = RELATION_MATRICES):
     """The shared path of the batch-relation losses without labels (CCKD, SP,
     RKD): validate, gather the global batch, 0 below two rows, dispatch."""
@@ -120,7 +120,7 @@ def _label_free_relation(loss: str, fs, ft, *, backend: str, process_group, gath
     gb = global_batch(fs, ft, None, resolve_group(process_group, gather))
     if gb.n_global < 2:
         return _zero(fs, compute_dtype(fs, ft))
-    return _by_backend(_use_fused(loss, backend, fs.device, unsupported, cost), gb, fused_fn,
+    return _by_backend(_use_fused(loss, backend, fs.device, cost), gb, fused_fn,
                        lambda f, t, _: reference_fn(f, t))
 
 
@@ -371,18 +371,18 @@ def rkd_loss(fs: Tensor, ft: Tensor, *, distance_weight: float = 25.0,
     L = distance_weight * mean smoothL1(d_s / mu_s, d_t / mu_t)
       + angle_weight * mean smoothL1(angle_s, angle_t)
     on raw embeddings fs: (N, Ds), ft: (N, Dt); teacher side without gradient.
-    The fused path computes the distance term only: the angle term is O(N^3)
-    and runs on the reference path (backend="auto" falls back to it when
-    angle_weight != 0; backend="fused" raises).
+    The fused path takes the angle term's vertices a few at a time (O(N^3 D)
+    work as the reference, but O(N D + N^2) memory per vertex instead of
+    N x N x D differences and N x N x N angles).
     """
     check.number(distance_weight, "distance_weight")
     check.number(angle_weight, "angle_weight")
-    unsupported = ("angle_weight != 0 and the fused path has no angle term (O(N^3)); set "
-                   "angle_weight=0 for the fused distance term") if angle_weight != 0 else ""
     return _label_free_relation(
         "RKDLoss", fs, ft, backend=backend, process_group=process_group, gather=gather,
-        unsupported=unsupported, cost="N x N x D differences and N x N x N angles",
-        fused_fn=lambda g: fused.rkd_loss(g, distance_weight=distance_weight),
+        cost="N x N x D differences and N x N x N angles" if angle_weight != 0
+        else RELATION_MATRICES,
+        fused_fn=lambda g: fused.rkd_loss(g, distance_weight=distance_weight,
+                                          angle_weight=angle_weight),
         reference_fn=lambda f, t: reference.rkd_loss(f, t, distance_weight=distance_weight,
                                                      angle_weight=angle_weight))
 

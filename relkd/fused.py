@@ -366,13 +366,28 @@ def sp_loss(gb: GlobalBatch, *, detach_teacher: bool) -> Tensor:
 
 
 # ------------------------------------------------------------------------ RKD
-def rkd_loss(gb: GlobalBatch, *, distance_weight: float) -> Tensor:
-    """SPEC §6, distance term: mu by a pairwise_loss('rkd_dist_sum') pass, then
-    pairwise_loss('rkd_distance'); the gradient reaches the student's mu."""
+def rkd_loss(gb: GlobalBatch, *, distance_weight: float, angle_weight: float) -> Tensor:
+    """SPEC §6: distance_weight * the distance term + angle_weight * the
+    angle term, each skipped at weight 0."""
     dtype = compute_dtype(gb.fs, gb.ft)
     e_s, e_t = gb.fs.to(dtype), gb.ft.detach().to(dtype)
     c_s = _columns(gb, gb.fs_all, lambda f: f.to(dtype))
     c_t = _columns(gb, gb.ft_all, lambda f: f.detach().to(dtype))
+    loss = e_s.sum() * 0
+    if distance_weight != 0:
+        loss = loss + distance_weight * _rkd_distance_term(gb, e_s, e_t, c_s, c_t)
+    if angle_weight != 0:
+        # This rank's anchors, the global batch's other two points: the
+        # ranks' sums add up to the sum over every angle.
+        angles = ops.rkd_angle_loss(e_s, e_t, c_s, c_t)
+        loss = loss + angle_weight * angles / gb.n_global ** 3
+    return loss
+
+
+def _rkd_distance_term(gb: GlobalBatch, e_s: Tensor, e_t: Tensor, c_s: Optional[Tensor],
+                       c_t: Optional[Tensor]) -> Tensor:
+    """SPEC §6, distance term: mu by a pairwise_loss('rkd_dist_sum') pass, then
+    pairwise_loss('rkd_distance'); the gradient reaches the student's mu."""
     ids = _row_ids(gb)
     n = gb.n_global
     pairs = n * (n - 1)
@@ -386,7 +401,7 @@ def rkd_loss(gb: GlobalBatch, *, distance_weight: float) -> Tensor:
         dist_t = all_reduce_sum(dist_t, gb.group)
     params = torch.stack([dist_s / pairs, dist_t / pairs])
     total = ops.pairwise_loss("rkd_distance", e_s, e_t, c_s, c_t, ids_r=ids, params=params)
-    return distance_weight * total / (n * n)
+    return total / (n * n)
 
 
 def exclusivity_term(w: Tensor) -> Tensor:

@@ -376,14 +376,15 @@ class RKDLoss(_Loss):
 
     Park et al., "Relational Knowledge Distillation", CVPR 2019:
     distance_weight * L_distance + angle_weight * L_angle on the raw
-    embeddings, the teacher side without gradient. The fused path has the
-    distance term only: with angle_weight != 0, backend="auto" runs the
-    O(N^3) reference (with a FallbackWarning) and backend="fused" raises.
+    embeddings, the teacher side without gradient. The angle term is O(N^3 D)
+    work either way; the fused path takes its vertices a few at a time
+    (O(N D + N^2) memory each, where the reference holds N x N x D
+    differences and N x N x N angles).
 
     Args:
         distance_weight: weight of the distance term (default 25.0).
-        angle_weight: weight of the angle term (default 50.0; 0 for the
-            fused path).
+        angle_weight: weight of the angle term (default 50.0; 0 leaves the
+            O(N^2 D) distance term alone).
         backend: "auto", "fused" or "reference".
         process_group: relate over the global batch of the group's ranks;
             each rank returns its share.

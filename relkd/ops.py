@@ -206,6 +206,13 @@ if HAS_EXTENSION:
                 x_r.new_empty(topk, dtype=torch.long), x_r.new_empty(topk, dtype=torch.long),
                 prefixes.new_empty(n_collected))
 
+    @torch.library.register_fake("relkd::rkd_angle_loss")
+    def _rkd_angle_loss_fake(es_r, et_r, es_c, et_c, grad_student, anchors_per_group=0):
+        return (es_r.new_empty(()),
+                torch.empty_like(es_r) if grad_student else es_r.new_empty(0),
+                torch.empty_like(es_c) if grad_student and es_c is not None
+                else es_r.new_empty(0))
+
     @torch.library.register_fake("relkd::sp_gram_forward")
     def _sp_gram_forward_fake(f_s, f_t, a_s, a_t):
         ds, dt, n = f_s.shape[1], f_t.shape[1], f_s.shape[0]
@@ -431,6 +438,34 @@ if HAS_EXTENSION:
     torch.library.register_autograd("relkd::pairwise_loss", _pairwise_backward,
                                     setup_context=_pairwise_setup)
 
+    # rkd_angle_loss returns its gradients with the loss, as pairwise_loss.
+    def _rkd_angle_setup(ctx, inputs, output):
+        ctx.save_for_backward(*output[1:])
+        ctx.set_materialize_grads(False)
+
+    def _rkd_angle_backward(ctx, grad_loss, *_):
+        if torch.is_grad_enabled():
+            raise RuntimeError("relkd::rkd_angle_loss supports first-order gradients only "
+                               "(create_graph=True / double backward is not supported)")
+        grads: List[Optional[Tensor]] = [None] * 6
+        if grad_loss is None:
+            return tuple(grads)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+            raise RuntimeError("relkd::rkd_angle_loss has no gradient for the teacher "
+                               "(et_r, et_c must not require grad)")
+        for inp, grad in ((0, ctx.saved_tensors[0]), (2, ctx.saved_tensors[1])):
+            if not ctx.needs_input_grad[inp]:
+                continue
+            if grad.dim() != 2:
+                raise RuntimeError("relkd::rkd_angle_loss: a gradient was requested that the "
+                                   "forward did not compute; call it with grad_student=True "
+                                   "(relkd.ops.rkd_angle_loss does this)")
+            grads[inp] = grad_loss * grad
+        return tuple(grads)
+
+    torch.library.register_autograd("relkd::rkd_angle_loss", _rkd_angle_backward,
+                                    setup_context=_rkd_angle_setup)
+
 
     # normalize_rows: first derivatives by its backward op (one pass); a
     # graph for higher orders (create_graph=True) by F.normalize's own.
@@ -571,6 +606,21 @@ def pairwise_loss(kind: str, xs_r: Tensor, xt_r: Optional[Tensor] = None,
     grad_t = _needs_grad(xt_r, xt_c)
     return torch.ops.relkd.pairwise_loss(kind, xs_r, xt_r, xs_c, xt_c, labels_r, labels_c,
                                          ids_r, ids_c, params, grad_s, grad_t)[0]
+
+
+def rkd_angle_loss(es_r: Tensor, et_r: Tensor, es_c: Optional[Tensor] = None,
+                   et_c: Optional[Tensor] = None) -> Tensor:
+    """Differentiable sum of RKD's angle term (SPEC §6) over the angles
+    whose vertex is a row and whose other two points are columns (default:
+    the rows): sum smoothL1(psi_s - psi_t), psi_abc = normalize(x_b - x_a) .
+    normalize(x_c - x_a); the teacher (et_*) takes no gradient. Anchors go a
+    few at a time (csrc/cpu/rkd_angle.cpp): O(N D + N^2) memory per anchor
+    instead of the reference's N x N x D and N x N x N."""
+    if _needs_grad(et_r, et_c):
+        raise ValueError("et_r, et_c: the teacher's embeddings must not require grad "
+                         "(RKD's teacher side has no gradient)")
+    return torch.ops.relkd.rkd_angle_loss(es_r, et_r, es_c, et_c,
+                                          _needs_grad(es_r, es_c))[0]
 
 
 # ------------------------------------------------- EKD order statistics

@@ -18,6 +18,8 @@ import tune_table  # noqa: E402
     ("cckd", "fwd+bwd", 4),    # + the two gradient products
     ("rad", "fwd+bwd", 1),     # the teacher's similarities for the mining
     ("fcd", "fwd", 0),         # no relation matrix
+    ("rkd_angle", "fwd", 2 * 1001),          # distances, and per vertex two Gram matrices
+    ("rkd_angle", "fwd+bwd", 2 * 1001 + 2 + 1000),  # + the gradient products
 ])
 def test_floor_flops_count_the_floor_products(op, mode, products):
     case = cases.make_case(op, "fused", mode, n=1000, d=64)

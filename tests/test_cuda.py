@@ -519,6 +519,16 @@ def test_rkd_distance(n, d, seed, dtype):
 
 
 @cuda_settings
+@given(n=st.integers(1, 120), d=st.integers(1, 130), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([F32, F64]))
+def test_rkd_with_angles(n, d, seed, dtype):
+    """The angle term's vertices a few at a time (csrc/cpu/rkd_angle.cpp's
+    ATen code, on CUDA tensors) against the reference (N^3 angles: small N)."""
+    fs = embeddings(n, d, seed, dtype)
+    compare(Fn.rkd_loss, *gpu(fs, correlated(fs, seed + 1)))
+
+
+@cuda_settings
 @given(**shapes, pattern=st.sampled_from(LABEL_PATTERNS), k=st.integers(1, 40),
        coupleface=st.booleans(), mine_by=st.sampled_from(["teacher", "student"]))
 def test_rad_float64(n, d, seed, pattern, k, coupleface, mine_by):

@@ -69,6 +69,8 @@ for backend in ("fused", "reference"):
                                                                           **kw)),
         f"rkd_{b}": (D, lambda fs, ft, y, b=b, **kw: Fn.rkd_loss(
             fs, ft, angle_weight=0.0, backend=b, **kw)),
+        f"rkd_angle_{b}": (D, lambda fs, ft, y, b=b, **kw: Fn.rkd_loss(
+            fs, ft, distance_weight=1.0, angle_weight=2.0, backend=b, **kw)),
     })
 
 

@@ -72,6 +72,16 @@ def test_rkd_distance(n, d, seed, dtype, scale):
     compare(Fn.rkd_loss, fs, ft, angle_weight=0.0)
 
 
+@given(n=st.integers(1, 60), d=st.integers(1, 40), seed=st.integers(0, 2**16), dtype=dtypes,
+       scale=st.sampled_from([0.01, 1.0, 30.0]), distance_weight=st.sampled_from([0.0, 25.0]))
+def test_rkd_with_angles(n, d, seed, dtype, scale, distance_weight):
+    """The default angle weight (50): the angle term fused (its reference
+    holds N x N x D differences and N^3 angles, hence the smaller N)."""
+    fs = scale * embeddings(n, d, seed, dtype)
+    ft = correlated(fs, seed + 1)
+    compare(Fn.rkd_loss, fs, ft, distance_weight=distance_weight)
+
+
 rad_options = dict(k_extra=st.integers(-300, 5), pattern=st.sampled_from(LABEL_PATTERNS),
                    mine_by=st.sampled_from(["teacher", "student"]))
 
@@ -193,12 +203,11 @@ def test_bitwise_deterministic(name, threads):
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
-def test_auto_picks_fused_and_rkd_angle_falls_back():
+def test_auto_picks_fused():
     fs, ft = embeddings(50, 8, seed=11), embeddings(50, 8, seed=12)
-    auto = Fn.rkd_loss(fs, ft)  # angle_weight=50: only the reference has the angle term
+    auto = Fn.rkd_loss(fs, ft)  # angle_weight=50: the angle term fused too
+    assert torch.equal(auto, Fn.rkd_loss(fs, ft, backend="fused"))
     torch.testing.assert_close(auto, Fn.rkd_loss(fs, ft, backend="reference"))
-    with pytest.raises(NotImplementedError, match="angle"):
-        Fn.rkd_loss(fs, ft, backend="fused")
     for fn in (Fn.cckd_loss, Fn.sp_loss):
         assert torch.equal(fn(fs, ft), fn(fs, ft, backend="fused"))
 

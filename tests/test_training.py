@@ -35,6 +35,7 @@ LOSSES = {
     "cckd": (lambda: relkd.CCKDLoss(), False),
     "sp": (lambda: relkd.SPLoss(), False),
     "rkd": (lambda: relkd.RKDLoss(angle_weight=0.0), False),
+    "rkd_angle": (lambda: relkd.RKDLoss(), False),  # the default weights: angles too
 }
 
 
@@ -95,8 +96,14 @@ def test_training_step_compiles_fullgraph_and_matches_eager(name):
         grads = [p.grad for p in net.parameters()]
         results.append((losses, grads, [b.clone() for b in loss_fn.buffers()]))
     (l0, g0, b0), (l1, g1, b1) = results
-    for a, b in zip(l0 + g0 + b0, l1 + g1 + b1):
+    for a, b in zip(l0 + b0, l1 + b1):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # Gradients up to a few float32 ulps of the largest entry: an exactly-zero
+    # one (the last bias under RKD, whose distances and angles ignore a shift)
+    # is rounding noise that the compiled network's own rounding moves.
+    scale = max(float(g.abs().max()) for g in g0)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=max(1e-7, 4e-7 * scale))
 
 
 @requires_extension
