@@ -47,7 +47,6 @@ def main() -> None:
         label = "plain PyTorch (O(N*D), no relation matrix)" if where == ["any"] else (
             f"fused on {', '.join(where)}" if where else "reference (no fused kernels loaded)")
         print(f"  {name:45s} {label}")
-    print(f"  {'RKDLoss with angle_weight != 0':45s} reference (the angle term is O(N^3))")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def fused_losses() -> dict:
     """Which losses run fused kernels with backend='auto', on which devices."""
     devices = list(ops.fused_devices())
     fused_names = ["RADLoss", "CoupleFaceLoss", "EKDLoss", "CCKDLoss", "SPLoss",
-                   "RKDLoss (distance term; angle_weight=0)", "similarity_topk",
+                   "RKDLoss", "similarity_topk",
                    "ida_scores, IDAScorer"]
     plain = ["FCDLoss", "ExclusivityLoss", "ECKDLoss"]  # O(N*D) / O(F*P): PyTorch is the fused path
     return {**{name: devices for name in fused_names}, **{name: ["any"] for name in plain}}
