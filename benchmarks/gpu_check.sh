@@ -170,7 +170,6 @@ for stage in $stages; do
           *-square) wide=0 ;;
           *-tall) select_rows=128 ;;
           *-*) echo "unknown tune variant $variant" >&2; continue ;;
-          *) pair=$variant ;;
         esac
         depth=${pair%x*} steps=${pair#*x}
         rm -f "$out/.built"  # whatever this builds, later stages rebuild the default

@@ -374,4 +374,29 @@ inline std::vector<uint8_t> collect_bin_flags(const c10::optional<at::Tensor>& r
   return in_bin;
 }
 
+// -------------------------------------------------------- rkd_angle_loss
+// The student's and the teacher's rows (the angles' vertices) and columns
+// (es_c, et_c: both or neither; the rows when absent).
+inline void check_rkd_angle_args(const at::Tensor& es_r, const at::Tensor& et_r,
+                                 const c10::optional<at::Tensor>& es_c,
+                                 const c10::optional<at::Tensor>& et_c,
+                                 int64_t anchors_per_group) {
+  check_matrix(es_r, "es_r");
+  check_matrix(et_r, "et_r");
+  check_same(es_r, et_r, "es_r", "et_r");
+  TORCH_CHECK_VALUE(et_r.size(0) == es_r.size(0), "the teacher's rows must match the student's");
+  TORCH_CHECK_VALUE(es_c.has_value() == et_c.has_value(), "es_c and et_c must be given together");
+  if (es_c.has_value()) {
+    check_matrix(*es_c, "es_c");
+    check_matrix(*et_c, "et_c");
+    check_same(es_r, *es_c, "es_r", "es_c");
+    check_same(es_r, *et_c, "es_r", "et_c");
+    TORCH_CHECK_VALUE(et_c->size(0) == es_c->size(0), "the teacher's rows must match the student's");
+    TORCH_CHECK_VALUE(es_c->size(1) == es_r.size(1) && et_c->size(1) == et_r.size(1),
+                      "columns must have the rows' dimensions");
+  }
+  TORCH_CHECK_VALUE(anchors_per_group >= 0, "anchors_per_group must be >= 0, got ",
+                    anchors_per_group);
+}
+
 }  // namespace relkd

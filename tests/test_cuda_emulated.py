@@ -268,7 +268,7 @@ DERIVATIVE_ROUNDING = {"bf16": 2.0 ** -9, "fp16": 2.0 ** -9, "tf32": 2.0 ** -11,
 def student_pair_derivatives(args):
     """G = dL/dS (float64) of a symmetric case's loss with respect to the
     student's similarity matrix S = xs xs^T, S a leaf (RKD's squared norms
-    held fixed): the derivatives the rows pass rounds to bf16."""
+    held fixed): the derivatives the rows pass rounds (DERIVATIVE_ROUNDING)."""
     kind, xs, xt, y, params = args[0], args[1].double(), args[2], args[5], args[9].double()
     s = (xs @ xs.T).requires_grad_()
     t = None if xt is None else xt.double() @ xt.double().T

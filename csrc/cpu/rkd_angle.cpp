@@ -82,23 +82,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_angle_loss(const at::Tensor& 
                                                                const c10::optional<at::Tensor>& et_c_,
                                                                bool grad_student,
                                                                int64_t anchors_per_group) {
-  TORCH_CHECK_VALUE(es_r.dim() == 2 && et_r.dim() == 2, "es_r and et_r must be 2-D");
-  TORCH_CHECK_VALUE(es_c_.has_value() == et_c_.has_value(),
-                    "es_c and et_c must be given together");
-  TORCH_CHECK_VALUE(es_r.scalar_type() == at::kFloat || es_r.scalar_type() == at::kDouble,
-                    "es_r must be float32 or float64, got ", es_r.scalar_type());
+  BelowAutograd below_autograd;
+  check_rkd_angle_args(es_r, et_r, es_c_, et_c_, anchors_per_group);
   const bool rect = es_c_.has_value();
   const at::Tensor es_c = rect ? *es_c_ : es_r, et_c = rect ? *et_c_ : et_r;
-  TORCH_CHECK_VALUE(es_c.dim() == 2 && et_c.dim() == 2, "es_c and et_c must be 2-D");
-  TORCH_CHECK_VALUE(et_r.size(0) == es_r.size(0) && et_c.size(0) == es_c.size(0),
-                    "the teacher's rows must match the student's");
-  TORCH_CHECK_VALUE(es_c.size(1) == es_r.size(1) && et_c.size(1) == et_r.size(1),
-                    "columns must have the rows' dimensions");
-  TORCH_CHECK_VALUE(anchors_per_group >= 0, "anchors_per_group must be >= 0, got ",
-                    anchors_per_group);
-  for (const at::Tensor* t : {&et_r, &es_c, &et_c})
-    TORCH_CHECK_VALUE(t->scalar_type() == es_r.scalar_type() && t->device() == es_r.device(),
-                      "every embedding must have es_r's dtype and device");
   const int64_t n_r = es_r.size(0), n_c = es_c.size(0);
   const at::Tensor xs_r = es_r.contiguous(), xt_r = et_r.contiguous();
   const at::Tensor xs_c = es_c.contiguous(), xt_c = et_c.contiguous();

@@ -215,7 +215,7 @@ struct RowsMmaArgs {
   int64_t n, ds, dt;
   float* grad_s;
   double* sums;
-  MmaOperands operands;  // of the similarity products (G x X is bf16: see the kernel)
+  MmaOperands operands;  // of the products (G x X: bf16 for 16-bit ones; see the kernel)
 };
 // Whether the device's shared memory holds the block's gradient rows (ds
 // entries each) beside its G tile for `operands`, and its tensor cores run.
