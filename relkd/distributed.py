@@ -97,8 +97,9 @@ class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         # Every rank holds the gradient of its own loss share with respect to
-        # all rows; the gradient of the summed shares is their sum.
-        total = _summed_over_ranks(grad, ctx.group)
+        # all rows; the gradient of the summed shares is their sum. The sum
+        # is itself differentiable, for a double backward (create_graph=True).
+        total = all_reduce_with_grad(grad, ctx.group)
         start = sum(ctx.sizes[: ctx.rank])
         return total[start:start + ctx.sizes[ctx.rank]], None, None
 
@@ -127,7 +128,7 @@ class _AllReduceWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return _summed_over_ranks(grad, ctx.group), None
+        return all_reduce_with_grad(grad, ctx.group), None
 
 
 def all_reduce_with_grad(x: Tensor, group) -> Tensor:

@@ -1,8 +1,9 @@
 """Global-batch relations under DDP (SPEC §8), with the gloo backend on CPU:
 2 and 3 processes holding unequal shards of one batch, one of them empty.
 For every loss and both backends: the per-rank shares sum to the loss of one
-process holding the concatenated batch, each rank's gradient equals that
-process's gradient for its rows, and EKD's anchors (and a PrototypeBank) are
+process holding the concatenated batch, each rank's gradient (and
+Hessian-vector product: a double backward through the collectives) equals
+that process's for its rows, and EKD's anchors (and a PrototypeBank) are
 identical on every rank and equal the single-process ones; EKD's
 selection resolves its thresholds from keys gathered from every rank in
 one pass. Collectives time
@@ -112,12 +113,23 @@ def selections(layout, rank, group_name):
     return out
 
 
-def run_case(fn, fs, ft, y, **dist_kw):
+def run_case(fn, fs, ft, y, direction, **dist_kw):
+    """(loss, gradient, Hessian-vector product along direction, anchors...):
+    the gradient by a double-backward graph, which the HVP differentiates
+    (its collectives are differentiable too)."""
     fs = fs.detach().clone().requires_grad_()
     out = fn(fs, ft, y, **dist_kw)
     loss, extra = (out[0], list(out[1:])) if isinstance(out, tuple) else (out, [])
-    loss.backward()
-    return loss.detach(), fs.grad, extra
+    (grad,) = torch.autograd.grad(loss, fs, create_graph=True)
+    hvp = None
+    if grad.requires_grad:  # not on an empty shard whose share is a constant 0
+        (hvp,) = torch.autograd.grad((grad * direction).sum(), fs, allow_unused=True)
+    hvp = torch.zeros_like(fs) if hvp is None else hvp
+    return loss.detach(), grad.detach(), hvp, extra
+
+
+def direction(d=D):
+    return embeddings(N, d, seed=4, dtype=torch.float64)
 
 
 def worker(rank, layout, init_file, out_dir):
@@ -130,7 +142,8 @@ def worker(rank, layout, init_file, out_dir):
     results = {}
     for name, (d, fn) in CASES.items():
         fs, ft, y = batch(d)
-        results[name] = run_case(fn, fs[rows], ft[rows], y[rows], gather=True)
+        results[name] = run_case(fn, fs[rows], ft[rows], y[rows], direction(d)[rows],
+                                 gather=True)
     bank = relkd.PrototypeBank(9, D, momentum=0.5, gather=True, dtype=torch.float64)
     fs, ft, y = batch()
     bank.update(ft[rows], y[rows] % 9)
@@ -173,13 +186,15 @@ def test_shares_sum_to_the_global_loss(ranks, name):
     world, results = ranks
     d, fn = CASES[name]
     fs, ft, y = batch(d)
-    loss, grad, extra = run_case(fn, fs, ft, y)
+    loss, grad, hvp, extra = run_case(fn, fs, ft, y, direction(d))
     shares = [r[name] for r in results]
     torch.testing.assert_close(sum(s[0] for s in shares), loss, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(torch.cat([s[1] for s in shares]), grad, rtol=1e-9, atol=1e-13)
+    assert hvp.abs().max() > 0 or name.startswith("eckd")  # EC-KD's term is not the rows'
+    torch.testing.assert_close(torch.cat([s[2] for s in shares]), hvp, rtol=1e-9, atol=1e-13)
     for e, want in enumerate(extra):  # EKD's anchors: the same on every rank
         for s in shares:
-            torch.testing.assert_close(s[2][e], want, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(s[3][e], want, rtol=1e-12, atol=1e-14)
 
 
 def test_prototype_bank_is_global(ranks):
