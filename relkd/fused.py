@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _second_order as second_order
 from . import ops
 from ._common import EPS, compute_dtype, masked_sum, teacher
 from .distributed import GlobalBatch, all_reduce_sum, all_reduce_with_grad
@@ -253,6 +254,13 @@ def _sp_gram_forward_torch(f_s, f_t, a_s, a_t):
     return gram_s, gram_t, cross_st, torch.cat(r_s), torch.cat(r_t), torch.cat(cross)
 
 
+def _sp_identity_sum(r_s: Tensor, r_t: Tensor, cross: Tensor, n_all: int) -> Tensor:
+    """L of _SPGramIdentity from the per-row r_s, r_t and c."""
+    m_s, m_t = r_s.clamp(min=0).clamp(min=EPS * EPS), r_t.clamp(min=0).clamp(min=EPS * EPS)
+    terms = r_s.clamp(min=0) / m_s + r_t.clamp(min=0) / m_t - 2 * cross / torch.sqrt(m_s * m_t)
+    return terms.sum() / (n_all * n_all)
+
+
 class _SPGramIdentity(torch.autograd.Function):
     """SPEC §5's identity: with G = F F^T, row i of rownorm(G) has
     |G_i|^2 = f_i^T (F^T F) f_i and G_s,i . G_t,i = f_i^T (Fs^T Ft) g_i, so
@@ -264,8 +272,9 @@ class _SPGramIdentity(torch.autograd.Function):
     one process, where it is f) are streamed in float64 blocks; only D x D
     Gram matrices and per-row scalars are kept. The backward is written out:
     besides the direct row terms, every row of the batch receives the
-    gradient through the Gram matrices (2 a W for F^T F, a U for Fs^T Ft).
-    Float64 because the loss subtracts two O(N) sums."""
+    gradient through the Gram matrices (2 a W for F^T F, a U for Fs^T Ft);
+    a double backward differentiates the identity in PyTorch ops. Float64
+    because the loss subtracts two O(N) sums."""
 
     @staticmethod
     def forward(ctx, f_s, f_t, a_s, a_t, n_all: int):
@@ -278,21 +287,24 @@ class _SPGramIdentity(torch.autograd.Function):
                                                                                a_t)
         if ctx.single:
             a_s, a_t = f_s, f_t
-        m_s, m_t = r_s.clamp(min=0).clamp(min=EPS * EPS), r_t.clamp(min=0).clamp(min=EPS * EPS)
-        terms = r_s.clamp(min=0) / m_s + r_t.clamp(min=0) / m_t - 2 * cross / torch.sqrt(m_s * m_t)
         ctx.save_for_backward(f_s, f_t, a_s, a_t, gram_s, gram_t, cross_st, r_s, r_t, cross)
         ctx.n_all = n_all
-        return (terms.sum() / (n_all * n_all)).to(f_s.dtype)
+        return _sp_identity_sum(r_s, r_t, cross, n_all).to(f_s.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        if torch.is_grad_enabled():
-            # The written-out derivative uses Gram matrices saved as constants:
-            # differentiating it again would be silently wrong.
-            raise RuntimeError("relkd SPLoss (fused Gram identity) supports first-order "
-                               "gradients only (create_graph=True / double backward is not "
-                               "supported; use backend='reference')")
         f_s, f_t, a_s, a_t, gram_s, gram_t, cross_st, r_s, r_t, cross = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the written-out derivative below uses Gram
+            # matrices saved as constants, so differentiate the identity in
+            # PyTorch ops instead (the same O(D^2) memory).
+            def value(f_s, f_t, a_s, a_t):
+                r_s, r_t, cross = _sp_gram_forward_torch(f_s, f_t, a_s, a_t)[3:]
+                return _sp_identity_sum(r_s, r_t, cross, ctx.n_all)
+
+            inputs = (f_s, f_t) + ((None, None) if ctx.single else (a_s, a_t))
+            return tuple(second_order.gradients_with_graph(
+                value, inputs, ctx.needs_input_grad[:4], grad)) + (None,)
         scale = grad.double() / (ctx.n_all * ctx.n_all)
         eps2 = EPS * EPS
         m_s, m_t = r_s.clamp(min=0).clamp(min=eps2), r_t.clamp(min=0).clamp(min=eps2)

@@ -6,6 +6,7 @@ driver of EKD's exact global order statistics.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import struct
@@ -15,6 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import _second_order as second_order
 from . import distributed as relkd_dist
 
 
@@ -398,7 +400,8 @@ if HAS_EXTENSION:
     _PAIRWISE_GRAD_SLOTS = {1: 1, 2: 3, 3: 2, 4: 4, 9: 5}  # input index -> output index
 
     def _pairwise_setup(ctx, inputs, output):
-        ctx.save_for_backward(*output[1:])
+        # The inputs too: a double backward differentiates the op again.
+        ctx.save_for_backward(*output[1:], *inputs[1:10])
         ctx.kind = inputs[0]
         ctx.input_dims = {i: inputs[i].dim() for i in _PAIRWISE_GRAD_SLOTS if inputs[i] is not None}
         ctx.input_dtypes = {i: inputs[i].dtype for i in _PAIRWISE_GRAD_SLOTS
@@ -408,23 +411,31 @@ if HAS_EXTENSION:
         ctx.set_materialize_grads(False)
 
     def _pairwise_backward(ctx, grad_loss, *_):
-        if torch.is_grad_enabled():
-            # The saved gradients are constants to autograd: a second
-            # derivative through them would be silently wrong.
-            raise RuntimeError("relkd::pairwise_loss supports first-order gradients only "
-                               "(create_graph=True / double backward is not supported)")
-        saved = ctx.saved_tensors
         grads: List[Optional[Tensor]] = [None] * 12
         if grad_loss is None:  # only the returned gradients were used
             return tuple(grads)
+        saved = ctx.saved_tensors
+        wanted = [False] * 12
+        for inp in _PAIRWISE_GRAD_SLOTS:
+            wanted[inp] = ctx.needs_input_grad[inp]
+        if wanted[9] and ctx.kind not in PARAMS_GRAD_KINDS:
+            raise RuntimeError(f"relkd::pairwise_loss: kind '{ctx.kind}' defines no "
+                               "gradient with respect to params (params must not require "
+                               f"grad; only {', '.join(PARAMS_GRAD_KINDS)} define one)")
+        if torch.is_grad_enabled():
+            # create_graph=True: the saved gradients are constants to
+            # autograd, so differentiate the op's PyTorch transcription.
+            if (wanted[2] or wanted[4]) and ctx.kind not in second_order.TEACHER_GRAD_KINDS:
+                raise RuntimeError(f"relkd::pairwise_loss: kind '{ctx.kind}' passes no "
+                                   "gradient to the teacher (xt_r, xt_c must not require grad)")
+            grads[1:10] = second_order.gradients_with_graph(
+                functools.partial(second_order.pairwise_loss, ctx.kind), saved[5:], wanted[1:10],
+                grad_loss)
+            return tuple(grads)
         for inp, out in _PAIRWISE_GRAD_SLOTS.items():
-            if not ctx.needs_input_grad[inp]:
+            if not wanted[inp]:
                 continue
             grad = saved[out - 1]
-            if inp == 9 and ctx.kind not in PARAMS_GRAD_KINDS:
-                raise RuntimeError(f"relkd::pairwise_loss: kind '{ctx.kind}' defines no "
-                                   "gradient with respect to params (params must not require "
-                                   f"grad; only {', '.join(PARAMS_GRAD_KINDS)} define one)")
             if grad.dim() != ctx.input_dims[inp]:  # an empty placeholder: not computed
                 raise RuntimeError(
                     "relkd::pairwise_loss: a gradient was requested that the forward did not "
@@ -440,19 +451,21 @@ if HAS_EXTENSION:
 
     # rkd_angle_loss returns its gradients with the loss, as pairwise_loss.
     def _rkd_angle_setup(ctx, inputs, output):
-        ctx.save_for_backward(*output[1:])
+        ctx.save_for_backward(*output[1:], *inputs[:4])
         ctx.set_materialize_grads(False)
 
     def _rkd_angle_backward(ctx, grad_loss, *_):
-        if torch.is_grad_enabled():
-            raise RuntimeError("relkd::rkd_angle_loss supports first-order gradients only "
-                               "(create_graph=True / double backward is not supported)")
         grads: List[Optional[Tensor]] = [None] * 6
         if grad_loss is None:
             return tuple(grads)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
             raise RuntimeError("relkd::rkd_angle_loss has no gradient for the teacher "
                                "(et_r, et_c must not require grad)")
+        if torch.is_grad_enabled():  # create_graph=True: as pairwise_loss
+            grads[:4] = second_order.gradients_with_graph(
+                second_order.rkd_angle_loss, ctx.saved_tensors[2:],
+                [ctx.needs_input_grad[0], False, ctx.needs_input_grad[2], False], grad_loss)
+            return tuple(grads)
         for inp, grad in ((0, ctx.saved_tensors[0]), (2, ctx.saved_tensors[1])):
             if not ctx.needs_input_grad[inp]:
                 continue

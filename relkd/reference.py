@@ -257,9 +257,17 @@ def rkd_normalized_distances(e: Tensor) -> Tensor:
     return dist / dist[off].mean()
 
 
+def rkd_unit_differences(e_r: Tensor, e_c: Tensor) -> Tensor:
+    """unit[a, b] = normalize(e_c[b] - e_r[a]), F.normalize(p=2, eps=EPS)'s
+    value and gradient, from a clamped squared norm: F.normalize's second
+    derivative is NaN at a zero difference (b = a, duplicate rows), this
+    one's is 0 (a double backward through the angle term stays finite)."""
+    diff = e_c[None, :, :] - e_r[:, None, :]
+    return diff / (diff * diff).sum(2, keepdim=True).clamp(min=EPS * EPS).sqrt()
+
+
 def rkd_angles(e: Tensor) -> Tensor:
-    diff = e[None, :, :] - e[:, None, :]  # diff[a, b] = e_b - e_a
-    unit = F.normalize(diff, p=2.0, dim=2, eps=EPS)
+    unit = rkd_unit_differences(e, e)
     return torch.bmm(unit, unit.transpose(1, 2)).reshape(-1)
 
 

@@ -4,6 +4,7 @@ computation (by value for mining, the tolerance pattern for float32), float64
 gradcheck and opcheck on CUDA, hypothesis property tests over shapes, k and
 label patterns (bank mode with M >> N), every loss against the reference,
 EKD over five steps, bitwise determinism, non-contiguous inputs, N = 0 / 1,
+double backward,
 bad input, autocast, torch.compile of a training step, and DDP with CUDA
 tensors; the opt-in tensor-core pairwise_loss tiles (RELKD_TENSOR_CORES=1)
 against the CPU kernels. Skipped without a GPU or without compiled CUDA kernels."""
@@ -24,7 +25,7 @@ from relkd import ops, reference
 from helpers import (LABEL_PATTERNS, assert_bounded_error, assert_same_mining, correlated,
                      dyadic, embeddings, first_pass_args_on, first_pass_cases, labels,
                      requires_extension, spread_ties, tensor_cores, tf32_values)
-from test_losses_fused import GRADCHECK_CASES, compare
+from test_losses_fused import DOUBLE_BACKWARD, GRADCHECK_CASES, compare, hessian_vector
 from test_pair_select import sorted_reference
 from test_pairwise_loss import KINDS, direct, fused, grads_of, inputs
 from test_topk_sim import batch_valid, check_mining
@@ -590,6 +591,33 @@ def test_loss_gradcheck(name):
     y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4], device="cuda")
     with torch.device("cuda"):  # the cases build their constant tensors on the default device
         assert torch.autograd.gradcheck(lambda a, b: GRADCHECK_CASES[name](a, b, y), (fs, ft))
+
+
+@pytest.mark.parametrize("name", list(DOUBLE_BACKWARD))
+def test_double_backward_matches_the_reference(name):
+    fs = embeddings(24, 5, seed=31, dtype=F64)
+    ft, y = correlated(fs, seed=32), torch.arange(24) % 6
+    args = gpu(fs, ft, y) + gpu(embeddings(24, 5, seed=33, dtype=F64))
+    with torch.device("cuda"):
+        want = hessian_vector(DOUBLE_BACKWARD[name], *args[:3], "reference", args[3])
+        got = hessian_vector(DOUBLE_BACKWARD[name], *args[:3], "fused", args[3])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_double_backward_of_half_operands(half, monkeypatch):
+    # 16-bit operands (float32 loss): the graphed gradient is the kernel's
+    # (whose gradient products round the derivative tile to 16 bits).
+    monkeypatch.setenv("RELKD_TENSOR_CORES", "auto")
+    fs, ft = gpu(embeddings(300, 64, seed=34).to(half), embeddings(300, 64, seed=35).to(half))
+    grads = []
+    for create_graph in (False, True):
+        x = fs.detach().clone().requires_grad_()
+        (g,) = torch.autograd.grad(Fn.cckd_loss(x, ft), x, create_graph=create_graph)
+        assert g.dtype == half and g.requires_grad == create_graph
+        grads.append(g.detach().float())
+    assert (grads[1] - grads[0]).norm() <= 0.02 * grads[0].norm()
 
 
 LOSSES = {

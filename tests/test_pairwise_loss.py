@@ -1,7 +1,8 @@
 """pairwise_loss (DESIGN primitive 3), every kind, against the N x N sum it
 replaces: values and gradients (student, teacher where allowed, RKD's mu),
 the symmetric case against rectangular row blocks with global ids (the DDP
-case), label-sorted rows (EKD), gradcheck, opcheck and determinism."""
+case), label-sorted rows (EKD), gradcheck, opcheck, determinism, and double
+backward (gradgradcheck)."""
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from relkd import _second_order as second_order
 from relkd import ops, reference
 
 from helpers import (LABEL_PATTERNS, assert_bounded_error, correlated, embeddings, labels,
@@ -187,12 +189,84 @@ def test_bitwise_identical_for_any_thread_count(kind):
             assert torch.equal(a, b)
 
 
-def test_double_backward_is_refused_not_silently_wrong():
-    xs, xt, _, coef = inputs("cckd", 20, 4, seed=8, dtype=torch.float64)
+# Double backward (create_graph=True) differentiates the op's PyTorch
+# transcription (relkd/_second_order.py): its gradient must be the kernel's,
+# and its second derivatives those of finite differences.
+def second_order_case(kind, rect):
+    """(fn of the differentiable inputs, those inputs): symmetric, or rows
+    20..31 against all columns with global ids (a DDP rank's call)."""
+    xs, xt, y, params = inputs(kind, 32, 4, seed=9, dtype=torch.float64)
+    teacher = kind in second_order.TEACHER_GRAD_KINDS
+    params = params.clone().requires_grad_(kind in ops.PARAMS_GRAD_KINDS)
+    wrt = [xs] + ([xt] if teacher else []) + ([params] if params.requires_grad else [])
+    wrt = [w.detach().clone().requires_grad_() for w in wrt]
+
+    def fn(*args):
+        a = list(args)
+        x = a.pop(0)
+        z = a.pop(0) if teacher else xt
+        p = a.pop(0) if params.requires_grad else params
+        if not rect:
+            return ops.pairwise_loss(kind, x, z, labels_r=y, params=p)
+        rows = slice(20, 32)
+        return ops.pairwise_loss(kind, x[rows], None if z is None else z[rows], x, z,
+                                 None if y is None else y[rows], y, torch.arange(20, 32), None,
+                                 p)
+    return fn, wrt
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rect", [False, True])
+def test_double_backward_gradient_is_the_kernels(kind, rect):
+    fn, wrt = second_order_case(kind, rect)
+    first = torch.autograd.grad(fn(*wrt), wrt)
+    graphed = torch.autograd.grad(fn(*wrt), wrt, create_graph=True)
+    assert all(g.requires_grad for g in graphed)
+    for a, b in zip(graphed, first):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rect", [False, True])
+def test_gradgradcheck(kind, rect):
+    fn, wrt = second_order_case(kind, rect)
+    assert torch.autograd.gradgradcheck(fn, tuple(wrt))
+
+
+def test_double_backward_of_a_param_that_depends_on_the_rows():
+    # RKD's mu is the student's mean distance: the partial derivatives must
+    # not count the path through mu twice (once inside the recompute, once
+    # by the caller's graph).
+    xs, xt, _, _ = inputs("rkd_distance", 24, 5, seed=10, dtype=torch.float64)
+    mu_t = ops.pairwise_loss("rkd_dist_sum", xt) / (24 * 23)
+
+    def loss(x, impl):
+        mu = impl("rkd_dist_sum", x, None, x.new_empty(0)) / (24 * 23)
+        return impl("rkd_distance", x, xt, torch.stack([mu, mu_t]))
+
+    def fused_impl(kind, x, t, p):
+        return ops.pairwise_loss(kind, x, t, params=p)
+
+    def direct_impl(kind, x, t, p):
+        return direct(kind, x, t, None, p)
+
+    v = embeddings(24, 5, seed=11, dtype=torch.float64)
+    hvps = []
+    for impl in (fused_impl, direct_impl):
+        x = xs.detach().clone().requires_grad_()
+        (g,) = torch.autograd.grad(loss(x, impl), x, create_graph=True)
+        hvps.append(torch.autograd.grad((g * v).sum(), x)[0])
+    torch.testing.assert_close(hvps[0], hvps[1], rtol=1e-9, atol=1e-12)
+
+
+def test_double_backward_refuses_a_teacher_gradient_the_kind_lacks():
+    xs, xt, y, params = inputs("ekd_pos", 20, 4, seed=8, dtype=torch.float64)
     xs.requires_grad_()
-    loss = ops.pairwise_loss("cckd", xs, xt, params=coef)
-    with pytest.raises(RuntimeError, match="first-order gradients only"):
-        torch.autograd.grad(loss, xs, create_graph=True)
+    xt.requires_grad_()
+    out = torch.ops.relkd.pairwise_loss("ekd_pos", xs, xt, None, None, y, None, None, None,
+                                        params, True, False)[0]
+    with pytest.raises(RuntimeError, match="passes no gradient to the teacher"):
+        torch.autograd.grad(out, (xs, xt), create_graph=True)
 
 
 def test_taylor_coefficients_sum_to_the_kernel():

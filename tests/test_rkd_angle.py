@@ -101,6 +101,28 @@ def test_gradcheck(rect):
 
 
 @pytest.mark.parametrize("rect", [False, True])
+def test_double_backward(rect):
+    """create_graph=True differentiates relkd/_second_order.py's
+    transcription: its gradient is the kernel's, and its second derivatives
+    match finite differences (finite also where a difference is zero: the
+    vertex against itself)."""
+    es_r, et_r, es_c, et_c = case(5, 3, 3, 2, rect, False, seed=4, dtype=F64)
+    if rect:
+        es_c, et_c = es_c[5:].clone(), et_c[5:].clone()
+    inputs = [es_r.requires_grad_()] + ([es_c.requires_grad_()] if rect else [])
+
+    def loss(*x):
+        return ops.rkd_angle_loss(x[0], et_r, x[1] if rect else None, et_c)
+
+    first = torch.autograd.grad(loss(*inputs), inputs)
+    graphed = torch.autograd.grad(loss(*inputs), inputs, create_graph=True)
+    for a, b in zip(graphed, first):
+        assert a.requires_grad
+        torch.testing.assert_close(a.detach(), b, rtol=1e-10, atol=1e-13)
+    assert torch.autograd.gradgradcheck(loss, inputs)
+
+
+@pytest.mark.parametrize("rect", [False, True])
 @pytest.mark.parametrize("grad", [False, True])
 def test_opcheck(rect, grad):
     es_r, et_r, es_c, et_c = case(6, 4, 3, 5, rect, False, seed=5, dtype=F64)
