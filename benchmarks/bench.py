@@ -190,13 +190,15 @@ class Measurement:
 def build_sweep(args) -> List[Measurement]:
     """Every measurement the arguments select, grouped by shape."""
     sweep: List[Measurement] = []
-    passes = [p for p in args.passes if p in cases.PASSES]
+    passes = [p for p in args.passes if p in cases.PASSES + cases.EXTRA_PASSES]
     if args.only in ("all", "losses"):
         for n in args.sizes:
             plan = loss_plan(n, args.quick, args.device)
             for op in args.losses:
                 for mode in passes:
                     for backend in selected(plan.backends, args):
+                        if mode == "hvp" and backend == "compiled":
+                            continue  # torch.compile does not run double backward
                         if backend == "gemm" and not cases.gemm_floor_products(
                                 op, mode, args.dim, args.dim):
                             continue  # no relation matrix (FCD): no floor
@@ -746,8 +748,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--backends", type=name_list(cases.BACKENDS), default=list(cases.BACKENDS),
                         help=f"comma-separated subset of {','.join(cases.BACKENDS)} (each size "
                              f"runs those of its plan)")
-    parser.add_argument("--passes", type=name_list(cases.PASSES), default=list(cases.PASSES),
-                        help="fwd+bwd, fwd or both (similarity_topk has fwd only)")
+    parser.add_argument("--passes", type=name_list(cases.PASSES + cases.EXTRA_PASSES),
+                        default=list(cases.PASSES),
+                        help="fwd+bwd, fwd or both (similarity_topk has fwd only); hvp: "
+                             "a Hessian-vector product (double backward) of each loss")
     parser.add_argument("--repeats", type=int, help="timed repeats (default: per size)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="include the torch.compile'd reference (default: on, off in --quick)")

@@ -3,7 +3,9 @@ callables that run one pass of each case, and the peak-memory probe that a
 child process runs for one case.
 
 A case (`Case`) is one operation (a loss, similarity_topk or ida_scores) at one shape,
-run by one backend in one pass ("fwd" or "fwd+bwd"). `prepare(case, inputs)`
+run by one backend in one pass ("fwd", "fwd+bwd", or "hvp": the gradient
+with create_graph=True and a Hessian-vector product by differentiating it
+again; losses only, fused and reference). `prepare(case, inputs)`
 returns a zero-argument callable doing exactly one pass; bench.py times it,
 and `probe_peak_memory(case)` measures its peak extra memory. The losses run
 through relkd.functional (the same entry points the tests exercise) with
@@ -53,7 +55,8 @@ EXTRA_LOSS_NAMES = ("rkd_angle",)
 TOPK = "similarity_topk"
 IDA = "ida_scores"
 BACKENDS = ("fused", "reference", "compiled", "chunked", "gemm", "faiss")
-PASSES = ("fwd+bwd", "fwd")
+PASSES = ("fwd+bwd", "fwd")  # the default sweep
+EXTRA_PASSES = ("hvp",)      # run only when named (--passes)
 
 IMAGES_PER_IDENTITY = 4  # labels: N/4 identities x 4 images each, shuffled
 RAD_K = 16               # mined neighbours per row for RAD / CoupleFace
@@ -66,7 +69,7 @@ class Case:
     """One measurement: `op` at one shape, one backend, one pass."""
     op: str                 # a LOSS_NAMES entry, TOPK or IDA
     backend: str
-    mode: str               # "fwd" or "fwd+bwd" (the record's "pass")
+    mode: str               # "fwd", "fwd+bwd" or "hvp" (the record's "pass")
     n: int                  # rows of fs / queries; pairs (ida_scores)
     d: int
     m: Optional[int] = None     # bank rows (similarity_topk), support rows (ida_scores)
@@ -232,7 +235,10 @@ LOSSES: Dict[str, LossDefinition] = {
 # the Gram matrices of the student's and the teacher's unit differences and,
 # backward, the product of the derivatives by the student's.
 def gemm_floor_products(op: str, mode: str, d: int, d_teacher: int, n: int = 0) -> List[int]:
-    """Inner dimensions of the N x . x N products of `op`'s floor."""
+    """Inner dimensions of the N x . x N products of `op`'s floor (none
+    for a Hessian-vector product: no floor is defined)."""
+    if mode == "hvp":
+        return []
     forward = {"fcd": [], "rad": [d_teacher], "coupleface": [d_teacher],
                "ekd": [d, d_teacher], "cckd": [d, d_teacher], "sp": [d, d_teacher],
                "rkd": [d, d_teacher], "rkd_angle": [d, d_teacher] * (n + 1)}[op]
@@ -404,7 +410,16 @@ def prepare(case: Case, inputs) -> Callable[[], None]:
         loss(fs, inputs).backward()
         fs.grad = None
 
-    return forward_backward
+    if case.mode == "fwd+bwd":
+        return forward_backward
+    direction = torch.randn_like(inputs.fs)
+
+    def hessian_vector() -> None:
+        (grad,) = torch.autograd.grad(loss(fs, inputs), fs, create_graph=True)
+        (grad * direction).sum().backward()
+        fs.grad = None
+
+    return hessian_vector
 
 
 def warm_up_tiny(case: Case) -> None:

@@ -20,6 +20,7 @@ import tune_table  # noqa: E402
     ("fcd", "fwd", 0),         # no relation matrix
     ("rkd_angle", "fwd", 2 * 1001),          # distances, and per vertex two Gram matrices
     ("rkd_angle", "fwd+bwd", 2 * 1001 + 2 + 1000),  # + the gradient products
+    ("cckd", "hvp", 0),        # no floor defined for a double backward
 ])
 def test_floor_flops_count_the_floor_products(op, mode, products):
     case = cases.make_case(op, "fused", mode, n=1000, d=64)
