@@ -105,15 +105,20 @@ def pairwise_loss(kind: str, xs_r: Tensor, xt_r: Optional[Tensor], xs_c: Optiona
                     - reference.polynomial(params, xt_r @ xt_c.T))
             terms = diff * diff
         elif kind == "ekd_pos":
+            # Positive pairs are few: the ranks of the masked entries only
+            # (the graph keeps O(pairs x anchors), not O(N M x anchors)).
+            mask = _pair_mask(kind, xs_r.shape[0], xs_c.shape[0], labels_r, labels_c, ids_r,
+                              ids_c, xs_r.device)
             n_anchor = (params.numel() - 1) // 2
             temperature = params[0]
             s_anchor, t_anchor = params[1:1 + n_anchor], params[1 + n_anchor:]
-            diff = (_soft_rank(xs_r @ xs_c.T, s_anchor, temperature)
-                    - _soft_rank(xt_r @ xt_c.T, t_anchor, temperature))
-            terms = diff * diff
+            diff = (_soft_rank((xs_r @ xs_c.T)[mask], s_anchor, temperature)
+                    - _soft_rank((xt_r @ xt_c.T)[mask], t_anchor, temperature))
+            return (diff * diff).sum()
         else:  # rkd_distance: smooth L1 (beta 1) of the scaled distances' difference
-            x = _distance(xs_r, xs_c) / params[0] - _distance(xt_r, xt_c).detach() / params[1]
-            terms = F.smooth_l1_loss(x, torch.zeros_like(x), reduction="none")
+            terms = F.smooth_l1_loss(_distance(xs_r, xs_c) / params[0],
+                                     _distance(xt_r, xt_c).detach() / params[1],
+                                     reduction="none")
     mask = _pair_mask(kind, xs_r.shape[0], xs_c.shape[0], labels_r, labels_c, ids_r, ids_c,
                       xs_r.device)
     if mask is not None:
