@@ -1,24 +1,27 @@
 """Second derivatives of the fused ops whose backward returns a closed-form
-first derivative (pairwise_loss, rkd_angle_loss).
+first derivative (pairwise_loss, rkd_angle_loss; SP's Gram identity).
 
-Their register_autograd backward (relkd/ops.py) calls `gradients_with_graph`
-when autograd records the backward (create_graph=True: double backward,
-gradient penalties, Hessian-vector products). It differentiates a plain
-PyTorch transcription of the op's loss, so the gradient it returns carries
-an exact graph. The transcriptions hold the N x M (and, for the angle term,
-N x M x M) matrices that the fused ops avoid: a double backward costs the
-reference path's memory. The formulas are those of csrc/pair_math.h and
-csrc/cpu/rkd_angle.cpp (docs/SPEC.md); tests/test_pairwise_loss.py and
-tests/test_rkd_angle.py check that the gradient they give is the kernels'
-and run gradgradcheck; tests/test_losses_fused.py and test_distributed.py
-compare Hessian-vector products with the reference's."""
+Under create_graph=True (double backward, gradient penalties,
+Hessian-vector products) their backward (relkd/ops.py, fused.py) returns
+the kernel's gradients through `gradients_with_graph`: a function whose own
+backward is the Hessian-vector product. The loss is a sum over row blocks of
+the relation matrix, so that product is a sum over blocks: each block's
+loss is written in differentiable PyTorch (the transcriptions below),
+differentiated twice and freed before the next. Memory: O(N D) plus one
+block of BLOCK_ENTRIES relation entries (the angle term: n_c^2 angles per
+vertex), not the N x M matrices. The formulas are those of
+csrc/pair_math.h and csrc/cpu/rkd_angle.cpp (docs/SPEC.md);
+tests/test_pairwise_loss.py and test_rkd_angle.py run gradgradcheck and
+check the block sum; test_losses_fused.py and test_distributed.py compare
+Hessian-vector products with the reference's."""
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import reference
 
@@ -31,30 +34,102 @@ PAIR_MASKS = {"cckd": "all", "ekd_pos": "upper_same_label", "rkd_dist_sum": "off
 TEACHER_GRAD_KINDS = ("cckd",)
 
 
-def gradients_with_graph(loss_of: Callable[..., Tensor], inputs: Sequence[Optional[Tensor]],
-                         wanted: Sequence[bool], grad_loss: Tensor) -> List[Optional[Tensor]]:
-    """grad_loss times the partial derivative of loss_of(*inputs) with
-    respect to inputs[i] for each wanted i, with create_graph=True; None
-    elsewhere. An input may be a function of another (RKD's mu of the
-    student, DDP's gathered columns of the rows): autograd.grad with respect
-    to the inputs themselves would add that path to the partial derivative,
-    and the caller's graph adds it again. So the loss is differentiated with
-    respect to fresh aliases of the wanted inputs, the others held fixed."""
-    with torch.enable_grad():
-        aliases = [x.view_as(x) if w else None if x is None else x.detach()
-                   for x, w in zip(inputs, wanted)]
-        loss = loss_of(*aliases)
-        wrt = [x for x, w in zip(aliases, wanted) if w]
-        got = iter(torch.autograd.grad(loss, wrt, grad_loss, create_graph=True,
-                                       allow_unused=True))
-    out: List[Optional[Tensor]] = []
-    for x, w in zip(aliases, wanted):
-        if not w:
-            out.append(None)
-            continue
-        g = next(got)
-        out.append(torch.zeros_like(x) if g is None else g)
-    return out
+BLOCK_ENTRIES = 1 << 21  # relation-matrix entries per block of a Hessian-vector product
+
+
+def row_blocks(n_rows: int, entries_per_row: int) -> List[Tuple[int, int]]:
+    """Row ranges of at most BLOCK_ENTRIES relation entries each."""
+    rows = max(1, BLOCK_ENTRIES // max(entries_per_row, 1))
+    return [(lo, min(n_rows, lo + rows)) for lo in range(0, n_rows, rows)]
+
+
+class _GradientWithHessian(torch.autograd.Function):
+    """grad_loss * the kernel's gradients as a differentiable function of
+    (grad_loss, inputs). The loss is a sum of block losses (row blocks of
+    the relation matrix), so its Hessian-vector product is the sum of the
+    blocks' products: backward builds one block's graph at a time, takes
+    <cotangent, its gradient> and differentiates that, then frees the graph.
+    Memory: one block (BLOCK_ENTRIES) at a time, not the N x M matrices."""
+
+    @staticmethod
+    def forward(ctx, block_losses, wanted, grad_loss, *tensors):
+        inputs, firsts = tensors[:len(wanted)], tensors[len(wanted):]
+        ctx.block_losses, ctx.wanted = block_losses, wanted
+        ctx.save_for_backward(grad_loss, *inputs, *firsts)
+        dtypes = [x.dtype for x, w in zip(inputs, wanted) if w]
+        return tuple((grad_loss * f).to(dt) for f, dt in zip(firsts, dtypes))
+
+    @staticmethod
+    @once_differentiable  # a third derivative raises instead of being silently zero
+    def backward(ctx, *cotangents):
+        grad_loss, *saved = ctx.saved_tensors
+        wanted = ctx.wanted
+        inputs, firsts = saved[:len(wanted)], saved[len(wanted):]
+        d_grad_loss = sum(((c.to(f.dtype) * f).sum() for c, f in zip(cotangents, firsts)),
+                          grad_loss.new_zeros(()))
+        with torch.enable_grad():
+            leaves = [None if x is None else x.detach().requires_grad_(w)
+                      for x, w in zip(inputs, wanted)]
+            wrt = [x for x, w in zip(leaves, wanted) if w]
+            hvp: List[Optional[Tensor]] = [None] * len(wrt)
+            for block_loss in ctx.block_losses:
+                loss = block_loss(*leaves)
+                if not loss.requires_grad:  # an empty block
+                    continue
+                grads = torch.autograd.grad(loss, wrt, create_graph=True, allow_unused=True)
+                inner = sum((g * c.to(g.dtype)).sum() for g, c in zip(grads, cotangents)
+                            if g is not None and g.requires_grad)
+                if not isinstance(inner, Tensor):
+                    continue
+                for i, h in enumerate(torch.autograd.grad(inner, wrt, allow_unused=True)):
+                    if h is not None:
+                        hvp[i] = h if hvp[i] is None else hvp[i] + h
+        out = iter(None if h is None else (grad_loss * h).to(x.dtype) for h, x in zip(hvp, wrt))
+        return (None, None, d_grad_loss.to(grad_loss.dtype),
+                *[next(out) if w else None for w in wanted], *[None] * len(firsts))
+
+
+def gradients_with_graph(block_losses: Sequence[Callable[..., Tensor]],
+                         inputs: Sequence[Optional[Tensor]], wanted: Sequence[bool],
+                         grad_loss: Tensor, firsts: Sequence[Tensor]) -> List[Optional[Tensor]]:
+    """grad_loss * firsts (the kernel's gradients with respect to the wanted
+    inputs, in order) with a graph whose backward is the Hessian-vector
+    product of sum(block_losses) (each a function of all inputs); None for
+    the other inputs. Differentiating with respect to detached leaves takes
+    partial derivatives: an input may be a function of another (RKD's mu of
+    the student, DDP's gathered columns of the rows), a path that the
+    caller's graph adds once."""
+    outs = iter(_GradientWithHessian.apply(tuple(block_losses), tuple(wanted), grad_loss,
+                                           *inputs, *firsts))
+    return [next(outs) if w else None for w in wanted]
+
+
+def pairwise_blocks(kind: str, n_r: int, n_c: int) -> List[Callable[..., Tensor]]:
+    """pairwise_loss as a sum over row blocks, each against all columns
+    with global ids (as a DDP rank calls it), in differentiable PyTorch."""
+    def block(lo: int, hi: int) -> Callable[..., Tensor]:
+        def loss(xs_r, xt_r, xs_c, xt_c, labels_r, labels_c, ids_r, ids_c, params):
+            if ids_r is None:
+                ids_r = torch.arange(n_r, device=xs_r.device)
+            if xs_c is None:  # symmetric: the columns are all the rows
+                xs_c, xt_c, labels_c, ids_c = xs_r, xt_r, labels_r, ids_r
+            rows = slice(lo, hi)
+            return pairwise_loss(kind, xs_r[rows], None if xt_r is None else xt_r[rows], xs_c,
+                                 xt_c, None if labels_r is None else labels_r[rows], labels_c,
+                                 ids_r[rows], ids_c, params)
+        return loss
+    return [block(lo, hi) for lo, hi in row_blocks(n_r, n_c)]
+
+
+def rkd_angle_blocks(n_r: int, n_c: int) -> List[Callable[..., Tensor]]:
+    """rkd_angle_loss as a sum over blocks of vertices (n_c^2 angles each)."""
+    def block(lo: int, hi: int) -> Callable[..., Tensor]:
+        def loss(es_r, et_r, es_c, et_c):
+            if es_c is None:
+                es_c, et_c = es_r, et_r
+            return rkd_angle_loss(es_r[lo:hi], et_r[lo:hi], es_c, et_c)
+        return loss
+    return [block(lo, hi) for lo, hi in row_blocks(n_r, n_c * n_c)]
 
 
 def _pair_mask(kind: str, n_r: int, n_c: int, labels_r: Optional[Tensor],

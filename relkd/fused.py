@@ -293,18 +293,28 @@ class _SPGramIdentity(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        f_s, f_t, a_s, a_t, gram_s, gram_t, cross_st, r_s, r_t, cross = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # create_graph=True: the written-out derivative below uses Gram
-            # matrices saved as constants, so differentiate the identity in
-            # PyTorch ops instead (the same O(D^2) memory).
-            def value(f_s, f_t, a_s, a_t):
-                r_s, r_t, cross = _sp_gram_forward_torch(f_s, f_t, a_s, a_t)[3:]
-                return _sp_identity_sum(r_s, r_t, cross, ctx.n_all)
+        if not torch.is_grad_enabled():
+            return _SPGramIdentity.first_order(ctx, grad)
+        # create_graph=True: the written-out derivative treats the Gram
+        # matrices as constants, so its graph would be wrong. The same
+        # gradients instead, with a graph whose backward differentiates the
+        # identity in PyTorch ops (O(N D + D^2) memory, as forward).
+        f_s, f_t, a_s, a_t = ctx.saved_tensors[:4]
+        wanted = list(ctx.needs_input_grad[:4])
+        with torch.no_grad():
+            firsts = _SPGramIdentity.first_order(ctx, torch.ones_like(grad))[:4]
 
-            inputs = (f_s, f_t) + ((None, None) if ctx.single else (a_s, a_t))
-            return tuple(second_order.gradients_with_graph(
-                value, inputs, ctx.needs_input_grad[:4], grad)) + (None,)
+        def value(f_s, f_t, a_s, a_t):
+            r_s, r_t, cross = _sp_gram_forward_torch(f_s, f_t, a_s, a_t)[3:]
+            return _sp_identity_sum(r_s, r_t, cross, ctx.n_all)
+
+        inputs = (f_s, f_t) + ((None, None) if ctx.single else (a_s, a_t))
+        return tuple(second_order.gradients_with_graph(
+            [value], inputs, wanted, grad, [g for g, w in zip(firsts, wanted) if w])) + (None,)
+
+    @staticmethod
+    def first_order(ctx, grad):
+        f_s, f_t, a_s, a_t, gram_s, gram_t, cross_st, r_s, r_t, cross = ctx.saved_tensors
         scale = grad.double() / (ctx.n_all * ctx.n_all)
         eps2 = EPS * EPS
         m_s, m_t = r_s.clamp(min=0).clamp(min=eps2), r_t.clamp(min=0).clamp(min=eps2)

@@ -6,7 +6,6 @@ driver of EKD's exact global order statistics.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import struct
@@ -422,25 +421,29 @@ if HAS_EXTENSION:
             raise RuntimeError(f"relkd::pairwise_loss: kind '{ctx.kind}' defines no "
                                "gradient with respect to params (params must not require "
                                f"grad; only {', '.join(PARAMS_GRAD_KINDS)} define one)")
-        if torch.is_grad_enabled():
-            # create_graph=True: the saved gradients are constants to
-            # autograd, so differentiate the op's PyTorch transcription.
-            if (wanted[2] or wanted[4]) and ctx.kind not in second_order.TEACHER_GRAD_KINDS:
-                raise RuntimeError(f"relkd::pairwise_loss: kind '{ctx.kind}' passes no "
-                                   "gradient to the teacher (xt_r, xt_c must not require grad)")
-            grads[1:10] = second_order.gradients_with_graph(
-                functools.partial(second_order.pairwise_loss, ctx.kind), saved[5:], wanted[1:10],
-                grad_loss)
-            return tuple(grads)
+        if (wanted[2] or wanted[4]) and ctx.kind not in second_order.TEACHER_GRAD_KINDS:
+            raise RuntimeError(f"relkd::pairwise_loss: kind '{ctx.kind}' passes no gradient "
+                               "to the teacher (xt_r, xt_c must not require grad)")
+        firsts = {}  # input index -> the gradient the forward computed
         for inp, out in _PAIRWISE_GRAD_SLOTS.items():
             if not wanted[inp]:
                 continue
-            grad = saved[out - 1]
-            if grad.dim() != ctx.input_dims[inp]:  # an empty placeholder: not computed
+            firsts[inp] = saved[out - 1]
+            if firsts[inp].dim() != ctx.input_dims[inp]:  # an empty placeholder: not computed
                 raise RuntimeError(
                     "relkd::pairwise_loss: a gradient was requested that the forward did not "
                     "compute; call it with grad_student / grad_teacher set for inputs that "
                     "require grad (relkd.ops.pairwise_loss does this)")
+        if torch.is_grad_enabled():
+            # create_graph=True: the same gradients, with a graph whose
+            # backward is the Hessian-vector product, block by block.
+            xs_r, xs_c = saved[5], saved[7]
+            blocks = second_order.pairwise_blocks(
+                ctx.kind, xs_r.shape[0], xs_r.shape[0] if xs_c is None else xs_c.shape[0])
+            grads[1:10] = second_order.gradients_with_graph(
+                blocks, saved[5:], wanted[1:10], grad_loss, [firsts[i] for i in sorted(firsts)])
+            return tuple(grads)
+        for inp, grad in firsts.items():
             # 16-bit embeddings have float32 gradients (see the fake), rounded
             # after the chain rule: a loss scale applies before float16 rounding.
             grads[inp] = (grad_loss * grad).to(ctx.input_dtypes[inp])
@@ -462,9 +465,17 @@ if HAS_EXTENSION:
             raise RuntimeError("relkd::rkd_angle_loss has no gradient for the teacher "
                                "(et_r, et_c must not require grad)")
         if torch.is_grad_enabled():  # create_graph=True: as pairwise_loss
-            grads[:4] = second_order.gradients_with_graph(
-                second_order.rkd_angle_loss, ctx.saved_tensors[2:],
-                [ctx.needs_input_grad[0], False, ctx.needs_input_grad[2], False], grad_loss)
+            wanted = [ctx.needs_input_grad[0], False, ctx.needs_input_grad[2], False]
+            firsts = [g for g, w in zip(ctx.saved_tensors[:2], wanted[::2]) if w]
+            if any(g.dim() != 2 for g in firsts):
+                raise RuntimeError("relkd::rkd_angle_loss: a gradient was requested that the "
+                                   "forward did not compute; call it with grad_student=True "
+                                   "(relkd.ops.rkd_angle_loss does this)")
+            es_r, es_c = ctx.saved_tensors[2], ctx.saved_tensors[4]
+            blocks = second_order.rkd_angle_blocks(
+                es_r.shape[0], es_r.shape[0] if es_c is None else es_c.shape[0])
+            grads[:4] = second_order.gradients_with_graph(blocks, ctx.saved_tensors[2:], wanted,
+                                                          grad_loss, firsts)
             return tuple(grads)
         for inp, grad in ((0, ctx.saved_tensors[0]), (2, ctx.saved_tensors[1])):
             if not ctx.needs_input_grad[inp]:

@@ -259,6 +259,28 @@ def test_double_backward_of_a_param_that_depends_on_the_rows():
     torch.testing.assert_close(hvps[0], hvps[1], rtol=1e-9, atol=1e-12)
 
 
+def test_third_derivative_raises_instead_of_being_silently_zero():
+    fn, wrt = second_order_case("cckd", rect=False)
+    (g,) = torch.autograd.grad(fn(*wrt), wrt[0], create_graph=True)
+    (h,) = torch.autograd.grad((g * g).sum(), wrt[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        h.sum().backward()
+
+
+def test_double_backward_memory_is_one_block_at_a_time(monkeypatch):
+    # The Hessian-vector product sums row blocks: tiny blocks give the
+    # same product as one block.
+    fn, wrt = second_order_case("rkd_distance", rect=True)
+    products = []
+    for entries in (second_order.BLOCK_ENTRIES, 40):
+        monkeypatch.setattr(second_order, "BLOCK_ENTRIES", entries)
+        grads = torch.autograd.grad(fn(*wrt), wrt, create_graph=True)
+        products.append(torch.autograd.grad(sum((g * g).sum() for g in grads), wrt))
+    assert len(second_order.row_blocks(12, 32)) == 12  # one row per block above
+    for a, b in zip(*products):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
 def test_double_backward_refuses_a_teacher_gradient_the_kind_lacks():
     xs, xt, y, params = inputs("ekd_pos", 20, 4, seed=8, dtype=torch.float64)
     xs.requires_grad_()
