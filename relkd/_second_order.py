@@ -60,7 +60,7 @@ class _GradientWithHessian(torch.autograd.Function):
         return tuple((grad_loss * f).to(dt) for f, dt in zip(firsts, dtypes))
 
     @staticmethod
-    @once_differentiable  # a third derivative raises instead of being silently zero
+    @once_differentiable  # backward through a third derivative raises
     def backward(ctx, *cotangents):
         grad_loss, *saved = ctx.saved_tensors
         wanted = ctx.wanted
