@@ -310,6 +310,7 @@ RUNS: List[Run] = [
         note="rank loss at FPR anchors"),
     Run("CCKD", lambda _: relkd.CCKDLoss(), 10000.0, note="Gaussian-kernel correlations"),
     Run("RKD", lambda _: relkd.RKDLoss(angle_weight=0.0), 81.0, note="distance term only"),
+    Run("RKD+angle", lambda _: relkd.RKDLoss(), 27.0, note="distance and angle terms"),
     Run("SP", lambda _: relkd.SPLoss(), 6000.0, note="similarity preserving"),
     Run("EC-KD", lambda lam: relkd.ECKDLoss(lam=lam), FCD_WEIGHT, 0.01, "weights",
         note="FCD + exclusivity"),
