@@ -415,7 +415,9 @@ def prepare(case: Case, inputs) -> Callable[[], None]:
     direction = torch.randn_like(inputs.fs)
 
     def hessian_vector() -> None:
-        (grad,) = torch.autograd.grad(loss(fs, inputs), fs, create_graph=True)
+        with relkd.double_backward():  # EKD, CCKD, RKD keep their ops' inputs
+            value = loss(fs, inputs)
+        (grad,) = torch.autograd.grad(value, fs, create_graph=True)
         (grad * direction).sum().backward()
         fs.grad = None
 

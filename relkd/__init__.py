@@ -12,6 +12,7 @@ the N x N (or N x M) relation matrix.
 __version__ = "0.2.0"
 
 from . import data, distributed, functional, metrics, ops, reference  # noqa: E402
+from ._second_order import double_backward  # noqa: E402
 from .banks import PrototypeBank, hardest_identities  # noqa: E402
 from .functional import similarity_topk  # noqa: E402
 from .ida import IDAScorer, ida_scores  # noqa: E402
@@ -34,5 +35,5 @@ __all__ = [
     "RKDLoss", "ExclusivityLoss", "ECKDLoss", "similarity_topk", "PrototypeBank",
     "hardest_identities", "RouteConstrainedTeacher", "ida_scores", "IDAScorer",
     "FallbackWarning", "ExtensionWarning", "functional", "reference", "ops", "distributed",
-    "data", "metrics",
+    "data", "metrics", "double_backward",
 ]

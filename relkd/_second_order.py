@@ -9,19 +9,21 @@ the relation matrix, so that product is a sum over blocks: each block's
 loss is written in differentiable PyTorch (the transcriptions below),
 differentiated twice and freed before the next. Memory: O(N D) plus one
 block of BLOCK_ENTRIES relation entries (the angle term: n_c^2 angles per
-vertex), not the N x M matrices. The formulas are those of
+vertex), not the N x M matrices. A third derivative is exact too, at the
+reference's memory (every block's graph kept). The formulas are those of
 csrc/pair_math.h and csrc/cpu/rkd_angle.cpp (docs/SPEC.md);
 tests/test_pairwise_loss.py and test_rkd_angle.py run gradgradcheck and
 check the block sum; test_losses_fused.py and test_distributed.py compare
 Hessian-vector products with the reference's."""
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+import contextlib
+import contextvars
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import reference
 
@@ -36,11 +38,53 @@ TEACHER_GRAD_KINDS = ("cckd",)
 
 BLOCK_ENTRIES = 1 << 21  # relation-matrix entries per block of a Hessian-vector product
 
+_KEEP_INPUTS: contextvars.ContextVar = contextvars.ContextVar("relkd_double_backward",
+                                                              default=False)
+
+
+@contextlib.contextmanager
+def double_backward() -> Iterator[None]:
+    """Inside this block, relkd's fused ops that compute their gradient in
+    the forward pass (pairwise_loss, rkd_angle_loss: EKD, CCKD, RKD) keep
+    their inputs, so that a gradient taken with create_graph=True can be
+    differentiated again. Outside it they keep only the gradient: the inputs
+    would cost O(N D) memory in every training step (CCKD at N = 8192, D =
+    256: 32 MiB peak instead of 26), and a double backward raises."""
+    token = _KEEP_INPUTS.set(True)
+    try:
+        yield
+    finally:
+        _KEEP_INPUTS.reset(token)
+
+
+def keeping_inputs() -> bool:
+    return _KEEP_INPUTS.get()
+
+
+NOT_KEPT = ("a gradient with create_graph=True (double backward) through relkd's {op} "
+            "(EKD, CCKD, RKD) needs the op's inputs, which it keeps only when the forward runs "
+            "inside `with relkd.double_backward():` (they would cost O(N D) memory in every "
+            "training step); run the loss's forward inside it")
+
 
 def row_blocks(n_rows: int, entries_per_row: int) -> List[Tuple[int, int]]:
     """Row ranges of at most BLOCK_ENTRIES relation entries each."""
     rows = max(1, BLOCK_ENTRIES // max(entries_per_row, 1))
     return [(lo, min(n_rows, lo + rows)) for lo in range(0, n_rows, rows)]
+
+
+def _leaf(x: Optional[Tensor], wanted: bool, graphed: bool) -> Optional[Tensor]:
+    """What a block loss differentiates in place of input x. Wanted inputs
+    become float32 (16-bit embeddings: neither the products nor the loss
+    scale rounded to 16 bits) fresh nodes, so that derivatives with respect
+    to them are partial: detached leaves, or, when the result must keep a
+    graph (graphed), aliases that still lead back to x."""
+    if x is None or not wanted:
+        return None if x is None else x.detach()
+    wide = x.dtype in (torch.float16, torch.bfloat16)
+    if graphed:
+        return x.float() if wide else x.view_as(x)
+    return (x.detach().float() if wide else x.detach()).requires_grad_()
 
 
 class _GradientWithHessian(torch.autograd.Function):
@@ -49,7 +93,9 @@ class _GradientWithHessian(torch.autograd.Function):
     the relation matrix), so its Hessian-vector product is the sum of the
     blocks' products: backward builds one block's graph at a time, takes
     <cotangent, its gradient> and differentiates that, then frees the graph.
-    Memory: one block (BLOCK_ENTRIES) at a time, not the N x M matrices."""
+    Memory: one block (BLOCK_ENTRIES) at a time, not the N x M matrices. A
+    backward that must itself be differentiable (create_graph=True again: a
+    third derivative) keeps every block's graph instead."""
 
     @staticmethod
     def forward(ctx, block_losses, wanted, grad_loss, *tensors):
@@ -60,18 +106,16 @@ class _GradientWithHessian(torch.autograd.Function):
         return tuple((grad_loss * f).to(dt) for f, dt in zip(firsts, dtypes))
 
     @staticmethod
-    @once_differentiable  # backward through a third derivative raises
     def backward(ctx, *cotangents):
         grad_loss, *saved = ctx.saved_tensors
         wanted = ctx.wanted
         inputs, firsts = saved[:len(wanted)], saved[len(wanted):]
-        d_grad_loss = sum(((c.to(f.dtype) * f).sum() for c, f in zip(cotangents, firsts)),
-                          grad_loss.new_zeros(()))
+        graphed = torch.is_grad_enabled()
         with torch.enable_grad():
-            leaves = [None if x is None else x.detach().requires_grad_(w)
-                      for x, w in zip(inputs, wanted)]
+            leaves = [_leaf(x, w, graphed) for x, w in zip(inputs, wanted)]
             wrt = [x for x, w in zip(leaves, wanted) if w]
             hvp: List[Optional[Tensor]] = [None] * len(wrt)
+            inners = []  # <cotangent, the block's gradient>
             for block_loss in ctx.block_losses:
                 loss = block_loss(*leaves)
                 if not loss.requires_grad:  # an empty block
@@ -81,10 +125,19 @@ class _GradientWithHessian(torch.autograd.Function):
                             if g is not None and g.requires_grad)
                 if not isinstance(inner, Tensor):
                     continue
-                for i, h in enumerate(torch.autograd.grad(inner, wrt, allow_unused=True)):
+                if graphed:
+                    inners.append(inner)
+                for i, h in enumerate(torch.autograd.grad(inner, wrt, allow_unused=True,
+                                                          create_graph=graphed)):
                     if h is not None:
                         hvp[i] = h if hvp[i] is None else hvp[i] + h
-        out = iter(None if h is None else (grad_loss * h).to(x.dtype) for h, x in zip(hvp, wrt))
+        if graphed:  # d/d grad_loss as a function of the inputs, for the next order
+            d_grad_loss = sum(inners, grad_loss.new_zeros(()))
+        else:  # the kernel's gradients already hold it
+            d_grad_loss = sum(((c.to(f.dtype) * f).sum() for c, f in zip(cotangents, firsts)),
+                              grad_loss.new_zeros(()))
+        dtypes = [x.dtype for x, w in zip(inputs, wanted) if w]
+        out = iter(None if h is None else (grad_loss * h).to(dt) for h, dt in zip(hvp, dtypes))
         return (None, None, d_grad_loss.to(grad_loss.dtype),
                 *[next(out) if w else None for w in wanted], *[None] * len(firsts))
 

@@ -399,8 +399,10 @@ if HAS_EXTENSION:
     _PAIRWISE_GRAD_SLOTS = {1: 1, 2: 3, 3: 2, 4: 4, 9: 5}  # input index -> output index
 
     def _pairwise_setup(ctx, inputs, output):
-        # The inputs too: a double backward differentiates the op again.
-        ctx.save_for_backward(*output[1:], *inputs[1:10])
+        # The inputs too inside relkd.double_backward(): a gradient with
+        # create_graph=True differentiates the op again.
+        ctx.kept_inputs = second_order.keeping_inputs()
+        ctx.save_for_backward(*output[1:], *(inputs[1:10] if ctx.kept_inputs else [None] * 9))
         ctx.kind = inputs[0]
         ctx.input_dims = {i: inputs[i].dim() for i in _PAIRWISE_GRAD_SLOTS if inputs[i] is not None}
         ctx.input_dtypes = {i: inputs[i].dtype for i in _PAIRWISE_GRAD_SLOTS
@@ -437,6 +439,8 @@ if HAS_EXTENSION:
         if torch.is_grad_enabled():
             # create_graph=True: the same gradients, with a graph whose
             # backward is the Hessian-vector product, block by block.
+            if not ctx.kept_inputs:
+                raise RuntimeError(second_order.NOT_KEPT.format(op="pairwise_loss"))
             xs_r, xs_c = saved[5], saved[7]
             blocks = second_order.pairwise_blocks(
                 ctx.kind, xs_r.shape[0], xs_r.shape[0] if xs_c is None else xs_c.shape[0])
@@ -454,7 +458,8 @@ if HAS_EXTENSION:
 
     # rkd_angle_loss returns its gradients with the loss, as pairwise_loss.
     def _rkd_angle_setup(ctx, inputs, output):
-        ctx.save_for_backward(*output[1:], *inputs[:4])
+        ctx.kept_inputs = second_order.keeping_inputs()  # as pairwise_loss
+        ctx.save_for_backward(*output[1:], *(inputs[:4] if ctx.kept_inputs else [None] * 4))
         ctx.set_materialize_grads(False)
 
     def _rkd_angle_backward(ctx, grad_loss, *_):
@@ -465,6 +470,8 @@ if HAS_EXTENSION:
             raise RuntimeError("relkd::rkd_angle_loss has no gradient for the teacher "
                                "(et_r, et_c must not require grad)")
         if torch.is_grad_enabled():  # create_graph=True: as pairwise_loss
+            if not ctx.kept_inputs:
+                raise RuntimeError(second_order.NOT_KEPT.format(op="rkd_angle_loss"))
             wanted = [ctx.needs_input_grad[0], False, ctx.needs_input_grad[2], False]
             firsts = [g for g, w in zip(ctx.saved_tensors[:2], wanted[::2]) if w]
             if any(g.dim() != 2 for g in firsts):

@@ -260,8 +260,9 @@ def rkd_normalized_distances(e: Tensor) -> Tensor:
 def rkd_unit_differences(e_r: Tensor, e_c: Tensor) -> Tensor:
     """unit[a, b] = normalize(e_c[b] - e_r[a]), F.normalize(p=2, eps=EPS)'s
     value and gradient, from a clamped squared norm: F.normalize's second
-    derivative is NaN at a zero difference (b = a, duplicate rows), this
-    one's is 0 (a double backward through the angle term stays finite)."""
+    derivative is NaN at a zero difference, this one's is that of the clamp
+    (0 for b = a, whose difference is identically 0; of order 1/EPS^2
+    between duplicate rows, where the function itself is x / EPS)."""
     diff = e_c[None, :, :] - e_r[:, None, :]
     return diff / (diff * diff).sum(2, keepdim=True).clamp(min=EPS * EPS).sqrt()
 

@@ -118,7 +118,8 @@ def run_case(fn, fs, ft, y, direction, **dist_kw):
     the gradient by a double-backward graph, which the HVP differentiates
     (its collectives are differentiable too)."""
     fs = fs.detach().clone().requires_grad_()
-    out = fn(fs, ft, y, **dist_kw)
+    with relkd.double_backward():
+        out = fn(fs, ft, y, **dist_kw)
     loss, extra = (out[0], list(out[1:])) if isinstance(out, tuple) else (out, [])
     (grad,) = torch.autograd.grad(loss, fs, create_graph=True)
     hvp = None

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import relkd
 from relkd import _second_order as second_order
 from relkd import ops, reference
 
@@ -206,12 +207,13 @@ def second_order_case(kind, rect):
         x = a.pop(0)
         z = a.pop(0) if teacher else xt
         p = a.pop(0) if params.requires_grad else params
-        if not rect:
-            return ops.pairwise_loss(kind, x, z, labels_r=y, params=p)
-        rows = slice(20, 32)
-        return ops.pairwise_loss(kind, x[rows], None if z is None else z[rows], x, z,
-                                 None if y is None else y[rows], y, torch.arange(20, 32), None,
-                                 p)
+        with relkd.double_backward():
+            if not rect:
+                return ops.pairwise_loss(kind, x, z, labels_r=y, params=p)
+            rows = slice(20, 32)
+            return ops.pairwise_loss(kind, x[rows], None if z is None else z[rows], x, z,
+                                     None if y is None else y[rows], y, torch.arange(20, 32),
+                                     None, p)
     return fn, wrt
 
 
@@ -245,7 +247,8 @@ def test_double_backward_of_a_param_that_depends_on_the_rows():
         return impl("rkd_distance", x, xt, torch.stack([mu, mu_t]))
 
     def fused_impl(kind, x, t, p):
-        return ops.pairwise_loss(kind, x, t, params=p)
+        with relkd.double_backward():
+            return ops.pairwise_loss(kind, x, t, params=p)
 
     def direct_impl(kind, x, t, p):
         return direct(kind, x, t, None, p)
@@ -259,12 +262,54 @@ def test_double_backward_of_a_param_that_depends_on_the_rows():
     torch.testing.assert_close(hvps[0], hvps[1], rtol=1e-9, atol=1e-12)
 
 
-def test_third_derivative_raises_instead_of_being_silently_zero():
-    fn, wrt = second_order_case("cckd", rect=False)
-    (g,) = torch.autograd.grad(fn(*wrt), wrt[0], create_graph=True)
-    (h,) = torch.autograd.grad((g * g).sum(), wrt[0], create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        h.sum().backward()
+@pytest.mark.parametrize("kind", KINDS)
+def test_third_derivative_matches_the_full_matrix(kind):
+    # A constant direction v: the Hessian-vector product is differentiated
+    # again, through the blocks' graphs (and mu's path for RKD).
+    xs, xt, y, params = inputs(kind, 16, 3, seed=12, dtype=torch.float64)
+    v = embeddings(16, 3, seed=13, dtype=torch.float64)
+    params = params.clone().requires_grad_(kind in ops.PARAMS_GRAD_KINDS)
+
+    def third(loss):
+        x = xs.detach().clone().requires_grad_()
+        (g,) = torch.autograd.grad(loss(x), x, create_graph=True)
+        (h,) = torch.autograd.grad((g * v).sum(), x, create_graph=True)
+        return torch.autograd.grad((h * h).sum() + h.sum(), (x, params) if params.requires_grad
+                                   else (x,))
+
+    with relkd.double_backward():
+        got = third(lambda x: ops.pairwise_loss(kind, x, xt, labels_r=y, params=params))
+    want = third(lambda x: direct(kind, x, xt, y, params))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale,size", [(2e-8, 1e4), (1.0, 1.0), (65536.0, 1e-3)])
+def test_hessian_vector_product_of_16_bit_embeddings_rounds_once(scale, size):
+    # CUDA passes 16-bit embeddings with float32 params and float32 kernel
+    # gradients. The product must be float32 until its final rounding: in
+    # float16, CCKD's 1 / N^2 at N = 8192 (1.5e-8) made it 0 and
+    # GradScaler's 2^16 made it inf. (CPU: the product is plain PyTorch.)
+    # The direction's size keeps the exact product a normal float16.
+    xs, xt, _, params = inputs("cckd", 48, 8, seed=14, dtype=torch.float32)
+    v = size * embeddings(48, 8, seed=15, dtype=torch.float32)
+    grad_loss = torch.tensor(scale)
+    products = []
+    for dtype in (torch.float16, torch.float32):
+        x = xs.to(torch.float16).to(dtype).requires_grad_()
+        z = xt.to(torch.float16).to(dtype)
+        leaf = x.detach().float().requires_grad_()
+        first = torch.autograd.grad(second_order.pairwise_loss(
+            "cckd", leaf, z, None, None, None, None, None, None, params), leaf)[0]
+        (g,) = second_order.gradients_with_graph(
+            second_order.pairwise_blocks("cckd", 48, 48),
+            [x, z, None, None, None, None, None, None, params],
+            [True] + [False] * 8, grad_loss, [first])[:1]
+        assert g.dtype == dtype
+        products.append(torch.autograd.grad((g.float() * v).sum(), x)[0].float())
+    half, full = products
+    assert torch.isfinite(half).all() and half.abs().max() > 0
+    assert (half - full).norm() <= 2e-3 * full.norm()
 
 
 def test_double_backward_memory_is_one_block_at_a_time(monkeypatch):
@@ -279,6 +324,30 @@ def test_double_backward_memory_is_one_block_at_a_time(monkeypatch):
     assert len(second_order.row_blocks(12, 32)) == 12  # one row per block above
     for a, b in zip(*products):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_first_order_keeps_no_inputs_and_double_backward_asks_for_them():
+    # Outside relkd.double_backward() the op saves only its gradient (no
+    # O(N D) inputs held from forward to backward), and create_graph=True
+    # raises, naming the context; inside it, the inputs are saved.
+    xs, xt, _, coef = inputs("cckd", 40, 6, seed=16, dtype=torch.float64)
+    xs.requires_grad_()
+    saved = {}
+    for keep in (False, True):
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t,
+                                                      lambda t: t):
+            if keep:
+                with relkd.double_backward():
+                    loss = ops.pairwise_loss("cckd", xs, xt, params=coef)
+            else:
+                loss = ops.pairwise_loss("cckd", xs, xt, params=coef)
+        saved[keep] = sum(t.numel() for t in packed)
+        if not keep:
+            with pytest.raises(RuntimeError, match=r"relkd\.double_backward\(\)"):
+                torch.autograd.grad(loss, xs, create_graph=True)
+    assert saved[False] == xs.numel()  # the gradient
+    assert saved[True] == 3 * xs.numel() + coef.numel()  # + xs, xt, params
 
 
 def test_double_backward_refuses_a_teacher_gradient_the_kind_lacks():

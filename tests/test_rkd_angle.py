@@ -112,8 +112,12 @@ def test_double_backward(rect):
     inputs = [es_r.requires_grad_()] + ([es_c.requires_grad_()] if rect else [])
 
     def loss(*x):
-        return ops.rkd_angle_loss(x[0], et_r, x[1] if rect else None, et_c)
+        with relkd.double_backward():
+            return ops.rkd_angle_loss(x[0], et_r, x[1] if rect else None, et_c)
 
+    with pytest.raises(RuntimeError, match="double_backward"):  # outside it: loud
+        torch.autograd.grad(ops.rkd_angle_loss(es_r, et_r, es_c if rect else None, et_c),
+                            inputs, create_graph=True)
     first = torch.autograd.grad(loss(*inputs), inputs)
     graphed = torch.autograd.grad(loss(*inputs), inputs, create_graph=True)
     for a, b in zip(graphed, first):
