@@ -18,7 +18,7 @@ Hessian-vector products with the reference's."""
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import threading
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -38,33 +38,40 @@ TEACHER_GRAD_KINDS = ("cckd",)
 
 BLOCK_ENTRIES = 1 << 21  # relation-matrix entries per block of a Hessian-vector product
 
-_KEEP_INPUTS: contextvars.ContextVar = contextvars.ContextVar("relkd_double_backward",
-                                                              default=False)
+_KEEP_INPUTS = [0]  # open double_backward() blocks, process-wide
+_KEEP_INPUTS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def double_backward() -> Iterator[None]:
-    """Inside this block, relkd's fused ops that compute their gradient in
-    the forward pass (pairwise_loss, rkd_angle_loss: EKD, CCKD, RKD) keep
-    their inputs, so that a gradient taken with create_graph=True can be
-    differentiated again. Outside it they keep only the gradient: the inputs
-    would cost O(N D) memory in every training step (CCKD at N = 8192, D =
-    256: 32 MiB peak instead of 26), and a double backward raises."""
-    token = _KEEP_INPUTS.set(True)
+    """While this block is open, relkd's fused ops that compute their
+    gradient in the forward pass (pairwise_loss, rkd_angle_loss: EKD, CCKD,
+    RKD) keep their inputs, so that a gradient taken with create_graph=True
+    can be differentiated again. Outside it they keep only the gradient: the
+    inputs would cost O(N D) memory in every training step (CCKD at N =
+    8192, D = 256: 32 MiB peak instead of 26), and a double backward raises.
+    The switch is process-wide, not per thread: autograd's device threads,
+    DataParallel's workers and activation checkpointing's recomputation
+    (which reruns the forward during backward: keep the backward inside the
+    block too) see it."""
+    with _KEEP_INPUTS_LOCK:
+        _KEEP_INPUTS[0] += 1
     try:
         yield
     finally:
-        _KEEP_INPUTS.reset(token)
+        with _KEEP_INPUTS_LOCK:
+            _KEEP_INPUTS[0] -= 1
 
 
 def keeping_inputs() -> bool:
-    return _KEEP_INPUTS.get()
+    return _KEEP_INPUTS[0] > 0
 
 
 NOT_KEPT = ("a gradient with create_graph=True (double backward) through relkd's {op} "
             "(EKD, CCKD, RKD) needs the op's inputs, which it keeps only when the forward runs "
             "inside `with relkd.double_backward():` (they would cost O(N D) memory in every "
-            "training step); run the loss's forward inside it")
+            "training step); run the loss's forward (and, with activation checkpointing, the "
+            "backward) inside it")
 
 
 def row_blocks(n_rows: int, entries_per_row: int) -> List[Tuple[int, int]]:

@@ -4,6 +4,7 @@ the symmetric case against rectangular row blocks with global ids (the DDP
 case), label-sorted rows (EKD), gradcheck, opcheck, determinism, and double
 backward (gradgradcheck)."""
 import math
+import threading
 
 import pytest
 import torch
@@ -348,6 +349,31 @@ def test_first_order_keeps_no_inputs_and_double_backward_asks_for_them():
                 torch.autograd.grad(loss, xs, create_graph=True)
     assert saved[False] == xs.numel()  # the gradient
     assert saved[True] == 3 * xs.numel() + coef.numel()  # + xs, xt, params
+
+
+def test_double_backward_block_is_seen_by_checkpointing_and_threads():
+    # Activation checkpointing reruns the forward during backward (on CUDA
+    # in autograd's device thread): the block is process-wide, so the rerun
+    # saves what the forward saved.
+    xs, xt, _, coef = inputs("cckd", 16, 3, seed=17, dtype=torch.float64)
+
+    def f(x):
+        return ops.pairwise_loss("cckd", x * 1.0, xt, params=coef)
+
+    x = xs.detach().clone().requires_grad_()
+    want = torch.autograd.grad(direct("cckd", x, xt, None, coef), x)[0]
+    for create_graph in (False, True):
+        with relkd.double_backward():
+            loss = torch.utils.checkpoint.checkpoint(f, x, use_reentrant=False)
+            (g,) = torch.autograd.grad(loss, x, create_graph=create_graph)
+        assert g.requires_grad == create_graph
+        torch.testing.assert_close(g.detach(), want, rtol=1e-10, atol=1e-13)
+    seen = []
+    with relkd.double_backward():
+        thread = threading.Thread(target=lambda: seen.append(second_order.keeping_inputs()))
+        thread.start()
+        thread.join()
+    assert seen == [True] and not second_order.keeping_inputs()
 
 
 def test_double_backward_refuses_a_teacher_gradient_the_kind_lacks():
