@@ -27,13 +27,9 @@ from torch import Tensor
 
 from . import reference
 
-RKD_EPS = reference.RKD_EPS  # the clamp of squared distances (pair_math.h rkd_distance)
-
-# pairwise_loss kinds: which (row, column) pairs count, and whether the
-# teacher's embeddings take a gradient (csrc/cpu/pair_kinds.h).
+# pairwise_loss kinds: which (row, column) pairs count (csrc/cpu/pair_kinds.h).
 PAIR_MASKS = {"cckd": "all", "ekd_pos": "upper_same_label", "rkd_dist_sum": "off_diagonal",
               "rkd_distance": "off_diagonal"}
-TEACHER_GRAD_KINDS = ("cckd",)
 
 
 BLOCK_ENTRIES = 1 << 21  # relation-matrix entries per block of a Hessian-vector product
@@ -211,7 +207,8 @@ def _distance(x_r: Tensor, x_c: Tensor) -> Tensor:
     """RKD's distances from dot products and squared norms; the clamp passes
     no gradient."""
     sq_r, sq_c = (x_r * x_r).sum(1), (x_c * x_c).sum(1)
-    return (sq_r[:, None] + sq_c[None, :] - 2 * (x_r @ x_c.T)).clamp(min=RKD_EPS).sqrt()
+    squared = sq_r[:, None] + sq_c[None, :] - 2 * (x_r @ x_c.T)
+    return squared.clamp(min=reference.RKD_EPS).sqrt()
 
 
 def _soft_rank(v: Tensor, anchors: Tensor, temperature: Tensor) -> Tensor:

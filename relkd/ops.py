@@ -68,6 +68,7 @@ if EXTENSION_STATE == "failed to load":
                   "(backend='auto') or raises (backend='fused').", ExtensionWarning, stacklevel=2)
 DIGITS = 1 << 16  # radix of the order-statistics passes (csrc/cpu/pair_select.cpp)
 PARAMS_GRAD_KINDS = ("rkd_distance",)  # pairwise_loss kinds differentiable in params
+TEACHER_GRAD_KINDS = ("cckd",)  # pairwise_loss kinds differentiable in the teacher
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # run as float32 copies on CUDA (csrc/cuda/ops.cpp)
 
 
@@ -423,7 +424,7 @@ if HAS_EXTENSION:
             raise RuntimeError(f"relkd::pairwise_loss: kind '{ctx.kind}' defines no "
                                "gradient with respect to params (params must not require "
                                f"grad; only {', '.join(PARAMS_GRAD_KINDS)} define one)")
-        if (wanted[2] or wanted[4]) and ctx.kind not in second_order.TEACHER_GRAD_KINDS:
+        if (wanted[2] or wanted[4]) and ctx.kind not in TEACHER_GRAD_KINDS:
             raise RuntimeError(f"relkd::pairwise_loss: kind '{ctx.kind}' passes no gradient "
                                "to the teacher (xt_r, xt_c must not require grad)")
         firsts = {}  # input index -> the gradient the forward computed
@@ -469,21 +470,7 @@ if HAS_EXTENSION:
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
             raise RuntimeError("relkd::rkd_angle_loss has no gradient for the teacher "
                                "(et_r, et_c must not require grad)")
-        if torch.is_grad_enabled():  # create_graph=True: as pairwise_loss
-            if not ctx.kept_inputs:
-                raise RuntimeError(second_order.NOT_KEPT.format(op="rkd_angle_loss"))
-            wanted = [ctx.needs_input_grad[0], False, ctx.needs_input_grad[2], False]
-            firsts = [g for g, w in zip(ctx.saved_tensors[:2], wanted[::2]) if w]
-            if any(g.dim() != 2 for g in firsts):
-                raise RuntimeError("relkd::rkd_angle_loss: a gradient was requested that the "
-                                   "forward did not compute; call it with grad_student=True "
-                                   "(relkd.ops.rkd_angle_loss does this)")
-            es_r, es_c = ctx.saved_tensors[2], ctx.saved_tensors[4]
-            blocks = second_order.rkd_angle_blocks(
-                es_r.shape[0], es_r.shape[0] if es_c is None else es_c.shape[0])
-            grads[:4] = second_order.gradients_with_graph(blocks, ctx.saved_tensors[2:], wanted,
-                                                          grad_loss, firsts)
-            return tuple(grads)
+        firsts = {}  # input index (es_r, es_c) -> the gradient the forward computed
         for inp, grad in ((0, ctx.saved_tensors[0]), (2, ctx.saved_tensors[1])):
             if not ctx.needs_input_grad[inp]:
                 continue
@@ -491,6 +478,18 @@ if HAS_EXTENSION:
                 raise RuntimeError("relkd::rkd_angle_loss: a gradient was requested that the "
                                    "forward did not compute; call it with grad_student=True "
                                    "(relkd.ops.rkd_angle_loss does this)")
+            firsts[inp] = grad
+        if torch.is_grad_enabled():  # create_graph=True: as pairwise_loss
+            if not ctx.kept_inputs:
+                raise RuntimeError(second_order.NOT_KEPT.format(op="rkd_angle_loss"))
+            es_r, es_c = ctx.saved_tensors[2], ctx.saved_tensors[4]
+            blocks = second_order.rkd_angle_blocks(
+                es_r.shape[0], es_r.shape[0] if es_c is None else es_c.shape[0])
+            grads[:4] = second_order.gradients_with_graph(
+                blocks, ctx.saved_tensors[2:], [i in firsts for i in range(4)], grad_loss,
+                [firsts[i] for i in sorted(firsts)])
+            return tuple(grads)
+        for inp, grad in firsts.items():
             grads[inp] = grad_loss * grad
         return tuple(grads)
 

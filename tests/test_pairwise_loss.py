@@ -198,7 +198,7 @@ def second_order_case(kind, rect):
     """(fn of the differentiable inputs, those inputs): symmetric, or rows
     20..31 against all columns with global ids (a DDP rank's call)."""
     xs, xt, y, params = inputs(kind, 32, 4, seed=9, dtype=torch.float64)
-    teacher = kind in second_order.TEACHER_GRAD_KINDS
+    teacher = kind in ops.TEACHER_GRAD_KINDS
     params = params.clone().requires_grad_(kind in ops.PARAMS_GRAD_KINDS)
     wrt = [xs] + ([xt] if teacher else []) + ([params] if params.requires_grad else [])
     wrt = [w.detach().clone().requires_grad_() for w in wrt]
