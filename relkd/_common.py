@@ -21,9 +21,37 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def normalize(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """x_i / max(|x_i|, 1e-12) in `dtype` (exactly F.normalize)."""
-    return F.normalize(x.to(dtype), p=2.0, dim=1, eps=EPS)
+def _power_of_two_scale(x: Tensor) -> Tensor:
+    """Per row of x (N, D), a power of two s (N, 1) with max_c |x_ic| s in
+    [1, 2): x * s is exact, and its squared norm neither overflows nor
+    underflows. torch's norm squares in the input's dtype, so float32 rows
+    with entries beyond about 1.8e19 (float64: 1.3e154) got the norm inf and
+    F.normalize made them zero vectors. Rows holding inf or NaN get NaN."""
+    with torch.no_grad():
+        big = x.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
+        return torch.exp2(-torch.floor(torch.log2(big)))
+
+
+def row_norms(x: Tensor) -> Tensor:
+    """|x_i| (N,) of a floating (N, D) tensor, without overflow where the norm
+    itself is finite (see _power_of_two_scale)."""
+    if x.shape[1] == 0:
+        return x.new_zeros(x.shape[0])
+    s = _power_of_two_scale(x)
+    return (x * s).norm(dim=1) / s[:, 0]
+
+
+def normalize(x: Tensor, dtype: torch.dtype, eps: float = EPS) -> Tensor:
+    """x_i / max(|x_i|, eps) in `dtype`: F.normalize's values (bitwise,
+    while the squared norm stays within the dtype's range) and gradients,
+    computed on the row scaled by an exact power of two so that large rows
+    do not overflow to zero vectors."""
+    x = x.to(dtype)
+    if x.shape[1] == 0:
+        return F.normalize(x, p=2.0, dim=1, eps=eps)
+    s = _power_of_two_scale(x)
+    xs = x * s
+    return xs / torch.maximum(xs.norm(dim=1, keepdim=True), eps * s)
 
 
 def teacher(ft: Tensor, detach_teacher: bool) -> Tensor:

@@ -2,6 +2,7 @@
 that names the argument and what was expected, before any kernel runs."""
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 import os
@@ -93,15 +94,31 @@ def non_negative_int(k, name: str) -> int:
 
 
 def number(v, name: str, *, positive: bool = False, non_negative: bool = False) -> float:
-    """A real number (Python or numpy scalar) as a float; NaN is rejected."""
-    if isinstance(v, _bools()) or not isinstance(v, numbers.Real) or v != v:
+    """A finite real number (Python or numpy scalar) as a float: no option
+    means anything at NaN or +-inf (a margin or weight of inf would only turn
+    the loss into inf or NaN), so those are rejected."""
+    if isinstance(v, _bools()) or not isinstance(v, numbers.Real):
         raise ValueError(f"{name}: expected a number, got {v!r}")
-    v = float(v)
+    try:
+        v = float(v)
+    except OverflowError:  # an int beyond float's range
+        v = math.inf
+    if not -math.inf < v < math.inf:  # NaN too; comparisons, which torch.compile traces
+        raise ValueError(f"{name}: expected a number, finite, got {v!r}")
     if positive and not v > 0:
         raise ValueError(f"{name}: expected a number > 0, got {v!r}")
     if non_negative and not v >= 0:
         raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
     return float(v)
+
+
+def flag(value, name: str) -> bool:
+    """A bool (or numpy.bool_). Anything else raises: bool("False") is True,
+    so coercing would silently turn a string or a tensor into the opposite
+    of what was meant."""
+    if not isinstance(value, _bools()):
+        raise ValueError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
 
 
 def choice(value, name: str, options: Sequence[str]) -> str:
@@ -127,16 +144,23 @@ def fpr_values(levels, name: str = "fprs") -> tuple:
     return levels
 
 
+# The smallest EKD FPR level: its divisor round(1/f) = 2^62 still fits the
+# kernels' int64, and n_neg // q is already 0 (the hardest negative) for
+# every batch; smaller levels would only overflow.
+MIN_FPR_LEVEL = 2.0 ** -62
+
+
 def fpr_levels(levels) -> tuple:
     """EKD's FPR levels: each f must give an integer divisor q = round(1/f) >= 2
     (SPEC §3.2), i.e. 0 < f < 2/3; above that the rank position n_neg // q
-    would lie past the last negative pair."""
-    expected = "a non-empty sequence of FPR levels f with 0 < f < 2/3 (so that round(1/f) >= 2)"
+    would lie past the last negative pair. At least MIN_FPR_LEVEL."""
+    expected = ("a non-empty sequence of FPR levels f with 2^-62 <= f < 2/3 (so that "
+                "round(1/f) >= 2 fits an int64)")
     try:
         levels = tuple(float(f) for f in levels)
     except (TypeError, ValueError):
         raise ValueError(f"fpr_levels: expected {expected}, got {levels!r}") from None
-    if not levels or any(not (0 < f < 1) or round(1.0 / f) < 2 for f in levels):
+    if not levels or any(not (MIN_FPR_LEVEL <= f < 1) or round(1.0 / f) < 2 for f in levels):
         raise ValueError(f"fpr_levels: expected {expected}, got {levels!r}")
     return levels
 

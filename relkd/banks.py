@@ -69,7 +69,7 @@ class PrototypeBank(ProcessGroupHolder, nn.Module):
         self.momentum = check.number(momentum, "momentum")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum: expected a number in [0, 1), got {momentum!r}")
-        self.process_group, self.gather = process_group, bool(gather)
+        self.process_group, self.gather = process_group, check.flag(gather, "gather")
         self.register_buffer("prototypes", torch.zeros(num_classes, dim, device=device,
                                                        dtype=dtype))
         self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool, device=device))
@@ -85,13 +85,15 @@ class PrototypeBank(ProcessGroupHolder, nn.Module):
             raise ValueError(f"ft: expected shape (N, {dim}) to match the bank, "
                              f"got {tuple(ft.shape)}")
         check.labels(y, "y", ft.shape[0])
+        check.same_device(ft=ft, y=y, bank=self.prototypes)
+        check.finite(ft=ft)  # a NaN would stay in the persistent prototypes
         if ft.shape[0] and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise ValueError(f"y: labels must lie in [0, {num_classes}), got "
                              f"[{int(y.min())}, {int(y.max())}]")
         group = resolve_group(self.process_group, self.gather)
         if group is not None:
             ft, y = gather_rows(ft.detach(), group), gather_rows(y, group)
-        z = F.normalize(ft.detach().to(self.prototypes.dtype), dim=1, eps=EPS)
+        z = normalize(ft.detach(), self.prototypes.dtype)
         # Only the identities of this batch are touched: O(batch * dim), not
         # a bank-sized temporary per call (a million classes cost nothing more).
         ids, slot = torch.unique(y.long(), return_inverse=True)
@@ -137,6 +139,7 @@ def hardest_identities(prototypes: Tensor, k: int, *, chunk_size: int = 4096,
     check.positive_int(k, "k")
     check.positive_int(chunk_size, "chunk_size")
     check.backend(backend)
+    check.finite(prototypes=prototypes)
     n = prototypes.shape[0]
     present = (prototypes != 0).any(dim=1)
     ids = torch.nonzero(present).flatten()  # bank rows that hold a prototype

@@ -20,10 +20,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import _validation as check
+
 
 def resolve_group(process_group=None, gather: bool = False):
     """The process group a loss relates over, or None for a single process."""
-    if process_group is None and not gather:
+    if process_group is None and not check.flag(gather, "gather"):
         return None
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("process_group / gather=True: torch.distributed is not initialised "

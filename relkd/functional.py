@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import _validation as check
 from . import fused, ops, reference
-from ._common import EPS, compute_dtype, normalize as normalize_rows
+from ._common import EPS, compute_dtype, normalize as normalize_rows, row_norms
 from .distributed import GlobalBatch, all_reduce_sum, gather_rows, global_batch, resolve_group
 
 __all__ = [
@@ -159,6 +159,8 @@ def fcd_loss(fs: Tensor, ft: Tensor, metric: str = "l2", normalize: bool = True,
     process_group / gather, this rank's share of the global-batch mean.
     """
     check.choice(metric, "metric", FCD_METRICS)
+    check.flag(normalize, "normalize")
+    check.flag(detach_teacher, "detach_teacher")
     check.backend(backend)
     fs, ft = _student_teacher(fs, ft, same_dim=True)
     check.same_device(fs=fs, ft=ft)
@@ -194,6 +196,11 @@ def _check_rad(fs, ft, y, bank, bank_labels, indices, k, metric, margin, mine_by
             if y is None:
                 raise ValueError("bank_labels: excluding a row's own identity from the bank "
                                  "needs y (labels of shape (N,))")
+        elif y is not None and indices is None:
+            raise ValueError("y: in bank mode the labels exclude a row's own identity only "
+                             "together with bank_labels (the bank rows' identities, e.g. "
+                             "PrototypeBank.active()[1]); pass bank_labels=, or y=None to mine "
+                             "every bank row")
     elif bank_labels is not None:
         raise ValueError("bank_labels: given without bank")
     if indices is not None:
@@ -235,6 +242,7 @@ def rad_loss(fs: Tensor, ft: Tensor, y: Optional[Tensor] = None, bank: Optional[
     implementation of CoupleFace's idea; the paper's equations are not public.
     """
     fs, ft = _check_rad(fs, ft, y, bank, bank_labels, indices, k, metric, margin, mine_by)
+    check.flag(detach_teacher, "detach_teacher")
     group = resolve_group(process_group, gather)
     if group is not None and indices is not None and bank is None:
         raise ValueError("indices: precomputed batch neighbours are not supported with "
@@ -291,6 +299,7 @@ def ekd_loss(fs: Tensor, ft: Tensor, y: Tensor, s_anchor: Tensor, t_anchor: Tens
     Equal (up to floating point) to Tencent/TFace's ekd.py.
     """
     check.backend(backend)
+    check.flag(training, "training")
     levels = check.fpr_levels(fpr_levels)
     check.non_negative_int(topk, "topk")
     check.number(temperature, "temperature", positive=True)
@@ -338,6 +347,7 @@ def cckd_loss(fs: Tensor, ft: Tensor, *, kernel: str = "gaussian", gamma: float 
     check.choice(kernel, "kernel", CCKD_KERNELS)
     check.number(gamma, "gamma")
     check.non_negative_int(order, "order")
+    check.flag(detach_teacher, "detach_teacher")
     options = dict(kernel=kernel, gamma=gamma, order=order, detach_teacher=detach_teacher)
     return _label_free_relation(
         "CCKDLoss", fs, ft, backend=backend, process_group=process_group, gather=gather,
@@ -355,6 +365,7 @@ def sp_loss(fs: Tensor, ft: Tensor, *, detach_teacher: bool = True, backend: str
     unnormalised features fs: (N, ...), ft: (N, ...). The fused path uses the
     Gram identity (O(N D^2), no N x N) when D < N.
     """
+    check.flag(detach_teacher, "detach_teacher")
     return _label_free_relation(
         "SPLoss", fs, ft, backend=backend, process_group=process_group, gather=gather,
         flatten=True, fused_fn=lambda g: fused.sp_loss(g, detach_teacher=detach_teacher),
@@ -413,6 +424,7 @@ def exclusivity_loss(weights, *, backend: str = "auto", process_group=None,
     check.backend(backend)
     ws = check.weight_list(_weights_of(weights))
     check.same_device(**{f"weights[{i}]": w for i, w in enumerate(ws)})
+    check.finite(**{f"weights[{i}]": w for i, w in enumerate(ws)})
     world = _world_size(resolve_group(process_group, gather))
     if backend == "reference":
         total = reference.exclusivity_loss(ws)
@@ -457,7 +469,7 @@ def similarity_topk(a: Tensor, b: Optional[Tensor] = None, k: Optional[int] = No
     if b is None:
         if b_labels is not None:
             raise ValueError("b_labels: given without b (with b None, a_labels serve both)")
-        exclude_self = True if exclude_self is None else bool(exclude_self)
+        exclude_self = True if exclude_self is None else check.flag(exclude_self, "exclude_self")
     else:
         if exclude_self is not None:
             raise ValueError("exclude_self: only applies when b is None (a searched against "
@@ -497,7 +509,7 @@ def bank_operand(b: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor
     if b.shape[0] * b.shape[1] * torch.empty((), dtype=dtype).element_size() <= BANK_COPY_MAX_BYTES:
         return normalize_rows(b.detach(), dtype).contiguous(), None
     c = b.detach().to(dtype).contiguous()
-    return c, 1.0 / c.norm(dim=1).clamp(min=EPS)
+    return c, 1.0 / row_norms(c).clamp(min=EPS)
 
 
 def bank_topk(x: Tensor, c: Tensor, inv_norm: Optional[Tensor], k: int,

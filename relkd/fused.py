@@ -13,12 +13,11 @@ import os
 from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _second_order as second_order
 from . import ops
-from ._common import EPS, compute_dtype, masked_sum, teacher
+from ._common import EPS, compute_dtype, masked_sum, normalize, row_norms, teacher
 from .distributed import GlobalBatch, all_reduce_sum, all_reduce_with_grad
 
 
@@ -125,8 +124,11 @@ def rad_loss(gb: GlobalBatch, bank: Optional[Tensor], bank_labels: Optional[Tens
     else:
         # Relations to the normalised bank without copying it: scale the raw
         # dot products by the bank rows' inverse norms.
+        if bank.shape[0] == 0:  # no candidate at all: one zero row, never mined
+            bank = bank.new_zeros(1, bank.shape[1])
+            bank_labels, indices = None, torch.full_like(x[:, :1], -1, dtype=torch.long)
         b = bank.detach().to(dtype).contiguous()
-        inv_norm = 1.0 / b.norm(dim=1).clamp(min=EPS)
+        inv_norm = 1.0 / row_norms(b).clamp(min=EPS)
         if indices is None:
             q = _operands(half, z if mine_by == "teacher" else x)[0]
             b_q = bank.detach().contiguous() if half else b  # 16-bit: the bank itself
@@ -174,6 +176,10 @@ def ekd_loss(gb: GlobalBatch, s_anchor: Tensor, t_anchor: Tensor, *, training: b
     sel_x, sel_z, sel_y = (None, None, None) if single else (x_c.detach(), z_c, y_all)
     group_name = "" if single else gb.group.group_name
     divisors = _rank_divisors(fpr_levels)
+    # The op returns `topk` slots; there are at most n(n-1)/2 negative pairs.
+    topk = min(topk, gb.n_global * (gb.n_global - 1) // 2)
+    # The anchors carry no gradient (SPEC §3.4-3.5), as on the reference path.
+    s_anchor, t_anchor = s_anchor.detach(), t_anchor.detach()
 
     thr_s, _, top_i, top_j, n_neg = ops.negative_pair_select(
         x.detach(), y, divisors, topk, sel_x, sel_y, gb.offset, group_name)
@@ -259,6 +265,26 @@ def _sp_identity_sum(r_s: Tensor, r_t: Tensor, cross: Tensor, n_all: int) -> Ten
     m_s, m_t = r_s.clamp(min=0).clamp(min=EPS * EPS), r_t.clamp(min=0).clamp(min=EPS * EPS)
     terms = r_s.clamp(min=0) / m_s + r_t.clamp(min=0) / m_t - 2 * cross / torch.sqrt(m_s * m_t)
     return terms.sum() / (n_all * n_all)
+
+
+SP_SAFE_EXPONENT = 100  # |f| beyond 2^this: the identity's products may overflow float64
+
+
+def _gram_safe_scale(f: Tensor, a: Optional[Tensor]):
+    """f (and a, the batch's rows under DDP) times one power of two, when an
+    entry exceeds 2^SP_SAFE_EXPONENT: SP's row-normalised Gram rows do not
+    change, but the identity's m_s m_t ~ |f_s|^4 |f_t|^4 (N D^2)^2 would
+    overflow float64 (entries beyond about 1e37, float32 ones included) and
+    turn the loss into 2/N. The scale comes from the batch's rows, the same
+    on every rank."""
+    rows = f if a is None else a
+    if rows.numel() == 0:
+        return f, a
+    with torch.no_grad():  # a tensor, not a host branch: torch.compile traces it
+        exponent = torch.floor(torch.log2(rows.abs().amax().double()))
+        exponent = torch.where(torch.isfinite(exponent), exponent, 0.0)
+        scale = torch.exp2((SP_SAFE_EXPONENT - exponent).clamp(max=0)).to(f.dtype)
+    return f * scale, None if a is None else a * scale
 
 
 class _SPGramIdentity(torch.autograd.Function):
@@ -381,9 +407,11 @@ def sp_loss(gb: GlobalBatch, *, detach_teacher: bool) -> Tensor:
     a_s = _columns(gb, gb.fs_all, lambda f: _rows(f).to(dtype))
     a_t = _columns(gb, gb.ft_all, lambda f: _rows(teacher(f, detach_teacher)).to(dtype))
     if max(f_s.shape[1], f_t.shape[1]) < n_all:
+        f_s, a_s = _gram_safe_scale(f_s, a_s)
+        f_t, a_t = _gram_safe_scale(f_t, a_t)
         return _SPGramIdentity.apply(f_s, f_t, a_s, a_t, n_all)
-    g_s = F.normalize(f_s @ (f_s if a_s is None else a_s).T, p=2.0, dim=1, eps=EPS)
-    g_t = F.normalize(f_t @ (f_t if a_t is None else a_t).T, p=2.0, dim=1, eps=EPS)
+    g_s = normalize(f_s @ (f_s if a_s is None else a_s).T, dtype)
+    g_t = normalize(f_t @ (f_t if a_t is None else a_t).T, dtype)
     return (g_s - g_t).pow(2).sum() / (n_all * n_all)
 
 
@@ -428,8 +456,8 @@ def _rkd_distance_term(gb: GlobalBatch, e_s: Tensor, e_t: Tensor, c_s: Optional[
 
 def exclusivity_term(w: Tensor) -> Tensor:
     """SPEC §7 by the O(F P) identity (1/(F(F-1))) sum_p [(sum_i |w_ip|)^2 - sum_i w_ip^2]."""
-    w = w.reshape(w.shape[0], -1)
-    w = F.normalize(w.to(compute_dtype(w)), p=2.0, dim=1, eps=EPS)
+    w = w.reshape(w.shape[0], math.prod(w.shape[1:]))  # F = 0 too
+    w = normalize(w, compute_dtype(w))
     n_filters = w.shape[0]
     if n_filters < 2:
         return w.sum() * 0

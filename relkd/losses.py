@@ -50,7 +50,7 @@ class _Loss(ProcessGroupHolder, nn.Module):
         super().__init__()
         self.backend = check.backend(backend)
         self.process_group = process_group
-        self.gather = bool(gather)
+        self.gather = check.flag(gather, "gather")
 
     def _dist(self) -> dict:
         return dict(backend=self.backend, process_group=self.process_group, gather=self.gather)
@@ -98,8 +98,8 @@ class FCDLoss(_Loss):
         docstring for each argument."""
         super().__init__(backend, process_group, gather)
         self.metric = check.choice(metric, "metric", Fn.FCD_METRICS)
-        self.normalize = bool(normalize)
-        self.detach_teacher = bool(detach_teacher)
+        self.normalize = check.flag(normalize, "normalize")
+        self.detach_teacher = check.flag(detach_teacher, "detach_teacher")
 
     def _options(self) -> List[Tuple[str, object]]:
         return [("metric", self.metric), ("normalize", self.normalize),
@@ -157,7 +157,7 @@ class RADLoss(_Loss):
         self.metric = check.choice(metric, "metric", Fn.RAD_METRICS)
         self.margin = check.number(margin, "margin")
         self.mine_by = check.choice(mine_by, "mine_by", Fn.MINE_BY)
-        self.detach_teacher = bool(detach_teacher)
+        self.detach_teacher = check.flag(detach_teacher, "detach_teacher")
 
     def _options(self) -> List[Tuple[str, object]]:
         return [("k", self.k), ("metric", self.metric), ("margin", self.margin),
@@ -325,7 +325,7 @@ class CCKDLoss(_Loss):
         self.kernel = check.choice(kernel, "kernel", Fn.CCKD_KERNELS)
         self.gamma = check.number(gamma, "gamma")
         self.order = check.non_negative_int(order, "order")
-        self.detach_teacher = bool(detach_teacher)
+        self.detach_teacher = check.flag(detach_teacher, "detach_teacher")
 
     def _options(self) -> List[Tuple[str, object]]:
         return [("kernel", self.kernel), ("gamma", self.gamma), ("order", self.order),
@@ -361,7 +361,7 @@ class SPLoss(_Loss):
         """Checks the options (ValueError naming the option); see the class
         docstring for each argument."""
         super().__init__(backend, process_group, gather)
-        self.detach_teacher = bool(detach_teacher)
+        self.detach_teacher = check.flag(detach_teacher, "detach_teacher")
 
     def _options(self) -> List[Tuple[str, object]]:
         return [("detach_teacher", self.detach_teacher)]
@@ -474,7 +474,7 @@ class ECKDLoss(_Loss):
         docstring for each argument."""
         super().__init__(backend, process_group, gather)
         self.lam = check.number(lam, "lam")
-        self.detach_teacher = bool(detach_teacher)
+        self.detach_teacher = check.flag(detach_teacher, "detach_teacher")
 
     def _options(self) -> List[Tuple[str, object]]:
         return [("lam", self.lam), ("detach_teacher", self.detach_teacher)]

@@ -18,10 +18,10 @@ import math
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _validation as check
+from ._common import normalize
 
 __all__ = ["verification_pairs", "pair_scores", "cosine_scores", "tpr_at_fpr", "roc_auc",
            "roc_curve", "verification_metrics", "DEFAULT_FPRS"]
@@ -87,7 +87,7 @@ def _sample_impostors(labels: Tensor, m: int, gen: torch.Generator) -> Tuple[Ten
 
 def cosine_scores(x: Tensor, y: Tensor) -> Tensor:
     """Cosine similarity of the rows of x and y: (n,)."""
-    return (F.normalize(x.float(), dim=1) * F.normalize(y.float(), dim=1)).sum(dim=1)
+    return (normalize(x, torch.float32) * normalize(y, torch.float32)).sum(dim=1)
 
 
 @torch.no_grad()
@@ -106,7 +106,7 @@ def pair_scores(embeddings: Tensor, a: Tensor, b: Tensor,
     a, b = a.to(embeddings.device), b.to(embeddings.device)
     n = embeddings.shape[0]
     if score_fn is None:
-        unit = F.normalize(embeddings.float(), dim=1)
+        unit = normalize(embeddings, torch.float32)
         if n * n <= 1 << 26:  # the whole similarity matrix is cheaper than gathering rows
             return (unit @ unit.t())[a, b].cpu()
         score_fn = lambda x, y: (x * y).sum(dim=1)  # noqa: E731 (rows already unit)

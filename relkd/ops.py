@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import _second_order as second_order
 from . import distributed as relkd_dist
+from ._common import normalize
 
 
 class FallbackWarning(UserWarning):
@@ -512,7 +513,7 @@ if HAS_EXTENSION:
             with torch.enable_grad():  # x requires grad, or this was not called
                 outs, grads = [], []
                 if grad_y is not None:
-                    outs.append(torch.nn.functional.normalize(x, dim=1, eps=ctx.eps))
+                    outs.append(normalize(x, x.dtype, ctx.eps))
                     grads.append(grad_y)
                 if grad_norm is not None:
                     outs.append(torch.linalg.vector_norm(x, dim=1))
@@ -607,12 +608,13 @@ def relation_penalty(s: Tensor, t: Tensor, indices: Tensor, metric: str,
 
 
 def normalize_rows(x: Tensor, eps: float) -> Tensor:
-    """x_i / max(|x_i|, eps) row by row (F.normalize(x, dim=1, eps=eps)), in
-    one pass forward and backward on the CPU (csrc/cpu/normalize.cpp);
-    F.normalize elsewhere. x: 2-D float32/float64."""
+    """x_i / max(|x_i|, eps) row by row (F.normalize(x, dim=1, eps=eps)'s
+    values, without its overflow to zero rows), in one pass forward and
+    backward on the CPU (csrc/cpu/normalize.cpp); PyTorch ops elsewhere.
+    x: 2-D float32/float64."""
     if x.device.type == "cpu" and x.dim() == 2:
         return torch.ops.relkd.normalize_rows(x.contiguous(), eps)[0]
-    return torch.nn.functional.normalize(x, p=2.0, dim=1, eps=eps)
+    return normalize(x, x.dtype, eps)
 
 
 def _needs_grad(*tensors: Optional[Tensor]) -> bool:

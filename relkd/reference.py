@@ -107,6 +107,8 @@ def rad_loss(fs: Tensor, ft: Tensor, y: Optional[Tensor] = None, bank: Optional[
     if bank is None:
         s_all, t_all = x @ x.T, z @ z.T
     else:
+        if len(bank) == 0:  # no candidate at all: 0 with zero gradients (SPEC §9)
+            return (x.sum() + z.sum()) * 0
         b = normalize(bank.detach(), dtype)
         s_all, t_all = x @ b.T, z @ b.T
     if indices is None:
@@ -207,7 +209,19 @@ def cckd_coefficients(kernel: str, gamma: float, order: int) -> list:
     """phi(u) = sum_p coef[p] u^p (SPEC §4)."""
     if kernel == "bilinear":
         return [0.0, 1.0]
-    return [math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) for p in range(order + 1)]
+    return [_rbf_taylor_coefficient(2 * gamma, p) for p in range(order + 1)]
+
+
+def _rbf_taylor_coefficient(a: float, p: int) -> float:
+    """e^-a a^p / p! (a Poisson probability for a > 0), in log space: p! and
+    a^p alone overflow a float from p = 171 on."""
+    if a == 0:
+        return 1.0 if p == 0 else 0.0
+    sign = -1.0 if a < 0 and p % 2 else 1.0
+    try:
+        return sign * math.exp(-a + p * math.log(abs(a)) - math.lgamma(p + 1))
+    except OverflowError:  # a < 0 far from the kernel's range: the sum diverges
+        return sign * math.inf
 
 
 def polynomial(coef: Sequence[float], u: Tensor) -> Tensor:
@@ -235,8 +249,8 @@ def sp_loss(fs: Tensor, ft: Tensor, *, detach_teacher: bool = True) -> Tensor:
     n = len(fs)
     f_s = fs.reshape(n, -1).to(dtype)
     f_t = teacher(ft, detach_teacher).reshape(n, -1).to(dtype)
-    g_s = F.normalize(f_s @ f_s.T, p=2.0, dim=1, eps=EPS)
-    g_t = F.normalize(f_t @ f_t.T, p=2.0, dim=1, eps=EPS)
+    g_s = normalize(f_s @ f_s.T, dtype)
+    g_t = normalize(f_t @ f_t.T, dtype)
     return (g_s - g_t).pow(2).sum() / (n * n)
 
 
@@ -297,8 +311,8 @@ def exclusivity_loss(weights: Iterable[Tensor]) -> Tensor:
     (1/(F(F-1))) sum_{i != j} sum_p |w_ip| |w_jp| of the row-normalised w."""
     total = None
     for weight in weights:
-        w = weight.reshape(weight.shape[0], -1)
-        w = F.normalize(w.to(compute_dtype(w)), p=2.0, dim=1, eps=EPS)
+        w = weight.reshape(weight.shape[0], math.prod(weight.shape[1:]))  # F = 0 too
+        w = normalize(w, compute_dtype(w))
         n_filters = w.shape[0]
         a = w.abs()
         if n_filters < 2:

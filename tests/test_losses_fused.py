@@ -320,3 +320,53 @@ def test_third_derivative_matches_the_reference(name):
     want = third("reference")
     assert want.abs().max() > 0
     torch.testing.assert_close(third("fused"), want, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", ["fcd", "rad", "cckd", "ekd", "sp"])
+@pytest.mark.parametrize("dtype,scale", [(F32, 1e20), (F32, 1e37), (F64, 1e160)])
+def test_huge_embeddings_match_the_reference(name, dtype, scale):
+    # Rows whose squared norm overflows the dtype: F.normalize made them zero
+    # vectors (the reference's loss 0); SP's Gram identity overflowed float64
+    # from |f| ~ 1e37 (loss 2/N). Normalised losses and SP are scale-free, so
+    # both paths must give the loss of the unscaled rows.
+    fs, ft = embeddings(24, 8, 31, dtype), embeddings(24, 8, 32, dtype)
+    y = labels("random", 24, 3)
+    call = {"fcd": lambda f, t, b: Fn.fcd_loss(f, t, backend=b),
+            "rad": lambda f, t, b: Fn.rad_loss(f, t, y, k=4, backend=b),
+            "cckd": lambda f, t, b: Fn.cckd_loss(f, t, backend=b),
+            "ekd": lambda f, t, b: Fn.ekd_loss(f, t, y, torch.zeros(6, dtype=dtype),
+                                               torch.zeros(6, dtype=dtype), backend=b)[0],
+            "sp": lambda f, t, b: Fn.sp_loss(f, t, backend=b)}[name]
+    if name == "sp" and scale > torch.finfo(dtype).max ** 0.5:
+        backends = ["fused"]  # the reference's F F^T itself overflows: NaN, loud
+    else:
+        backends = ["fused", "reference"]
+    want = call(fs.double(), ft.double(), "reference").to(dtype)
+    for backend in backends:
+        got = call(fs * scale, ft * scale, backend)
+        torch.testing.assert_close(got, want, rtol=1e-4 if dtype == F32 else 1e-12, atol=0)
+
+
+def test_ekd_topk_beyond_the_pairs_allocates_only_the_pairs():
+    # topk sizes the selection's outputs: 10**12 would ask for terabytes.
+    fs, ft, y = embeddings(8, 4, 1, F64), embeddings(8, 4, 2, F64), labels("random", 8, 1)
+    got = Fn.ekd_loss(fs, ft, y, torch.zeros(6, dtype=F64), torch.zeros(6, dtype=F64),
+                      topk=10**12, backend="fused")[0]
+    want = Fn.ekd_loss(fs, ft, y, torch.zeros(6, dtype=F64), torch.zeros(6, dtype=F64),
+                       topk=10**12, backend="reference")[0]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_ekd_anchors_that_require_grad_are_constants_on_both_paths():
+    fs, ft, y = embeddings(12, 4, 3, F64), embeddings(12, 4, 4, F64), labels("random", 12, 2)
+    anchors = torch.full((6,), 0.1, dtype=F64, requires_grad=True)
+    got = Fn.ekd_loss(fs, ft, y, anchors, anchors.detach(), backend="fused")
+    want = Fn.ekd_loss(fs, ft, y, anchors, anchors.detach(), backend="reference")
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=0)
+    assert not got[1].requires_grad and not want[1].requires_grad
+
+
+def test_cckd_orders_beyond_float_factorials_match_the_reference():
+    # 171! overflows a float; the reference's coefficients come from log space.
+    fs, ft = embeddings(16, 6, 5, F64), embeddings(16, 6, 6, F64)
+    compare(Fn.cckd_loss, fs, ft, order=200, gamma=3.0)

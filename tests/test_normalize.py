@@ -118,3 +118,40 @@ def test_opcheck(n):
     y, norm = torch.ops.relkd.normalize_rows(x.detach(), EPS)
     torch.library.opcheck(torch.ops.relkd.normalize_rows_backward.default,
                           (torch.randn_like(y), y, norm, EPS))
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e37), (torch.float64, 1e160),
+                                         (torch.float64, 1e300)])
+def test_rows_whose_norm_overflows_still_become_unit_rows(dtype, scale):
+    # |x|^2 overflows (float64 from about 1e154; float32's norm itself from
+    # about 3e38): y = x / inf would be a zero vector, silently.
+    x = embeddings(6, 16, 7, dtype) * scale
+    g = embeddings(6, 16, 8, dtype)
+    got_y, got_g = values_and_grad(lambda t: ops.normalize_rows(t, EPS), x, g)
+    unit = embeddings(6, 16, 7, torch.float64)
+    want = unit / unit.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(got_y.double(), want, rtol=0, atol=4 * torch.finfo(dtype).eps)
+    assert torch.isfinite(got_g).all()
+    _, norm = torch.ops.relkd.normalize_rows(x, EPS)
+    if dtype == torch.float64 and scale < 1e300:
+        torch.testing.assert_close(norm, unit.norm(dim=1) * scale, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_python_normalisation_equals_f_normalize_and_survives_overflow(dtype):
+    # relkd._common.normalize (the reference's and the non-CPU path's): the
+    # bits of F.normalize, values and gradients, over norms from 1e-15 to
+    # 1e3; and unit rows where F.normalize returns zero vectors.
+    from relkd._common import normalize, row_norms
+    x = rows(60, 9, 3, dtype, torch.linspace(-15, 3, 60))
+    x[4] = 0
+    g = embeddings(60, 9, 4, dtype)
+    got_y, got_g = values_and_grad(lambda t: normalize(t, dtype), x, g)
+    want_y, want_g = values_and_grad(lambda t: F.normalize(t, dim=1, eps=EPS), x, g)
+    assert torch.equal(got_y, want_y) and torch.equal(got_g, want_g)
+    big = embeddings(5, 9, 5, dtype) * (1e30 if dtype == torch.float32 else 1e200)
+    assert (F.normalize(big, dim=1) == 0).all()  # what the reference did before
+    torch.testing.assert_close(normalize(big, dtype).norm(dim=1), torch.ones(5, dtype=dtype))
+    torch.testing.assert_close(row_norms(big).double(), big.double().norm(dim=1) if
+                               dtype == torch.float32 else embeddings(5, 9, 5, dtype).norm(
+                                   dim=1) * 1e200, rtol=1e-6, atol=0)

@@ -300,3 +300,126 @@ def test_numpy_scalars_are_accepted_as_options():
         relkd.RADLoss(k=np.bool_(True))
     with pytest.raises(ValueError, match=r"^k: expected an int >= 1"):
         relkd.RADLoss(k=np.float64(4.0))
+
+
+FLAG_OPTIONS = [
+    (relkd.FCDLoss, "normalize"), (relkd.FCDLoss, "detach_teacher"),
+    (relkd.RADLoss, "detach_teacher"), (relkd.CoupleFaceLoss, "detach_teacher"),
+    (relkd.CCKDLoss, "detach_teacher"), (relkd.SPLoss, "detach_teacher"),
+    (relkd.CCKDLoss, "gather"), (relkd.EKDLoss, "gather"), (relkd.RKDLoss, "gather"),
+]
+
+
+@pytest.mark.parametrize("module,option", FLAG_OPTIONS)
+@pytest.mark.parametrize("value", ["False", "no", 0, 1, None, torch.tensor(True)])
+def test_flags_take_only_bools(module, option, value):
+    # bool("False") is True: a coerced flag would silently mean the opposite.
+    with pytest.raises(ValueError, match=rf"^{option}: expected True or False"):
+        module(**{option: value})
+    assert getattr(module(**{option: False}), option) is False
+
+
+@pytest.mark.parametrize("call,option", [
+    (lambda v: Fn.fcd_loss(torch.randn(4, 3), torch.randn(4, 3), normalize=v), "normalize"),
+    (lambda v: Fn.rad_loss(torch.randn(4, 3), torch.randn(4, 3), detach_teacher=v),
+     "detach_teacher"),
+    (lambda v: Fn.cckd_loss(torch.randn(4, 3), torch.randn(4, 3), detach_teacher=v),
+     "detach_teacher"),
+    (lambda v: Fn.sp_loss(torch.randn(4, 3), torch.randn(4, 3), detach_teacher=v),
+     "detach_teacher"),
+    (lambda v: Fn.ekd_loss(torch.randn(4, 3), torch.randn(4, 3), y_of(4), ANCHORS, ANCHORS,
+                           training=v)[0], "training"),
+    (lambda v: Fn.rkd_loss(torch.randn(4, 3), torch.randn(4, 3), gather=v), "gather"),
+    (lambda v: relkd.similarity_topk(torch.randn(4, 3), k=2, exclude_self=v), "exclude_self"),
+])
+def test_functional_flags_take_only_bools(call, option):
+    with pytest.raises(ValueError, match=rf"^{option}: expected True or False, got 'False'"):
+        call("False")
+    call(False)
+
+
+@pytest.mark.parametrize("make,option", [
+    (lambda v: relkd.RADLoss(margin=v), "margin"),
+    (lambda v: relkd.CoupleFaceLoss(alpha=v), "alpha"),
+    (lambda v: relkd.EKDLoss(temperature=v), "temperature"),
+    (lambda v: relkd.EKDLoss(neg_weight=v), "neg_weight"),
+    (lambda v: relkd.CCKDLoss(gamma=v), "gamma"),
+    (lambda v: relkd.RKDLoss(angle_weight=v), "angle_weight"),
+    (lambda v: relkd.ECKDLoss(lam=v), "lam"),
+    (lambda v: Fn.rad_loss(torch.randn(4, 3), torch.randn(4, 3), margin=v), "margin"),
+])
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan"), 10 ** 400])
+def test_numbers_must_be_finite(make, option, value):
+    # RADLoss(metric="l2", margin=inf) used to pass the constructor and then
+    # raise in the fused kernel only (the reference ignored it).
+    with pytest.raises(ValueError, match=rf"^{option}: expected a number"):
+        make(value)
+
+
+@pytest.mark.parametrize("level", [1e-20, 1e-320, 2.0 ** -63])
+def test_fpr_levels_below_two_to_the_minus_62_are_refused(level):
+    # round(1/f) would overflow the kernels' int64 (1e-320: 1/f is inf).
+    with pytest.raises(ValueError, match=r"^fpr_levels: expected .*2\^-62 <= f"):
+        relkd.EKDLoss(fpr_levels=(level,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_smallest_fpr_level_reads_the_hardest_negative(backend):
+    fs, ft = embeddings(10, 4, seed=11), embeddings(10, 4, seed=12)
+    ekd = relkd.EKDLoss(fpr_levels=(2.0 ** -62,), momentum=1.0, backend=backend)
+    ekd(fs, ft, y_of(10))
+    x = torch.nn.functional.normalize(fs, dim=1)
+    s = x @ x.T
+    neg = (y_of(10)[:, None] != y_of(10)[None, :]) & ~torch.eye(10, dtype=torch.bool)
+    assert ekd.s_anchor.item() == pytest.approx(s[neg].max().item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rad_bank_labels_needed_for_y_to_exclude_anything(backend):
+    # In bank mode y acts only through bank_labels: without them a row's own
+    # prototype would silently be mined as its hardest negative.
+    fs, ft, bank = torch.randn(8, 4), torch.randn(8, 4), torch.randn(6, 4)
+    with pytest.raises(ValueError, match=r"^y: in bank mode the labels exclude"):
+        Fn.rad_loss(fs, ft, y_of(8), bank, k=3, backend=backend)
+    with pytest.raises(ValueError, match=r"^y: in bank mode the labels exclude"):
+        relkd.CoupleFaceLoss(k=3, backend=backend)(fs, ft, y_of(8), bank=bank)
+    Fn.rad_loss(fs, ft, None, bank, k=3, backend=backend)  # every bank row mined
+    Fn.rad_loss(fs, ft, y_of(8), bank, indices=torch.zeros(8, 3, dtype=torch.long), k=3,
+                backend=backend)  # y beside indices= stays allowed (nothing to mine)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["mined", "labels", "indices"])
+def test_rad_empty_bank_is_zero_with_zero_grad(backend, mode):
+    # PrototypeBank.active() before the first update: no candidate at all.
+    bank, ids = relkd.PrototypeBank(10, 4).active()
+    fs = torch.randn(6, 4, requires_grad=True)
+    ft = torch.randn(6, 4, requires_grad=True)
+    kw = {"mined": dict(y=None), "labels": dict(y=y_of(6), bank_labels=ids),
+          "indices": dict(y=None, indices=torch.full((6, 4), -1))}[mode]
+    loss = relkd.RADLoss(k=4, detach_teacher=False, backend=backend)(fs, ft, bank=bank, **kw)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(fs.grad, torch.zeros_like(fs)) and torch.equal(ft.grad, torch.zeros_like(ft))
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda w: relkd.ExclusivityLoss()(w), "weights"),
+    (lambda w: relkd.PrototypeBank(4, 3).update(w, torch.tensor([0, 1, 2, 3])), "ft"),
+    (lambda w: relkd.hardest_identities(w, 2), "prototypes"),
+])
+def test_check_finite_env_covers_weights_banks_and_prototypes(call, name, monkeypatch):
+    w = torch.randn(4, 3)
+    w[1, 2] = float("nan")
+    monkeypatch.setenv("RELKD_CHECK_FINITE", "1")
+    with pytest.raises(ValueError, match=rf"^{name}(\[0\])?: contains NaN or Inf"):
+        call(w)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 3), (0, 2, 2), (1, 5)])
+def test_exclusivity_of_fewer_than_two_filters_is_zero(shape, backend):
+    w = torch.randn(*shape, requires_grad=True)
+    loss = Fn.exclusivity_loss(w, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(w.grad, torch.zeros_like(w))

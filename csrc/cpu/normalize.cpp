@@ -21,6 +21,27 @@ void check_rows(const at::Tensor& x, const char* name, const char* op) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": CPU tensors expected, got ", x.device());
 }
 
+// A finite row whose norm overflows its dtype (float64 entries beyond about
+// 1e154, float32 ones near 3e38): y from the row scaled by a power of two
+// (exact), so that it is the unit row instead of x / inf = 0. False for a
+// row holding inf or NaN, which takes the plain formula (NaN, as F.normalize).
+template <typename scalar_t>
+bool normalize_huge_row(const scalar_t* x, scalar_t* y, int64_t d, scalar_t* norm) {
+  double big = 0;
+  for (int64_t c = 0; c < d; ++c) big = std::max(big, std::abs(double(x[c])));
+  if (!std::isfinite(big)) return false;
+  const int e = std::ilogb(big);
+  double sum = 0;
+  for (int64_t c = 0; c < d; ++c) {
+    const double v = std::ldexp(double(x[c]), -e);
+    sum += v * v;
+  }
+  const double r = std::sqrt(sum);  // in [1, sqrt(d) * 2)
+  for (int64_t c = 0; c < d; ++c) y[c] = scalar_t(std::ldexp(double(x[c]), -e) / r);
+  *norm = scalar_t(std::ldexp(r, e));  // inf beyond the dtype: its gradient is ~0
+  return true;
+}
+
 // (y, norm): y = x / max(norm, eps) row by row, norm = |x_i| (unclamped, in x's dtype).
 std::tuple<at::Tensor, at::Tensor> normalize_rows_cpu(const at::Tensor& x_in, double eps) {
   check_rows(x_in, "x", "normalize_rows");
@@ -36,6 +57,7 @@ std::tuple<at::Tensor, at::Tensor> normalize_rows_cpu(const at::Tensor& x_in, do
       for (int64_t i = b; i < e; ++i) {
         const scalar_t* xi = px + i * d;
         const scalar_t r = scalar_t(std::sqrt(lane_dot<double>(xi, xi, d)));
+        if (std::isinf(r) && normalize_huge_row(xi, py + i * d, d, pn + i)) continue;
         const scalar_t m = r < scalar_t(eps) ? scalar_t(eps) : r;  // NaN stays NaN
         for (int64_t c = 0; c < d; ++c) py[i * d + c] = xi[c] / m;
         pn[i] = r;
