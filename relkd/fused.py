@@ -319,16 +319,17 @@ class _SPGramIdentity(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        saved = ctx.saved_tensors  # once: non-reentrant checkpointing refuses a second unpack
         if not torch.is_grad_enabled():
-            return _SPGramIdentity.first_order(ctx, grad)
+            return _SPGramIdentity.first_order(ctx, saved, grad)
         # create_graph=True: the written-out derivative treats the Gram
         # matrices as constants, so its graph would be wrong. The same
         # gradients instead, with a graph whose backward differentiates the
         # identity in PyTorch ops (O(N D + D^2) memory, as forward).
-        f_s, f_t, a_s, a_t = ctx.saved_tensors[:4]
+        f_s, f_t, a_s, a_t = saved[:4]
         wanted = list(ctx.needs_input_grad[:4])
         with torch.no_grad():
-            firsts = _SPGramIdentity.first_order(ctx, torch.ones_like(grad))[:4]
+            firsts = _SPGramIdentity.first_order(ctx, saved, torch.ones_like(grad))[:4]
 
         def value(f_s, f_t, a_s, a_t):
             r_s, r_t, cross = _sp_gram_forward_torch(f_s, f_t, a_s, a_t)[3:]
@@ -339,8 +340,8 @@ class _SPGramIdentity(torch.autograd.Function):
             [value], inputs, wanted, grad, [g for g, w in zip(firsts, wanted) if w])) + (None,)
 
     @staticmethod
-    def first_order(ctx, grad):
-        f_s, f_t, a_s, a_t, gram_s, gram_t, cross_st, r_s, r_t, cross = ctx.saved_tensors
+    def first_order(ctx, saved, grad):
+        f_s, f_t, a_s, a_t, gram_s, gram_t, cross_st, r_s, r_t, cross = saved
         scale = grad.double() / (ctx.n_all * ctx.n_all)
         eps2 = EPS * EPS
         m_s, m_t = r_s.clamp(min=0).clamp(min=eps2), r_t.clamp(min=0).clamp(min=eps2)

@@ -471,8 +471,10 @@ if HAS_EXTENSION:
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
             raise RuntimeError("relkd::rkd_angle_loss has no gradient for the teacher "
                                "(et_r, et_c must not require grad)")
+        # Unpacked once: non-reentrant checkpointing refuses a second unpack.
+        saved = ctx.saved_tensors
         firsts = {}  # input index (es_r, es_c) -> the gradient the forward computed
-        for inp, grad in ((0, ctx.saved_tensors[0]), (2, ctx.saved_tensors[1])):
+        for inp, grad in ((0, saved[0]), (2, saved[1])):
             if not ctx.needs_input_grad[inp]:
                 continue
             if grad.dim() != 2:
@@ -483,11 +485,11 @@ if HAS_EXTENSION:
         if torch.is_grad_enabled():  # create_graph=True: as pairwise_loss
             if not ctx.kept_inputs:
                 raise RuntimeError(second_order.NOT_KEPT.format(op="rkd_angle_loss"))
-            es_r, es_c = ctx.saved_tensors[2], ctx.saved_tensors[4]
+            es_r, es_c = saved[2], saved[4]
             blocks = second_order.rkd_angle_blocks(
                 es_r.shape[0], es_r.shape[0] if es_c is None else es_c.shape[0])
             grads[:4] = second_order.gradients_with_graph(
-                blocks, ctx.saved_tensors[2:], [i in firsts for i in range(4)], grad_loss,
+                blocks, saved[2:], [i in firsts for i in range(4)], grad_loss,
                 [firsts[i] for i in sorted(firsts)])
             return tuple(grads)
         for inp, grad in firsts.items():

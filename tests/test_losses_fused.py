@@ -300,6 +300,35 @@ def test_double_backward_matches_the_reference(name):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12, msg=f"{name}: {what}")
 
 
+@pytest.mark.parametrize("name", list(DOUBLE_BACKWARD))
+def test_activation_checkpointing_first_and_second_order(name):
+    # Non-reentrant checkpointing unpacks each saved tensor once only: a
+    # backward that read ctx.saved_tensors twice (RKD's angle term, SP's
+    # Gram identity) raised CheckpointError. It reruns the forward during
+    # backward, so a double backward keeps the backward inside the block.
+    from torch.utils.checkpoint import checkpoint
+    fn = DOUBLE_BACKWARD[name]
+    fs = embeddings(16, 5, seed=37, dtype=F64)
+    ft, y = correlated(fs, seed=38), torch.arange(16) % 4
+    v = embeddings(16, 5, seed=39, dtype=F64)
+
+    def loss_of(x, checkpointed):
+        if checkpointed:
+            return checkpoint(lambda a: fn(a, ft, y, "fused"), x, use_reentrant=False)
+        return fn(x, ft, y, "fused")
+
+    def grad_and_hvp(checkpointed):
+        x = fs.detach().clone().requires_grad_()
+        (first,) = torch.autograd.grad(loss_of(x, checkpointed), x)
+        with relkd.double_backward():
+            (g,) = torch.autograd.grad(loss_of(x, checkpointed), x, create_graph=True)
+            (h,) = torch.autograd.grad((g * v).sum(), x)
+        return first, g.detach(), h
+
+    for got, want in zip(grad_and_hvp(True), grad_and_hvp(False)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("name", ["ekd", "cckd", "sp", "rkd", "rkd_angle"])
 def test_third_derivative_matches_the_reference(name):
     # The Hessian-vector product along a constant direction, differentiated
