@@ -283,6 +283,13 @@ class EKDLoss(_Loss):
     def forward(self, fs: Tensor, ft: Tensor, y: Tensor) -> Tensor:
         """The loss of fs (N, D) against ft (N, D') with labels y (N,); in
         training mode the anchors move first."""
+        if self.training and _in_backward():
+            raise RuntimeError(
+                "EKDLoss: its forward runs inside a backward pass (activation "
+                "checkpointing recomputes it there) in training mode, where it moves its "
+                "anchors: they would move twice and the gradient would see the moved ones. "
+                "Call the loss outside the checkpointed function, or checkpoint "
+                "relkd.functional.ekd_loss with anchors you pass and update yourself.")
         loss, s_anchor, t_anchor = Fn.ekd_loss(
             fs, ft, y, self.s_anchor, self.t_anchor, training=self.training, topk=self.topk,
             temperature=self.temperature, fpr_levels=self.fpr_levels, momentum=self.momentum,
@@ -292,6 +299,16 @@ class EKDLoss(_Loss):
                 self.s_anchor.copy_(s_anchor)
                 self.t_anchor.copy_(t_anchor)
         return loss
+
+
+def _in_backward() -> bool:
+    """Whether this runs inside an autograd backward pass (e.g. activation
+    checkpointing recomputing a forward). Eager only: under torch.compile
+    the compiled graph decides recomputation itself."""
+    if torch.compiler.is_compiling():
+        return False
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 class CCKDLoss(_Loss):

@@ -399,3 +399,31 @@ def test_cckd_orders_beyond_float_factorials_match_the_reference():
     # 171! overflows a float; the reference's coefficients come from log space.
     fs, ft = embeddings(16, 6, 5, F64), embeddings(16, 6, 6, F64)
     compare(Fn.cckd_loss, fs, ft, order=200, gamma=3.0)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_ekd_module_refuses_a_checkpointed_training_forward(reentrant):
+    # Recomputed in backward, the forward would move the anchors twice and
+    # differentiate with the moved ones (6.9 % off), silently.
+    from torch.utils.checkpoint import checkpoint
+    fs = embeddings(24, 8, seed=40, dtype=F64).requires_grad_()
+    ft, y = correlated(fs.detach(), seed=41), torch.arange(24) % 6
+    ekd = relkd.EKDLoss(topk=50, temperature=0.05)
+    loss = checkpoint(lambda f: ekd(f, ft, y), fs, use_reentrant=reentrant)
+    with pytest.raises(RuntimeError, match="EKDLoss: its forward runs inside a backward"):
+        loss.backward()
+    # The functional form with the anchors passed in is pure: checkpointing it
+    # gives the plain gradient.
+    anchors = torch.full((6,), 0.2, dtype=F64)
+
+    def fn(f):
+        return Fn.ekd_loss(f, ft, y, anchors, anchors, topk=50, temperature=0.05)[0]
+
+    x = fs.detach().clone().requires_grad_()
+    checkpoint(fn, x, use_reentrant=reentrant).backward()
+    want = torch.autograd.grad(fn(fs), fs)[0]
+    torch.testing.assert_close(x.grad, want, rtol=1e-12, atol=1e-15)
+    ekd.eval()  # eval mode reads the anchors only: recomputation is harmless
+    x.grad = None
+    checkpoint(lambda f: ekd(f, ft, y), x, use_reentrant=reentrant).backward()
+    torch.testing.assert_close(x.grad, torch.autograd.grad(ekd(fs, ft, y), fs)[0])
