@@ -21,6 +21,7 @@ import functools
 from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import _validation as check
@@ -69,16 +70,48 @@ def _full_precision(fn):
 RELATION_MATRICES = "N x N relation matrices"
 
 
+def _has_tangent(*tensors: Optional[Tensor]) -> bool:
+    """Whether an input carries a forward-mode tangent (torch.func.jvp,
+    torch.autograd.forward_ad). relkd's ops have no forward-mode rule, and
+    torch's custom-op autograd would drop the tangent: a silent zero."""
+    if torch.compiler.is_compiling():
+        return False
+    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _under_func_grad() -> bool:
+    """Whether torch.func.grad / vjp / jacrev is transforming this call:
+    torch's custom-op autograd refuses functorch's grad transform."""
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        from torch._C._functorch import TransformType, peek_interpreter_stack
+    except ImportError:  # a torch without functorch's interpreter stack
+        return False
+    top = peek_interpreter_stack()
+    return top is not None and top.key() == TransformType.Grad
+
+
+FORWARD_AD = ("forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) has no "
+              "rule in relkd's kernels")
+FUNC_GRAD = ("torch's custom-op autograd does not support torch.func.grad (vjp, jacrev) "
+             "through relkd's kernels")
+
+
 def _use_fused(loss: str, backend: str, device: torch.device,
-               cost: str = RELATION_MATRICES) -> bool:
+               cost: str = RELATION_MATRICES, inputs: Sequence[Optional[Tensor]] = ()) -> bool:
     """Backend choice: True for the fused path, False for the reference.
     "fused" raises where there is no fused path; "auto" falls back to the
     reference with a FallbackWarning (once per loss and reason) naming the
-    memory it costs."""
+    memory it costs. `inputs` with a forward-mode tangent have none."""
     check.backend(backend)
     if backend == "reference":
         return False
-    if not ops.HAS_EXTENSION:
+    if _has_tangent(*inputs):
+        reason = FORWARD_AD
+    elif _under_func_grad():
+        reason = FUNC_GRAD
+    elif not ops.HAS_EXTENSION:
         reason = ops.EXTENSION_ERROR
     elif device.type not in ops.fused_devices():
         reason = (f"this build of relkd has no fused kernels for {device.type} tensors "
@@ -120,7 +153,7 @@ def _label_free_relation(loss: str, fs, ft, *, backend: str, process_group, gath
     gb = global_batch(fs, ft, None, resolve_group(process_group, gather))
     if gb.n_global < 2:
         return _zero(fs, compute_dtype(fs, ft))
-    return _by_backend(_use_fused(loss, backend, fs.device, cost), gb, fused_fn,
+    return _by_backend(_use_fused(loss, backend, fs.device, cost, (fs, ft)), gb, fused_fn,
                        lambda f, t, _: reference_fn(f, t))
 
 
@@ -171,7 +204,15 @@ def fcd_loss(fs: Tensor, ft: Tensor, metric: str = "l2", normalize: bool = True,
     else:
         # O(N*D): the fused form differs only in its one-pass normalisation,
         # so it needs the compiled ops but no fused device.
-        fcd = fused.fcd_loss if backend != "reference" and ops.HAS_EXTENSION else reference.fcd_loss
+        use_ops = backend != "reference" and ops.HAS_EXTENSION
+        transformed = (FORWARD_AD if _has_tangent(fs, ft) else
+                       FUNC_GRAD if _under_func_grad() else "")
+        if use_ops and transformed:
+            if backend == "fused":
+                raise NotImplementedError(f"FCDLoss(backend='fused'): {transformed}; use "
+                                          "backend='reference' or 'auto'")
+            use_ops = False  # O(N D) either way: no warning
+        fcd = fused.fcd_loss if use_ops else reference.fcd_loss
         local = fcd(fs, ft, metric, normalize, detach_teacher)
     return _share_of_mean(local, fs.shape[0], group)
 
@@ -247,7 +288,7 @@ def rad_loss(fs: Tensor, ft: Tensor, y: Optional[Tensor] = None, bank: Optional[
     if group is not None and indices is not None and bank is None:
         raise ValueError("indices: precomputed batch neighbours are not supported with "
                          "process_group / gather (their column numbers are per rank)")
-    use_fused = _use_fused("RADLoss", backend, fs.device)
+    use_fused = _use_fused("RADLoss", backend, fs.device, inputs=(fs, ft))
     gb = global_batch(fs, ft, y, group)
     if bank is None and gb.n_global < 2:
         return _zero(fs, compute_dtype(fs, ft))
@@ -325,7 +366,7 @@ def ekd_loss(fs: Tensor, ft: Tensor, y: Tensor, s_anchor: Tensor, t_anchor: Tens
         return _zero(fs, dtype), s_anchor.to(dtype), t_anchor.to(dtype)
     options = dict(training=training, topk=topk, temperature=temperature, fpr_levels=levels,
                    momentum=momentum, pos_weight=pos_weight, neg_weight=neg_weight)
-    if _use_fused("EKDLoss", backend, fs.device):
+    if _use_fused("EKDLoss", backend, fs.device, inputs=(fs, ft)):
         return fused.ekd_loss(gb, s_anchor, t_anchor, **options)
     loss, s_new, t_new = reference.ekd_loss(gb.fs_all, gb.ft_all, gb.y_all, s_anchor, t_anchor,
                                             **options)

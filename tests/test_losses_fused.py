@@ -5,8 +5,11 @@ reference's error against float64). Where a loss has a discrete choice
 (RAD's mining, EKD's top-k), float32 cases fix that choice so that a
 near-tie cannot flip it differently in the two paths. Also: EKD over five
 training steps, teacher gradients, and bitwise determinism."""
+import contextlib
+
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -427,3 +430,34 @@ def test_ekd_module_refuses_a_checkpointed_training_forward(reentrant):
     x.grad = None
     checkpoint(lambda f: ekd(f, ft, y), x, use_reentrant=reentrant).backward()
     torch.testing.assert_close(x.grad, torch.autograd.grad(ekd(fs, ft, y), fs)[0])
+
+
+@pytest.mark.parametrize("name", list(DOUBLE_BACKWARD))
+def test_function_transforms_fall_back_or_raise(name, monkeypatch):
+    # relkd's ops have no forward-mode rule and torch's custom-op autograd
+    # drops the tangent: jvp gave 0 on the fused path, silently. "auto" now
+    # takes the reference (with a FallbackWarning), "fused" raises.
+    fn = DOUBLE_BACKWARD[name]
+    fs = embeddings(16, 5, seed=42, dtype=F64)
+    ft, y = correlated(fs, seed=43), torch.arange(16) % 4
+    tangent = embeddings(16, 5, seed=44, dtype=F64)
+    monkeypatch.setattr(relkd.ops, "_WARNED", set())  # warned once per process otherwise
+    x = fs.clone().requires_grad_()
+    want = (torch.autograd.grad(fn(x, ft, y, "reference"), x)[0] * tangent).sum()
+    assert want.abs() > 0
+    with pytest.warns(relkd.FallbackWarning, match="forward-mode AD") if name != "fcd" else \
+            contextlib.nullcontext():
+        _, got = torch.func.jvp(lambda f: fn(f, ft, y, "auto"), (fs,), (tangent,))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(fs, tangent)
+        got = fwAD.unpack_dual(fn(dual, ft, y, "auto")).tangent
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            fn(dual, ft, y, "fused")
+    # torch.func.grad: torch's custom-op autograd refuses the transform
+    # (loudly); "auto" takes the reference for it too.
+    got = torch.func.grad(lambda f: fn(f, ft, y, "auto"))(fs)
+    torch.testing.assert_close((got * tangent).sum(), want, rtol=1e-10, atol=1e-14)
+    with pytest.raises(NotImplementedError, match="torch.func.grad"):
+        torch.func.grad(lambda f: fn(f, ft, y, "fused"))(fs)
