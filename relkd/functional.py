@@ -79,9 +79,10 @@ def _has_tangent(*tensors: Optional[Tensor]) -> bool:
     return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def _under_func_grad() -> bool:
-    """Whether torch.func.grad / vjp / jacrev is transforming this call:
-    torch's custom-op autograd refuses functorch's grad transform."""
+def _under_func_grad(any_transform: bool = False) -> bool:
+    """Whether torch.func.grad / vjp / jacrev (with any_transform, also
+    vmap) is transforming this call: torch's custom-op autograd refuses
+    functorch's grad transform, and SP's autograd.Function every transform."""
     if torch.compiler.is_compiling():
         return False
     try:
@@ -89,7 +90,7 @@ def _under_func_grad() -> bool:
     except ImportError:  # a torch without functorch's interpreter stack
         return False
     top = peek_interpreter_stack()
-    return top is not None and top.key() == TransformType.Grad
+    return top is not None and (any_transform or top.key() == TransformType.Grad)
 
 
 FORWARD_AD = ("forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) has no "
@@ -111,6 +112,9 @@ def _use_fused(loss: str, backend: str, device: torch.device,
         reason = FORWARD_AD
     elif _under_func_grad():
         reason = FUNC_GRAD
+    elif loss == "SPLoss" and _under_func_grad(any_transform=True):
+        reason = ("SP's fused path is a Python autograd.Function, which torch.func's "
+                  "transforms (vmap) refuse")
     elif not ops.HAS_EXTENSION:
         reason = ops.EXTENSION_ERROR
     elif device.type not in ops.fused_devices():

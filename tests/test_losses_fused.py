@@ -461,3 +461,9 @@ def test_function_transforms_fall_back_or_raise(name, monkeypatch):
     torch.testing.assert_close((got * tangent).sum(), want, rtol=1e-10, atol=1e-14)
     with pytest.raises(NotImplementedError, match="torch.func.grad"):
         torch.func.grad(lambda f: fn(f, ft, y, "fused"))(fs)
+    # vmap: the kernels once per batch entry (SP's autograd.Function, which
+    # vmap refuses: the reference).
+    batch = torch.stack([fs, fs.flip(0)]), torch.stack([ft, ft.roll(1, 0)])
+    got = torch.func.vmap(lambda f, t: fn(f, t, y, "auto"))(*batch)
+    want = torch.stack([fn(f, t, y, "reference") for f, t in zip(*batch)])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
