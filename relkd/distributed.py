@@ -64,11 +64,23 @@ def _comm_device(group, device: Optional[torch.device] = None) -> torch.device:
 
 
 def _gather_sizes(n: int, group, device: Optional[torch.device] = None) -> List[int]:
+    """Every rank's row count. Under torch.compile the ranks' counts must be
+    equal (DistributedSampler gives equal shards): a count read from another
+    rank is data the graph cannot specialise on, so the compiled graph takes
+    n on every rank and checks at run time that it holds."""
     dev = _comm_device(group, device)
-    sizes = [torch.zeros(1, dtype=torch.long, device=dev)
-             for _ in range(dist.get_world_size(group))]
+    world = dist.get_world_size(group)
+    sizes = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=dev), group=group)
+    if torch.compiler.is_compiling():
+        # On the host: a failed device-side assert would poison the CUDA context.
+        torch._assert_async(torch.cat(sizes).cpu().eq(n).all(), UNEQUAL_SHARDS)
+        return [n] * world
     return [int(s) for s in sizes]
+
+
+UNEQUAL_SHARDS = ("relkd under torch.compile with process_group / gather=True needs the same "
+                  "batch size on every rank (e.g. DistributedSampler, drop_last=True)")
 
 
 def _summed_over_ranks(x: Tensor, group) -> Tensor:
