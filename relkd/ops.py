@@ -659,9 +659,18 @@ def rkd_angle_loss(es_r: Tensor, et_r: Tensor, es_c: Optional[Tensor] = None,
 
 # ------------------------------------------------- EKD order statistics
 def positive_pair_count(labels: Tensor) -> Tensor:
-    """Number of unordered pairs i < j with equal labels (0-dim int64)."""
-    counts = torch.unique(labels, return_counts=True)[1]
-    return (counts * (counts - 1)).sum() // 2
+    """Number of unordered pairs i < j with equal labels (0-dim int64). In
+    sorted order, each entry pairs with the earlier entries of its run; static
+    shapes throughout (torch.unique's data-dependent output size broke
+    torch.compile's graph, five times per EKD call)."""
+    n = labels.shape[0]
+    if n == 0:
+        return torch.zeros((), dtype=torch.long, device=labels.device)
+    ordered = torch.sort(labels).values
+    position = torch.arange(n, device=labels.device)
+    starts = torch.cat([ordered.new_ones(1, dtype=torch.bool), ordered[1:] != ordered[:-1]])
+    run_start = torch.cummax(torch.where(starts, position, 0), 0).values
+    return (position - run_start).sum()
 
 
 def key_bits(dtype: torch.dtype) -> int:

@@ -364,6 +364,10 @@ def test_collected_resolver_returns_the_radix_passes_keys_and_ranks(dtype):
 def test_positive_pair_count():
     y = torch.tensor([3, 1, 3, 3, 1, 7])
     assert int(ops.positive_pair_count(y)) == 3 + 1  # three 3s, two 1s
+    for n, classes in ((0, 1), (1, 1), (2, 1), (300, 1), (300, 7), (300, 1000)):
+        y = torch.randint(-3, classes, (n,), generator=torch.Generator().manual_seed(n))
+        same = (y[:, None] == y[None, :]).triu(1).sum()
+        assert int(ops.positive_pair_count(y.int())) == int(same)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

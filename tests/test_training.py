@@ -107,6 +107,19 @@ def test_training_step_compiles_fullgraph_and_matches_eager(name):
 
 
 @requires_extension
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_plain_compile_has_no_graph_breaks(name):
+    # Without fullgraph a break is silent; EKD's torch.unique made five.
+    make, takes_labels = LOSSES[name]
+    x, ft, y = batch()
+    net, loss_fn = student_net(), make()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(
+        lambda x_, ft_, y_: call(loss_fn, takes_labels, net(x_), ft_, y_))(x, ft, y)
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
+@requires_extension
 @pytest.mark.parametrize("with_bank", [False, True])
 def test_rad_with_precomputed_indices_compiles_fullgraph(with_bank):
     # indices= is range-checked by the kernel; the host-side check of eager
