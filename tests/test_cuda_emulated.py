@@ -104,6 +104,20 @@ def test_topk_sim_batch_mode_self_exclusion_ties_and_nan(emulated):
           ops.topk_sim(x, x, 310, None, None, None, False, 0), atol=1e-12)
 
 
+@pytest.mark.parametrize("k", [2100, 2700])
+def test_topk_sim_large_k_sorted_by_the_caller(emulated, k):
+    # Above kFinishRankMost (2048) pairs per row the finish kernel leaves
+    # them unsorted and the glue sorts them: NaN below every number, exact
+    # ties to the smaller column, padding last (k = 2700 > M).
+    q, c = embeddings(4, 8, seed=50, dtype=F64), embeddings(2600, 8, seed=51, dtype=F64)
+    c[100:140] = c[60]           # ties
+    c[7, 3] = float("nan")       # one NaN similarity per row
+    q[2, 0] = float("nan")       # a row of NaN similarities
+    ql, cl = labels("random", 4, 52), labels("random", 2600, 53)
+    close(emulated.topk_sim(q, c, k, ql, cl, None, False, 0),
+          ops.topk_sim(q, c, k, ql, cl, None, False, 0), atol=1e-12)
+
+
 @pytest.mark.parametrize("n,m,k,with_labels,scaled", [
     (5, 3000, 7, True, True),      # many compactions of a partial row block
     (70, 900, 1, False, False),    # two row blocks (the second partial), k = 1

@@ -57,6 +57,9 @@ inline int launched() { return static_cast<int>(cudaGetLastError()); }
 
 // Lets `kernel` launch with `bytes` of dynamic shared memory, which with its
 // static shared memory may pass the default 48 KiB: 0 or a cudaError_t code.
+// A failure is also cleared from the runtime's last error, which the next
+// launch check (relkd's `launched()`, or torch's with a shared cudart) would
+// otherwise report as its own.
 template <typename Kernel>
 inline int allow_dynamic_shared(Kernel kernel, size_t bytes) {
 #ifdef RELKD_EMULATE
@@ -64,8 +67,10 @@ inline int allow_dynamic_shared(Kernel kernel, size_t bytes) {
   (void)bytes;
   return 0;
 #else
-  return static_cast<int>(cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  const cudaError_t status = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (status != cudaSuccess) (void)cudaGetLastError();
+  return static_cast<int>(status);
 #endif
 }
 

@@ -124,6 +124,10 @@ int topk_mma_splits(int device, int64_t rows, int64_t m, int64_t d, MmaOperands 
 
 // Writes each row's best out_k pairs sorted (value descending, ties to the
 // smaller column) to values / indices (rows x out_k), padding (-inf, -1).
+// Above kFinishRankMost pairs per row they come unsorted (the kernel ranks
+// each pair against every other, out_k^2 compares a row: 10^10 at
+// out_k = 10^5) and the caller sorts them (torch's sort: O(k log k)).
+constexpr int64_t kFinishRankMost = 2048;
 int topk_finish(const TopkState<float>& st, int64_t rows, int64_t out_k, float* values,
                 int64_t* indices, Stream stream);
 int topk_finish(const TopkState<double>& st, int64_t rows, int64_t out_k, double* values,

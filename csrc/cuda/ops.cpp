@@ -207,6 +207,23 @@ at::Tensor tile_product(at::Tensor& buffer, const at::Tensor& a, const at::Tenso
 }
 
 // ------------------------------------------------------------- topk_sim
+// Rows of a selection (values, indices; rows x k) into its order: value
+// descending with NaN below every number, ties to the smaller index, the
+// padding (-1) last. Stable sorts, the least significant key first.
+void sort_selection_rows(at::Tensor& values, at::Tensor& indices) {
+  at::Tensor order = at::argsort(indices, /*stable=*/true, /*dim=*/1, /*descending=*/false);
+  auto then_by = [&](const at::Tensor& key, bool descending) {
+    const at::Tensor inner = at::argsort(key.gather(1, order), /*stable=*/true, 1, descending);
+    order = order.gather(1, inner);
+  };
+  const at::Tensor nan = values.isnan();
+  then_by(values.masked_fill(nan, -std::numeric_limits<double>::infinity()), true);
+  then_by(nan.to(at::kInt), false);
+  then_by(indices.lt(0).to(at::kInt), false);
+  values.copy_(values.gather(1, order));
+  indices.copy_(indices.gather(1, order));
+}
+
 template <typename T>
 void topk_sim_impl(const at::Tensor& q, const at::Tensor& c, int64_t k, const at::Tensor& q_labels,
                    const at::Tensor& c_labels, const at::Tensor& c_scale, bool exclude_self,
@@ -269,6 +286,7 @@ void topk_sim_impl(const at::Tensor& q, const at::Tensor& c, int64_t k, const at
                                    ptr<int64_t>(indices) + r0 * k, stream),
                  "topk_sim (finish)");
   }
+  if (k > cuda::kFinishRankMost) sort_selection_rows(values, indices);
 }
 
 // q and c as they came in: float32, float64, or both bfloat16 / float16

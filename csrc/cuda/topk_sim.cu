@@ -393,11 +393,16 @@ __global__ void finish_kernel(TopkState<T> st, int64_t out_k, T* out_values,
     keep_best(values, columns, size, static_cast<int>(st.k), sh);
     size = static_cast<int>(st.k);
   }
-  // Rank of each kept pair = how many kept pairs beat it (keys are unique).
+  // Rank of each kept pair = how many kept pairs beat it (keys are unique);
+  // above kFinishRankMost pairs the caller sorts them instead.
+  const bool rank_here = out_k <= kFinishRankMost;
   for (int e = threadIdx.x; e < size; e += kThreads) {
-    const Key mine = key_of(values[e], columns[e]);
-    int rank = 0;
-    for (int f = 0; f < size; ++f) rank += greater(key_of(values[f], columns[f]), mine);
+    int rank = e;
+    if (rank_here) {
+      const Key mine = key_of(values[e], columns[e]);
+      rank = 0;
+      for (int f = 0; f < size; ++f) rank += greater(key_of(values[f], columns[f]), mine);
+    }
     out_values[slot * out_k + rank] = values[e];
     out_indices[slot * out_k + rank] = columns[e];
   }
