@@ -82,6 +82,29 @@ def test_topk_bank_mode(n, m, d, k, dtype, with_labels, seed):
     check_mining(values, indices, a, b, k, valid, 1e-12 if dtype == F64 else 2e-6)
 
 
+@pytest.mark.parametrize("k", [2100, 2700])
+@pytest.mark.parametrize("cores", ["0", "1"])
+def test_topk_large_k_sorted_by_the_glue(k, cores):
+    # Above 2048 pairs per row the finish kernel leaves them unsorted and the
+    # glue sorts them (NaN last among values, ties to the smaller column,
+    # padding last): the CPU kernel's result exactly, in float64 and bf16.
+    dtype = F64 if cores == "0" else F32
+    q, c = embeddings(4, 8, seed=50, dtype=dtype), embeddings(2600, 8, seed=51, dtype=dtype)
+    if cores == "1":  # bf16-valued unit rows: both paths compute the same values
+        q = reference.normalize(q, F32).bfloat16().float()
+        c = reference.normalize(c, F32).bfloat16().float()
+    c[100:140] = c[60]
+    c[7, 3] = float("nan")
+    q[2, 0] = float("nan")
+    ql, cl = labels("random", 4, 52), labels("random", 2600, 53)
+    with tensor_cores(cores):
+        got = cpu(*ops.topk_sim(*gpu(q, c), k, *gpu(ql, cl)))
+    want = ops.topk_sim(q, c, k, ql, cl)
+    torch.testing.assert_close(got[0], want[0], atol=1e-12 if dtype == F64 else 2e-6, rtol=0,
+                               equal_nan=True)
+    assert torch.equal(got[1], want[1])
+
+
 def test_topk_bank_far_larger_than_queries():
     a = reference.normalize(embeddings(64, 32, seed=1), F32)
     b = reference.normalize(embeddings(300_000, 32, seed=2), F32)
