@@ -32,26 +32,50 @@ def _power_of_two_scale(x: Tensor) -> Tensor:
         return torch.exp2(-torch.floor(torch.log2(big)))
 
 
+def _scaled_norms(x: Tensor) -> Tensor:
+    """|x_i| (N, 1) from the rows scaled by _power_of_two_scale."""
+    s = _power_of_two_scale(x)
+    return (x * s).norm(dim=1, keepdim=True) / s
+
+
 def row_norms(x: Tensor) -> Tensor:
     """|x_i| (N,) of a floating (N, D) tensor, without overflow where the norm
-    itself is finite (see _power_of_two_scale)."""
-    if x.shape[1] == 0:
-        return x.new_zeros(x.shape[0])
-    s = _power_of_two_scale(x)
-    return (x * s).norm(dim=1) / s[:, 0]
+    itself is finite. No copy of x (banks of millions of rows pass here):
+    torch's norm first, and in eager mode only the rows where it overflowed
+    again, scaled (_power_of_two_scale); a compiled graph (and torch.func's
+    transforms, which refuse the data-dependent branch) keeps torch's."""
+    norms = x.norm(dim=1)
+    if torch.compiler.is_compiling() or x.shape[1] == 0 or _functorch_wrapped(x):
+        return norms
+    overflow = torch.isinf(norms)
+    if not bool(overflow.any()):
+        return norms
+    rows = overflow.nonzero().squeeze(1)
+    return norms.index_copy(0, rows, _scaled_norms(x[rows]).squeeze(1))
+
+
+def _functorch_wrapped(x: Tensor) -> bool:
+    try:
+        from torch._C._functorch import is_functorch_wrapped_tensor
+    except ImportError:
+        return False
+    return is_functorch_wrapped_tensor(x)
 
 
 def normalize(x: Tensor, dtype: torch.dtype, eps: float = EPS) -> Tensor:
-    """x_i / max(|x_i|, eps) in `dtype`: F.normalize's values (bitwise,
-    while the squared norm stays within the dtype's range) and gradients,
-    computed on the row scaled by an exact power of two so that large rows
-    do not overflow to zero vectors."""
+    """x_i / max(|x_i|, eps) in `dtype`: exactly F.normalize (values and
+    gradients) where |x_i|^2 stays within the dtype's range; where it
+    overflows (F.normalize's zero vector), the row scaled by an exact power
+    of two first. No host synchronisation; a few O(N D) temporaries."""
     x = x.to(dtype)
+    norms = x.norm(p=2.0, dim=1, keepdim=True)
+    plain = x / norms.clamp_min(eps).expand_as(x)  # F.normalize's formula
     if x.shape[1] == 0:
-        return F.normalize(x, p=2.0, dim=1, eps=eps)
+        return plain
     s = _power_of_two_scale(x)
     xs = x * s
-    return xs / torch.maximum(xs.norm(dim=1, keepdim=True), eps * s)
+    scaled = xs / torch.maximum(xs.norm(dim=1, keepdim=True), eps * s)
+    return torch.where(torch.isinf(norms), scaled, plain)
 
 
 def teacher(ft: Tensor, detach_teacher: bool) -> Tensor:
