@@ -23,13 +23,15 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
 
 def _power_of_two_scale(x: Tensor) -> Tensor:
     """Per row of x (N, D), a power of two s (N, 1) with max_c |x_ic| s in
-    [1, 2): x * s is exact, and its squared norm neither overflows nor
-    underflows. torch's norm squares in the input's dtype, so float32 rows
-    with entries beyond about 1.8e19 (float64: 1.3e154) got the norm inf and
-    F.normalize made them zero vectors. Rows holding inf or NaN get NaN."""
+    [1, 4) (s a normal number: [2, 4) in the dtype's top octave): x * s is
+    exact, and its squared norm neither overflows nor underflows. torch's
+    norm squares in the input's dtype, so float32 rows with entries beyond
+    about 1.8e19 (float64: 1.3e154) got the norm inf and F.normalize made
+    them zero vectors. Rows holding inf or NaN get NaN."""
     with torch.no_grad():
-        big = x.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
-        return torch.exp2(-torch.floor(torch.log2(big)))
+        big = torch.maximum(x.amax(dim=1, keepdim=True), -x.amin(dim=1, keepdim=True))
+        tiny = torch.finfo(x.dtype).tiny  # s stays normal: flush-to-zero cannot make it 0
+        return torch.exp2(-torch.floor(torch.log2(big.clamp(min=tiny)))).clamp(min=tiny)
 
 
 def _scaled_norms(x: Tensor) -> Tensor:
@@ -64,18 +66,21 @@ def _functorch_wrapped(x: Tensor) -> bool:
 
 def normalize(x: Tensor, dtype: torch.dtype, eps: float = EPS) -> Tensor:
     """x_i / max(|x_i|, eps) in `dtype`: exactly F.normalize (values and
-    gradients) where |x_i|^2 stays within the dtype's range; where it
-    overflows (F.normalize's zero vector), the row scaled by an exact power
-    of two first. No host synchronisation; a few O(N D) temporaries."""
+    gradients; inf and NaN rows too) where |x_i|^2 stays within the dtype's
+    range. Where it overflows for a finite row (F.normalize's zero vector):
+    the unit row from the row scaled by an exact power of two, as a constant
+    (its true gradient is below 1/|x_i|, about 1e-19 for float32, and
+    keeping it would double what autograd saves). No host synchronisation."""
     x = x.to(dtype)
     norms = x.norm(p=2.0, dim=1, keepdim=True)
     plain = x / norms.clamp_min(eps).expand_as(x)  # F.normalize's formula
     if x.shape[1] == 0:
         return plain
-    s = _power_of_two_scale(x)
-    xs = x * s
-    scaled = xs / torch.maximum(xs.norm(dim=1, keepdim=True), eps * s)
-    return torch.where(torch.isinf(norms), scaled, plain)
+    with torch.no_grad():
+        xs = x * _power_of_two_scale(x)
+        scaled = xs / xs.norm(dim=1, keepdim=True)  # >= 1: no eps clamp
+        overflow = torch.isinf(norms) & torch.isfinite(scaled).all(dim=1, keepdim=True)
+    return torch.where(overflow, scaled, plain)
 
 
 def teacher(ft: Tensor, detach_teacher: bool) -> Tensor:

@@ -18,6 +18,7 @@ relkd.distributed).
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
@@ -86,11 +87,11 @@ def _under_func_grad(any_transform: bool = False) -> bool:
     if torch.compiler.is_compiling():
         return False
     try:
-        from torch._C._functorch import TransformType, peek_interpreter_stack
+        from torch._C._functorch import TransformType, get_interpreter_stack
     except ImportError:  # a torch without functorch's interpreter stack
         return False
-    top = peek_interpreter_stack()
-    return top is not None and (any_transform or top.key() == TransformType.Grad)
+    stack = get_interpreter_stack() or []  # every level: grad(vmap(loss)) too
+    return any(any_transform or level.key() == TransformType.Grad for level in stack)
 
 
 FORWARD_AD = ("forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) has no "
@@ -241,11 +242,8 @@ def _check_rad(fs, ft, y, bank, bank_labels, indices, k, metric, margin, mine_by
             if y is None:
                 raise ValueError("bank_labels: excluding a row's own identity from the bank "
                                  "needs y (labels of shape (N,))")
-        elif y is not None and indices is None:
-            raise ValueError("y: in bank mode the labels exclude a row's own identity only "
-                             "together with bank_labels (the bank rows' identities, e.g. "
-                             "PrototypeBank.active()[1]); pass bank_labels=, or y=None to mine "
-                             "every bank row")
+        elif y is not None and indices is None and not torch.compiler.is_compiling():
+            _warn_y_without_bank_labels()
     elif bank_labels is not None:
         raise ValueError("bank_labels: given without bank")
     if indices is not None:
@@ -264,6 +262,21 @@ def _check_rad(fs, ft, y, bank, bank_labels, indices, k, metric, margin, mine_by
     check.same_device(fs=fs, ft=ft, y=y, bank=bank, bank_labels=bank_labels, indices=indices)
     check.finite(fs=fs, ft=ft, bank=bank)
     return fs, ft
+
+
+_WARNED_Y_WITHOUT_BANK_LABELS = []
+
+
+def _warn_y_without_bank_labels() -> None:
+    """Once per process: SPEC §2 mines every bank row when bank_labels is None
+    (y then excludes nothing), which a caller who meant y to exclude each
+    row's own prototype would not notice."""
+    if not _WARNED_Y_WITHOUT_BANK_LABELS:
+        _WARNED_Y_WITHOUT_BANK_LABELS.append(True)
+        warnings.warn("y: in bank mode the labels exclude a row's own identity only together "
+                      "with bank_labels (the bank rows' identities, e.g. "
+                      "PrototypeBank.active()[1]); without them every bank row is mined, a "
+                      "row's own prototype included (SPEC §2)", UserWarning, stacklevel=4)
 
 
 @_full_precision

@@ -263,28 +263,11 @@ def _sp_gram_forward_torch(f_s, f_t, a_s, a_t):
 def _sp_identity_sum(r_s: Tensor, r_t: Tensor, cross: Tensor, n_all: int) -> Tensor:
     """L of _SPGramIdentity from the per-row r_s, r_t and c."""
     m_s, m_t = r_s.clamp(min=0).clamp(min=EPS * EPS), r_t.clamp(min=0).clamp(min=EPS * EPS)
-    terms = r_s.clamp(min=0) / m_s + r_t.clamp(min=0) / m_t - 2 * cross / torch.sqrt(m_s * m_t)
+    # sqrt(m_s) sqrt(m_t), not sqrt(m_s m_t): m ~ |f|^4 N D^2, whose product
+    # overflows float64 from |f| ~ 1e37 (float32 inputs near their max).
+    terms = (r_s.clamp(min=0) / m_s + r_t.clamp(min=0) / m_t
+             - 2 * cross / (torch.sqrt(m_s) * torch.sqrt(m_t)))
     return terms.sum() / (n_all * n_all)
-
-
-SP_SAFE_EXPONENT = 100  # |f| beyond 2^this: the identity's products may overflow float64
-
-
-def _gram_safe_scale(f: Tensor, a: Optional[Tensor]):
-    """f (and a, the batch's rows under DDP) times one power of two, when an
-    entry exceeds 2^SP_SAFE_EXPONENT: SP's row-normalised Gram rows do not
-    change, but the identity's m_s m_t ~ |f_s|^4 |f_t|^4 (N D^2)^2 would
-    overflow float64 (entries beyond about 1e37, float32 ones included) and
-    turn the loss into 2/N. The scale comes from the batch's rows, the same
-    on every rank."""
-    rows = f if a is None else a
-    if rows.numel() == 0:
-        return f, a
-    with torch.no_grad():  # a tensor, not a host branch: torch.compile traces it
-        exponent = torch.floor(torch.log2(rows.abs().amax().double()))
-        exponent = torch.where(torch.isfinite(exponent), exponent, 0.0)
-        scale = torch.exp2((SP_SAFE_EXPONENT - exponent).clamp(max=0)).to(f.dtype)
-    return f * scale, None if a is None else a * scale
 
 
 class _SPGramIdentity(torch.autograd.Function):
@@ -345,10 +328,10 @@ class _SPGramIdentity(torch.autograd.Function):
         scale = grad.double() / (ctx.n_all * ctx.n_all)
         eps2 = EPS * EPS
         m_s, m_t = r_s.clamp(min=0).clamp(min=eps2), r_t.clamp(min=0).clamp(min=eps2)
-        root = torch.sqrt(m_s * m_t)
+        root = torch.sqrt(m_s) * torch.sqrt(m_t)  # as _sp_identity_sum: no overflow
 
         def d_norm_term(r, m):  # d/dr of r/m - 2c/sqrt(m m'): r/m is 1 unless clamped
-            d = torch.where(r >= eps2, cross / (m * root), torch.full_like(r, 1.0 / eps2))
+            d = torch.where(r >= eps2, (cross / root) / m, torch.full_like(r, 1.0 / eps2))
             return torch.where(r >= 0, d, torch.zeros_like(d))  # clamp(min=0)
 
         w_s = scale * d_norm_term(r_s, m_s)
@@ -408,8 +391,6 @@ def sp_loss(gb: GlobalBatch, *, detach_teacher: bool) -> Tensor:
     a_s = _columns(gb, gb.fs_all, lambda f: _rows(f).to(dtype))
     a_t = _columns(gb, gb.ft_all, lambda f: _rows(teacher(f, detach_teacher)).to(dtype))
     if max(f_s.shape[1], f_t.shape[1]) < n_all:
-        f_s, a_s = _gram_safe_scale(f_s, a_s)
-        f_t, a_t = _gram_safe_scale(f_t, a_t)
         return _SPGramIdentity.apply(f_s, f_t, a_s, a_t, n_all)
     g_s = normalize(f_s @ (f_s if a_s is None else a_s).T, dtype)
     g_t = normalize(f_t @ (f_t if a_t is None else a_t).T, dtype)

@@ -1,5 +1,7 @@
 """Bad input (SPEC §9): one test per row of the table, for every loss it
 applies to, on both backends. A ValueError must name the argument."""
+import warnings
+
 import pytest
 import torch
 
@@ -375,17 +377,22 @@ def test_smallest_fpr_level_reads_the_hardest_negative(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_rad_bank_labels_needed_for_y_to_exclude_anything(backend):
-    # In bank mode y acts only through bank_labels: without them a row's own
-    # prototype would silently be mined as its hardest negative.
+def test_rad_bank_y_without_bank_labels_warns_once(backend, monkeypatch):
+    # SPEC §2: without bank_labels every bank row is mined, y excludes
+    # nothing; a caller who meant y to exclude each row's own prototype is
+    # told once. The result is SPEC's: the same as with y=None.
+    monkeypatch.setattr(Fn, "_WARNED_Y_WITHOUT_BANK_LABELS", [])
     fs, ft, bank = torch.randn(8, 4), torch.randn(8, 4), torch.randn(6, 4)
-    with pytest.raises(ValueError, match=r"^y: in bank mode the labels exclude"):
-        Fn.rad_loss(fs, ft, y_of(8), bank, k=3, backend=backend)
-    with pytest.raises(ValueError, match=r"^y: in bank mode the labels exclude"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # y beside indices=: nothing to mine, no warning
+        Fn.rad_loss(fs, ft, y_of(8), bank, indices=torch.zeros(8, 3, dtype=torch.long), k=3,
+                    backend=backend)
+    with pytest.warns(UserWarning, match=r"^y: in bank mode the labels exclude"):
+        got = Fn.rad_loss(fs, ft, y_of(8), bank, k=3, backend=backend)
+    assert torch.equal(got, Fn.rad_loss(fs, ft, None, bank, k=3, backend=backend))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
         relkd.CoupleFaceLoss(k=3, backend=backend)(fs, ft, y_of(8), bank=bank)
-    Fn.rad_loss(fs, ft, None, bank, k=3, backend=backend)  # every bank row mined
-    Fn.rad_loss(fs, ft, y_of(8), bank, indices=torch.zeros(8, 3, dtype=torch.long), k=3,
-                backend=backend)  # y beside indices= stays allowed (nothing to mine)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

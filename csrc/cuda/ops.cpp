@@ -285,8 +285,11 @@ void topk_sim_impl(const at::Tensor& q, const at::Tensor& c, int64_t k, const at
     check_launch(cuda::topk_finish(st, rows, k, ptr<T>(values) + r0 * k,
                                    ptr<int64_t>(indices) + r0 * k, stream),
                  "topk_sim (finish)");
+    if (k > cuda::kFinishRankMost) {  // this block's rows: temporaries bounded as the rest
+      at::Tensor v = values.narrow(0, r0, rows), i = indices.narrow(0, r0, rows);
+      sort_selection_rows(v, i);
+    }
   }
-  if (k > cuda::kFinishRankMost) sort_selection_rows(values, indices);
 }
 
 // q and c as they came in: float32, float64, or both bfloat16 / float16
