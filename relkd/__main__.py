@@ -24,8 +24,12 @@ def main() -> None:
               f"{info.get('mma_staging')}; wide sub-tile / warp tile: "
               f"{info.get('mma_wide')}; selection's: {info.get('mma_select')})")
         mode = os.environ.get("RELKD_TENSOR_CORES", "0")
+        if mode not in ("0", "1", "auto"):
+            print(f"  RELKD_TENSOR_CORES={mode!r} is not 0, 1 or auto: the CUDA top-k and "
+                  "pairwise kernels raise a ValueError until it is")
         precision = torch.get_float32_matmul_precision()
-        float32_format = ("off" if mode == "0" else "bf16" if mode == "1" or precision == "medium"
+        float32_format = ("invalid" if mode not in ("0", "1", "auto") else "off" if mode == "0"
+                          else "bf16" if mode == "1" or precision == "medium"
                           else "TF32" if precision == "high" else "3xTF32")
         half_on = mode in ("1", "auto")
         print(f"  tensor-core kernels (bf16 / fp16 / TF32 / 3xTF32 mma; RELKD_TENSOR_CORES=1 "

@@ -2,9 +2,10 @@
 
 `PrototypeBank` keeps one teacher prototype per identity, an EMA of the
 teacher's normalised embeddings of that identity, as CoupleFace-style banks
-do; pass ``bank=bank.prototypes, bank_labels=bank.labels`` to RADLoss so every
-face is related to the identities it is most confused with, not only to the
-few in its batch.
+do; pass ``bank, bank_labels = bank.active()`` (the identities seen so far;
+unseen ones hold zero rows that must not be mined) to RADLoss so every face
+is related to the identities it is most confused with, not only to the few
+in its batch.
 
 `hardest_identities` is the offline step for ``indices=`` mode: each
 identity's k most similar other identities among (up to millions of)
@@ -66,6 +67,8 @@ class PrototypeBank(ProcessGroupHolder, nn.Module):
         super().__init__()
         check.positive_int(num_classes, "num_classes")
         check.positive_int(dim, "dim")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype: expected a floating dtype for the prototypes, got {dtype!r}")
         self.momentum = check.number(momentum, "momentum")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum: expected a number in [0, 1), got {momentum!r}")

@@ -135,8 +135,13 @@ class SyntheticFaces(Dataset):
         self.images_per_identity = check.positive_int(images_per_identity,
                                                       "images_per_identity")
         self.first_identity = check.non_negative_int(first_identity, "first_identity")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed: expected an int, got {seed!r}")
+        if self.first_identity + self.num_identities > 1 << 32:
+            # The generator hashes 32-bit identities: 2^32 would alias identity 0.
+            raise ValueError(f"first_identity: expected first_identity + num_identities <= "
+                             f"2^32, got {first_identity} + {num_identities}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 32:
+            # A 32-bit generator: seed 2^32 + 1 would draw seed 1's faces.
+            raise ValueError(f"seed: expected an int in [0, 2^32), got {seed!r}")
         self.seed = seed
         self.size = check.positive_int(size, "size")
         if self.size < 16:
@@ -163,6 +168,9 @@ class SyntheticFaces(Dataset):
         """Items start..stop (default: all) as one (n, 1, size, size) tensor,
         rendered in batches."""
         stop = len(self) if stop is None else stop
+        if not 0 <= start <= stop <= len(self):
+            raise ValueError(f"start, stop: expected 0 <= start <= stop <= {len(self)} (items), "
+                             f"got {start}, {stop}")
         index = torch.arange(start, stop)
         chunks = [self.render(part // self.images_per_identity, part % self.images_per_identity)
                   for part in index.split(batch_size)]
@@ -171,6 +179,9 @@ class SyntheticFaces(Dataset):
     def render(self, labels: Tensor, samples: Tensor) -> Tensor:
         """(B, 1, size, size) images of sample samples[b] of identity
         labels[b] (labels count from 0 within this dataset)."""
+        for name, values in (("labels", labels), ("samples", samples)):
+            if torch.as_tensor(values).is_floating_point():  # 0.7 would truncate to 0
+                raise ValueError(f"{name}: expected integers, got {torch.as_tensor(values).dtype}")
         labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
         samples = torch.as_tensor(samples, dtype=torch.int64).reshape(-1)
         if labels.shape != samples.shape:
@@ -435,6 +446,8 @@ class ImageFolderFaces(Dataset):
         identities = [int(i) for i in identities]
         if any(not 0 <= i < self.num_identities for i in identities):
             raise ValueError(f"identities: expected indices in [0, {self.num_identities})")
+        if len(set(identities)) != len(identities):  # a repeat would own no images
+            raise ValueError(f"identities: expected distinct indices, got {identities}")
         new_label = {old: new for new, old in enumerate(identities)}
         keep = [i for i, lab in enumerate(self.label_list) if lab in new_label]
         return ImageFolderFaces(self.root, self.size, _files=[self.files[i] for i in keep],

@@ -211,9 +211,10 @@ class IDAScorer:
         return self._operands[dtype]
 
     def _search(self, x: Tensor, labels: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        """(mu, sigma) of normalised rows x by the fused search."""
-        values, indices = bank_topk(x, *self._operand(x.dtype), self.k, labels,
-                                    self.support_labels)
+        """(mu, sigma) of normalised rows x by the fused search: at most the
+        support's M rows per face (k beyond M would only allocate padding)."""
+        k = min(self.k, max(self.support.shape[0], 1))
+        values, indices = bank_topk(x, *self._operand(x.dtype), k, labels, self.support_labels)
         return _support_moments(values, indices >= 0)
 
     def _moments(self, u: Tensor, labels: Optional[Tensor], dtype: torch.dtype):

@@ -100,7 +100,12 @@ def pair_scores(embeddings: Tensor, a: Tensor, b: Tensor,
     on the CPU."""
     embeddings = check.embeddings(embeddings, "embeddings")
     check.positive_int(chunk_size, "chunk_size")
-    if a.dim() != 1 or b.shape != a.shape:
+    for name, idx in (("a", a), ("b", b)):
+        idx = check.tensor(idx, name, "(n,)")
+        if idx.dim() != 1 or idx.is_floating_point() or idx.dtype == torch.bool:
+            raise ValueError(f"{name}: expected integer row indices of shape (n,), got "
+                             f"{idx.dtype} {tuple(idx.shape)}")
+    if b.shape != a.shape:
         raise ValueError(f"b: expected the shape of a, (n,) = {tuple(a.shape)}, "
                          f"got {tuple(b.shape)}")
     a, b = a.to(embeddings.device), b.to(embeddings.device)
@@ -127,6 +132,9 @@ def _split(scores: Tensor, genuine: Tensor) -> Tuple[Tensor, Tensor]:
         raise ValueError(f"genuine: expected a bool tensor of the shape of scores "
                          f"{tuple(scores.shape)}, got {genuine.dtype} {tuple(genuine.shape)}")
     scores, genuine = scores.detach().cpu(), genuine.cpu()
+    if bool(scores.isnan().any()):  # NaN sorts above every impostor: AUC 1.0, silently
+        raise ValueError(f"scores: {int(scores.isnan().sum())} of {scores.numel()} are NaN "
+                         "(a diverged model?); TPR and AUC are undefined for them")
     pos, neg = scores[genuine], scores[~genuine]
     if pos.numel() == 0 or neg.numel() == 0:
         raise ValueError(f"genuine: expected both genuine and impostor pairs, got "
@@ -173,6 +181,8 @@ def roc_curve(scores: Tensor, genuine: Tensor, points: int = 200,
     pos, neg_sorted = _split(scores, genuine)
     low = (1.0 / neg_sorted.numel() if min_fpr is None
            else check.number(min_fpr, "min_fpr", positive=True))
+    if low > 1:
+        raise ValueError(f"min_fpr: expected a false-positive rate in (0, 1], got {min_fpr!r}")
     fprs = _log_grid(low, points)
     tprs = _tprs(pos, neg_sorted, fprs)
     return fprs, [tprs[f] for f in fprs]

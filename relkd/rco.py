@@ -11,6 +11,8 @@ loss as ``ft``.
 from __future__ import annotations
 
 import copy
+import os
+from collections.abc import Mapping
 from typing import Any, List, Optional, Sequence, Union
 
 import torch
@@ -18,7 +20,7 @@ from torch import nn
 
 from . import _validation as check
 
-Checkpoint = Union[str, dict]
+Checkpoint = Union[str, "os.PathLike[str]", dict]
 
 
 class RouteConstrainedTeacher(nn.Module):
@@ -33,14 +35,15 @@ class RouteConstrainedTeacher(nn.Module):
     Args:
         teacher: an nn.Module with the teacher's architecture (deep-copied;
             its parameters are frozen).
-        checkpoints: the route, in training order: state_dicts or paths to
-            them (torch.save files; a dict with a "state_dict" or "model"
-            key also works). At least one.
+        checkpoints: the route, in training order: a list of state_dicts or
+            paths to them (str or os.PathLike; torch.save files, checked to
+            exist at construction; a dict with a "state_dict" or "model" key
+            also works). At least one.
         total_steps: the student's planned number of steps, for the default
-            equal-interval schedule: anchor a of A serves steps
-            [a * total_steps / A, (a + 1) * total_steps / A).
-        switch_steps: instead, the A - 1 increasing steps at which to move
-            to the next anchor.
+            equal-interval schedule: anchor a of A serves the integer steps
+            in [a * total_steps / A, (a + 1) * total_steps / A).
+        switch_steps: instead (not beside total_steps), the A - 1
+            increasing steps at which to move to the next anchor.
 
     ``state_dict()`` holds the current anchor's weights and the step and
     stage, so a run resumed from it continues at the same point of the
@@ -59,33 +62,62 @@ class RouteConstrainedTeacher(nn.Module):
         super().__init__()
         if not isinstance(teacher, nn.Module):
             raise ValueError(f"teacher: expected an nn.Module, got {type(teacher).__name__}")
-        self.checkpoints = list(checkpoints)
-        if not self.checkpoints:
-            raise ValueError("checkpoints: expected at least one teacher checkpoint")
+        self.checkpoints = self._route(checkpoints)
         self.switch_steps = self._schedule(len(self.checkpoints), total_steps, switch_steps)
         self.teacher = copy.deepcopy(teacher)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.step_count = 0
         self.stage = -1
-        self._enter_stage(0)
+        self._enter_stage(self.stage_at(0))
+
+    @staticmethod
+    def _route(checkpoints) -> list:
+        """The checkpoints as a list of state_dicts and path strings. A single
+        path or state_dict is refused (list() would split it into characters
+        or keys); paths must exist now, not when their stage begins hours
+        into a run."""
+        if isinstance(checkpoints, (str, os.PathLike, Mapping)):
+            raise ValueError("checkpoints: expected a list of checkpoints (state_dicts or "
+                             f"paths), got a single {type(checkpoints).__name__}; wrap it in "
+                             "a list")
+        route = []
+        for i, state in enumerate(checkpoints):
+            if isinstance(state, (str, os.PathLike)):
+                path = os.fspath(state)
+                if not os.path.isfile(path):
+                    raise ValueError(f"checkpoints[{i}]: no such file: {path!r}")
+                route.append(path)
+            elif isinstance(state, Mapping):
+                route.append(state)
+            else:
+                raise ValueError(f"checkpoints[{i}]: expected a state_dict or a path, got "
+                                 f"{type(state).__name__}")
+        if not route:
+            raise ValueError("checkpoints: expected at least one teacher checkpoint")
+        return route
 
     @staticmethod
     def _schedule(anchors: int, total_steps: Optional[int],
                   switch_steps: Optional[Sequence[int]]) -> List[int]:
         if switch_steps is not None:
+            if total_steps is not None:
+                raise ValueError("total_steps: the equal-interval schedule's length, unused "
+                                 "beside switch_steps; give one of them")
             steps = [check.non_negative_int(s, "switch_steps") for s in switch_steps]
             if len(steps) != anchors - 1 or steps != sorted(steps):
                 raise ValueError(f"switch_steps: expected {anchors - 1} increasing steps "
                                  f"(one per checkpoint after the first), got {list(steps)}")
             return steps
+        if total_steps is not None:
+            check.positive_int(total_steps, "total_steps")
         if anchors == 1:
             return []
         if total_steps is None:
             raise ValueError("total_steps: required for the equal-interval schedule "
                              "(or give switch_steps)")
-        check.positive_int(total_steps, "total_steps")
-        return [round(a * total_steps / anchors) for a in range(1, anchors)]
+        # Anchor a starts at the first integer step >= a * total_steps / A.
+        return [-(-a * total_steps // anchors) for a in range(1, anchors)]
 
     def stage_at(self, step: int) -> int:
         """Index of the anchor that serves training step `step`."""

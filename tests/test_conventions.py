@@ -442,6 +442,15 @@ def test_unpickled_module_without_its_group_raises_naming_process_group(group_re
     assert torch.isfinite(loss(FS, FT, Y))
 
 
+def test_python_m_relkd_flags_an_invalid_tensor_core_switch():
+    env = dict(os.environ, RELKD_TENSOR_CORES="yes")
+    out = subprocess.run([sys.executable, "-m", "relkd"], capture_output=True, text=True,
+                         check=True, cwd=ROOT, env=env).stdout
+    if "CUDA kernels: compiled" in out:  # the switch is reported only where it acts
+        assert "RELKD_TENSOR_CORES='yes' is not 0, 1 or auto" in out
+        assert "float32 inputs invalid" in out
+
+
 # ------------------------------------------------------------------- version
 def test_one_version_everywhere():
     out = subprocess.run([sys.executable, "-m", "relkd"], capture_output=True, text=True,

@@ -70,6 +70,10 @@ def test_synthetic_faces_identities_are_distinguishable():
     (dict(num_identities=2, images_per_identity=2, seed=1.5), "seed"),
     (dict(num_identities=2, images_per_identity=2, nuisance=-1.0), "nuisance"),
     (dict(num_identities=2, images_per_identity=2, first_identity=-1), "first_identity"),
+    # 32-bit generator: these would silently alias seed 1 and identity 0.
+    (dict(num_identities=2, images_per_identity=2, seed=2**32 + 1), "seed"),
+    (dict(num_identities=2, images_per_identity=2, seed=-1), "seed"),
+    (dict(num_identities=2, images_per_identity=2, first_identity=2**32 - 1), "first_identity"),
 ])
 def test_synthetic_faces_bad_input(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -84,6 +88,10 @@ def test_synthetic_faces_render_checks_labels():
         ds.render(torch.tensor([0, 1]), torch.tensor([0]))
     with pytest.raises(IndexError):
         ds[6]
+    with pytest.raises(ValueError, match=r"^labels: expected integers"):
+        ds.render(torch.tensor([0.7]), torch.tensor([0]))  # would truncate to identity 0
+    with pytest.raises(ValueError, match=r"^start, stop: expected"):
+        ds.images(0, 100)
 
 
 # --------------------------------------------------------------------- metrics
@@ -136,6 +144,20 @@ def test_metrics_bad_input():
         roc_auc(scores[:1], genuine[:1])  # no impostor
     with pytest.raises(ValueError, match="^fprs: expected a non-empty sequence of false-positive rates"):
         tpr_at_fpr(scores, genuine, [0.0])
+    # NaN scores sorted above every impostor: AUC 1.0 for a diverged model.
+    nan = torch.full((5,), float("nan"))
+    nan_genuine = torch.tensor([True, True, False, False, False])
+    for metric in (roc_auc, tpr_at_fpr, verification_metrics, roc_curve):
+        with pytest.raises(ValueError, match=r"^scores: 5 of 5 are NaN"):
+            metric(nan, nan_genuine)
+    with pytest.raises(ValueError, match=r"^min_fpr: expected a false-positive rate in"):
+        roc_curve(scores, genuine, min_fpr=2.0)
+    emb = torch.randn(4, 3)
+    for bad, name in (((torch.zeros(2, 2, dtype=torch.long), torch.zeros(2)), "a"),
+                      ((torch.tensor([0.5, 1.0]), torch.tensor([0, 1])), "a"),
+                      ((torch.tensor([0, 1]), torch.tensor([0])), "b")):
+        with pytest.raises(ValueError, match=rf"^{name}: expected"):
+            pair_scores(emb, *bad)
 
 
 def test_verification_pairs_all_and_sampled():
@@ -211,6 +233,10 @@ def test_run_selection_and_weight_overrides():
         select_runs("FCD,nope")
     with pytest.raises(ValueError, match="--weight"):
         select_runs(None, ["EKD=heavy"])
+    for bad, why in (("EKD=nan", "finite"), ("EKD=inf", "finite"), ("CoupleFace=1:inf", "finite"),
+                     ("FCD=5:3", "one term")):  # FCD's inner weight would be printed, unused
+        with pytest.raises(ValueError, match=rf"^--weight: .*{why}"):
+            select_runs(None, [bad])
 
 
 def _tiny_folder(root, identities=8, per_identity=3):
@@ -242,6 +268,8 @@ def test_image_folder_reads_and_splits_by_identity(tmp_path):
     assert {os.path.dirname(f) for f in test.files}.isdisjoint(
         {os.path.dirname(f) for f in ds.subset(train_ids).files})
     assert test.images().shape == (9, 1, 32, 32)
+    with pytest.raises(ValueError, match=r"^identities: expected distinct"):
+        ds.subset([0, 0])  # the repeat would be a name without images
     with pytest.raises(ValueError, match="root"):
         ImageFolderFaces(str(tmp_path / "person_00"))  # images, but no identity folders
     lonely = tmp_path / "lonely"

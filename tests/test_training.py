@@ -289,6 +289,34 @@ def test_route_constrained_teacher_explicit_schedule_and_errors():
         relkd.RouteConstrainedTeacher(teacher, [])
 
 
+def test_route_constrained_teacher_checks_its_route_and_schedule(tmp_path):
+    teacher = nn.Linear(2, 2)
+    state = teacher.state_dict()
+    torch.save(state, tmp_path / "a.pt")
+    # One path or one state_dict, not a list: list() split it into
+    # characters (IsADirectoryError: '/') or keys (FileNotFoundError).
+    for single in (str(tmp_path / "a.pt"), tmp_path / "a.pt", state):
+        with pytest.raises(ValueError, match=r"^checkpoints: expected a list"):
+            relkd.RouteConstrainedTeacher(teacher, single, total_steps=10)
+    with pytest.raises(ValueError, match=r"^checkpoints\[1\]: no such file"):
+        relkd.RouteConstrainedTeacher(teacher, [state, tmp_path / "missing.pt"], total_steps=4)
+    with pytest.raises(ValueError, match=r"^checkpoints\[0\]: expected a state_dict or a path"):
+        relkd.RouteConstrainedTeacher(teacher, [3], total_steps=4)
+    route = relkd.RouteConstrainedTeacher(teacher, [tmp_path / "a.pt", state], total_steps=4)
+    assert route.stage == 0  # an os.PathLike checkpoint loads
+    # The documented intervals [a T / A, (a + 1) T / A): step 3 of 10 is
+    # anchor 0's (round() gave it to anchor 1).
+    route = relkd.RouteConstrainedTeacher(teacher, [state] * 3, total_steps=10)
+    assert route.switch_steps == [4, 7]
+    assert [route.stage_at(s) for s in (3, 4, 6, 7)] == [0, 1, 1, 2]
+    # A schedule switching at step 0 starts at that anchor.
+    assert relkd.RouteConstrainedTeacher(teacher, [state] * 3, switch_steps=[0, 5]).stage == 1
+    with pytest.raises(ValueError, match=r"^total_steps: the equal-interval schedule"):
+        relkd.RouteConstrainedTeacher(teacher, [state] * 2, total_steps=10, switch_steps=[5])
+    with pytest.raises(ValueError, match=r"^total_steps: expected an int >= 1"):
+        relkd.RouteConstrainedTeacher(teacher, [state], total_steps=-5)
+
+
 # ----------------------------------------------------------------- EC-KD
 def test_exclusivity_over_a_module_sums_conv_and_linear_weights():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 5),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import platform
 import sys
@@ -94,11 +95,16 @@ def select_runs(names: Optional[str], weights: Sequence[str] = ()) -> List[Run]:
         run = _find(name, "--weight")
         weight, _, inner = value.partition(":")
         try:
-            overrides[run.name] = dataclasses.replace(
-                run, weight=float(weight), inner=float(inner) if inner else run.inner)
+            w, i = float(weight), float(inner) if inner else run.inner
         except ValueError:
             raise ValueError(f"--weight: expected NAME=W or NAME=W:INNER with numbers, "
                              f"got {item!r}") from None
+        if not all(math.isfinite(v) for v in (w, 0.0 if i is None else i)):
+            raise ValueError(f"--weight: expected finite numbers, got {item!r}")
+        if inner and run.inner is None:
+            raise ValueError(f"--weight: {run.name} has one term, so no inner weight: got "
+                             f"{item!r}")
+        overrides[run.name] = dataclasses.replace(run, weight=w, inner=i)
     return [RUNS[0]] + [overrides.get(r.name, r) for r in RUNS[1:] if r in chosen]
 
 
