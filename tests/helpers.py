@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from relkd import ops
 
@@ -178,3 +180,20 @@ def first_pass_args_on(device, args):
     collect_ranges (argument 9), which stays on the host."""
     return [a.to(device) if isinstance(a, torch.Tensor) and at != 9 else a
             for at, a in enumerate(args)]
+
+
+def spawn_with_deadline(target, world: int, tmp: str, deadline_s: float, *args) -> list:
+    """Runs target(rank, *args, init_file, out_dir) on `world` ranks and
+    returns what each saved (torch.save to out_dir/rank{r}.pt); a rank that
+    crashes fails the run (mp raises), and so does a run still going after
+    deadline_s (a hang), its ranks killed."""
+    context = mp.spawn(target, args=(*args, os.path.join(tmp, "init"), tmp), nprocs=world,
+                       join=False)
+    deadline = time.monotonic() + deadline_s
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"DDP ranks ({target.__name__}{args}) still running after "
+                        f"{deadline_s} s: a hang")
+    return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]

@@ -14,7 +14,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 import tomllib
 import typing
 from pathlib import Path
@@ -22,13 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import relkd
 from relkd._group_state import WORLD
 
-from helpers import correlated, embeddings, labels
+from helpers import correlated, embeddings, labels, spawn_with_deadline
 
 ROOT = Path(__file__).resolve().parents[1]
 N, D = 12, 6
@@ -379,16 +377,8 @@ def group_worker(rank, init_file, out_dir):
 @pytest.fixture(scope="module")
 def group_results():
     with tempfile.TemporaryDirectory() as tmp:
-        context = mp.spawn(group_worker, args=(os.path.join(tmp, "init"), tmp),
-                           nprocs=WORLD_SIZE, join=False)
-        deadline = time.monotonic() + RUN_DEADLINE_S
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    process.kill()
-                pytest.fail(f"gloo ranks still running after {RUN_DEADLINE_S} s: a hang")
-        yield ([torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD_SIZE)],
-               (Path(tmp) / "pickled_loss.bin").read_bytes())
+        results = spawn_with_deadline(group_worker, WORLD_SIZE, tmp, RUN_DEADLINE_S)
+        yield results, (Path(tmp) / "pickled_loss.bin").read_bytes()
 
 
 @pytest.mark.distributed

@@ -12,18 +12,16 @@ instead of blocking CI."""
 import datetime
 import os
 import tempfile
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import relkd
 from relkd import functional as Fn
 from relkd import ops
 
-from helpers import correlated, embeddings, labels, requires_extension
+from helpers import correlated, embeddings, labels, requires_extension, spawn_with_deadline
 
 pytestmark = [requires_extension, pytest.mark.distributed]
 N, D = 21, 8
@@ -159,27 +157,12 @@ def worker(rank, layout, init_file, out_dir):
     os._exit(0)
 
 
-def spawn_with_deadline(layout, tmp):
-    """Runs the ranks; a rank that crashes fails the run (mp raises), and so
-    does a run still going after RUN_DEADLINE_S (a hang), its ranks killed."""
-    world = len(SHARDS[layout])
-    context = mp.spawn(worker, args=(layout, os.path.join(tmp, "init"), tmp), nprocs=world,
-                       join=False)
-    deadline = time.monotonic() + RUN_DEADLINE_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"DDP ranks ({layout}) still running after {RUN_DEADLINE_S} s: a hang")
-
-
 @pytest.fixture(scope="module", params=list(SHARDS))
 def ranks(request):
     layout = request.param
     world = len(SHARDS[layout])
     with tempfile.TemporaryDirectory() as tmp:
-        spawn_with_deadline(layout, tmp)
-        yield world, [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+        yield world, spawn_with_deadline(worker, world, tmp, RUN_DEADLINE_S, layout)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -304,15 +287,7 @@ def compiled_worker(rank, init_file, out_dir):
 @pytest.fixture(scope="module")
 def compiled_ranks():
     with tempfile.TemporaryDirectory() as tmp:
-        context = mp.spawn(compiled_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=2,
-                           join=False)
-        deadline = time.monotonic() + RUN_DEADLINE_S
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    process.kill()
-                pytest.fail(f"compiled DDP ranks still running after {RUN_DEADLINE_S} s")
-        yield [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+        yield spawn_with_deadline(compiled_worker, 2, tmp, RUN_DEADLINE_S)
 
 
 @pytest.mark.parametrize("name", COMPILED)
