@@ -27,7 +27,8 @@ def _power_of_two_scale(x: Tensor) -> Tensor:
     exact, and its squared norm neither overflows nor underflows. torch's
     norm squares in the input's dtype, so float32 rows with entries beyond
     about 1.8e19 (float64: 1.3e154) got the norm inf and F.normalize made
-    them zero vectors. Rows holding inf or NaN get NaN."""
+    them zero vectors. Rows holding inf or NaN get the smallest normal
+    number (their norms stay inf or NaN)."""
     with torch.no_grad():
         big = torch.maximum(x.amax(dim=1, keepdim=True), -x.amin(dim=1, keepdim=True))
         tiny = torch.finfo(x.dtype).tiny  # s stays normal: flush-to-zero cannot make it 0
@@ -67,20 +68,19 @@ def _functorch_wrapped(x: Tensor) -> bool:
 def normalize(x: Tensor, dtype: torch.dtype, eps: float = EPS) -> Tensor:
     """x_i / max(|x_i|, eps) in `dtype`: exactly F.normalize (values and
     gradients; inf and NaN rows too) where |x_i|^2 stays within the dtype's
-    range. Where it overflows for a finite row (F.normalize's zero vector):
-    the unit row from the row scaled by an exact power of two, as a constant
-    (its true gradient is below 1/|x_i|, about 1e-19 for float32, and
-    keeping it would double what autograd saves). No host synchronisation."""
+    range. A finite row whose |x_i|^2 overflows (F.normalize's zero vector)
+    is first scaled by an exact power of two, with its gradient. One
+    formula for every row (scale 1 elsewhere: the same bits), so autograd
+    saves what F.normalize saves; no host synchronisation."""
     x = x.to(dtype)
-    norms = x.norm(p=2.0, dim=1, keepdim=True)
-    plain = x / norms.clamp_min(eps).expand_as(x)  # F.normalize's formula
     if x.shape[1] == 0:
-        return plain
+        return F.normalize(x, p=2.0, dim=1, eps=eps)
     with torch.no_grad():
-        xs = x * _power_of_two_scale(x)
-        scaled = xs / xs.norm(dim=1, keepdim=True)  # >= 1: no eps clamp
-        overflow = torch.isinf(norms) & torch.isfinite(scaled).all(dim=1, keepdim=True)
-    return torch.where(overflow, scaled, plain)
+        big = torch.maximum(x.amax(dim=1, keepdim=True), -x.amin(dim=1, keepdim=True))
+        overflow = torch.isinf(x.norm(p=2.0, dim=1, keepdim=True)) & torch.isfinite(big)
+        s = torch.where(overflow, _power_of_two_scale(x), torch.ones_like(big))
+    xs = x * s
+    return xs / xs.norm(p=2.0, dim=1, keepdim=True).clamp_min(eps * s).expand_as(xs)
 
 
 def teacher(ft: Tensor, detach_teacher: bool) -> Tensor:

@@ -2,8 +2,9 @@
 
 `PrototypeBank` keeps one teacher prototype per identity, an EMA of the
 teacher's normalised embeddings of that identity, as CoupleFace-style banks
-do; pass ``bank, bank_labels = bank.active()`` (the identities seen so far;
-unseen ones hold zero rows that must not be mined) to RADLoss so every face
+do; pass ``prototypes, ids = bank.active()`` as ``bank=prototypes,
+bank_labels=ids`` (the identities seen so far; unseen ones hold zero rows
+that must not be mined) to RADLoss so every face
 is related to the identities it is most confused with, not only to the few
 in its batch.
 

@@ -171,10 +171,12 @@ class SyntheticFaces(Dataset):
         if not 0 <= start <= stop <= len(self):
             raise ValueError(f"start, stop: expected 0 <= start <= stop <= {len(self)} (items), "
                              f"got {start}, {stop}")
+        if start == stop:  # split() of an empty range gives one empty chunk
+            return torch.empty(0, 1, self.size, self.size)
         index = torch.arange(start, stop)
         chunks = [self.render(part // self.images_per_identity, part % self.images_per_identity)
                   for part in index.split(batch_size)]
-        return torch.cat(chunks) if chunks else torch.empty(0, 1, self.size, self.size)
+        return torch.cat(chunks)
 
     def render(self, labels: Tensor, samples: Tensor) -> Tensor:
         """(B, 1, size, size) images of sample samples[b] of identity

@@ -18,6 +18,8 @@ relkd.distributed).
 from __future__ import annotations
 
 import functools
+import os
+import sys
 import warnings
 from typing import Iterable, Optional, Sequence, Tuple
 
@@ -272,11 +274,23 @@ def _warn_y_without_bank_labels() -> None:
     (y then excludes nothing), which a caller who meant y to exclude each
     row's own prototype would not notice."""
     if not _WARNED_Y_WITHOUT_BANK_LABELS:
-        _WARNED_Y_WITHOUT_BANK_LABELS.append(True)
         warnings.warn("y: in bank mode the labels exclude a row's own identity only together "
                       "with bank_labels (the bank rows' identities, e.g. "
                       "PrototypeBank.active()[1]); without them every bank row is mined, a "
-                      "row's own prototype included (SPEC §2)", UserWarning, stacklevel=4)
+                      "row's own prototype included (SPEC §2)", UserWarning,
+                      stacklevel=_user_stacklevel())
+        _WARNED_Y_WITHOUT_BANK_LABELS.append(True)  # after: an error filter raises each time
+
+
+def _user_stacklevel() -> int:
+    """warnings.warn's stacklevel, seen from its caller, of the first frame
+    outside the relkd package: the user's line, however many relkd wrappers
+    (modules, _full_precision) lie between."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @_full_precision

@@ -138,7 +138,8 @@ class RADLoss(_Loss):
     Forward:
         fs: (N, D) student embeddings; ft: (N, D') teacher embeddings (D'
             may differ from D in batch mode); y: optional (N,) integer
-            labels, same-label candidates are never mined; bank: optional
+            labels, same-label candidates are never mined (in bank mode:
+            together with bank_labels, else y warns once); bank: optional
             (M, D) rows to mine from instead of the batch (e.g.
             PrototypeBank.active()); bank_labels: optional (M,) labels of the
             bank (needs y); indices: optional (N, k) int64 precomputed

@@ -102,7 +102,8 @@ def pair_scores(embeddings: Tensor, a: Tensor, b: Tensor,
     check.positive_int(chunk_size, "chunk_size")
     for name, idx in (("a", a), ("b", b)):
         idx = check.tensor(idx, name, "(n,)")
-        if idx.dim() != 1 or idx.is_floating_point() or idx.dtype == torch.bool:
+        if idx.dim() != 1 or idx.dtype not in (torch.int16, torch.int32, torch.int64):
+            # (uint8 and bool index tensors are masks to torch)
             raise ValueError(f"{name}: expected integer row indices of shape (n,), got "
                              f"{idx.dtype} {tuple(idx.shape)}")
     if b.shape != a.shape:

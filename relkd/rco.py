@@ -64,6 +64,7 @@ class RouteConstrainedTeacher(nn.Module):
             raise ValueError(f"teacher: expected an nn.Module, got {type(teacher).__name__}")
         self.checkpoints = self._route(checkpoints)
         self.switch_steps = self._schedule(len(self.checkpoints), total_steps, switch_steps)
+        self._total_steps = None if switch_steps is not None else total_steps
         self.teacher = copy.deepcopy(teacher)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -109,8 +110,8 @@ class RouteConstrainedTeacher(nn.Module):
                 raise ValueError(f"switch_steps: expected {anchors - 1} increasing steps "
                                  f"(one per checkpoint after the first), got {list(steps)}")
             return steps
-        if total_steps is not None:
-            check.positive_int(total_steps, "total_steps")
+        if total_steps is not None:  # a plain int: numpy ints would reach the state_dict
+            total_steps = check.positive_int(total_steps, "total_steps")
         if anchors == 1:
             return []
         if total_steps is None:
@@ -148,13 +149,27 @@ class RouteConstrainedTeacher(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         route = (len(self.checkpoints), list(self.switch_steps))
-        saved = (state["anchors"], list(state["switch_steps"]))
-        if saved != route:
+        saved = (state["anchors"], [int(s) for s in state["switch_steps"]])
+        if saved != route and saved == (route[0], self._rounded_schedule()):
+            # Saved by relkd 0.2.0, whose equal intervals rounded a T / A to
+            # the nearest step: the run continues on the schedule it began.
+            self.switch_steps = saved[1]
+        elif saved != route:
             raise ValueError(f"state_dict: saved for a route of {saved[0]} anchors switching at "
-                             f"{saved[1]}, but this one has {route[0]} switching at {route[1]}")
+                             f"{saved[1]}, but this one has {route[0]} switching at {route[1]}; "
+                             f"to resume that run, pass switch_steps={saved[1]} (without "
+                             "total_steps)")
         self.step_count = int(state["step_count"])
         # The anchor's weights are loaded from the same state_dict.
         self.stage = int(state["stage"])
+
+    def _rounded_schedule(self) -> Optional[List[int]]:
+        """The equal-interval schedule as relkd 0.2.0 computed it (round, not
+        ceil), for states saved by that version; None without total_steps."""
+        anchors, total = len(self.checkpoints), self._total_steps
+        if total is None:
+            return None
+        return [round(a * total / anchors) for a in range(1, anchors)]
 
     @torch.no_grad()
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -436,9 +436,10 @@ def test_python_m_relkd_flags_an_invalid_tensor_core_switch():
     env = dict(os.environ, RELKD_TENSOR_CORES="yes")
     out = subprocess.run([sys.executable, "-m", "relkd"], capture_output=True, text=True,
                          check=True, cwd=ROOT, env=env).stdout
-    if "CUDA kernels: compiled" in out:  # the switch is reported only where it acts
-        assert "RELKD_TENSOR_CORES='yes' is not 0, 1 or auto" in out
-        assert "float32 inputs invalid" in out
+    if "CUDA kernels: compiled" not in out:
+        pytest.skip("no CUDA kernels in this build: the switch is reported only where it acts")
+    assert "RELKD_TENSOR_CORES='yes' is not 0, 1 or auto" in out
+    assert "float32 inputs invalid" in out
 
 
 # ------------------------------------------------------------------- version

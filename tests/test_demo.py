@@ -1,6 +1,7 @@
 """The face-recognition demo: its dataset, its verification metrics, the
 image-folder path, and `python -m relkd.demo --quick` end to end."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -92,6 +93,7 @@ def test_synthetic_faces_render_checks_labels():
         ds.render(torch.tensor([0.7]), torch.tensor([0]))  # would truncate to identity 0
     with pytest.raises(ValueError, match=r"^start, stop: expected"):
         ds.images(0, 100)
+    assert ds.images(2, 2).shape == (0, 1, ds.size, ds.size)
 
 
 # --------------------------------------------------------------------- metrics
@@ -155,6 +157,7 @@ def test_metrics_bad_input():
     emb = torch.randn(4, 3)
     for bad, name in (((torch.zeros(2, 2, dtype=torch.long), torch.zeros(2)), "a"),
                       ((torch.tensor([0.5, 1.0]), torch.tensor([0, 1])), "a"),
+                      ((torch.tensor([0, 1], dtype=torch.uint8), torch.tensor([0, 1])), "a"),
                       ((torch.tensor([0, 1]), torch.tensor([0])), "b")):
         with pytest.raises(ValueError, match=rf"^{name}: expected"):
             pair_scores(emb, *bad)
@@ -184,6 +187,17 @@ def test_pair_scores_default_and_custom_rule_match():
     torch.testing.assert_close(chunked, expected)
     shifted = pair_scores(emb, a, b, score_fn=lambda x, y: cosine_scores(x, y) - 1.0)
     torch.testing.assert_close(shifted, expected - 1.0)
+
+
+def test_protocol_reports_a_diverged_network_as_nan_not_an_error():
+    # The metrics refuse NaN scores; the demo's sweep goes on with NaN rows.
+    protocol = VerificationProtocol(torch.arange(12) // 3, max_impostors=None, curve_points=5)
+    emb = torch.randn(12, 4)
+    emb[2, 0] = float("nan")
+    m = protocol.evaluate(emb)
+    assert math.isnan(m["auc"]) and all(math.isnan(v) for v in m["tpr"].values())
+    assert m["nan_scores"] == 11 and len(m["roc"]["fpr"]) == 5
+    assert not math.isnan(protocol.evaluate(torch.randn(12, 4))["auc"])
 
 
 def test_ida_evaluation_matches_the_reference_scores():

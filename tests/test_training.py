@@ -317,6 +317,28 @@ def test_route_constrained_teacher_checks_its_route_and_schedule(tmp_path):
         relkd.RouteConstrainedTeacher(teacher, [state], total_steps=-5)
 
 
+def test_route_constrained_teacher_state_loads_with_plain_ints_and_old_rounding(tmp_path):
+    np = pytest.importorskip("numpy")
+    teacher = nn.Linear(2, 2)
+    state = teacher.state_dict()
+    # numpy total_steps: plain ints in the state, which torch.load(weights_only) reads.
+    route = relkd.RouteConstrainedTeacher(teacher, [state] * 3, total_steps=np.int64(100000))
+    assert route.switch_steps == [33334, 66667]
+    assert all(type(s) is int for s in route.switch_steps)
+    torch.save(route.state_dict(), tmp_path / "route.pt")
+    saved = torch.load(tmp_path / "route.pt", weights_only=True)
+    # A state saved by 0.2.0, which rounded a T / A: the run keeps its schedule.
+    saved["_extra_state"]["switch_steps"] = [33333, 66667]
+    saved["_extra_state"]["step_count"] = 33333
+    resumed = relkd.RouteConstrainedTeacher(teacher, [state] * 3, total_steps=100000)
+    resumed.load_state_dict(saved)
+    assert resumed.switch_steps == [33333, 66667] and resumed.stage_at(33333) == 1
+    saved["_extra_state"]["switch_steps"] = [10, 20]  # another route: refused, with the remedy
+    with pytest.raises(ValueError, match=r"pass switch_steps=\[10, 20\] \(without total_steps\)"):
+        relkd.RouteConstrainedTeacher(teacher, [state] * 3, total_steps=100000).load_state_dict(
+            saved)
+
+
 # ----------------------------------------------------------------- EC-KD
 def test_exclusivity_over_a_module_sums_conv_and_linear_weights():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 5),

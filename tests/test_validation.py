@@ -387,8 +387,9 @@ def test_rad_bank_y_without_bank_labels_warns_once(backend, monkeypatch):
         warnings.simplefilter("error")  # y beside indices=: nothing to mine, no warning
         Fn.rad_loss(fs, ft, y_of(8), bank, indices=torch.zeros(8, 3, dtype=torch.long), k=3,
                     backend=backend)
-    with pytest.warns(UserWarning, match=r"^y: in bank mode the labels exclude"):
+    with pytest.warns(UserWarning, match=r"^y: in bank mode the labels exclude") as record:
         got = Fn.rad_loss(fs, ft, y_of(8), bank, k=3, backend=backend)
+    assert record[0].filename == __file__  # the caller's line, not relkd's
     assert torch.equal(got, Fn.rad_loss(fs, ft, None, bank, k=3, backend=backend))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per process

@@ -42,7 +42,7 @@ class VerificationProtocol:
         """Metrics of one set of embeddings: TPR at each FPR, AUC, ROC points.
         score_fn(x, y) -> (n,) replaces cosine similarity (see pair_scores)."""
         scores = pair_scores(embeddings, self.a, self.b, score_fn)
-        return verification_metrics(scores, self.genuine, self.fprs, self.curve_points)
+        return self._metrics(scores)
 
     def evaluate_ida(self, embeddings: Tensor, scorer: IDAScorer) -> dict:
         """Metrics of IDA-aligned scores: each pair's cosine aligned by both
@@ -52,7 +52,22 @@ class VerificationProtocol:
         a, b = self.a.to(mu.device), self.b.to(mu.device)
         cosine = pair_scores(embeddings, self.a, self.b).to(mu)
         aligned = scorer.align(cosine, (mu[a], sigma[a]), (mu[b], sigma[b])).float().cpu()
-        return verification_metrics(aligned, self.genuine, self.fprs, self.curve_points)
+        return self._metrics(aligned)
+
+    def _metrics(self, scores: Tensor) -> dict:
+        """verification_metrics, or, for a network whose scores hold NaN (it
+        diverged; the metrics refuse those), NaN metrics and their count, so
+        that one run does not end a sweep of others."""
+        bad = int(scores.isnan().sum())
+        if not bad:
+            return verification_metrics(scores, self.genuine, self.fprs, self.curve_points)
+        n_gen = int(self.genuine.sum())
+        out = {"tpr": {f: math.nan for f in self.fprs}, "auc": math.nan, "genuine_pairs": n_gen,
+               "impostor_pairs": len(self.genuine) - n_gen, "nan_scores": bad}
+        if self.curve_points:
+            out["roc"] = {"fpr": [math.nan] * self.curve_points,
+                          "tpr": [math.nan] * self.curve_points}
+        return out
 
     def describe(self) -> str:
         n_gen = int(self.genuine.sum())
