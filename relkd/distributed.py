@@ -13,6 +13,7 @@ the exact global-batch gradient multiplies the share by the world size.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -32,6 +33,15 @@ def resolve_group(process_group=None, gather: bool = False):
                          "(call torch.distributed.init_process_group first)")
     group = process_group if process_group is not None else dist.group.WORLD
     return group if dist.get_world_size(group) > 1 else None
+
+
+# torch.compile of the gathers' and all-reduces' backward: tested exact with
+# torch 2.13; torch 2.11 compiles it to wrong gradients (measured: every
+# batch-relation loss, with and without fullgraph). Before 2.13 the
+# collectives are therefore kept out of compiled graphs (the end of this
+# module): a plain compile runs them eagerly between graphs, exact, and
+# fullgraph=True fails instead of computing a wrong gradient.
+COMPILED_COLLECTIVES = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13)
 
 
 _BACKEND_DEVICES = {"gloo": "cpu", "nccl": "cuda"}
@@ -191,3 +201,24 @@ def global_batch(fs: Tensor, ft: Tensor, y: Optional[Tensor], group) -> GlobalBa
     ft_all = all_gather_with_grad(ft, group, sizes)
     y_all = None if y is None else _all_gather_rows(y, sizes, group)
     return GlobalBatch(fs, ft, y, fs_all, ft_all, y_all, offset, group)
+
+
+def _eager_with_group(fn, group_at: int):
+    """fn, kept out of compiled graphs when given a group (argument group_at):
+    without one (a single process) it stays traceable, no graph break."""
+    eager = torch.compiler.disable(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        group = kwargs["group"] if "group" in kwargs else args[group_at]
+        return fn(*args, **kwargs) if group is None else eager(*args, **kwargs)
+
+    return call
+
+
+if not COMPILED_COLLECTIVES:  # see COMPILED_COLLECTIVES
+    all_gather_with_grad = torch.compiler.disable(all_gather_with_grad)  # always a collective
+    gather_rows = torch.compiler.disable(gather_rows)
+    all_reduce_with_grad = torch.compiler.disable(all_reduce_with_grad)
+    all_reduce_sum = _eager_with_group(all_reduce_sum, 1)
+    global_batch = _eager_with_group(global_batch, 3)
