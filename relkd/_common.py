@@ -21,8 +21,14 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _power_of_two_scale(x: Tensor) -> Tensor:
-    """Per row of x (N, D), a power of two s (N, 1) with max_c |x_ic| s in
+def _row_max_abs(x: Tensor) -> Tensor:
+    """max_c |x_ic| (N, 1), by two reductions instead of an |x| copy."""
+    return torch.maximum(x.amax(dim=1, keepdim=True), -x.amin(dim=1, keepdim=True))
+
+
+def _power_of_two_scale(big: Tensor) -> Tensor:
+    """Per row of x (N, D), from big = _row_max_abs(x): a power of two s
+    (N, 1) with max_c |x_ic| s in
     [1, 4) (s a normal number: [2, 4) in the dtype's top octave): x * s is
     exact, and its squared norm neither overflows nor underflows. torch's
     norm squares in the input's dtype, so float32 rows with entries beyond
@@ -30,14 +36,14 @@ def _power_of_two_scale(x: Tensor) -> Tensor:
     them zero vectors. Rows holding inf or NaN get the smallest normal
     number (their norms stay inf or NaN)."""
     with torch.no_grad():
-        big = torch.maximum(x.amax(dim=1, keepdim=True), -x.amin(dim=1, keepdim=True))
-        tiny = torch.finfo(x.dtype).tiny  # s stays normal: flush-to-zero cannot make it 0
+        tiny = torch.finfo(big.dtype).tiny  # s stays normal: flush-to-zero cannot make it 0
         return torch.exp2(-torch.floor(torch.log2(big.clamp(min=tiny)))).clamp(min=tiny)
 
 
 def _scaled_norms(x: Tensor) -> Tensor:
     """|x_i| (N, 1) from the rows scaled by _power_of_two_scale."""
-    s = _power_of_two_scale(x)
+    with torch.no_grad():
+        s = _power_of_two_scale(_row_max_abs(x))
     return (x * s).norm(dim=1, keepdim=True) / s
 
 
@@ -76,9 +82,9 @@ def normalize(x: Tensor, dtype: torch.dtype, eps: float = EPS) -> Tensor:
     if x.shape[1] == 0:
         return F.normalize(x, p=2.0, dim=1, eps=eps)
     with torch.no_grad():
-        big = torch.maximum(x.amax(dim=1, keepdim=True), -x.amin(dim=1, keepdim=True))
+        big = _row_max_abs(x)  # once: the scale comes from it too
         overflow = torch.isinf(x.norm(p=2.0, dim=1, keepdim=True)) & torch.isfinite(big)
-        s = torch.where(overflow, _power_of_two_scale(x), torch.ones_like(big))
+        s = torch.where(overflow, _power_of_two_scale(big), torch.ones_like(big))
     xs = x * s
     return xs / xs.norm(p=2.0, dim=1, keepdim=True).clamp_min(eps * s).expand_as(xs)
 

@@ -102,6 +102,18 @@ FUNC_GRAD = ("torch's custom-op autograd does not support torch.func.grad (vjp, 
              "through relkd's kernels")
 
 
+def _transform_reason(loss: str, inputs: Sequence[Optional[Tensor]]) -> str:
+    """Why a function transform keeps `loss` off relkd's ops ("" if none)."""
+    if _has_tangent(*inputs):
+        return FORWARD_AD
+    if _under_func_grad():
+        return FUNC_GRAD
+    if loss == "SPLoss" and _under_func_grad(any_transform=True):
+        return ("SP's fused path is a Python autograd.Function, which torch.func's "
+                "transforms (vmap) refuse")
+    return ""
+
+
 def _use_fused(loss: str, backend: str, device: torch.device,
                cost: str = RELATION_MATRICES, inputs: Sequence[Optional[Tensor]] = ()) -> bool:
     """Backend choice: True for the fused path, False for the reference.
@@ -111,20 +123,12 @@ def _use_fused(loss: str, backend: str, device: torch.device,
     check.backend(backend)
     if backend == "reference":
         return False
-    if _has_tangent(*inputs):
-        reason = FORWARD_AD
-    elif _under_func_grad():
-        reason = FUNC_GRAD
-    elif loss == "SPLoss" and _under_func_grad(any_transform=True):
-        reason = ("SP's fused path is a Python autograd.Function, which torch.func's "
-                  "transforms (vmap) refuse")
-    elif not ops.HAS_EXTENSION:
+    reason = _transform_reason(loss, inputs)
+    if not reason and not ops.HAS_EXTENSION:
         reason = ops.EXTENSION_ERROR
-    elif device.type not in ops.fused_devices():
+    elif not reason and device.type not in ops.fused_devices():
         reason = (f"this build of relkd has no fused kernels for {device.type} tensors "
                   f"(compiled for: {', '.join(ops.fused_devices())})")
-    else:
-        reason = ""
     if backend == "fused":
         ops.require_extension(f"{loss}(backend='fused')")
         if reason:
@@ -212,8 +216,7 @@ def fcd_loss(fs: Tensor, ft: Tensor, metric: str = "l2", normalize: bool = True,
         # O(N*D): the fused form differs only in its one-pass normalisation,
         # so it needs the compiled ops but no fused device.
         use_ops = backend != "reference" and ops.HAS_EXTENSION
-        transformed = (FORWARD_AD if _has_tangent(fs, ft) else
-                       FUNC_GRAD if _under_func_grad() else "")
+        transformed = _transform_reason("FCDLoss", (fs, ft))
         if use_ops and transformed:
             if backend == "fused":
                 raise NotImplementedError(f"FCDLoss(backend='fused'): {transformed}; use "
