@@ -25,7 +25,7 @@ from . import _validation as check
 from . import ops
 from ._common import compute_dtype, normalize
 from ._group_state import ProcessGroupHolder
-from .distributed import gather_rows, resolve_group
+from .distributed import fail_together, gather_rows, resolve_group
 from .functional import similarity_topk
 from .reference import EPS
 
@@ -80,6 +80,7 @@ class PrototypeBank(ProcessGroupHolder, nn.Module):
         self.register_buffer("labels", torch.arange(num_classes, device=device))
 
     @torch.no_grad()
+    @fail_together(lambda self, ft, y: (self.process_group, self.gather, ft))
     def update(self, ft: Tensor, y: Tensor) -> None:
         """Moves the prototypes of the identities in y (N,) towards the
         teacher embeddings ft (N, D) of their faces (no gradient)."""

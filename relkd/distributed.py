@@ -13,9 +13,10 @@ the exact global-batch gradient multiplies the share by the world size.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -73,20 +74,90 @@ def _comm_device(group, device: Optional[torch.device] = None) -> torch.device:
     return torch.device(next(iter(served)))
 
 
-def _gather_sizes(n: int, group, device: Optional[torch.device] = None) -> List[int]:
-    """Every rank's row count. Under torch.compile the ranks' counts must be
-    equal (DistributedSampler gives equal shards): a count read from another
-    rank is data the graph cannot specialise on, so the compiled graph takes
-    n on every rank and checks at run time that it holds."""
+def _exchange_sizes(n: int, group, device: Optional[torch.device]) -> List[Tensor]:
     dev = _comm_device(group, device)
-    world = dist.get_world_size(group)
-    sizes = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(world)]
+    sizes = [torch.zeros(1, dtype=torch.long, device=dev)
+             for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=dev), group=group)
+    return sizes
+
+
+def _gather_sizes(n: int, group, device: Optional[torch.device] = None) -> List[int]:
+    """Every rank's row count: the first collective of every relkd call
+    that has collectives (see fail_together). Under torch.compile the ranks'
+    counts must be equal (DistributedSampler gives equal shards): a count
+    read from another rank is data the graph cannot specialise on, so the
+    compiled graph takes n on every rank and checks at run time that it holds."""
     if torch.compiler.is_compiling():
+        sizes = _exchange_sizes(n, group, device)
         # On the host: a failed device-side assert would poison the CUDA context.
         torch._assert_async(torch.cat(sizes).cpu().eq(n).all(), UNEQUAL_SHARDS)
-        return [n] * world
-    return [int(s) for s in sizes]
+        return [n] * len(sizes)
+    pending = _BEFORE_FIRST_COLLECTIVE.get()
+    if pending:  # reached: an error from here on (this gather's included) is not the inputs'
+        pending[0] = False
+    sizes = [int(s) for s in _exchange_sizes(n, group, device)]
+    rejected = [rank for rank, size in enumerate(sizes) if size == _REJECTED]
+    if rejected:
+        raise RuntimeError(
+            f"relkd: rank(s) {rejected} of the process group rejected their inputs (the "
+            "error raised there says why); this rank stops too instead of waiting for "
+            "them in the next collective")
+    return sizes
+
+
+# A rank whose inputs fail validation raises before its first collective and
+# would leave the other ranks waiting in it until the group's timeout (a hang
+# of minutes). So the first collective of every relkd call that has any is
+# the row-count gather, and a rank that fails before it still takes part in
+# it, with the count _REJECTED, before raising its own error: the other ranks
+# read that count and raise too, and every rank has run the same collectives
+# (the group stays usable for the next step). Eager mode only: under
+# torch.compile a check that fails while tracing still leaves the others
+# waiting.
+_REJECTED = -1
+_BEFORE_FIRST_COLLECTIVE = contextvars.ContextVar("relkd_before_first_collective",
+                                                   default=None)
+
+
+def fail_together(group_args: Callable):
+    """Decorates a relkd entry point whose first collective under a group is
+    _gather_sizes; group_args(*args, **kwargs) -> (process_group, gather,
+    a tensor argument or None) names its group and where its tensors live.
+    Nested entry points (CoupleFace's RAD and FCD) share the outer call's
+    exchange."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if torch.compiler.is_compiling() or _BEFORE_FIRST_COLLECTIVE.get() is not None:
+                return fn(*args, **kwargs)
+            pending = [True]
+            token = _BEFORE_FIRST_COLLECTIVE.set(pending)
+            try:
+                return fn(*args, **kwargs)
+            except Exception:
+                if pending[0]:
+                    _reject_on_peers(group_args, args, kwargs)
+                raise
+            finally:
+                _BEFORE_FIRST_COLLECTIVE.reset(token)
+
+        return call
+
+    return wrap
+
+
+def _reject_on_peers(group_args: Callable, args, kwargs) -> None:
+    """Takes part in the row-count gather with _REJECTED, if there is a group.
+    Never raises: the caller's own error is the one to report."""
+    try:
+        process_group, gather, like = group_args(*args, **kwargs)
+        group = resolve_group(process_group, gather)
+        if group is not None:
+            _exchange_sizes(_REJECTED, group, like.device if isinstance(like, Tensor) else None)
+    except Exception:  # noqa: BLE001 (e.g. no group at all: an error alike on every rank)
+        pass
 
 
 UNEQUAL_SHARDS = ("relkd under torch.compile with process_group / gather=True needs the same "
@@ -110,6 +181,18 @@ def _all_gather_rows(x: Tensor, sizes: List[int], group) -> Tensor:
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded, group=group)
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(x.device)
+
+
+def share_of_mean(local_mean: Tensor, n_local: int, group) -> Tensor:
+    """This rank's share of a mean over the global batch (SPEC §8): the local
+    mean times n_local / n_global, so that the shares sum to the global mean."""
+    if group is None:
+        return local_mean
+    if torch.compiler.is_compiling():  # the count summed in the graph: any shard sizes
+        n_all = all_reduce_sum(torch.tensor(n_local, device=local_mean.device), group)
+        return local_mean * (n_local / n_all.clamp(min=1).to(local_mean.dtype))
+    # Eager: the row-count gather, the first collective (fail_together).
+    return local_mean * (n_local / max(sum(_gather_sizes(n_local, group, local_mean.device)), 1))
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

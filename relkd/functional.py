@@ -30,7 +30,8 @@ from torch import Tensor
 from . import _validation as check
 from . import fused, ops, reference
 from ._common import EPS, compute_dtype, normalize as normalize_rows, row_norms
-from .distributed import GlobalBatch, all_reduce_sum, gather_rows, global_batch, resolve_group
+from .distributed import (GlobalBatch, fail_together, gather_rows, global_batch, resolve_group,
+                          share_of_mean)
 
 __all__ = [
     "fcd_loss", "rad_loss", "coupleface_loss", "ekd_loss", "cckd_loss", "sp_loss", "rkd_loss",
@@ -68,6 +69,17 @@ def _full_precision(fn):
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+def _loss_group(*args, **kwargs):
+    """fail_together's view of a loss call: its group options and fs."""
+    fs = args[0] if args else kwargs.get("fs")
+    return kwargs.get("process_group"), kwargs.get("gather", False), fs
+
+
+# A rank whose inputs fail validation makes the other ranks raise too
+# (instead of waiting for it in a collective): see distributed.fail_together.
+_fail_together = fail_together(_loss_group)
 
 
 RELATION_MATRICES = "N x N relation matrices"
@@ -177,21 +189,13 @@ def _by_backend(use_fused: bool, gb: GlobalBatch, fused_fn, reference_fn):
     return loss if gb.world == 1 else loss / gb.world
 
 
-def _share_of_mean(local_mean: Tensor, n_local: int, group) -> Tensor:
-    """This rank's share of a mean over the global batch (SPEC §8): the local
-    mean times n_local / n_global, so that the shares sum to the global mean."""
-    if group is None:
-        return local_mean
-    n_all = all_reduce_sum(torch.tensor(n_local, device=local_mean.device), group)
-    return local_mean * (n_local / n_all.clamp(min=1).to(local_mean.dtype))
-
-
 def _world_size(group) -> int:
     return 1 if group is None else torch.distributed.get_world_size(group)
 
 
 # ------------------------------------------------------------------------ FCD
 @_full_precision
+@_fail_together
 def fcd_loss(fs: Tensor, ft: Tensor, metric: str = "l2", normalize: bool = True, *,
              detach_teacher: bool = True, backend: str = "auto", process_group=None,
              gather: bool = False) -> Tensor:
@@ -224,7 +228,7 @@ def fcd_loss(fs: Tensor, ft: Tensor, metric: str = "l2", normalize: bool = True,
             use_ops = False  # O(N D) either way: no warning
         fcd = fused.fcd_loss if use_ops else reference.fcd_loss
         local = fcd(fs, ft, metric, normalize, detach_teacher)
-    return _share_of_mean(local, fs.shape[0], group)
+    return share_of_mean(local, fs.shape[0], group)
 
 
 # ------------------------------------------------------------------------ RAD
@@ -297,6 +301,7 @@ def _user_stacklevel() -> int:
 
 
 @_full_precision
+@_fail_together
 def rad_loss(fs: Tensor, ft: Tensor, y: Optional[Tensor] = None, bank: Optional[Tensor] = None,
              bank_labels: Optional[Tensor] = None, indices: Optional[Tensor] = None, *,
              k: int = 16, metric: str = "hinge", margin: float = 0.03, mine_by: str = "teacher",
@@ -335,6 +340,7 @@ def rad_loss(fs: Tensor, ft: Tensor, y: Optional[Tensor] = None, bank: Optional[
 
 
 @_full_precision
+@_fail_together
 def coupleface_loss(fs: Tensor, ft: Tensor, y: Optional[Tensor] = None,
                     bank: Optional[Tensor] = None, bank_labels: Optional[Tensor] = None,
                     indices: Optional[Tensor] = None, *, alpha: float = 1.0, beta: float = 1.0,
@@ -357,6 +363,7 @@ def coupleface_loss(fs: Tensor, ft: Tensor, y: Optional[Tensor] = None,
 
 # ------------------------------------------------------------------------ EKD
 @_full_precision
+@_fail_together
 def ekd_loss(fs: Tensor, ft: Tensor, y: Tensor, s_anchor: Tensor, t_anchor: Tensor, *,
              training: bool = True, topk: int = 2000, temperature: float = 0.01,
              fpr_levels: Sequence[float] = DEFAULT_FPR_LEVELS, momentum: float = 0.01,
@@ -409,6 +416,7 @@ def ekd_loss(fs: Tensor, ft: Tensor, y: Tensor, s_anchor: Tensor, t_anchor: Tens
 
 # ----------------------------------------------------------------------- CCKD
 @_full_precision
+@_fail_together
 def cckd_loss(fs: Tensor, ft: Tensor, *, kernel: str = "gaussian", gamma: float = 0.4,
               order: int = 2, detach_teacher: bool = True, backend: str = "auto",
               process_group=None, gather: bool = False) -> Tensor:
@@ -432,6 +440,7 @@ def cckd_loss(fs: Tensor, ft: Tensor, *, kernel: str = "gaussian", gamma: float 
 
 # ------------------------------------------------------------------------- SP
 @_full_precision
+@_fail_together
 def sp_loss(fs: Tensor, ft: Tensor, *, detach_teacher: bool = True, backend: str = "auto",
             process_group=None, gather: bool = False) -> Tensor:
     """Similarity-preserving distillation (SP, ICCV 2019), SPEC §5.
@@ -449,6 +458,7 @@ def sp_loss(fs: Tensor, ft: Tensor, *, detach_teacher: bool = True, backend: str
 
 # ------------------------------------------------------------------------ RKD
 @_full_precision
+@_fail_together
 def rkd_loss(fs: Tensor, ft: Tensor, *, distance_weight: float = 25.0,
              angle_weight: float = 50.0, backend: str = "auto", process_group=None,
              gather: bool = False) -> Tensor:

@@ -6,7 +6,8 @@ Hessian-vector product: a double backward through the collectives) equals
 that process's for its rows, and EKD's anchors (and a PrototypeBank) are
 identical on every rank and equal the single-process ones; EKD's
 selection resolves its thresholds from keys gathered from every rank in
-one pass. Collectives time
+one pass. A rank whose inputs fail validation stops every rank (no hang)
+and leaves the group usable. Collectives time
 out and the spawned ranks are bounded in time, so a hang fails the test
 instead of blocking CI."""
 import datetime
@@ -223,6 +224,74 @@ def test_selection_collects_keys_across_ranks(ranks, dtype):
 def test_gather_without_process_group_is_an_error():
     with pytest.raises(ValueError, match="gather=True: torch.distributed is not initialised"):
         Fn.cckd_loss(torch.randn(4, 3), torch.randn(4, 3), gather=True)
+
+
+# ------------------------------------- a rank whose inputs fail validation
+def rejecting_worker(rank, init_file, out_dir):
+    """Rank 1 passes a teacher batch one row short (or, for the bank, labels
+    out of range) and must raise its ValueError; rank 0 must raise too rather
+    than wait for rank 1 in a collective, and then a good call must work on
+    both (the ranks still run the same collectives)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=2, timeout=COLLECTIVE_TIMEOUT)
+    rows = slice(10 * rank, 10 * rank + 10)
+
+    def outcome(call):
+        try:
+            out = call()
+        except Exception as error:  # noqa: BLE001 (the test checks which)
+            return type(error).__name__, str(error)
+        return "ok", (out[0] if isinstance(out, tuple) else out).detach()
+
+    results = {}
+    for name, (d, fn) in CASES.items():
+        fs, ft, y = batch(d)
+        teacher = ft[rows][:-1] if rank == 1 else ft[rows]
+        rejected = outcome(lambda: fn(fs[rows], teacher, y[rows], gather=True))
+        results[name] = rejected, outcome(lambda: fn(fs[rows], ft[rows], y[rows], gather=True))
+    fs, ft, y = batch()
+    results["every_rank"] = outcome(lambda: Fn.cckd_loss(fs[rows], ft[rows][:-1], gather=True))
+    bank = relkd.PrototypeBank(9, D, gather=True, dtype=torch.float64)
+    results["bank"] = outcome(lambda: bank.update(ft[rows], y[rows] % 9 + 9 * rank))
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # as worker()
+
+
+@pytest.fixture(scope="module")
+def rejecting_ranks():
+    with tempfile.TemporaryDirectory() as tmp:
+        yield spawn_with_deadline(rejecting_worker, 2, tmp, RUN_DEADLINE_S)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_rank_rejecting_its_inputs_stops_every_rank(rejecting_ranks, name):
+    (kind0, message0), _ = rejecting_ranks[0][name]
+    (kind1, message1), _ = rejecting_ranks[1][name]
+    assert (kind1, message1.split(":")[0]) == ("ValueError", "ft")
+    assert kind0 == "RuntimeError" and "rank(s) [1] of the process group rejected" in message0
+    d, fn = CASES[name]
+    fs, ft, y = batch(d)
+    (kind0, share0), (kind1, share1) = (r[name][1] for r in rejecting_ranks)
+    assert kind0 == kind1 == "ok"  # the next call: the ranks still agree
+    want = fn(fs[:20], ft[:20], y[:20])
+    torch.testing.assert_close(share0 + share1, want[0] if isinstance(want, tuple) else want,
+                               rtol=1e-10, atol=1e-14)
+
+
+def test_every_rank_rejecting_raises_its_own_error(rejecting_ranks):
+    for results in rejecting_ranks:
+        kind, message = results["every_rank"]
+        assert kind == "ValueError" and message.startswith("ft:")
+
+
+def test_prototype_bank_update_rejected_on_one_rank_stops_every_rank(rejecting_ranks):
+    kind0, message0 = rejecting_ranks[0]["bank"]
+    kind1, message1 = rejecting_ranks[1]["bank"]
+    assert kind1 == "ValueError" and message1.startswith("y: labels must lie in [0, 9)")
+    assert kind0 == "RuntimeError" and "rank(s) [1]" in message0
 
 
 # ------------------------------------------- where collectives run, per backend
