@@ -49,13 +49,21 @@ def _scaled_norms(x: Tensor) -> Tensor:
 
 def row_norms(x: Tensor) -> Tensor:
     """|x_i| (N,) of a floating (N, D) tensor, without overflow where the norm
-    itself is finite. No copy of x (banks of millions of rows pass here):
-    torch's norm first, and in eager mode only the rows where it overflowed
-    again, scaled (_power_of_two_scale); a compiled graph (and torch.func's
-    transforms, which refuse the data-dependent branch) keeps torch's."""
+    itself is finite: torch's norm, and the rows where it overflowed again,
+    scaled (_power_of_two_scale). No copy of x in eager mode (banks of
+    millions of rows pass here): only those rows are rescaled, after a host
+    check. Compiled graphs and torch.func's transforms cannot branch on data:
+    there every row goes through its scale (1 where torch's norm is finite:
+    the same bits), which the compiler fuses into the reduction."""
     norms = x.norm(dim=1)
-    if torch.compiler.is_compiling() or x.shape[1] == 0 or _functorch_wrapped(x):
+    if x.shape[1] == 0:
         return norms
+    if torch.compiler.is_compiling() or _functorch_wrapped(x):
+        with torch.no_grad():
+            big = _row_max_abs(x)
+            overflow = torch.isinf(norms).unsqueeze(1) & torch.isfinite(big)
+            s = torch.where(overflow, _power_of_two_scale(big), torch.ones_like(big))
+        return ((x * s).norm(dim=1, keepdim=True) / s).squeeze(1)
     overflow = torch.isinf(norms)
     if not bool(overflow.any()):
         return norms

@@ -159,3 +159,20 @@ def test_the_python_normalisation_equals_f_normalize_and_survives_overflow(dtype
     torch.testing.assert_close(row_norms(big).double(), big.double().norm(dim=1) if
                                dtype == torch.float32 else embeddings(5, 9, 5, dtype).norm(
                                    dim=1) * 1e200, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bank_norms_survive_overflow_compiled_and_under_vmap(dtype):
+    # row_norms cannot branch on data there: every row takes its scale, and
+    # the result equals eager's (torch's norm's bits where it is finite).
+    from relkd._common import row_norms
+    x = embeddings(7, 9, 6, dtype)
+    x[2] *= 1e30 if dtype == torch.float32 else 1e200
+    x[5] = 0
+    want = row_norms(x)
+    assert torch.isfinite(want).all() and want[2] > 1e29
+    torch._dynamo.reset()
+    got = torch.compile(row_norms, fullgraph=True)(x)
+    torch.testing.assert_close(got, want, rtol=4 * torch.finfo(dtype).eps, atol=0)
+    vmapped = torch.vmap(lambda b: row_norms(b))(torch.stack([x, x.flip(0)]))
+    assert torch.equal(vmapped[0], want) and torch.equal(vmapped[1], want.flip(0))
