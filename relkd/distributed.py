@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -74,36 +75,84 @@ def _comm_device(group, device: Optional[torch.device] = None) -> torch.device:
     return torch.device(next(iter(served)))
 
 
-def _exchange_sizes(n: int, group, device: Optional[torch.device]) -> List[Tensor]:
+# What a rank's row-count exchange carries beside its count: for up to
+# _SLOTS tensors about to be gathered, (ndim, values per row, dtype code), so
+# that ranks whose batches differ in feature dim or dtype raise a ValueError
+# instead of handing the gather mismatched buffers (gloo aborts the process;
+# NCCL's behaviour is undefined). Fixed length: a rank that rejected its
+# inputs (fail_together) sends it without knowing what the others gather.
+_SLOTS = 3
+_ABSENT = (0, 0, 0)
+
+
+# Codes by name: the same in every process of one torch version.
+_DTYPES = sorted({d for d in vars(torch).values() if isinstance(d, torch.dtype)}, key=str)
+_DTYPE_CODES = {d: code for code, d in enumerate(_DTYPES, start=1)}
+
+
+def _signature(x: Optional[Tensor]) -> tuple:
+    if x is None:
+        return _ABSENT
+    return x.dim(), math.prod(x.shape[1:]), _DTYPE_CODES.get(x.dtype, -1)
+
+
+def _exchange_sizes(n: int, group, device: Optional[torch.device],
+                    tensors: Sequence[Optional[Tensor]] = ()) -> Tensor:
+    """(world, 1 + 3 * _SLOTS) int64 on the host: every rank's row count and
+    the signatures of its tensors."""
     dev = _comm_device(group, device)
-    sizes = [torch.zeros(1, dtype=torch.long, device=dev)
-             for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=dev), group=group)
-    return sizes
+    own = [n] + [v for i in range(_SLOTS)
+                 for v in (_signature(tensors[i]) if i < len(tensors) else _ABSENT)]
+    rows = [torch.zeros(len(own), dtype=torch.long, device=dev)
+            for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, torch.tensor(own, dtype=torch.long, device=dev), group=group)
+    return torch.stack(rows).cpu()
 
 
-def _gather_sizes(n: int, group, device: Optional[torch.device] = None) -> List[int]:
+def _gather_sizes(n: int, group, device: Optional[torch.device] = None,
+                  named: Sequence[Tuple[str, Optional[Tensor]]] = ()) -> List[int]:
     """Every rank's row count: the first collective of every relkd call
-    that has collectives (see fail_together). Under torch.compile the ranks'
-    counts must be equal (DistributedSampler gives equal shards): a count
-    read from another rank is data the graph cannot specialise on, so the
-    compiled graph takes n on every rank and checks at run time that it holds."""
+    that has collectives (see fail_together). `named`: the (argument name,
+    tensor) about to be gathered, whose feature shape and dtype every rank
+    must share. Under torch.compile the ranks' counts must be equal
+    (DistributedSampler gives equal shards): a count read from another rank
+    is data the graph cannot specialise on, so the compiled graph takes n on
+    every rank and checks at run time that it holds."""
+    assert len(named) <= _SLOTS
+    tensors = [t for _, t in named]
     if torch.compiler.is_compiling():
-        sizes = _exchange_sizes(n, group, device)
+        table = _exchange_sizes(n, group, device, tensors)
         # On the host: a failed device-side assert would poison the CUDA context.
-        torch._assert_async(torch.cat(sizes).cpu().eq(n).all(), UNEQUAL_SHARDS)
-        return [n] * len(sizes)
+        torch._assert_async((table == table[dist.get_rank(group)]).all(), UNEQUAL_SHARDS)
+        return [n] * table.shape[0]
     pending = _BEFORE_FIRST_COLLECTIVE.get()
     if pending:  # reached: an error from here on (this gather's included) is not the inputs'
         pending[0] = False
-    sizes = [int(s) for s in _exchange_sizes(n, group, device)]
-    rejected = [rank for rank, size in enumerate(sizes) if size == _REJECTED]
+    table = _exchange_sizes(n, group, device, tensors).tolist()
+    rejected = [rank for rank, row in enumerate(table) if row[0] == _REJECTED]
     if rejected:
         raise RuntimeError(
             f"relkd: rank(s) {rejected} of the process group rejected their inputs (the "
             "error raised there says why); this rank stops too instead of waiting for "
             "them in the next collective")
-    return sizes
+    for slot, (name, _) in enumerate(named):
+        signatures = [tuple(row[1 + 3 * slot: 4 + 3 * slot]) for row in table]
+        if len(set(signatures)) > 1:
+            raise ValueError(f"{name}: the ranks of the process group must pass the same "
+                             "feature shape and dtype, got " + ", ".join(
+                                 f"rank {rank}: {_describe(sig)}"
+                                 for rank, sig in enumerate(signatures)))
+    return [row[0] for row in table]
+
+
+def _describe(signature: tuple) -> str:
+    ndim, per_row, code = signature
+    if signature == _ABSENT:
+        return "None"
+    dtype = str(_DTYPES[code - 1]) if 1 <= code <= len(_DTYPES) else "unknown dtype"
+    shape = "(rows,)" if ndim == 1 else f"(rows, {per_row})" if ndim == 2 else \
+        f"{ndim} dims, {per_row} values per row"
+    return f"{shape} {dtype}"
 
 
 # A rank whose inputs fail validation raises before its first collective and
@@ -161,7 +210,8 @@ def _reject_on_peers(group_args: Callable, args, kwargs) -> None:
 
 
 UNEQUAL_SHARDS = ("relkd under torch.compile with process_group / gather=True needs the same "
-                  "batch size on every rank (e.g. DistributedSampler, drop_last=True)")
+                  "batch size on every rank (e.g. DistributedSampler, drop_last=True), "
+                  "and the same feature shapes and dtypes")
 
 
 def _summed_over_ranks(x: Tensor, group) -> Tensor:
@@ -192,7 +242,8 @@ def share_of_mean(local_mean: Tensor, n_local: int, group) -> Tensor:
         n_all = all_reduce_sum(torch.tensor(n_local, device=local_mean.device), group)
         return local_mean * (n_local / n_all.clamp(min=1).to(local_mean.dtype))
     # Eager: the row-count gather, the first collective (fail_together).
-    return local_mean * (n_local / max(sum(_gather_sizes(n_local, group, local_mean.device)), 1))
+    n_all = sum(_gather_sizes(n_local, group, local_mean.device))
+    return local_mean * (n_local / max(n_all, 1))
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -216,15 +267,17 @@ def all_gather_with_grad(x: Tensor, group=None, sizes: Optional[List[int]] = Non
     the backward sums the column gradients of all ranks into each rank's rows.
     Ranks may hold different numbers of rows (`sizes`, gathered if None)."""
     group = group if group is not None else dist.group.WORLD
-    sizes = sizes if sizes is not None else _gather_sizes(x.shape[0], group, x.device)
+    sizes = sizes if sizes is not None else _gather_sizes(x.shape[0], group, x.device,
+                                                          [("x", x)])
     if x.requires_grad and torch.is_grad_enabled():
         return _AllGatherWithGrad.apply(x, group, sizes)
     return _all_gather_rows(x, sizes, group)
 
 
-def gather_rows(x: Tensor, group) -> Tensor:
-    """Rows of x from every rank in rank order, without gradient."""
-    return _all_gather_rows(x, _gather_sizes(x.shape[0], group, x.device), group)
+def gather_rows(x: Tensor, group, name: str = "x") -> Tensor:
+    """Rows of x from every rank in rank order, without gradient (`name`:
+    x's argument name, for the error where ranks differ in its shape or dtype)."""
+    return _all_gather_rows(x, _gather_sizes(x.shape[0], group, x.device, [(name, x)]), group)
 
 
 class _AllReduceWithGrad(torch.autograd.Function):
@@ -278,7 +331,7 @@ def global_batch(fs: Tensor, ft: Tensor, y: Optional[Tensor], group) -> GlobalBa
     """Gathers fs (with grad), ft (with grad if it requires it) and y."""
     if group is None:
         return GlobalBatch(fs, ft, y, fs, ft, y, 0, None)
-    sizes = _gather_sizes(fs.shape[0], group, fs.device)
+    sizes = _gather_sizes(fs.shape[0], group, fs.device, [("fs", fs), ("ft", ft), ("y", y)])
     offset = sum(sizes[: dist.get_rank(group)])
     fs_all = all_gather_with_grad(fs, group, sizes)
     ft_all = all_gather_with_grad(ft, group, sizes)

@@ -334,7 +334,8 @@ def rad_loss(fs: Tensor, ft: Tensor, y: Optional[Tensor] = None, bank: Optional[
     rad = dict(k=k, metric=metric, margin=margin, mine_by=mine_by, detach_teacher=detach_teacher)
     if use_fused:
         return fused.rad_loss(gb, bank, bank_labels, indices, **rad)
-    idx_all = indices if indices is None or group is None else gather_rows(indices, group)
+    idx_all = (indices if indices is None or group is None
+               else gather_rows(indices, group, "indices"))
     return _by_backend(False, gb, None, lambda f, t, yy: reference.rad_loss(
         f, t, yy, bank, bank_labels, idx_all, **rad))
 

@@ -252,6 +252,14 @@ def rejecting_worker(rank, init_file, out_dir):
         results[name] = rejected, outcome(lambda: fn(fs[rows], ft[rows], y[rows], gather=True))
     fs, ft, y = batch()
     results["every_rank"] = outcome(lambda: Fn.cckd_loss(fs[rows], ft[rows][:-1], gather=True))
+    wider = torch.cat([fs, fs[:, :1]], 1)  # valid alone; not beside rank 0's dim
+    results["dim"] = outcome(lambda: Fn.cckd_loss((wider if rank else fs)[rows], ft[rows],
+                                                  gather=True))
+    results["dtype"] = outcome(lambda: Fn.cckd_loss(fs[rows], ft[rows].to(
+        torch.float32 if rank else torch.float64), gather=True))
+    results["labels"] = outcome(lambda: Fn.rad_loss(fs[rows], ft[rows], y[rows].to(
+        torch.int32 if rank else torch.int64), k=3, gather=True))
+    results["after"] = outcome(lambda: Fn.cckd_loss(fs[rows], ft[rows], gather=True))
     bank = relkd.PrototypeBank(9, D, gather=True, dtype=torch.float64)
     results["bank"] = outcome(lambda: bank.update(ft[rows], y[rows] % 9 + 9 * rank))
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -285,6 +293,24 @@ def test_every_rank_rejecting_raises_its_own_error(rejecting_ranks):
     for results in rejecting_ranks:
         kind, message = results["every_rank"]
         assert kind == "ValueError" and message.startswith("ft:")
+
+
+@pytest.mark.parametrize("case,argument,rank1", [
+    ("dim", "fs", "(rows, 9) torch.float64"), ("dtype", "ft", "(rows, 8) torch.float32"),
+    ("labels", "y", "(rows,) torch.int32")])
+def test_ranks_whose_batches_differ_in_shape_or_dtype_raise(rejecting_ranks, case, argument,
+                                                            rank1):
+    # Each rank's batch is valid alone; gathered together they would hand
+    # the collective mismatched buffers (gloo aborted the process). Every
+    # rank raises the same error, and the group still works afterwards.
+    for results in rejecting_ranks:
+        kind, message = results[case]
+        assert kind == "ValueError" and message.startswith(f"{argument}: the ranks")
+        assert f"rank 1: {rank1}" in message
+        assert results["after"][0] == "ok"
+    torch.testing.assert_close(sum(r["after"][1] for r in rejecting_ranks),
+                               Fn.cckd_loss(*(t[:20] for t in batch()[:2])), rtol=1e-10,
+                               atol=1e-14)
 
 
 def test_prototype_bank_update_rejected_on_one_rank_stops_every_rank(rejecting_ranks):
