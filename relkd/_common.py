@@ -54,7 +54,8 @@ def row_norms(x: Tensor) -> Tensor:
     millions of rows pass here): only those rows are rescaled, after a host
     check. Compiled graphs and torch.func's transforms cannot branch on data:
     there every row goes through its scale (1 where torch's norm is finite:
-    the same bits), which the compiler fuses into the reduction."""
+    the same bits); the compiler fuses x * s into the reduction, torch.func
+    makes it a copy of x."""
     norms = x.norm(dim=1)
     if x.shape[1] == 0:
         return norms

@@ -97,7 +97,9 @@ class PrototypeBank(ProcessGroupHolder, nn.Module):
                              f"[{int(y.min())}, {int(y.max())}]")
         group = resolve_group(self.process_group, self.gather)
         if group is not None:
-            ft, y = gather_rows(ft.detach(), group, "ft"), gather_rows(y, group, "y")
+            call = dict(loss="PrototypeBank.update", num_classes=num_classes, dim=dim,
+                        momentum=self.momentum)
+            ft, y = gather_rows(ft.detach(), group, "ft", call), gather_rows(y, group, "y")
         z = normalize(ft.detach(), self.prototypes.dtype)
         # Only the identities of this batch are touched: O(batch * dim), not
         # a bank-sized temporary per call (a million classes cost nothing more).

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextvars
 import functools
 import math
+import numbers
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -75,7 +77,8 @@ def _comm_device(group, device: Optional[torch.device] = None) -> torch.device:
     return torch.device(next(iter(served)))
 
 
-# What a rank's row-count exchange carries beside its count: for up to
+# What a rank's row-count exchange carries beside its count and its call's
+# options (_call_code): for up to
 # _SLOTS tensors about to be gathered, (ndim, values per row, dtype code), so
 # that ranks whose batches differ in feature dim or dtype raise a ValueError
 # instead of handing the gather mismatched buffers (gloo aborts the process;
@@ -97,24 +100,58 @@ def _signature(x: Optional[Tensor]) -> tuple:
 
 
 def _exchange_sizes(n: int, group, device: Optional[torch.device],
-                    tensors: Sequence[Optional[Tensor]] = ()) -> Tensor:
-    """(world, 1 + 3 * _SLOTS) int64 on the host: every rank's row count and
-    the signatures of its tensors."""
+                    tensors: Sequence[Optional[Tensor]] = (), call_code: int = 0) -> Tensor:
+    """(world, 2 + 3 * _SLOTS) int64 on the host: every rank's row count,
+    the code of its call's options (_call_code) and its tensors' signatures."""
     dev = _comm_device(group, device)
-    own = [n] + [v for i in range(_SLOTS)
-                 for v in (_signature(tensors[i]) if i < len(tensors) else _ABSENT)]
+    own = [n, call_code] + [v for i in range(_SLOTS)
+                            for v in (_signature(tensors[i]) if i < len(tensors) else _ABSENT)]
     rows = [torch.zeros(len(own), dtype=torch.long, device=dev)
             for _ in range(dist.get_world_size(group))]
     dist.all_gather(rows, torch.tensor(own, dtype=torch.long, device=dev), group=group)
     return torch.stack(rows).cpu()
 
 
+def _call_code(call: Optional[dict]) -> int:
+    """A number for a call's options, the same in every process: ranks that
+    call a loss with different options (k, backend, train/eval, EKD's
+    anchors, ...) run different collectives, which abort, hang or pair up
+    wrongly."""
+    if not call:
+        return 0
+    text = repr([(k, _canonical(v)) for k, v in call.items()])
+    return zlib.crc32(text.encode()) + 1  # never 0, the code of "no options"
+
+
+def _canonical(v):
+    """v with numbers as Python's (numpy's 0.5 and 0.5 are one option)."""
+    if isinstance(v, (bool, str)) or v is None:
+        return v
+    if isinstance(v, Tensor):
+        return _canonical(v.tolist())
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    if isinstance(v, (tuple, list)):
+        return tuple(_canonical(x) for x in v)
+    return repr(v)
+
+
+def _describe_call(call: dict) -> str:
+    name, *options = call.items()
+    return f"{name[1]}(" + ", ".join(f"{k}={v!r}" for k, v in options) + ")"
+
+
 def _gather_sizes(n: int, group, device: Optional[torch.device] = None,
-                  named: Sequence[Tuple[str, Optional[Tensor]]] = ()) -> List[int]:
+                  named: Sequence[Tuple[str, Optional[Tensor]]] = (),
+                  call: Optional[dict] = None) -> List[int]:
     """Every rank's row count: the first collective of every relkd call
     that has collectives (see fail_together). `named`: the (argument name,
     tensor) about to be gathered, whose feature shape and dtype every rank
-    must share. Under torch.compile the ranks' counts must be equal
+    must share; `call`: {"loss": name, option: value, ...}, which every rank
+    must share too (checked in eager mode; a compiled graph holds its
+    options as constants). Under torch.compile the ranks' counts must be equal
     (DistributedSampler gives equal shards): a count read from another rank
     is data the graph cannot specialise on, so the compiled graph takes n on
     every rank and checks at run time that it holds."""
@@ -123,20 +160,25 @@ def _gather_sizes(n: int, group, device: Optional[torch.device] = None,
     if torch.compiler.is_compiling():
         table = _exchange_sizes(n, group, device, tensors)
         # On the host: a failed device-side assert would poison the CUDA context.
+        torch._assert_async((table[:, 0] != _REJECTED).all(), SOME_REJECTED)
         torch._assert_async((table == table[dist.get_rank(group)]).all(), UNEQUAL_SHARDS)
         return [n] * table.shape[0]
     pending = _BEFORE_FIRST_COLLECTIVE.get()
     if pending:  # reached: an error from here on (this gather's included) is not the inputs'
         pending[0] = False
-    table = _exchange_sizes(n, group, device, tensors).tolist()
+    table = _exchange_sizes(n, group, device, tensors, _call_code(call)).tolist()
     rejected = [rank for rank, row in enumerate(table) if row[0] == _REJECTED]
     if rejected:
-        raise RuntimeError(
-            f"relkd: rank(s) {rejected} of the process group rejected their inputs (the "
-            "error raised there says why); this rank stops too instead of waiting for "
-            "them in the next collective")
+        raise RuntimeError(f"relkd: rank(s) {rejected} {REJECTED}")
+    own = table[dist.get_rank(group)][1]
+    other = [rank for rank, row in enumerate(table) if row[1] != own]
+    if other:
+        raise ValueError(
+            f"{call['loss'] if call else 'relkd'}: rank(s) {other} of the process group called "
+            "it with other options than this rank (every rank must pass the same options, "
+            f"backend and train/eval mode); this rank: {_describe_call(call) if call else '-'}")
     for slot, (name, _) in enumerate(named):
-        signatures = [tuple(row[1 + 3 * slot: 4 + 3 * slot]) for row in table]
+        signatures = [tuple(row[2 + 3 * slot: 5 + 3 * slot]) for row in table]
         if len(set(signatures)) > 1:
             raise ValueError(f"{name}: the ranks of the process group must pass the same "
                              "feature shape and dtype, got " + ", ".join(
@@ -161,9 +203,10 @@ def _describe(signature: tuple) -> str:
 # the row-count gather, and a rank that fails before it still takes part in
 # it, with the count _REJECTED, before raising its own error: the other ranks
 # read that count and raise too, and every rank has run the same collectives
-# (the group stays usable for the next step). Eager mode only: under
-# torch.compile a check that fails while tracing still leaves the others
-# waiting.
+# (the group stays usable for the next step). Eager mode only: a check that
+# raises inside a compiled function still leaves the others waiting (where
+# Dynamo falls back to eager for the failing call, the others' compiled
+# exchange sees the rejection and raises).
 _REJECTED = -1
 _BEFORE_FIRST_COLLECTIVE = contextvars.ContextVar("relkd_before_first_collective",
                                                    default=None)
@@ -173,13 +216,17 @@ def fail_together(group_args: Callable):
     """Decorates a relkd entry point whose first collective under a group is
     _gather_sizes; group_args(*args, **kwargs) -> (process_group, gather,
     a tensor argument or None) names its group and where its tensors live.
-    Nested entry points (CoupleFace's RAD and FCD) share the outer call's
-    exchange."""
+    A nested entry point (CoupleFace's RAD, then its FCD) joins the outer
+    call's watch while that has not reached its exchange yet, and keeps its
+    own after: each exchange is answered once."""
 
     def wrap(fn):
         @functools.wraps(fn)
         def call(*args, **kwargs):
-            if torch.compiler.is_compiling() or _BEFORE_FIRST_COLLECTIVE.get() is not None:
+            if torch.compiler.is_compiling():  # first: Dynamo cannot trace ContextVar.get
+                return fn(*args, **kwargs)
+            outer = _BEFORE_FIRST_COLLECTIVE.get()
+            if outer is not None and outer[0]:
                 return fn(*args, **kwargs)
             pending = [True]
             token = _BEFORE_FIRST_COLLECTIVE.set(pending)
@@ -209,6 +256,9 @@ def _reject_on_peers(group_args: Callable, args, kwargs) -> None:
         pass
 
 
+REJECTED = ("of the process group rejected their inputs (the error raised there says "
+            "why); this rank stops too instead of waiting for them in the next collective")
+SOME_REJECTED = "relkd: rank(s) " + REJECTED  # the compiled check cannot say which
 UNEQUAL_SHARDS = ("relkd under torch.compile with process_group / gather=True needs the same "
                   "batch size on every rank (e.g. DistributedSampler, drop_last=True), "
                   "and the same feature shapes and dtypes")
@@ -233,16 +283,19 @@ def _all_gather_rows(x: Tensor, sizes: List[int], group) -> Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(x.device)
 
 
-def share_of_mean(local_mean: Tensor, n_local: int, group) -> Tensor:
+def share_of_mean(local_mean: Tensor, n_local: int, group,
+                  call: Optional[dict] = None) -> Tensor:
     """This rank's share of a mean over the global batch (SPEC §8): the local
     mean times n_local / n_global, so that the shares sum to the global mean."""
     if group is None:
         return local_mean
-    if torch.compiler.is_compiling():  # the count summed in the graph: any shard sizes
-        n_all = all_reduce_sum(torch.tensor(n_local, device=local_mean.device), group)
-        return local_mean * (n_local / n_all.clamp(min=1).to(local_mean.dtype))
-    # Eager: the row-count gather, the first collective (fail_together).
-    n_all = sum(_gather_sizes(n_local, group, local_mean.device))
+    if torch.compiler.is_compiling():  # the counts summed in the graph: any shard sizes
+        counts = _exchange_sizes(n_local, group, local_mean.device)[:, 0]
+        torch._assert_async((counts != _REJECTED).all(), SOME_REJECTED)  # on the host: as above
+        n_all = counts.sum().clamp(min=1).to(local_mean.device, local_mean.dtype)
+        return local_mean * (n_local / n_all)
+    # Eager: the row-count exchange, the first collective (fail_together).
+    n_all = sum(_gather_sizes(n_local, group, local_mean.device, call=call))
     return local_mean * (n_local / max(n_all, 1))
 
 
@@ -274,10 +327,12 @@ def all_gather_with_grad(x: Tensor, group=None, sizes: Optional[List[int]] = Non
     return _all_gather_rows(x, sizes, group)
 
 
-def gather_rows(x: Tensor, group, name: str = "x") -> Tensor:
+def gather_rows(x: Tensor, group, name: str = "x", call: Optional[dict] = None) -> Tensor:
     """Rows of x from every rank in rank order, without gradient (`name`:
-    x's argument name, for the error where ranks differ in its shape or dtype)."""
-    return _all_gather_rows(x, _gather_sizes(x.shape[0], group, x.device, [(name, x)]), group)
+    x's argument name, for the error where ranks differ in its shape or
+    dtype; `call`: as _gather_sizes)."""
+    sizes = _gather_sizes(x.shape[0], group, x.device, [(name, x)], call)
+    return _all_gather_rows(x, sizes, group)
 
 
 class _AllReduceWithGrad(torch.autograd.Function):
@@ -327,11 +382,14 @@ class GlobalBatch:
         return 1 if self.group is None else dist.get_world_size(self.group)
 
 
-def global_batch(fs: Tensor, ft: Tensor, y: Optional[Tensor], group) -> GlobalBatch:
-    """Gathers fs (with grad), ft (with grad if it requires it) and y."""
+def global_batch(fs: Tensor, ft: Tensor, y: Optional[Tensor], group,
+                 call: Optional[dict] = None) -> GlobalBatch:
+    """Gathers fs (with grad), ft (with grad if it requires it) and y;
+    `call`: the loss's options, which every rank must share (_gather_sizes)."""
     if group is None:
         return GlobalBatch(fs, ft, y, fs, ft, y, 0, None)
-    sizes = _gather_sizes(fs.shape[0], group, fs.device, [("fs", fs), ("ft", ft), ("y", y)])
+    sizes = _gather_sizes(fs.shape[0], group, fs.device, [("fs", fs), ("ft", ft), ("y", y)],
+                          call)
     offset = sum(sizes[: dist.get_rank(group)])
     fs_all = all_gather_with_grad(fs, group, sizes)
     ft_all = all_gather_with_grad(ft, group, sizes)
@@ -353,6 +411,7 @@ def _eager_with_group(fn, group_at: int):
 
 
 if not COMPILED_COLLECTIVES:  # see COMPILED_COLLECTIVES
+    _exchange_sizes = torch.compiler.disable(_exchange_sizes)  # always a collective
     all_gather_with_grad = torch.compiler.disable(all_gather_with_grad)  # always a collective
     gather_rows = torch.compiler.disable(gather_rows)
     all_reduce_with_grad = torch.compiler.disable(all_reduce_with_grad)

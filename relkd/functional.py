@@ -72,9 +72,12 @@ def _full_precision(fn):
 
 
 def _loss_group(*args, **kwargs):
-    """fail_together's view of a loss call: its group options and fs."""
-    fs = args[0] if args else kwargs.get("fs")
-    return kwargs.get("process_group"), kwargs.get("gather", False), fs
+    """fail_together's view of a loss call: its group options and its first
+    tensor argument (fs, or ft where fs is not a tensor), whose device the
+    exchange takes as the other ranks' (valid) calls do."""
+    tensors = [a for a in (*args, kwargs.get("fs"), kwargs.get("ft")) if isinstance(a, Tensor)]
+    return (kwargs.get("process_group"), kwargs.get("gather", False),
+            tensors[0] if tensors else None)
 
 
 # A rank whose inputs fail validation makes the other ranks raise too
@@ -165,19 +168,21 @@ def _student_teacher(fs, ft, *, same_dim: bool, flatten: bool = False):
 
 
 def _label_free_relation(loss: str, fs, ft, *, backend: str, process_group, gather: bool,
-                         fused_fn, reference_fn, flatten: bool = False,
+                         fused_fn, reference_fn, options: dict, flatten: bool = False,
                          cost: str = RELATION_MATRICES):
     """The shared path of the batch-relation losses without labels (CCKD, SP,
-    RKD): validate, gather the global batch, 0 below two rows, dispatch."""
+    RKD): validate, gather the global batch, 0 below two rows, dispatch.
+    `options`: the loss's, which every rank of a group must share."""
     check.backend(backend)
     fs, ft = _student_teacher(fs, ft, same_dim=False, flatten=flatten)
     check.same_device(fs=fs, ft=ft)
     check.finite(fs=fs, ft=ft)
-    gb = global_batch(fs, ft, None, resolve_group(process_group, gather))
+    use_fused = _use_fused(loss, backend, fs.device, cost, (fs, ft))  # may raise: before
+    gb = global_batch(fs, ft, None, resolve_group(process_group, gather),  # the collectives
+                      dict(loss=loss, **options, fused=use_fused))
     if gb.n_global < 2:
         return _zero(fs, compute_dtype(fs, ft))
-    return _by_backend(_use_fused(loss, backend, fs.device, cost, (fs, ft)), gb, fused_fn,
-                       lambda f, t, _: reference_fn(f, t))
+    return _by_backend(use_fused, gb, fused_fn, lambda f, t, _: reference_fn(f, t))
 
 
 def _by_backend(use_fused: bool, gb: GlobalBatch, fused_fn, reference_fn):
@@ -228,7 +233,8 @@ def fcd_loss(fs: Tensor, ft: Tensor, metric: str = "l2", normalize: bool = True,
             use_ops = False  # O(N D) either way: no warning
         fcd = fused.fcd_loss if use_ops else reference.fcd_loss
         local = fcd(fs, ft, metric, normalize, detach_teacher)
-    return share_of_mean(local, fs.shape[0], group)
+    return share_of_mean(local, fs.shape[0], group, dict(
+        loss="FCDLoss", metric=metric, normalize=normalize, detach_teacher=detach_teacher))
 
 
 # ------------------------------------------------------------------------ RAD
@@ -328,10 +334,12 @@ def rad_loss(fs: Tensor, ft: Tensor, y: Optional[Tensor] = None, bank: Optional[
         raise ValueError("indices: precomputed batch neighbours are not supported with "
                          "process_group / gather (their column numbers are per rank)")
     use_fused = _use_fused("RADLoss", backend, fs.device, inputs=(fs, ft))
-    gb = global_batch(fs, ft, y, group)
+    rad = dict(k=k, metric=metric, margin=margin, mine_by=mine_by, detach_teacher=detach_teacher)
+    gb = global_batch(fs, ft, y, group, dict(
+        loss="RADLoss", **rad, fused=use_fused, bank=bank is not None,
+        bank_labels=bank_labels is not None, indices=indices is not None))
     if bank is None and gb.n_global < 2:
         return _zero(fs, compute_dtype(fs, ft))
-    rad = dict(k=k, metric=metric, margin=margin, mine_by=mine_by, detach_teacher=detach_teacher)
     if use_fused:
         return fused.rad_loss(gb, bank, bank_labels, indices, **rad)
     idx_all = (indices if indices is None or group is None
@@ -403,12 +411,13 @@ def ekd_loss(fs: Tensor, ft: Tensor, y: Tensor, s_anchor: Tensor, t_anchor: Tens
     check.finite(fs=fs, ft=ft)
     group = resolve_group(process_group, gather)
     dtype = compute_dtype(fs, ft)
-    gb = global_batch(fs, ft, y, group)
-    if gb.n_global < 2:
-        return _zero(fs, dtype), s_anchor.to(dtype), t_anchor.to(dtype)
+    use_fused = _use_fused("EKDLoss", backend, fs.device, inputs=(fs, ft))  # may raise: before
     options = dict(training=training, topk=topk, temperature=temperature, fpr_levels=levels,
                    momentum=momentum, pos_weight=pos_weight, neg_weight=neg_weight)
-    if _use_fused("EKDLoss", backend, fs.device, inputs=(fs, ft)):
+    gb = global_batch(fs, ft, y, group, dict(loss="EKDLoss", **options, fused=use_fused))
+    if gb.n_global < 2:
+        return _zero(fs, dtype), s_anchor.to(dtype), t_anchor.to(dtype)
+    if use_fused:
         return fused.ekd_loss(gb, s_anchor, t_anchor, **options)
     loss, s_new, t_new = reference.ekd_loss(gb.fs_all, gb.ft_all, gb.y_all, s_anchor, t_anchor,
                                             **options)
@@ -435,6 +444,7 @@ def cckd_loss(fs: Tensor, ft: Tensor, *, kernel: str = "gaussian", gamma: float 
     options = dict(kernel=kernel, gamma=gamma, order=order, detach_teacher=detach_teacher)
     return _label_free_relation(
         "CCKDLoss", fs, ft, backend=backend, process_group=process_group, gather=gather,
+        options=options,
         fused_fn=lambda g: fused.cckd_loss(g, **options),
         reference_fn=lambda f, t: reference.cckd_loss(f, t, **options))
 
@@ -453,6 +463,7 @@ def sp_loss(fs: Tensor, ft: Tensor, *, detach_teacher: bool = True, backend: str
     check.flag(detach_teacher, "detach_teacher")
     return _label_free_relation(
         "SPLoss", fs, ft, backend=backend, process_group=process_group, gather=gather,
+        options=dict(detach_teacher=detach_teacher),
         flatten=True, fused_fn=lambda g: fused.sp_loss(g, detach_teacher=detach_teacher),
         reference_fn=lambda f, t: reference.sp_loss(f, t, detach_teacher=detach_teacher))
 
@@ -476,6 +487,7 @@ def rkd_loss(fs: Tensor, ft: Tensor, *, distance_weight: float = 25.0,
     check.number(angle_weight, "angle_weight")
     return _label_free_relation(
         "RKDLoss", fs, ft, backend=backend, process_group=process_group, gather=gather,
+        options=dict(distance_weight=distance_weight, angle_weight=angle_weight),
         cost="N x N x D differences and N x N x N angles" if angle_weight != 0
         else RELATION_MATRICES,
         fused_fn=lambda g: fused.rkd_loss(g, distance_weight=distance_weight,

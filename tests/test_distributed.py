@@ -227,6 +227,14 @@ def test_gather_without_process_group_is_an_error():
 
 
 # ------------------------------------- a rank whose inputs fail validation
+def teacher_of(ft, rows, rank):
+    return ft[rows][:-1] if rank == 1 else ft[rows]
+
+
+def _raise_simulated_error(*args, **kwargs):
+    raise RuntimeError("simulated failure")
+
+
 def rejecting_worker(rank, init_file, out_dir):
     """Rank 1 passes a teacher batch one row short (or, for the bank, labels
     out of range) and must raise its ValueError; rank 0 must raise too rather
@@ -247,7 +255,7 @@ def rejecting_worker(rank, init_file, out_dir):
     results = {}
     for name, (d, fn) in CASES.items():
         fs, ft, y = batch(d)
-        teacher = ft[rows][:-1] if rank == 1 else ft[rows]
+        teacher = teacher_of(ft, rows, rank)
         rejected = outcome(lambda: fn(fs[rows], teacher, y[rows], gather=True))
         results[name] = rejected, outcome(lambda: fn(fs[rows], ft[rows], y[rows], gather=True))
     fs, ft, y = batch()
@@ -259,6 +267,31 @@ def rejecting_worker(rank, init_file, out_dir):
         torch.float32 if rank else torch.float64), gather=True))
     results["labels"] = outcome(lambda: Fn.rad_loss(fs[rows], ft[rows], y[rows].to(
         torch.int32 if rank else torch.int64), k=3, gather=True))
+    # Options that differ between ranks (each valid alone) run different
+    # collectives: abort, hang or wrong shares before.
+    options = {
+        "k": lambda: Fn.rad_loss(fs[rows], ft[rows], y[rows], k=3 + rank, gather=True),
+        "backend": lambda: Fn.rad_loss(fs[rows], ft[rows], y[rows], k=3, gather=True,
+                                       backend="fused" if rank else "reference"),
+        "training": lambda: ekd(fs[rows], ft[rows], y[rows], "fused", training=rank == 0,
+                                gather=True),
+        "normalize": lambda: Fn.fcd_loss(fs[rows], ft[rows], normalize=rank == 0, gather=True),
+        "bank": lambda: relkd.PrototypeBank(9 + rank, D, gather=True, dtype=torch.float64
+                                            ).update(ft[rows], y[rows] % 9)}
+    for name, call in options.items():
+        results[f"options_{name}"] = outcome(call)
+    # Rejections found later than the first check, on another path into the exchange.
+    results["non_tensor"] = outcome(lambda: Fn.cckd_loss(
+        fs[rows].tolist() if rank else fs[rows], ft[rows], process_group=dist.group.WORLD))
+    with torch.no_grad():
+        torch.compiler.reset()  # plain compile: the failing trace falls back to eager
+        results["compiled_fcd"] = outcome(lambda: torch.compile(
+            lambda a, b: Fn.fcd_loss(a, b, gather=True))(fs[rows], teacher_of(ft, rows, rank)))
+    if rank == 1:  # fails in CoupleFace's FCD, after the RAD part's exchange
+        import relkd.fused as fused_module
+        fused_module.fcd_loss = _raise_simulated_error
+    results["coupleface_fcd"] = outcome(lambda: Fn.coupleface_loss(
+        fs[rows], ft[rows], y[rows], k=3, gather=True))
     results["after"] = outcome(lambda: Fn.cckd_loss(fs[rows], ft[rows], gather=True))
     bank = relkd.PrototypeBank(9, D, gather=True, dtype=torch.float64)
     results["bank"] = outcome(lambda: bank.update(ft[rows], y[rows] % 9 + 9 * rank))
@@ -311,6 +344,34 @@ def test_ranks_whose_batches_differ_in_shape_or_dtype_raise(rejecting_ranks, cas
     torch.testing.assert_close(sum(r["after"][1] for r in rejecting_ranks),
                                Fn.cckd_loss(*(t[:20] for t in batch()[:2])), rtol=1e-10,
                                atol=1e-14)
+
+
+@pytest.mark.parametrize("option,loss", [
+    ("k", "RADLoss"), ("backend", "RADLoss"), ("training", "EKDLoss"),
+    ("normalize", "FCDLoss"), ("bank", "PrototypeBank.update")])
+def test_ranks_calling_with_different_options_raise(rejecting_ranks, option, loss):
+    for rank, results in enumerate(rejecting_ranks):
+        kind, message = results[f"options_{option}"]
+        assert kind == "ValueError", message
+        assert message.startswith(f"{loss}: rank(s) [{1 - rank}] of the process group called it "
+                                  "with other options than this rank")
+    assert rejecting_ranks[0]["after"][0] == rejecting_ranks[1]["after"][0] == "ok"
+
+
+@pytest.mark.parametrize("case,message1", [
+    ("non_tensor", "fs: expected a torch.Tensor"), ("compiled_fcd", "ft: expected 10 rows"),
+    ("coupleface_fcd", "simulated failure")])
+def test_later_rejections_stop_every_rank(rejecting_ranks, case, message1):
+    # A non-tensor argument (the exchange's device from the next tensor), a
+    # check failing while Dynamo traces (the others' compiled exchange sees
+    # the rejection), an error in CoupleFace's FCD part (after its RAD part's
+    # exchange, before FCD's own).
+    kind0, message0 = rejecting_ranks[0][case]
+    kind1, got1 = rejecting_ranks[1][case]
+    assert message1 in got1
+    assert kind0 == "RuntimeError" and "of the process group rejected their inputs" in message0
+    assert case == "compiled_fcd" or "rank(s) [1]" in message0
+    assert rejecting_ranks[0]["after"][0] == rejecting_ranks[1]["after"][0] == "ok"
 
 
 def test_prototype_bank_update_rejected_on_one_rank_stops_every_rank(rejecting_ranks):
