@@ -29,12 +29,34 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 WORLD = "WORLD"
+# What dist.new_group returns on ranks outside the new group (an int, -100):
+# a module may hold it there (built alike on every rank) as long as it is
+# not called with it; it pickles under this name.
+NON_MEMBER = "NON_GROUP_MEMBER"
+
+
+def is_non_member(group) -> bool:
+    return (dist.is_available() and isinstance(group, int) and not isinstance(group, bool)
+            and group == dist.GroupMember.NON_GROUP_MEMBER)
+
+
+def check_group(group) -> None:
+    """A ValueError naming process_group unless it is None, a ProcessGroup,
+    or this rank's NON_GROUP_MEMBER."""
+    if group is None or is_non_member(group):
+        return
+    if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise ValueError("process_group: expected a torch.distributed ProcessGroup (e.g. "
+                         "dist.group.WORLD or dist.new_group(ranks)) or None, got "
+                         f"{type(group).__name__} {group!r:.60}")
 
 
 def group_name(group: ProcessGroup) -> str:
     """The name a group is pickled under."""
     if dist.is_available() and dist.is_initialized() and group is dist.group.WORLD:
         return WORLD
+    if is_non_member(group):
+        return NON_MEMBER
     name = getattr(group, "group_name", None)
     if not isinstance(name, str) or not name:
         raise ValueError(f"process_group: cannot pickle {group!r}: it has no group_name to "
@@ -52,6 +74,8 @@ def resolve_group_name(name: str) -> ProcessGroup:
                          "(None runs on this process alone)")
     if name == WORLD:
         return dist.group.WORLD
+    if name == NON_MEMBER:
+        return dist.GroupMember.NON_GROUP_MEMBER
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     try:
@@ -80,6 +104,7 @@ class ProcessGroupHolder:
 
     @process_group.setter
     def process_group(self, group: Optional[ProcessGroup]) -> None:
+        check_group(group)
         self._process_group = group
         self._process_group_name = None
 

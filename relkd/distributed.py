@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _validation as check
+from ._group_state import check_group, is_non_member
 
 
 def resolve_group(process_group=None, gather: bool = False):
@@ -36,6 +37,11 @@ def resolve_group(process_group=None, gather: bool = False):
         raise ValueError("process_group / gather=True: torch.distributed is not initialised "
                          "(call torch.distributed.init_process_group first)")
     group = process_group if process_group is not None else dist.group.WORLD
+    check_group(group)
+    if is_non_member(group):
+        raise ValueError(f"process_group: this rank (global rank {dist.get_rank()}) is not a "
+                         "member of the group (dist.new_group returned NON_GROUP_MEMBER here); "
+                         "call the loss without process_group on ranks outside the group")
     return group if dist.get_world_size(group) > 1 else None
 
 

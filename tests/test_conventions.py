@@ -357,6 +357,17 @@ def group_worker(rank, init_file, out_dir):
     results["bank_shares"] = (twin.process_group is group
                               and deep.__dict__.get("_process_group") is group)
 
+    # A group this rank is outside of (rank 1 holds dist's NON_GROUP_MEMBER):
+    # a module holds, shows and pickles it; calling with it raises there.
+    lonely = relkd.CCKDLoss(process_group=dist.new_group([0]))
+    results["non_member"] = [repr(lonely), repr(pickle.loads(pickle.dumps(lonely)))]
+    for call in (lambda: lonely(FS[rows], FT[rows]),
+                 lambda: relkd.functional.cckd_loss(FS[rows], FT[rows], process_group=[0, 1])):
+        try:
+            results["non_member"].append(float(call()))
+        except ValueError as exc:
+            results["non_member"].append(str(exc))
+
     # A module unpickled where its group does not exist fails loudly.
     doomed = dist.new_group(list(range(WORLD_SIZE)))
     pickled = pickle.dumps(relkd.RADLoss(k=3, backend="reference", process_group=doomed))
@@ -405,6 +416,25 @@ def test_losses_holding_a_process_group_pickle_by_name_and_deepcopy_share_it(
     make, inputs = LOSSES[name]
     whole = make(backend="reference")(*inputs)
     torch.testing.assert_close(sum(shares), whole, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.distributed
+def test_a_rank_outside_the_group_holds_it_and_cannot_call_with_it(group_results):
+    ranks, _ = group_results
+    member, outside = ranks[0]["non_member"], ranks[1]["non_member"]
+    assert isinstance(member[2], float)  # a group of one rank: this process alone
+    assert outside[0] == outside[1] and "process_group='NON_GROUP_MEMBER')" in outside[0]
+    assert outside[2].startswith("process_group: this rank (global rank 1) is not a member")
+    for results in (member, outside):
+        assert results[3].startswith("process_group: expected a torch.distributed ProcessGroup")
+
+
+@pytest.mark.parametrize("bad", [True, 1, [0, 1], "WORLD"])
+def test_modules_refuse_a_process_group_that_is_not_one(bad):
+    for make in (relkd.CCKDLoss, lambda **kw: relkd.PrototypeBank(3, 4, **kw)):
+        with pytest.raises(ValueError, match="process_group: expected a torch.distributed "
+                                             "ProcessGroup"):
+            make(process_group=bad)
 
 
 @pytest.mark.distributed
