@@ -182,6 +182,21 @@ def first_pass_args_on(device, args):
             for at, a in enumerate(args)]
 
 
+def finish_rank(results, out_dir: str, rank: int) -> None:
+    """The end of a spawn_with_deadline worker: saves its results, waits for
+    every rank (none tears down gloo while a peer still drains a collective)
+    and leaves without finalising the interpreter: a gloo worker thread may
+    release a finished collective's tensors after Python has begun
+    finalising, and taking the GIL then aborts the process (a torch race,
+    pytorch/pytorch PR #179291)."""
+    import torch.distributed as dist
+
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
 def spawn_with_deadline(target, world: int, tmp: str, deadline_s: float, *args) -> list:
     """Runs target(rank, *args, init_file, out_dir) on `world` ranks and
     returns what each saved (torch.save to out_dir/rank{r}.pt); a rank that

@@ -26,7 +26,7 @@ from torch import nn
 import relkd
 from relkd._group_state import WORLD
 
-from helpers import correlated, embeddings, labels, spawn_with_deadline
+from helpers import correlated, embeddings, finish_rank, labels, spawn_with_deadline
 
 ROOT = Path(__file__).resolve().parents[1]
 N, D = 12, 6
@@ -379,10 +379,7 @@ def group_worker(rank, init_file, out_dir):
         results["missing_group"] = str(exc)
     if rank == 0:  # for the test process, where torch.distributed is not initialised
         (Path(out_dir) / "pickled_loss.bin").write_bytes(pickled)
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)  # see tests/test_distributed.py: gloo threads vs interpreter finalisation
+    finish_rank(results, out_dir, rank)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ from relkd import functional as Fn
 from relkd import ops, reference
 
 from helpers import (LABEL_PATTERNS, assert_bounded_error, assert_same_mining, correlated,
-                     dyadic, embeddings, first_pass_args_on, first_pass_cases, labels,
+                     dyadic, embeddings, finish_rank, first_pass_args_on, first_pass_cases,
+                     labels,
                      requires_extension, spread_ties, tensor_cores, tf32_values)
 from test_losses_fused import DOUBLE_BACKWARD, GRADCHECK_CASES, compare, hessian_vector
 from test_pair_select import sorted_reference
@@ -855,10 +856,7 @@ def ddp_worker(rank, init_file, out_dir):
         loss = fn(part, ft[rows].cuda(), y[rows].cuda(), gather=True)
         loss.backward()
         results[name] = (loss.detach().cpu(), part.grad.cpu())
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)  # gloo teardown race at interpreter exit (see README)
+    finish_rank(results, out_dir, rank)
 
 
 def test_ddp_shares_with_cuda_tensors():

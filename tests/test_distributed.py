@@ -11,7 +11,6 @@ and leaves the group usable. Collectives time
 out and the spawned ranks are bounded in time, so a hang fails the test
 instead of blocking CI."""
 import datetime
-import os
 import tempfile
 
 import pytest
@@ -23,7 +22,8 @@ from relkd import functional as Fn
 from relkd import ops
 from relkd.distributed import COMPILED_COLLECTIVES
 
-from helpers import correlated, embeddings, labels, requires_extension, spawn_with_deadline
+from helpers import (correlated, embeddings, finish_rank, labels, requires_extension,
+                     spawn_with_deadline)
 
 pytestmark = [requires_extension, pytest.mark.distributed]
 N, D = 21, 8
@@ -150,13 +150,7 @@ def worker(rank, layout, init_file, out_dir):
     bank.update(ft[rows], y[rows] % 9)
     results["bank"] = bank.prototypes
     results["select"] = selections(layout, rank, dist.group.WORLD.group_name)
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()  # no rank tears down gloo while a peer still drains a collective
-    dist.destroy_process_group()
-    # A gloo worker thread may release a finished collective's tensors after
-    # Python has begun finalising; taking the GIL then aborts the process
-    # (a torch race, pytorch/pytorch PR #179291). Leave without finalising.
-    os._exit(0)
+    finish_rank(results, out_dir, rank)
 
 
 @pytest.fixture(scope="module", params=list(SHARDS))
@@ -295,10 +289,7 @@ def rejecting_worker(rank, init_file, out_dir):
     results["after"] = outcome(lambda: Fn.cckd_loss(fs[rows], ft[rows], gather=True))
     bank = relkd.PrototypeBank(9, D, gather=True, dtype=torch.float64)
     results["bank"] = outcome(lambda: bank.update(ft[rows], y[rows] % 9 + 9 * rank))
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)  # as worker()
+    finish_rank(results, out_dir, rank)
 
 
 @pytest.fixture(scope="module")
@@ -454,10 +445,7 @@ def compiled_worker(rank, init_file, out_dir):
         results["unequal"] = None
     except RuntimeError as error:
         results["unequal"] = str(error)
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)  # as worker()
+    finish_rank(results, out_dir, rank)
 
 
 @pytest.fixture(scope="module")
