@@ -84,12 +84,12 @@ def _comm_device(group, device: Optional[torch.device] = None) -> torch.device:
 
 
 # What a rank's row-count exchange carries beside its count and its call's
-# options (_call_code): for up to
-# _SLOTS tensors about to be gathered, (ndim, values per row, dtype code), so
-# that ranks whose batches differ in feature dim or dtype raise a ValueError
-# instead of handing the gather mismatched buffers (gloo aborts the process;
-# NCCL's behaviour is undefined). Fixed length: a rank that rejected its
-# inputs (fail_together) sends it without knowing what the others gather.
+# options (_call_code): for up to _SLOTS tensors about to be gathered,
+# (ndim, values per row, dtype code), so that ranks whose batches differ in
+# feature dim or dtype raise a ValueError instead of handing the gather
+# mismatched buffers (gloo aborts the process; NCCL's behaviour is
+# undefined). Fixed length: a rank that rejected its inputs (fail_together)
+# sends it without knowing what the others gather.
 _SLOTS = 3
 _ABSENT = (0, 0, 0)
 
@@ -120,9 +120,10 @@ def _exchange_sizes(n: int, group, device: Optional[torch.device],
 
 def _call_code(call: Optional[dict]) -> int:
     """A number for a call's options, the same in every process: ranks that
-    call a loss with different options (k, backend, train/eval, EKD's
-    anchors, ...) run different collectives, which abort, hang or pair up
-    wrongly."""
+    call a loss with different options (k, fused or reference, train/eval,
+    ...) run different collectives, which abort, hang or pair up wrongly.
+    Only plain values: a bank or EKD's anchors are not compared (too large,
+    or equal only to their last bits)."""
     if not call:
         return 0
     text = repr([(k, _canonical(v)) for k, v in call.items()])
@@ -133,8 +134,6 @@ def _canonical(v):
     """v with numbers as Python's (numpy's 0.5 and 0.5 are one option)."""
     if isinstance(v, (bool, str)) or v is None:
         return v
-    if isinstance(v, Tensor):
-        return _canonical(v.tolist())
     if isinstance(v, numbers.Integral):
         return int(v)
     if isinstance(v, numbers.Real):
