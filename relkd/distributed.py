@@ -122,8 +122,8 @@ def _call_code(call: Optional[dict]) -> int:
     """A number for a call's options, the same in every process: ranks that
     call a loss with different options (k, fused or reference, train/eval,
     ...) run different collectives, which abort, hang or pair up wrongly.
-    Only plain values: a bank or EKD's anchors are not compared (too large,
-    or equal only to their last bits)."""
+    Only plain values: a bank (too large to hash at every call) and EKD's
+    anchors (state; DDP's buffer broadcast keeps it in step) are not compared."""
     if not call:
         return 0
     text = repr([(k, _canonical(v)) for k, v in call.items()])
