@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 WORLD = "WORLD"
 # What dist.new_group returns on ranks outside the new group (an int, -100):
 # a module may hold it there (built alike on every rank) as long as it is
-# not called with it; it pickles under this name.
+# not called with it; it pickles under this name, and unpickles to an error
+# at the first forward (the marker names no group another process could find).
 NON_MEMBER = "NON_GROUP_MEMBER"
 
 
@@ -74,8 +75,10 @@ def resolve_group_name(name: str) -> ProcessGroup:
                          "(None runs on this process alone)")
     if name == WORLD:
         return dist.group.WORLD
-    if name == NON_MEMBER:
-        return dist.GroupMember.NON_GROUP_MEMBER
+    if name == NON_MEMBER:  # this rank's marker in the pickling process, not a group here
+        raise ValueError(f"{pickled}: it was pickled on a rank outside that group, so which "
+                         "group it was is not known here. Set the module's process_group "
+                         "(None runs on this process alone)")
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     try:

@@ -66,7 +66,7 @@ def index_matrix(idx, name: str, n: int, m: int, check_values: bool = True) -> T
     return idx
 
 
-def _bools() -> tuple:
+def bools() -> tuple:
     """bool and, if numpy is in use, numpy.bool_: flags, not numbers."""
     numpy = sys.modules.get("numpy")
     return (bool, numpy.bool_) if numpy is not None else (bool,)
@@ -74,7 +74,7 @@ def _bools() -> tuple:
 
 def _integer(k) -> Optional[int]:
     """k as a Python int if it is an integer (int, numpy integer, ...), else None."""
-    if isinstance(k, _bools()) or not isinstance(k, numbers.Integral):
+    if isinstance(k, bools()) or not isinstance(k, numbers.Integral):
         return None
     return operator.index(k)
 
@@ -97,7 +97,7 @@ def number(v, name: str, *, positive: bool = False, non_negative: bool = False) 
     """A finite real number (Python or numpy scalar) as a float: no option
     means anything at NaN or +-inf (a margin or weight of inf would only turn
     the loss into inf or NaN), so those are rejected."""
-    if isinstance(v, _bools()) or not isinstance(v, numbers.Real):
+    if isinstance(v, bools()) or not isinstance(v, numbers.Real):
         raise ValueError(f"{name}: expected a number, got {v!r}")
     try:
         v = float(v)
@@ -116,7 +116,7 @@ def flag(value, name: str) -> bool:
     """A bool (or numpy.bool_). Anything else raises: bool("False") is True,
     so coercing would silently turn a string or a tensor into the opposite
     of what was meant."""
-    if not isinstance(value, _bools()):
+    if not isinstance(value, bools()):
         raise ValueError(f"{name}: expected True or False, got {value!r}")
     return bool(value)
 

@@ -131,11 +131,12 @@ def _call_code(call: Optional[dict]) -> int:
 
 
 def _canonical(v):
-    """v with numbers as Python's (numpy's 0.5 and 0.5 are one option)."""
-    if isinstance(v, (bool, str)) or v is None:
+    """v as the loss reads it: every real number a float (0, 0.0 and
+    numpy's 0.0 are one option), numpy's bools Python's."""
+    if isinstance(v, check.bools()):  # numpy's too, as check.flag takes them
+        return bool(v)
+    if isinstance(v, str) or v is None:
         return v
-    if isinstance(v, numbers.Integral):
-        return int(v)
     if isinstance(v, numbers.Real):
         return float(v)
     if isinstance(v, (tuple, list)):
@@ -166,7 +167,10 @@ def _gather_sizes(n: int, group, device: Optional[torch.device] = None,
         table = _exchange_sizes(n, group, device, tensors)
         # On the host: a failed device-side assert would poison the CUDA context.
         torch._assert_async((table[:, 0] != _REJECTED).all(), SOME_REJECTED)
-        torch._assert_async((table == table[dist.get_rank(group)]).all(), UNEQUAL_SHARDS)
+        # Column 1 (the options code) is 0 here and the call's code on an eager
+        # rank: not compared under compile (see the eager branch).
+        shape = torch.cat([table[:, :1], table[:, 2:]], dim=1)
+        torch._assert_async((shape == shape[dist.get_rank(group)]).all(), UNEQUAL_SHARDS)
         return [n] * table.shape[0]
     pending = _BEFORE_FIRST_COLLECTIVE.get()
     if pending:  # reached: an error from here on (this gather's included) is not the inputs'
@@ -176,7 +180,9 @@ def _gather_sizes(n: int, group, device: Optional[torch.device] = None,
     if rejected:
         raise RuntimeError(f"relkd: rank(s) {rejected} {REJECTED}")
     own = table[dist.get_rank(group)][1]
-    other = [rank for rank, row in enumerate(table) if row[1] != own]
+    # 0: a compiled rank (whose options are constants of its graph) or a call
+    # without options: not compared.
+    other = [rank for rank, row in enumerate(table) if own and row[1] and row[1] != own]
     if other:
         raise ValueError(
             f"{call['loss'] if call else 'relkd'}: rank(s) {other} of the process group called "

@@ -360,9 +360,11 @@ def group_worker(rank, init_file, out_dir):
     # A group this rank is outside of (rank 1 holds dist's NON_GROUP_MEMBER):
     # a module holds, shows and pickles it; calling with it raises there.
     lonely = relkd.CCKDLoss(process_group=dist.new_group([0]))
-    results["non_member"] = [repr(lonely), repr(pickle.loads(pickle.dumps(lonely)))]
+    unpickled = pickle.loads(pickle.dumps(lonely))
+    results["non_member"] = [repr(lonely), repr(unpickled)]
     for call in (lambda: lonely(FS[rows], FT[rows]),
-                 lambda: relkd.functional.cckd_loss(FS[rows], FT[rows], process_group=[0, 1])):
+                 lambda: relkd.functional.cckd_loss(FS[rows], FT[rows], process_group=[0, 1]),
+                 lambda: unpickled(FS[rows], FT[rows])):
         try:
             results["non_member"].append(float(call()))
         except ValueError as exc:
@@ -424,6 +426,10 @@ def test_a_rank_outside_the_group_holds_it_and_cannot_call_with_it(group_results
     assert outside[2].startswith("process_group: this rank (global rank 1) is not a member")
     for results in (member, outside):
         assert results[3].startswith("process_group: expected a torch.distributed ProcessGroup")
+    # The marker names no group another process could look up (a member
+    # loading a module saved on a rank outside its group must not be told
+    # that it is outside).
+    assert "pickled on a rank outside that group" in outside[4]
 
 
 @pytest.mark.parametrize("bad", [True, 1, [0, 1], "WORLD"])

@@ -13,6 +13,7 @@ instead of blocking CI."""
 import datetime
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -274,6 +275,19 @@ def rejecting_worker(rank, init_file, out_dir):
                                             ).update(ft[rows], y[rows] % 9)}
     for name, call in options.items():
         results[f"options_{name}"] = outcome(call)
+    # The same options spelt differently, and a compiled rank beside an eager
+    # one (whose options the compiled graph holds as constants): no error.
+    results["same_options"] = [
+        outcome(lambda: Fn.rad_loss(fs[rows], ft[rows], y[rows], k=np.int64(3) if rank else 3,
+                                    margin=0 if rank else 0.0, gather=True)),
+        outcome(lambda: Fn.cckd_loss(fs[rows], ft[rows], order=2, gamma=np.float64(0.5) if rank
+                                     else 0.5, detach_teacher=np.bool_(True) if rank else True,
+                                     gather=True))]
+    torch.compiler.reset()
+    for loss in (Fn.cckd_loss, Fn.fcd_loss):
+        step = (lambda a, b, loss=loss: loss(a, b, gather=True))
+        results["same_options"].append(outcome(lambda: (torch.compile(step) if rank == 0 else step)(
+            fs[rows], ft[rows])))
     # Rejections found later than the first check, on another path into the exchange.
     results["non_tensor"] = outcome(lambda: Fn.cckd_loss(
         fs[rows].tolist() if rank else fs[rows], ft[rows], process_group=dist.group.WORLD))
@@ -347,6 +361,16 @@ def test_ranks_calling_with_different_options_raise(rejecting_ranks, option, los
         assert message.startswith(f"{loss}: rank(s) [{1 - rank}] of the process group called it "
                                   "with other options than this rank")
     assert rejecting_ranks[0]["after"][0] == rejecting_ranks[1]["after"][0] == "ok"
+
+
+def test_ranks_calling_with_the_same_options_spelt_differently_agree(rejecting_ranks):
+    fs, ft, y = (t[:20] for t in batch())
+    want = [Fn.rad_loss(fs, ft, y, k=3, margin=0.0), Fn.cckd_loss(fs, ft, gamma=0.5),
+            Fn.cckd_loss(fs, ft), Fn.fcd_loss(fs, ft)]
+    (got0, got1) = (r["same_options"] for r in rejecting_ranks)
+    for w, (kind0, share0), (kind1, share1) in zip(want, got0, got1):
+        assert kind0 == kind1 == "ok", (share0, share1)
+        torch.testing.assert_close(share0 + share1, w, rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("case,message1", [
