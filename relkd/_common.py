@@ -47,6 +47,15 @@ def _scaled_norms(x: Tensor) -> Tensor:
     return (x * s).norm(dim=1, keepdim=True) / s
 
 
+def _rescue_scale(x: Tensor, norms: Tensor) -> Tensor:
+    """(N, 1): _power_of_two_scale for the finite rows of x whose torch norm
+    (norms, (N, 1)) overflowed, 1 elsewhere (x * 1: the same bits)."""
+    with torch.no_grad():
+        big = _row_max_abs(x)  # once: the scale comes from it too
+        overflow = torch.isinf(norms) & torch.isfinite(big)
+        return torch.where(overflow, _power_of_two_scale(big), torch.ones_like(big))
+
+
 def row_norms(x: Tensor) -> Tensor:
     """|x_i| (N,) of a floating (N, D) tensor, without overflow where the norm
     itself is finite: torch's norm, and the rows where it overflowed again,
@@ -60,10 +69,7 @@ def row_norms(x: Tensor) -> Tensor:
     if x.shape[1] == 0:
         return norms
     if torch.compiler.is_compiling() or _functorch_wrapped(x):
-        with torch.no_grad():
-            big = _row_max_abs(x)
-            overflow = torch.isinf(norms).unsqueeze(1) & torch.isfinite(big)
-            s = torch.where(overflow, _power_of_two_scale(big), torch.ones_like(big))
+        s = _rescue_scale(x, norms.unsqueeze(1))
         return ((x * s).norm(dim=1, keepdim=True) / s).squeeze(1)
     overflow = torch.isinf(norms)
     if not bool(overflow.any()):
@@ -91,9 +97,7 @@ def normalize(x: Tensor, dtype: torch.dtype, eps: float = EPS) -> Tensor:
     if x.shape[1] == 0:
         return F.normalize(x, p=2.0, dim=1, eps=eps)
     with torch.no_grad():
-        big = _row_max_abs(x)  # once: the scale comes from it too
-        overflow = torch.isinf(x.norm(p=2.0, dim=1, keepdim=True)) & torch.isfinite(big)
-        s = torch.where(overflow, _power_of_two_scale(big), torch.ones_like(big))
+        s = _rescue_scale(x, x.norm(p=2.0, dim=1, keepdim=True))
     xs = x * s
     return xs / xs.norm(p=2.0, dim=1, keepdim=True).clamp_min(eps * s).expand_as(xs)
 
