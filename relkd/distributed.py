@@ -118,6 +118,16 @@ def _exchange_sizes(n: int, group, device: Optional[torch.device],
     return torch.stack(rows).cpu()
 
 
+def _compiled_exchange(n: int, group, device: Optional[torch.device],
+                       tensors: Sequence[Optional[Tensor]] = ()) -> Tensor:
+    """_exchange_sizes inside a compiled graph (options code 0), checked on
+    the host for a rank that rejected its inputs (a failed device-side assert
+    would poison the CUDA context)."""
+    table = _exchange_sizes(n, group, device, tensors)
+    torch._assert_async((table[:, 0] != _REJECTED).all(), SOME_REJECTED)
+    return table
+
+
 def _call_code(call: Optional[dict]) -> int:
     """A number for a call's options, the same in every process: ranks that
     call a loss with different options (k, fused or reference, train/eval,
@@ -164,9 +174,7 @@ def _gather_sizes(n: int, group, device: Optional[torch.device] = None,
     assert len(named) <= _SLOTS
     tensors = [t for _, t in named]
     if torch.compiler.is_compiling():
-        table = _exchange_sizes(n, group, device, tensors)
-        # On the host: a failed device-side assert would poison the CUDA context.
-        torch._assert_async((table[:, 0] != _REJECTED).all(), SOME_REJECTED)
+        table = _compiled_exchange(n, group, device, tensors)
         # Column 1 (the options code) is 0 here and the call's code on an eager
         # rank: not compared under compile (see the eager branch).
         shape = torch.cat([table[:, :1], table[:, 2:]], dim=1)
@@ -301,8 +309,7 @@ def share_of_mean(local_mean: Tensor, n_local: int, group,
     if group is None:
         return local_mean
     if torch.compiler.is_compiling():  # the counts summed in the graph: any shard sizes
-        counts = _exchange_sizes(n_local, group, local_mean.device)[:, 0]
-        torch._assert_async((counts != _REJECTED).all(), SOME_REJECTED)  # on the host: as above
+        counts = _compiled_exchange(n_local, group, local_mean.device)[:, 0]
         n_all = counts.sum().clamp(min=1).to(local_mean.device, local_mean.dtype)
         return local_mean * (n_local / n_all)
     # Eager: the row-count exchange, the first collective (fail_together).

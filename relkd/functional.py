@@ -461,11 +461,11 @@ def sp_loss(fs: Tensor, ft: Tensor, *, detach_teacher: bool = True, backend: str
     Gram identity (O(N D^2), no N x N) when D < N.
     """
     check.flag(detach_teacher, "detach_teacher")
+    options = dict(detach_teacher=detach_teacher)
     return _label_free_relation(
         "SPLoss", fs, ft, backend=backend, process_group=process_group, gather=gather,
-        options=dict(detach_teacher=detach_teacher),
-        flatten=True, fused_fn=lambda g: fused.sp_loss(g, detach_teacher=detach_teacher),
-        reference_fn=lambda f, t: reference.sp_loss(f, t, detach_teacher=detach_teacher))
+        options=options, flatten=True, fused_fn=lambda g: fused.sp_loss(g, **options),
+        reference_fn=lambda f, t: reference.sp_loss(f, t, **options))
 
 
 # ------------------------------------------------------------------------ RKD
@@ -485,15 +485,12 @@ def rkd_loss(fs: Tensor, ft: Tensor, *, distance_weight: float = 25.0,
     """
     check.number(distance_weight, "distance_weight")
     check.number(angle_weight, "angle_weight")
+    options = dict(distance_weight=distance_weight, angle_weight=angle_weight)
     return _label_free_relation(
         "RKDLoss", fs, ft, backend=backend, process_group=process_group, gather=gather,
-        options=dict(distance_weight=distance_weight, angle_weight=angle_weight),
-        cost="N x N x D differences and N x N x N angles" if angle_weight != 0
-        else RELATION_MATRICES,
-        fused_fn=lambda g: fused.rkd_loss(g, distance_weight=distance_weight,
-                                          angle_weight=angle_weight),
-        reference_fn=lambda f, t: reference.rkd_loss(f, t, distance_weight=distance_weight,
-                                                     angle_weight=angle_weight))
+        options=options, cost="N x N x D differences and N x N x N angles" if angle_weight != 0
+        else RELATION_MATRICES, fused_fn=lambda g: fused.rkd_loss(g, **options),
+        reference_fn=lambda f, t: reference.rkd_loss(f, t, **options))
 
 
 # ------------------------------------------------------------------- EC-KD
